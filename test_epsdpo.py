@@ -1,0 +1,598 @@
+"""Property tests of epsdpo.py: each test states one fact of ../shared/METHOD.md and can fail.
+
+The fast code is checked against slow, obviously correct versions written here (a Python loop over
+tokens in float64) and against what a transformers causal LM computes itself.
+"""
+
+import ast
+import io
+import math
+import os
+import pathlib
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the tests never download anything
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+
+import epsdpo
+
+# CI runs the same examples every time; a developer's run explores new ones.
+settings.register_profile("dev", deadline=None, max_examples=60)
+settings.register_profile("ci", deadline=None, max_examples=60, derandomize=True, print_blob=True)
+settings.load_profile("ci" if os.environ.get("CI") else "dev")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Slow, obviously correct references
+
+
+def slow_sequence_logps(logits, input_ids, completion_mask):
+    """log π(y|x) one token at a time, in float64: the logits at t − 1 score the token at t."""
+    totals = []
+    for n in range(logits.shape[0]):
+        total = 0 * logits[n].double().sum()          # 0, but part of the graph even if no token is scored
+        for t in range(1, logits.shape[1]):
+            if completion_mask[n, t]:
+                total = total + torch.log_softmax(logits[n, t - 1].double(), dim=-1)[input_ids[n, t]]
+        totals.append(total)
+    return torch.stack(totals)
+
+
+def slow_log_ratios(policy_logits, ref_logits, input_ids, completion_mask, epsilon):
+    """(z⁻, z_θ, z⁺) per pair, in float64, from f_λ = f_ref + λ (f_θ − f_ref) written out."""
+    policy, ref = policy_logits.double(), ref_logits.double()
+
+    def log_ratios(logits):
+        logps = slow_sequence_logps(logits, input_ids, completion_mask)
+        half = logps.shape[0] // 2
+        return logps[:half] - logps[half:]
+
+    return (
+        log_ratios(ref + (1 + epsilon) * (policy - ref)),
+        log_ratios(policy),
+        log_ratios(ref + (1 - epsilon) * (policy - ref)),
+    )
+
+
+def slow_steps(z_weaker, z_theta, z_stronger):
+    """METHOD §4, one pair at a time."""
+    steps = []
+    for weaker, theta, stronger in zip(z_weaker.tolist(), z_theta.tolist(), z_stronger.tolist()):
+        if weaker > theta > stronger:
+            steps.append(1)
+        elif weaker < theta < stronger:
+            steps.append(-1)
+        else:
+            steps.append(0)
+    return torch.tensor(steps)
+
+
+def separation(z_weaker, z_theta, z_stronger):
+    """How far the closest comparison of §4 is from a tie: decisions are robust to errors below it."""
+    return torch.minimum((z_weaker - z_theta).abs(), (z_theta - z_stronger).abs()).min().item()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Random batches
+
+
+@st.composite
+def batches(draw, dtype=torch.float64):
+    """A batch of B pairs: policy and reference logits (2B, T, V), input_ids, completion_mask."""
+    num_pairs = draw(st.integers(1, 3))
+    length = draw(st.integers(2, 8))
+    vocab = draw(st.integers(2, 12))
+    scale = draw(st.floats(0.01, 30))
+    closeness = draw(st.sampled_from([0.01, 0.3, 1.0]))        # how far the policy is from the reference
+    mask_density = draw(st.floats(0, 1))
+    generator = torch.Generator().manual_seed(draw(st.integers(0, 2**32 - 1)))
+
+    shape = (2 * num_pairs, length, vocab)
+    ref_logits = scale * torch.randn(shape, generator=generator, dtype=torch.float64)
+    policy_logits = ref_logits + closeness * scale * torch.randn(shape, generator=generator, dtype=torch.float64)
+    input_ids = torch.randint(0, vocab, shape[:2], generator=generator)
+    completion_mask = (torch.rand(shape[:2], generator=generator) < mask_density).long()
+    completion_mask[:, 0] = 0
+    return policy_logits.to(dtype), ref_logits.to(dtype), input_ids, completion_mask
+
+
+epsilons = st.floats(0.01, 0.95)
+betas = st.floats(1e-3, 10)
+
+
+# ----------------------------------------------------------------------------------------------------
+# 1. Sequence log-probabilities
+
+
+@given(batches(dtype=torch.float32))
+def test_sequence_logps_equals_a_per_token_loop(batch):
+    logits, _, input_ids, completion_mask = batch
+    logps = epsdpo.sequence_logps(logits, input_ids, completion_mask)
+    assert logps.dtype == torch.float32
+    expected = slow_sequence_logps(logits, input_ids, completion_mask)
+    torch.testing.assert_close(logps.double(), expected, rtol=1e-5, atol=1e-4)
+
+
+@given(batches(), st.integers(0, 2**32 - 1))
+def test_sequence_logps_gradient_equals_the_loops(batch, seed):
+    logits, _, input_ids, completion_mask = batch
+    weights = torch.randn(logits.shape[0], generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    fast_logits = logits.clone().requires_grad_()
+    slow_logits = logits.clone().requires_grad_()
+    (weights * epsdpo.sequence_logps(fast_logits, input_ids, completion_mask)).sum().backward()
+    (weights * slow_sequence_logps(slow_logits, input_ids, completion_mask)).sum().backward()
+    torch.testing.assert_close(fast_logits.grad, slow_logits.grad)
+
+
+def test_sequence_logps_passes_gradcheck():
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(4, 6, 5, generator=generator, dtype=torch.float64, requires_grad=True)
+    input_ids = torch.randint(0, 5, (4, 6), generator=generator)
+    completion_mask = torch.tensor([[0, 0, 1, 1, 1, 0], [0, 1, 1, 1, 1, 1], [0, 0, 0, 0, 0, 0], [0, 0, 0, 1, 0, 1]])
+    assert torch.autograd.gradcheck(lambda x: epsdpo.sequence_logps(x, input_ids, completion_mask), (logits,))
+
+
+def test_sequence_logps_chunks_give_the_same_result(monkeypatch):
+    generator = torch.Generator().manual_seed(1)
+    logits = torch.randn(4, 9, 7, generator=generator, requires_grad=True)
+    input_ids = torch.randint(0, 7, (4, 9), generator=generator)
+    completion_mask = torch.ones(4, 9, dtype=torch.long)
+    completion_mask[:, :3] = 0
+    whole = epsdpo.sequence_logps(logits, input_ids, completion_mask)
+    (whole_grad,) = torch.autograd.grad(whole.sum(), logits)
+    monkeypatch.setattr(epsdpo, "CHUNK_ELEMENTS", 3 * 7)      # three positions per chunk
+    chunked = epsdpo.sequence_logps(logits, input_ids, completion_mask)
+    (chunked_grad,) = torch.autograd.grad(chunked.sum(), logits)
+    torch.testing.assert_close(chunked, whole)
+    torch.testing.assert_close(chunked_grad, whole_grad)
+
+
+_causal_lm_cache = {}
+
+
+def tiny_causal_lm(vocab_size):
+    """A small random transformers causal LM, made locally (no download)."""
+    if vocab_size not in _causal_lm_cache:
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        torch.manual_seed(0)
+        config = LlamaConfig(
+            vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64,
+        )
+        _causal_lm_cache[vocab_size] = LlamaForCausalLM(config).eval()
+    return _causal_lm_cache[vocab_size]
+
+
+@settings(max_examples=15, suppress_health_check=[HealthCheck.too_slow])
+@given(st.integers(0, 2**32 - 1), st.integers(2, 12), st.integers(1, 11))
+def test_sequence_logps_equals_transformers_cross_entropy(seed, length, prompt_length):
+    assume(prompt_length < length)
+    model = tiny_causal_lm(vocab_size=50)
+    generator = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(0, 50, (3, length), generator=generator)
+    completion_mask = torch.zeros(3, length, dtype=torch.long)
+    completion_mask[:, prompt_length:] = 1
+    with torch.no_grad():
+        logits = model(input_ids).logits
+        logps = epsdpo.sequence_logps(logits, input_ids, completion_mask)
+        for row in range(3):
+            # transformers shifts the labels itself and averages the cross-entropy over tokens not at -100.
+            labels = input_ids[row : row + 1].masked_fill(completion_mask[row : row + 1] == 0, -100)
+            mean_cross_entropy = model(input_ids[row : row + 1], labels=labels).loss
+            num_tokens = int(completion_mask[row].sum())
+            torch.testing.assert_close(logps[row], -mean_cross_entropy * num_tokens, rtol=1e-5, atol=1e-5)
+
+
+@given(batches(), st.integers(0, 2**32 - 1), epsilons)
+def test_masked_positions_change_nothing(batch, seed, epsilon):
+    policy_logits, ref_logits, input_ids, completion_mask = batch
+    generator = torch.Generator().manual_seed(seed)
+    # Logits at t score the token at t + 1: these are the positions whose logits score nothing.
+    unscored = torch.ones_like(completion_mask, dtype=torch.bool)
+    unscored[:, :-1] = completion_mask[:, 1:] == 0
+    noise = 1e4 * torch.randn(policy_logits.shape, generator=generator, dtype=policy_logits.dtype)
+    other_policy = torch.where(unscored[..., None], noise, policy_logits)
+    other_ref = torch.where(unscored[..., None], -noise, ref_logits)
+    garbage_ids = torch.randint(-100, 10**6, input_ids.shape, generator=generator)
+    other_ids = torch.where(completion_mask.bool(), input_ids, garbage_ids)
+
+    assert torch.equal(
+        epsdpo.sequence_logps(other_policy, other_ids, completion_mask),
+        epsdpo.sequence_logps(policy_logits, input_ids, completion_mask),
+    )
+    assert torch.equal(
+        epsdpo.epsilon_steps(other_policy, other_ref, other_ids, completion_mask, epsilon),
+        epsdpo.epsilon_steps(policy_logits, ref_logits, input_ids, completion_mask, epsilon),
+    )
+
+
+def test_an_all_masked_row_gives_zero_not_nan():
+    logits = torch.randn(2, 5, 4, requires_grad=True)
+    input_ids = torch.randint(0, 4, (2, 5))
+    completion_mask = torch.tensor([[0, 0, 0, 0, 0], [0, 0, 1, 1, 0]])
+    logps = epsdpo.sequence_logps(logits, input_ids, completion_mask)
+    assert logps[0].item() == 0.0
+    logps.sum().backward()
+    assert torch.isfinite(logps).all() and torch.isfinite(logits.grad).all()
+    assert torch.equal(logits.grad[0], torch.zeros_like(logits.grad[0]))
+
+    everything_masked = torch.zeros_like(completion_mask)
+    out = epsdpo.epsilon_dpo_loss(logits, logits.detach() + 1, input_ids, everything_masked, 0.1, 0.5)
+    assert out.steps.tolist() == [0] and out.loss.item() == pytest.approx(math.log(2))
+
+
+@given(batches(), st.integers(0, 2**32 - 1), epsilons, st.sampled_from(["policy", "reference"]))
+def test_a_constant_per_position_changes_neither_logps_nor_steps(batch, seed, epsilon, which):
+    policy_logits, ref_logits, input_ids, completion_mask = batch
+    z = slow_log_ratios(policy_logits, ref_logits, input_ids, completion_mask, epsilon)
+    assume(separation(*z) > 1e-9)                                # float64 rounding cannot flip a decision
+    shifts = 100 * torch.randn(policy_logits.shape[:2] + (1,), generator=torch.Generator().manual_seed(seed),
+                               dtype=policy_logits.dtype)        # one constant per (row, position)
+    shifted_policy = policy_logits + shifts if which == "policy" else policy_logits
+    shifted_ref = ref_logits + shifts if which == "reference" else ref_logits
+
+    torch.testing.assert_close(
+        epsdpo.sequence_logps(shifted_policy, input_ids, completion_mask),
+        epsdpo.sequence_logps(policy_logits, input_ids, completion_mask),
+    )
+    assert torch.equal(
+        epsdpo.epsilon_steps(shifted_policy, shifted_ref, input_ids, completion_mask, epsilon),
+        epsdpo.epsilon_steps(policy_logits, ref_logits, input_ids, completion_mask, epsilon),
+    )
+
+
+# ----------------------------------------------------------------------------------------------------
+# 2. DPO
+
+
+@given(st.lists(st.floats(-1e4, 1e4), min_size=1, max_size=8), betas)
+def test_dpo_loss_is_minus_log_sigmoid_of_beta_times_margin(margins, beta):
+    margins = torch.tensor(margins, dtype=torch.float64)
+    zeros = torch.zeros_like(margins)
+    losses, chosen_rewards, rejected_rewards = epsdpo.dpo_loss(margins, zeros, zeros, zeros, beta)
+    assert torch.isfinite(losses).all()
+    # −log σ(x) = log(1 + e^(−x)), written stably for either sign of x
+    x = beta * margins
+    expected = torch.where(x > 0, torch.log1p(torch.exp(-x)), -x + torch.log1p(torch.exp(x)))
+    torch.testing.assert_close(losses, expected)
+    torch.testing.assert_close(chosen_rewards, beta * margins)
+    assert torch.equal(rejected_rewards, zeros)
+
+
+def test_dpo_loss_is_finite_for_huge_margins_in_float32():
+    margins = torch.tensor([1e4, -1e4, 0.0])
+    zeros = torch.zeros(3)
+    losses, _, _ = epsdpo.dpo_loss(margins, zeros, zeros, zeros, 1.0)
+    torch.testing.assert_close(losses, torch.tensor([0.0, 1e4, math.log(2)]))
+
+
+def test_dpo_loss_uses_each_pairs_own_beta():
+    chosen, rejected = torch.tensor([1.0, 2.0]), torch.tensor([0.0, 0.0])
+    ref = torch.zeros(2)
+    per_pair, _, _ = epsdpo.dpo_loss(chosen, rejected, ref, ref, torch.tensor([0.5, 2.0]))
+    first, _, _ = epsdpo.dpo_loss(chosen, rejected, ref, ref, 0.5)
+    second, _, _ = epsdpo.dpo_loss(chosen, rejected, ref, ref, 2.0)
+    assert per_pair[0] == first[0] and per_pair[1] == second[1]
+
+
+# ----------------------------------------------------------------------------------------------------
+# 3 and 4. Perturbed policies, criterion, per-pair β
+
+
+@given(batches(), epsilons)
+def test_perturbed_logps_equal_the_loop(batch, epsilon):
+    policy_logits, ref_logits, input_ids, completion_mask = batch
+    weaker, stronger = epsdpo.perturbed_logps(policy_logits, ref_logits, input_ids, completion_mask, epsilon)
+    for logps, lam in ((weaker, 1 + epsilon), (stronger, 1 - epsilon)):
+        expected = slow_sequence_logps(ref_logits + lam * (policy_logits - ref_logits), input_ids, completion_mask)
+        torch.testing.assert_close(logps, expected)
+
+
+@given(batches(), epsilons)
+def test_steps_equal_the_rule_computed_slowly(batch, epsilon):
+    policy_logits, ref_logits, input_ids, completion_mask = batch
+    z = slow_log_ratios(policy_logits, ref_logits, input_ids, completion_mask, epsilon)
+    assume(separation(*z) > 1e-9)
+    steps = epsdpo.epsilon_steps(policy_logits, ref_logits, input_ids, completion_mask, epsilon)
+    assert steps.dtype == torch.long
+    assert torch.equal(steps, slow_steps(*z))
+
+
+@given(batches(dtype=torch.float32), betas)
+def test_epsilon_zero_is_dpo(batch, beta):
+    policy_logits, ref_logits, input_ids, completion_mask = batch
+    num_pairs = policy_logits.shape[0] // 2
+
+    eps_logits = policy_logits.clone().requires_grad_()
+    out = epsdpo.epsilon_dpo_loss(eps_logits, ref_logits, input_ids, completion_mask, beta, 0.0)
+    out.loss.backward()
+
+    dpo_logits = policy_logits.clone().requires_grad_()
+    logps = epsdpo.sequence_logps(dpo_logits, input_ids, completion_mask)
+    ref_logps = epsdpo.sequence_logps(ref_logits, input_ids, completion_mask)
+    dpo_losses, _, _ = epsdpo.dpo_loss(logps[:num_pairs], logps[num_pairs:], ref_logps[:num_pairs],
+                                       ref_logps[num_pairs:], beta)
+    dpo_losses.mean().backward()
+
+    assert out.steps.eq(0).all()
+    assert torch.equal(out.losses, dpo_losses)                 # bit for bit
+    assert torch.equal(eps_logits.grad, dpo_logits.grad)
+
+
+@given(batches(dtype=torch.float32), st.floats(0, 0.999), st.sampled_from([torch.float32, torch.bfloat16]))
+def test_policy_equal_to_reference_takes_no_steps(batch, epsilon, dtype):
+    _, ref_logits, input_ids, completion_mask = batch
+    ref_logits = ref_logits.to(dtype)
+    steps = epsdpo.epsilon_steps(ref_logits.clone(), ref_logits, input_ids, completion_mask, epsilon)
+    assert steps.eq(0).all()
+
+
+@given(batches(), epsilons)
+def test_swapping_chosen_and_rejected_negates_steps(batch, epsilon):
+    policy_logits, ref_logits, input_ids, completion_mask = batch
+    half = policy_logits.shape[0] // 2
+
+    def swap(x):
+        return torch.cat([x[half:], x[:half]])
+
+    steps = epsdpo.epsilon_steps(policy_logits, ref_logits, input_ids, completion_mask, epsilon)
+    swapped = epsdpo.epsilon_steps(swap(policy_logits), swap(ref_logits), swap(input_ids), swap(completion_mask), epsilon)
+    assert torch.equal(swapped, -steps)
+
+
+def known_pair(chosen_offsets, epsilon=0.1):
+    """A pair whose log-ratio z(λ) is known in closed form.
+
+    Vocabulary {0, 1}; every token is 0. At each completion position the logit of token 0 is
+    r + λ d under f_λ (the logit of token 1 is 0), so log π̂_λ(token) = −softplus(−(r + λ d)).
+    chosen_offsets lists (r, d) per completion token of the chosen sequence; the rejected
+    sequence has policy = reference (d = 0), so z(λ) moves with the chosen sequence only.
+    """
+    length = 1 + len(chosen_offsets)
+    ref_logits = torch.zeros(2, length, 2)
+    policy_logits = torch.zeros(2, length, 2)
+    for t, (r, d) in enumerate(chosen_offsets):
+        ref_logits[0, t, 0] = r
+        policy_logits[0, t, 0] = r + d
+    input_ids = torch.zeros(2, length, dtype=torch.long)
+    completion_mask = torch.ones(2, length, dtype=torch.long)
+    completion_mask[:, 0] = 0
+    z_weaker, z_stronger = (
+        log_ratio[:1] - log_ratio[1:]
+        for log_ratio in epsdpo.perturbed_logps(policy_logits, ref_logits, input_ids, completion_mask, epsilon)
+    )
+    z_theta = epsdpo.sequence_logps(policy_logits, input_ids, completion_mask)
+    z_theta = z_theta[:1] - z_theta[1:]
+    steps = epsdpo.epsilon_steps(policy_logits, ref_logits, input_ids, completion_mask, epsilon)
+    return steps.item(), (z_weaker.item(), z_theta.item(), z_stronger.item())
+
+
+def test_constructed_cases_give_the_known_steps():
+    # Policy made the chosen token likelier than the reference: z grows with λ, i.e. as β shrinks.
+    step, (weaker, theta, stronger) = known_pair([(0.0, 1.0), (0.5, 2.0)])
+    assert weaker > theta > stronger and step == +1
+    # Policy made it less likely: z shrinks with λ, so it grows as β grows.
+    step, (weaker, theta, stronger) = known_pair([(0.0, -1.0), (0.5, -2.0)])
+    assert weaker < theta < stronger and step == -1
+    # Policy equals the reference: a tie.
+    step, (weaker, theta, stronger) = known_pair([(0.3, 0.0), (-0.5, 0.0)])
+    assert weaker == theta == stronger and step == 0
+    # Two tokens pulling opposite ways, balanced at λ = 1: z(λ) peaks at λ = 1, not monotone.
+    step, (weaker, theta, stronger) = known_pair([(-3.0, 3.0), (3.0, -3.0)])
+    assert weaker < theta and stronger < theta and step == 0
+
+
+@settings(max_examples=100)
+@given(batches(), epsilons)
+def test_bf16_inputs_give_the_float64_decision_on_well_separated_cases(batch, epsilon):
+    policy_logits, ref_logits, input_ids, completion_mask = batch
+    policy_bf16, ref_bf16 = policy_logits.to(torch.bfloat16), ref_logits.to(torch.bfloat16)
+    # The float64 answer for the very logits the bf16 tensors hold.
+    z = slow_log_ratios(policy_bf16, ref_bf16, input_ids, completion_mask, epsilon)
+    assume(separation(*z) > 1e-3 * (1 + max(v.abs().max().item() for v in z)))
+    steps = epsdpo.epsilon_steps(policy_bf16, ref_bf16, input_ids, completion_mask, epsilon)
+    assert torch.equal(steps, slow_steps(*z))
+
+
+@given(batches(dtype=torch.float32), betas, epsilons)
+def test_no_gradient_flows_through_the_decision(batch, beta, epsilon):
+    policy_logits, ref_logits, input_ids, completion_mask = batch
+    half = policy_logits.shape[0] // 2
+    logits = policy_logits.clone().requires_grad_()
+    out = epsdpo.epsilon_dpo_loss(logits, ref_logits, input_ids, completion_mask, beta, epsilon)
+    (grad,) = torch.autograd.grad(out.loss, logits)
+
+    # −log σ(β̃ h) with β̃ a constant, computed the slow way.
+    slow_logits = policy_logits.double().requires_grad_()
+    logps = slow_sequence_logps(slow_logits, input_ids, completion_mask)
+    ref_logps = slow_sequence_logps(ref_logits, input_ids, completion_mask)
+    margins = (logps[:half] - logps[half:]) - (ref_logps[:half] - ref_logps[half:])
+    fixed_betas = (beta / (1 + epsilon * out.steps.double())).detach()
+    (-F.logsigmoid(fixed_betas * margins)).mean().backward()
+
+    assert not out.pair_betas.requires_grad and not out.steps.requires_grad
+    torch.testing.assert_close(grad.double(), slow_logits.grad, rtol=1e-4, atol=1e-5)
+
+
+@given(st.floats(1e-4, 10), epsilons, st.lists(st.integers(-1, 1), min_size=1, max_size=16))
+def test_pair_betas_are_beta_over_one_plus_epsilon_step(beta, epsilon, steps):
+    result = epsdpo.pair_betas(beta, torch.tensor(steps), epsilon)
+    expected = torch.tensor([beta / (1 + epsilon * s) for s in steps], dtype=torch.float64)
+    torch.testing.assert_close(result.double(), expected, rtol=1e-6, atol=0)
+
+
+# ----------------------------------------------------------------------------------------------------
+# 5. The baseline-β update
+
+micro_batches = st.lists(st.lists(st.integers(-1, 1), min_size=1, max_size=8), min_size=1, max_size=5)
+
+
+@given(betas, epsilons, st.lists(micro_batches, min_size=1, max_size=4))
+def test_beta_update_is_the_mean_pair_beta_of_every_micro_batch(beta, epsilon, optimizer_steps):
+    baseline = epsdpo.BaselineBeta(beta, epsilon)
+    expected = beta
+    for micro_batch_steps in optimizer_steps:
+        all_pair_betas = []
+        for steps in micro_batch_steps:
+            baseline.observe(torch.tensor(steps))
+            all_pair_betas += [expected / (1 + epsilon * s) for s in steps]
+        expected = math.fsum(all_pair_betas) / len(all_pair_betas)
+        assert baseline.step() == pytest.approx(expected, rel=1e-12)
+        assert baseline.value > 0
+
+
+@given(betas, micro_batches)
+def test_beta_update_leaves_beta_unchanged_at_epsilon_zero(beta, micro_batch_steps):
+    baseline = epsdpo.BaselineBeta(beta, 0.0)
+    for steps in micro_batch_steps:
+        baseline.observe(torch.tensor(steps))
+    assert baseline.step() == beta                              # bit for bit
+
+
+def test_beta_update_stays_positive_and_moves_the_right_way():
+    relax = epsdpo.BaselineBeta(0.1, 0.5)
+    for _ in range(200):
+        relax.observe(torch.ones(4, dtype=torch.long))
+        relax.step()
+    assert 0 < relax.value < 1e-30
+    tighten = epsdpo.BaselineBeta(0.1, 0.5)
+    tighten.observe(-torch.ones(4, dtype=torch.long))
+    assert tighten.step() == pytest.approx(0.2)
+    nothing_seen = epsdpo.BaselineBeta(0.1, 0.5)
+    assert nothing_seen.step() == 0.1
+
+
+def test_beta_state_round_trips_mid_accumulation():
+    original = epsdpo.BaselineBeta(0.05, 0.2)
+    original.observe(torch.tensor([1, 1, 0]))
+    original.step()
+    original.observe(torch.tensor([-1, 1]))                    # pending: half of an accumulated step
+    resumed = epsdpo.BaselineBeta(1.0, 0.0)
+    resumed.load_state_dict(torch.load(_saved(original.state_dict()), weights_only=True))
+    for baseline in (original, resumed):
+        baseline.observe(torch.tensor([0, -1]))
+    assert resumed.step() == original.step()
+    assert resumed.state_dict() == original.state_dict()
+
+
+def _saved(state):
+    """The state as torch.save writes it to a checkpoint file."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
+    return buffer
+
+
+def _beta_on_one_rank(rank, world_size, init_file, steps_per_rank, results):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    baseline = epsdpo.BaselineBeta(0.1, 0.25)
+    baseline.observe(torch.tensor(steps_per_rank[rank]))
+    results[rank] = baseline.step()
+    dist.destroy_process_group()
+
+
+def test_beta_update_averages_over_every_rank(tmp_path):
+    import torch.multiprocessing as mp
+
+    steps_per_rank = [[1, 1, 1], [-1, 0]]
+    results = mp.Manager().dict()
+    mp.spawn(_beta_on_one_rank, args=(2, tmp_path / "rendezvous", steps_per_rank, results), nprocs=2)
+    expected = (3 * 0.1 / 1.25 + 0.1 / 0.75 + 0.1) / 5          # the mean β̃ over both ranks' pairs
+    assert results[0] == results[1] == pytest.approx(expected, rel=1e-12)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Bad input: a ValueError that says what is wrong
+
+
+def _pairs(num_rows=2, length=4, vocab=5):
+    logits = torch.randn(num_rows, length, vocab)
+    input_ids = torch.randint(0, vocab, (num_rows, length))
+    completion_mask = torch.tensor([0, 0, 1, 1]).repeat(num_rows, 1)
+    return logits, input_ids, completion_mask
+
+
+@pytest.mark.parametrize("beta", [0.0, -0.1, float("nan"), float("inf"), torch.tensor([0.1, -0.1])])
+def test_bad_beta_is_rejected(beta):
+    logits, input_ids, completion_mask = _pairs()
+    logps = torch.zeros(2)
+    with pytest.raises(ValueError, match="beta must be"):
+        epsdpo.dpo_loss(logps, logps, logps, logps, beta)
+    with pytest.raises(ValueError, match="beta must be"):
+        epsdpo.pair_betas(beta, torch.zeros(2, dtype=torch.long), 0.1)
+    if not isinstance(beta, torch.Tensor):
+        with pytest.raises(ValueError, match="beta must be"):
+            epsdpo.epsilon_dpo_loss(logits, logits, input_ids, completion_mask, beta, 0.1)
+        with pytest.raises(ValueError, match="beta must be"):
+            epsdpo.BaselineBeta(beta, 0.1)
+
+
+@pytest.mark.parametrize("epsilon", [-0.01, 1.0, 1.5, float("nan")])
+def test_bad_epsilon_is_rejected(epsilon):
+    logits, input_ids, completion_mask = _pairs()
+    with pytest.raises(ValueError, match=r"epsilon must be a number in \[0, 1\)"):
+        epsdpo.epsilon_steps(logits, logits, input_ids, completion_mask, epsilon)
+    with pytest.raises(ValueError, match=r"epsilon must be a number in \[0, 1\)"):
+        epsdpo.epsilon_dpo_loss(logits, logits, input_ids, completion_mask, 0.1, epsilon)
+    with pytest.raises(ValueError, match=r"epsilon must be a number in \[0, 1\)"):
+        epsdpo.pair_betas(0.1, torch.zeros(1, dtype=torch.long), epsilon)
+    with pytest.raises(ValueError, match=r"epsilon must be a number in \[0, 1\)"):
+        epsdpo.BaselineBeta(0.1, epsilon)
+
+
+def test_an_odd_number_of_rows_is_rejected():
+    logits, input_ids, completion_mask = _pairs(num_rows=3)
+    with pytest.raises(ValueError, match="even number of rows.*got 3"):
+        epsdpo.epsilon_steps(logits, logits, input_ids, completion_mask, 0.1)
+    with pytest.raises(ValueError, match="even number of rows.*got 3"):
+        epsdpo.epsilon_dpo_loss(logits, logits, input_ids, completion_mask, 0.1, 0.1)
+
+
+def test_mismatched_shapes_are_rejected():
+    logits, input_ids, completion_mask = _pairs()
+    with pytest.raises(ValueError, match=r"must both have the shape \(N, T\) = \(2, 4\)"):
+        epsdpo.sequence_logps(logits, input_ids[:, :3], completion_mask)
+    with pytest.raises(ValueError, match=r"must both have the shape"):
+        epsdpo.sequence_logps(logits, input_ids, completion_mask[:1])
+    with pytest.raises(ValueError, match=r"must have shape \(N, T, V\)"):
+        epsdpo.sequence_logps(logits[0], input_ids, completion_mask)
+    with pytest.raises(ValueError, match=r"ref_logits \(2, 4, 6\) must have the shape of policy_logits \(2, 4, 5\)"):
+        epsdpo.epsilon_steps(logits, torch.randn(2, 4, 6), input_ids, completion_mask, 0.1)
+    with pytest.raises(ValueError, match=r"must all have shape \(B,\)"):
+        epsdpo.dpo_loss(torch.zeros(2), torch.zeros(3), torch.zeros(2), torch.zeros(2), 0.1)
+    with pytest.raises(ValueError, match=r"beta must be a float or have shape \(2,\)"):
+        epsdpo.dpo_loss(torch.zeros(2), torch.zeros(2), torch.zeros(2), torch.zeros(2), torch.full((3,), 0.1))
+    with pytest.raises(ValueError, match=r"policy_logps must have shape \(2,\)"):
+        epsdpo.epsilon_steps(logits, logits, input_ids, completion_mask, 0.1, policy_logps=torch.zeros(4))
+
+
+def test_a_completion_on_the_first_token_is_rejected():
+    logits, input_ids, completion_mask = _pairs()
+    completion_mask[:, 0] = 1
+    with pytest.raises(ValueError, match=r"completion_mask\[:, 0\] must be 0"):
+        epsdpo.sequence_logps(logits, input_ids, completion_mask)
+
+
+def test_steps_outside_minus_one_zero_one_are_rejected():
+    with pytest.raises(ValueError, match="steps must all be -1, 0 or \\+1, got \\[0, 2\\]"):
+        epsdpo.BaselineBeta(0.1, 0.1).observe(torch.tensor([0, 2]))
+
+
+# ----------------------------------------------------------------------------------------------------
+# The module itself
+
+
+def test_epsdpo_imports_torch_and_the_standard_library_only():
+    import sys
+
+    tree = ast.parse(pathlib.Path(epsdpo.__file__).read_text())
+    imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+    imported |= {node.module.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    assert imported - {"torch"} <= set(sys.stdlib_module_names), imported

@@ -1,0 +1,540 @@
+"""Train a causal language model with ε-DPO (epsdpo.py) on preference pairs.
+
+    python train.py                      # the demo: tiny_data/ on a laptop CPU, under a minute
+    python train.py --compare            # DPO (ε = 0) and ε-DPO from the same start, side by side
+    python train.py --model Qwen/Qwen2.5-0.5B-Instruct --dataset trl-lib/ultrafeedback_binarized \\
+        --beta 0.01 --lr 5e-7 --batch-size 2 --grad-accum 32 --max-length 1024
+
+One straight path: arguments, data, models, loop, evaluation, saving. Every default is in parse_args.
+Writes to --output-dir: metrics.jsonl (a row per optimizer step and per evaluation), summary.json,
+curves.png, and the trained model and tokenizer (save_pretrained).
+"""
+
+import argparse
+import importlib.util
+import json
+import math
+import os
+import pathlib
+import random
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+
+import epsdpo
+
+HERE = pathlib.Path(__file__).resolve().parent
+TINY_MODEL, TINY_DATASET, TINY_GOLD_REWARD = HERE / "tiny_data/model", HERE / "tiny_data/data", HERE / "tiny_data/gold_reward.py"
+
+
+# ----------------------------------------------------------------------------------------------------
+# Arguments
+
+
+def _number(kind, low=None, low_open=True, high=None, what=""):
+    """An argparse type: a number in a range, rejected with a message when the arguments are parsed."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a {kind.__name__}") from None
+        if not math.isfinite(value) or (low is not None and (value <= low if low_open else value < low)) or (
+            high is not None and value >= high
+        ):
+            raise argparse.ArgumentTypeError(f"{value} is out of range: {what}")
+        return value
+    return parse
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=str(TINY_MODEL), help="policy to start from: a Hub id or a local folder")
+    p.add_argument("--ref-model", default=None, help="reference model (default: the same as --model)")
+    p.add_argument("--dataset", default=str(TINY_DATASET),
+                   help="a Hub id, a local JSON/JSONL/Parquet file, a folder of them, or a saved datasets folder")
+    p.add_argument("--train-split", default="train")
+    p.add_argument("--eval-split", default="test", help="held out if present; otherwise --eval-fraction of train")
+    p.add_argument("--eval-fraction", type=_number(float, 0, high=1, what="must be in (0, 1)"), default=0.05)
+    p.add_argument("--gold-reward", default=None,
+                   help="a Python file with score(prompt, completion) -> float; on by default for tiny_data")
+    p.add_argument("--output-dir", default="out")
+    p.add_argument("--beta", type=_number(float, 0, what="beta must be > 0"), default=0.1,
+                   help="the baseline KL penalty β (the paper: 0.01 for instruct models on UltraFeedback)")
+    p.add_argument("--epsilon", type=_number(float, 0, low_open=False, high=1, what="epsilon must be in [0, 1)"),
+                   default=0.01, help="the perturbation ε; 0 is plain DPO")
+    p.add_argument("--lr", type=_number(float, 0, what="the learning rate must be > 0"), default=5e-4)
+    p.add_argument("--weight-decay", type=_number(float, 0, low_open=False, what="must be >= 0"), default=0.0)
+    p.add_argument("--warmup-ratio", type=_number(float, 0, low_open=False, high=1, what="must be in [0, 1)"),
+                   default=0.1, help="fraction of the steps over which the learning rate rises from 0")
+    p.add_argument("--max-grad-norm", type=_number(float, 0, what="must be > 0"), default=1.0)
+    p.add_argument("--batch-size", type=_number(int, 1, low_open=False, what="must be >= 1"), default=16,
+                   help="pairs per micro-batch")
+    p.add_argument("--grad-accum", type=_number(int, 1, low_open=False, what="must be >= 1"), default=1,
+                   help="micro-batches per optimizer step")
+    p.add_argument("--max-steps", type=_number(int, 1, low_open=False, what="must be >= 1"), default=None,
+                   help="optimizer steps (default: --epochs over the train split)")
+    p.add_argument("--epochs", type=_number(float, 0, what="must be > 0"), default=2.0)
+    p.add_argument("--max-length", type=_number(int, 2, low_open=False, what="must be >= 2"), default=512,
+                   help="prompt + completion tokens")
+    p.add_argument("--max-prompt-length", type=_number(int, 1, low_open=False, what="must be >= 1"), default=256,
+                   help="longer prompts keep their last tokens")
+    p.add_argument("--eval-every", type=_number(int, 1, low_open=False, what="must be >= 1"), default=25,
+                   help="optimizer steps between evaluations")
+    p.add_argument("--eval-batch-size", type=_number(int, 1, low_open=False, what="must be >= 1"), default=64)
+    p.add_argument("--max-new-tokens", type=_number(int, 1, low_open=False, what="must be >= 1"), default=32,
+                   help="length of the completions sampled for the gold reward")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="cuda, mps or cpu (default: the first available)")
+    p.add_argument("--trust-remote-code", action="store_true", help="run code from the model's repository")
+    p.add_argument("--compare", action="store_true", help="train DPO (ε = 0) and ε-DPO and show them side by side")
+    return p.parse_args(argv)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Data: rows of prompt/chosen/rejected -> token ids -> padded batches
+
+
+def load_splits(args):
+    """The train and held-out splits of --dataset, as lists of dict rows."""
+    from datasets import Dataset, load_dataset, load_from_disk
+
+    path = pathlib.Path(args.dataset)
+    if path.is_file():
+        builder = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}.get(path.suffix)
+        if builder is None:
+            sys.exit(f"error: {path}: expected a .json, .jsonl or .parquet file")
+        splits = load_dataset(builder, data_files=str(path))
+    elif path.is_dir() and ((path / "dataset_dict.json").exists() or (path / "state.json").exists()):
+        splits = load_from_disk(str(path))                              # written by save_to_disk
+    else:
+        splits = load_dataset(args.dataset)                             # a folder of data files, or a Hub id
+    if isinstance(splits, Dataset):
+        splits = {args.train_split: splits}
+    if args.train_split not in splits:
+        sys.exit(f"error: {args.dataset} has no split {args.train_split!r} (it has {sorted(splits)})")
+    train = splits[args.train_split]
+    if args.eval_split in splits:
+        held_out = splits[args.eval_split]
+    else:
+        parts = train.train_test_split(test_size=args.eval_fraction, seed=args.seed)
+        train, held_out = parts["train"], parts["test"]
+    return train.to_list(), held_out.to_list()
+
+
+def render(row, tokenizer):
+    """(prompt, chosen, rejected) as text, and whether the prompt still needs the tokenizer's special tokens.
+
+    Standard format: three strings. Conversational format: lists of {"role", "content"} messages that the
+    tokenizer's chat template renders; the completion is what the template adds after the prompt.
+    """
+    chosen, rejected, prompt = row["chosen"], row["rejected"], row.get("prompt")
+    if isinstance(chosen, str) and isinstance(rejected, str) and isinstance(prompt, str):
+        return prompt, chosen, rejected, True
+    if not (isinstance(chosen, list) and isinstance(rejected, list)):
+        raise ValueError("chosen and rejected must both be strings (with a string prompt) or message lists")
+    if len(chosen) > 1:                              # whole conversations: the prompt is what they share
+        if chosen[:-1] != rejected[:-1]:
+            raise ValueError("chosen and rejected conversations differ before their last message")
+        prompt, chosen, rejected = chosen[:-1], chosen[-1:], rejected[-1:]
+    elif isinstance(prompt, str):
+        prompt = [{"role": "user", "content": prompt}]
+    if not all(message.get("content") for message in chosen + rejected):
+        return prompt, "", "", False                                    # an empty completion, reported below
+    prompt_text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+    completions = []
+    for completion in (chosen, rejected):
+        conversation = tokenizer.apply_chat_template(prompt + completion, tokenize=False)
+        if not conversation.startswith(prompt_text):
+            raise ValueError("the chat template does not render the prompt as the start of the conversation")
+        completions.append(conversation[len(prompt_text):])
+    return prompt_text, completions[0], completions[1], False
+
+
+def completion_ids(text, tokenizer):
+    """Token ids of a completion, ending with EOS exactly once (a chat template may already add it)."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if tokenizer.eos_token_id in ids:
+        last = len(ids) - 1 - ids[::-1].index(tokenizer.eos_token_id)
+        return ids[: last + 1]                                          # drop what follows EOS, such as "\n"
+    return ids + [tokenizer.eos_token_id]
+
+
+def tokenize_pairs(rows, tokenizer, args):
+    """Token ids of each usable pair, and the count of unusable rows by reason (never trained silently)."""
+    pairs, skipped = [], {}
+
+    def skip(reason):
+        skipped[reason] = skipped.get(reason, 0) + 1
+
+    for row in rows:
+        try:
+            prompt, chosen, rejected, add_special_tokens = render(row, tokenizer)
+        except (KeyError, ValueError) as error:
+            skip(f"unusable row: {error}")
+            continue
+        if not chosen.strip() or not rejected.strip():
+            skip("empty completion")
+            continue
+        if chosen == rejected:
+            skip("chosen identical to rejected")
+            continue
+        prompt_ids = tokenizer(prompt, add_special_tokens=add_special_tokens)["input_ids"][-args.max_prompt_length :]
+        room = args.max_length - len(prompt_ids)
+        if room < 1:
+            skip("no room for a completion after the prompt (raise --max-length)")
+            continue
+        pairs.append({
+            "prompt": prompt,
+            "prompt_ids": prompt_ids,
+            "chosen_ids": completion_ids(chosen, tokenizer)[:room],     # truncation keeps ≥ 1 token
+            "rejected_ids": completion_ids(rejected, tokenizer)[:room],
+            "noisy": row.get("noisy"),
+        })
+    return pairs, skipped
+
+
+@dataclass
+class Batch:
+    input_ids: torch.Tensor          # (2B, T): B chosen sequences, then B rejected ones, right-padded
+    attention_mask: torch.Tensor     # (2B, T)
+    completion_mask: torch.Tensor    # (2B, T): 1 on completion tokens
+    noisy: list                      # (B,): the data's noise flags, or None
+
+
+def collate(pairs, pad_token_id, device):
+    sequences = [(p["prompt_ids"], p["chosen_ids"]) for p in pairs] + [(p["prompt_ids"], p["rejected_ids"]) for p in pairs]
+    length = max(len(prompt) + len(completion) for prompt, completion in sequences)
+    input_ids = torch.full((len(sequences), length), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros_like(input_ids)
+    completion_mask = torch.zeros_like(input_ids)
+    for row, (prompt, completion) in enumerate(sequences):
+        end = len(prompt) + len(completion)
+        input_ids[row, :end] = torch.tensor(prompt + completion)
+        attention_mask[row, :end] = 1
+        completion_mask[row, len(prompt) : end] = 1
+    return Batch(input_ids.to(device), attention_mask.to(device), completion_mask.to(device), [p["noisy"] for p in pairs])
+
+
+def micro_batches(pairs, batch_size, seed):
+    """Endless micro-batches, in a fresh seeded order each epoch."""
+    for epoch in range(sys.maxsize):
+        order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+        for start in range(0, len(order) - batch_size + 1, batch_size):
+            yield [pairs[i] for i in order[start : start + batch_size]]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Models
+
+
+def pick_device(name):
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def load_model(name, device, args):
+    from transformers import AutoModelForCausalLM
+
+    dtype = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, trust_remote_code=args.trust_remote_code)
+    # eval() for the policy too: dropout off (METHOD §2); gradients flow all the same.
+    return model.to(device).eval()
+
+
+def forward(policy, reference, batch, beta, epsilon):
+    """One concatenated forward pass of chosen and rejected per model, then the ε-DPO loss."""
+    logits = policy(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits          # (2B, T, V)
+    with torch.no_grad():
+        ref_logits = reference(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    return epsdpo.epsilon_dpo_loss(logits, ref_logits, batch.input_ids, batch.completion_mask, beta, epsilon)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Metrics
+
+
+def pair_metrics(outputs):
+    """Means over the pairs of one step (or one evaluation), under TRL's metric names."""
+    cat = lambda name: torch.cat([getattr(out, name).detach().float() for out in outputs])  # noqa: E731
+    chosen_rewards, rejected_rewards, steps = cat("chosen_rewards"), cat("rejected_rewards"), cat("steps")
+    # A tie (h = 0, as at the first step) counts half: the reference model is right half the time.
+    accuracies = (chosen_rewards > rejected_rewards).float() + 0.5 * (chosen_rewards == rejected_rewards).float()
+    return {
+        "loss": cat("losses").mean().item(),
+        "beta/pairs_mean": cat("pair_betas").mean().item(),
+        "steps/lower_beta": (steps == 1).float().mean().item(),
+        "steps/higher_beta": (steps == -1).float().mean().item(),
+        "rewards/chosen": chosen_rewards.mean().item(),
+        "rewards/rejected": rejected_rewards.mean().item(),
+        "rewards/accuracies": accuracies.mean().item(),
+        "rewards/margins": (chosen_rewards - rejected_rewards).mean().item(),
+        "logps/chosen": cat("chosen_logps").mean().item(),
+        "logps/rejected": cat("rejected_logps").mean().item(),
+    }
+
+
+@torch.no_grad()
+def sample_and_score(policy, reference, tokenizer, prompts, gold_reward, args, device):
+    """Sample one completion per prompt from the policy; return its mean gold reward and a KL estimate.
+
+    KL(π_θ‖π_ref) = E_{y~π_θ}[log π_θ(y|x) − log π_ref(y|x)], estimated by the mean over the samples.
+    """
+    from transformers import GenerationConfig
+
+    # Pure ancestral sampling (no top-k, top-p or temperature from the model's defaults): the KL
+    # estimate is only unbiased for samples of π_θ itself.
+    sampling = GenerationConfig(do_sample=True, top_k=0, top_p=1.0, temperature=1.0, max_new_tokens=args.max_new_tokens,
+                                pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    rewards, kls = [], []
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(args.seed)                                    # the same prompts get the same noise
+        for start in range(0, len(prompts), args.eval_batch_size):
+            chunk = prompts[start : start + args.eval_batch_size]
+            width = max(len(ids) for _, ids in chunk)
+            prompt_ids = torch.full((len(chunk), width), tokenizer.pad_token_id)   # left-padded for generate
+            attention_mask = torch.zeros_like(prompt_ids)
+            for row, (_, ids) in enumerate(chunk):
+                prompt_ids[row, width - len(ids) :] = torch.tensor(ids)
+                attention_mask[row, width - len(ids) :] = 1
+            generated = policy.generate(input_ids=prompt_ids.to(device), attention_mask=attention_mask.to(device),
+                                        generation_config=sampling)[:, width:].tolist()
+            samples = []
+            for (prompt, ids), new in zip(chunk, generated):
+                if tokenizer.eos_token_id in new:
+                    new = new[: new.index(tokenizer.eos_token_id) + 1]
+                samples.append({"prompt_ids": ids, "chosen_ids": new, "rejected_ids": new, "noisy": None})
+                rewards.append(gold_reward(prompt, tokenizer.decode(new, skip_special_tokens=True)))
+            # Score the samples right-padded, the way training scores completions.
+            batch = collate(samples, tokenizer.pad_token_id, device)
+            half = len(samples)
+            kwargs = dict(input_ids=batch.input_ids[:half], attention_mask=batch.attention_mask[:half])
+            logps = epsdpo.sequence_logps(policy(**kwargs).logits, batch.input_ids[:half], batch.completion_mask[:half])
+            ref_logps = epsdpo.sequence_logps(reference(**kwargs).logits, batch.input_ids[:half], batch.completion_mask[:half])
+            kls += (logps - ref_logps).tolist()
+    return sum(rewards) / len(rewards), sum(kls) / len(kls)
+
+
+@torch.no_grad()
+def evaluate(policy, reference, tokenizer, eval_pairs, beta, gold_reward, args, device):
+    """Metrics over the whole held-out split, with the current β (evaluation never moves β)."""
+    outputs = [
+        forward(policy, reference, collate(eval_pairs[i : i + args.eval_batch_size], tokenizer.pad_token_id, device),
+                beta, args.epsilon)
+        for i in range(0, len(eval_pairs), args.eval_batch_size)
+    ]
+    metrics = pair_metrics(outputs)
+    if gold_reward is not None:
+        prompts = [(p["prompt"], p["prompt_ids"]) for p in eval_pairs]
+        metrics["gold_reward"], metrics["kl"] = sample_and_score(policy, reference, tokenizer, prompts, gold_reward, args, device)
+    return metrics
+
+
+# ----------------------------------------------------------------------------------------------------
+# One training run
+
+
+def train(args, label="ε-DPO"):
+    """Train one policy with args.epsilon; returns its summary. Writes everything to args.output_dir."""
+    from tqdm.auto import tqdm
+    from transformers import AutoTokenizer
+
+    started = time.time()
+    random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    output_dir = pathlib.Path(args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    device = pick_device(args.device)
+
+    # Data
+    tokenizer = AutoTokenizer.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token                       # padding is masked out anyway
+    train_rows, eval_rows = load_splits(args)
+    train_pairs, train_skipped = tokenize_pairs(train_rows, tokenizer, args)
+    eval_pairs, eval_skipped = tokenize_pairs(eval_rows, tokenizer, args)
+    for split, skipped in (("train", train_skipped), ("eval", eval_skipped)):
+        for reason, count in skipped.items():
+            print(f"skipped {count} {split} rows: {reason}")
+    if len(train_pairs) < args.batch_size or not eval_pairs:
+        sys.exit(f"error: {args.dataset}: {len(train_pairs)} usable train pairs and {len(eval_pairs)} held-out "
+                 f"pairs; need at least --batch-size ({args.batch_size}) and 1")
+    gold_reward_path = args.gold_reward or (TINY_GOLD_REWARD if pathlib.Path(args.dataset).resolve() == TINY_DATASET else None)
+    gold_reward = _load_gold_reward(gold_reward_path) if gold_reward_path else None
+
+    # Models
+    policy = load_model(args.model, device, args)
+    reference = load_model(args.ref_model or args.model, device, args).requires_grad_(False)
+    pairs_per_step = args.batch_size * args.grad_accum
+    total_steps = args.max_steps or max(1, int(args.epochs * len(train_pairs) // pairs_per_step))
+    warmup_steps = int(args.warmup_ratio * total_steps)
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(     # linear warmup from 0, then linear decay to 0
+        optimizer, lambda step: min((step + 1) / (warmup_steps + 1), (total_steps - step) / max(1, total_steps - warmup_steps))
+    )
+    baseline_beta = epsdpo.BaselineBeta(args.beta, args.epsilon)
+    print(f"{label}: {len(train_pairs)} train pairs, {len(eval_pairs)} held out, {total_steps} steps of "
+          f"{pairs_per_step} pairs on {device}, β = {args.beta}, ε = {args.epsilon}")
+
+    metrics_file = open(output_dir / "metrics.jsonl", "w")
+
+    def log(row):
+        metrics_file.write(json.dumps(row) + "\n")
+        metrics_file.flush()
+        return row
+
+    def log_evaluation(step):
+        metrics = evaluate(policy, reference, tokenizer, eval_pairs, baseline_beta.value, gold_reward, args, device)
+        return log({"step": step, "split": "eval", "beta": baseline_beta.value, "lr": scheduler.get_last_lr()[0], **metrics})
+
+    # Loop
+    evaluations = [log_evaluation(0)]
+    steps_by_noise = {}                                                 # (noisy flag, s) -> count of pairs
+    batches = micro_batches(train_pairs, args.batch_size, args.seed)
+    progress = tqdm(range(1, total_steps + 1), desc=label, disable=None)
+    for step in progress:
+        beta = baseline_beta.value
+        outputs = []
+        for _ in range(args.grad_accum):
+            batch = collate(next(batches), tokenizer.pad_token_id, device)
+            out = forward(policy, reference, batch, beta, args.epsilon)
+            (out.loss / args.grad_accum).backward()
+            baseline_beta.observe(out.steps)
+            outputs.append(out)
+            for noisy, s in zip(batch.noisy, out.steps.tolist()):
+                steps_by_noise[noisy, s] = steps_by_noise.get((noisy, s), 0) + 1
+        torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
+        lr = scheduler.get_last_lr()[0]
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        baseline_beta.step()                                            # β ← mean β̃ of this step's pairs
+
+        row = log({"step": step, "split": "train", "beta": beta, "lr": lr, **pair_metrics(outputs),
+                   "beta/pairs_mean": baseline_beta.value})
+        progress.set_postfix(loss=f"{row['loss']:.3f}", acc=f"{row['rewards/accuracies']:.2f}", beta=f"{beta:.4f}")
+        if step % args.eval_every == 0 or step == total_steps:
+            evaluations.append(log_evaluation(step))
+    metrics_file.close()
+
+    # Saving
+    policy.save_pretrained(output_dir)
+    tokenizer.save_pretrained(output_dir)
+    summary = {
+        "label": label,
+        "args": vars(args),
+        "device": str(device),
+        "train_pairs": len(train_pairs),
+        "eval_pairs": len(eval_pairs),
+        "skipped": {"train": train_skipped, "eval": eval_skipped},
+        "steps": total_steps,
+        "final_beta": baseline_beta.value,
+        "start": evaluations[0],
+        "final": evaluations[-1],
+        "steps_by_noise": _step_fractions(steps_by_noise),
+        "seconds": round(time.time() - started, 1),
+    }
+    (output_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    plot_curves({label: _read_metrics(output_dir)}, output_dir / "curves.png")
+    return summary
+
+
+def _load_gold_reward(path):
+    spec = importlib.util.spec_from_file_location("gold_reward", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.score
+
+
+def _step_fractions(steps_by_noise):
+    """Fractions of s = +1 and s = −1 over training, for clean and noisy pairs separately (if marked)."""
+    groups = {}
+    for (noisy, s), count in steps_by_noise.items():
+        name = {None: "all", False: "clean", True: "noisy"}[noisy]
+        groups.setdefault(name, {1: 0, 0: 0, -1: 0})[s] += count
+    return {
+        name: {"pairs": sum(c.values()), "lower_beta": c[1] / sum(c.values()), "higher_beta": c[-1] / sum(c.values())}
+        for name, c in sorted(groups.items())
+    }
+
+
+def _read_metrics(output_dir):
+    return [json.loads(line) for line in open(pathlib.Path(output_dir) / "metrics.jsonl")]
+
+
+# ----------------------------------------------------------------------------------------------------
+# What the user sees
+
+
+def plot_curves(runs, path):
+    """One panel per quantity; each run (label -> metric rows) a colour, training thin, evaluation dotted."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [("loss", "loss"), ("rewards/accuracies", "reward accuracy"), ("rewards/margins", "reward margin"),
+              ("beta", "baseline β"), ("steps/lower_beta", "fraction s = +1 (β/(1+ε))"),
+              ("steps/higher_beta", "fraction s = −1 (β/(1−ε))"), ("gold_reward", "gold reward of samples"),
+              ("kl", "KL(π_θ ‖ π_ref) of samples")]
+    if not any("gold_reward" in row for rows in runs.values() for row in rows):
+        panels = panels[:6]
+    figure, axes = plt.subplots(2, len(panels) // 2, figsize=(4 * len(panels) // 2, 6.5), squeeze=False)
+    for (key, title), axis in zip(panels, axes.flat):
+        for color, (label, rows) in zip(("tab:blue", "tab:red", "tab:green"), runs.items()):
+            for split, style in (("train", dict(linewidth=0.8, alpha=0.6)), ("eval", dict(marker="o", linestyle=":"))):
+                points = [(r["step"], r[key]) for r in rows if r["split"] == split and key in r]
+                if points:
+                    axis.plot(*zip(*points), color=color, label=f"{label} {split}", **style)
+        axis.set_title(title)
+        axis.set_xlabel("optimizer step")
+    axes.flat[0].legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def print_summary(summaries):
+    """A table of the held-out numbers at the start and the end of each run."""
+    rows = [("held-out reward accuracy", "rewards/accuracies", "{:.3f}"), ("held-out reward margin", "rewards/margins", "{:.3f}"),
+            ("held-out loss", "loss", "{:.4f}"), ("gold reward of samples", "gold_reward", "{:+.3f}"),
+            ("KL(π_θ‖π_ref) of samples", "kl", "{:.3f}")]
+    header = f"{'':28}" + "".join(f"{'start':>10}{s['label'] + ' end':>16}" for s in summaries[:1]) + "".join(
+        f"{s['label'] + ' end':>16}" for s in summaries[1:])
+    print("\n" + header)
+    for name, key, fmt in rows:
+        if key in summaries[0]["final"]:
+            cells = [fmt.format(summaries[0]["start"][key])] + [fmt.format(s["final"][key]) for s in summaries]
+            print(f"{name:28}{cells[0]:>10}" + "".join(f"{c:>16}" for c in cells[1:]))
+    print(f"{'baseline β':28}{summaries[0]['args']['beta']:>10.4f}" + "".join(f"{s['final_beta']:>16.4f}" for s in summaries))
+    for s in summaries:
+        for group, f in s["steps_by_noise"].items():
+            print(f"{s['label']}, {group} train pairs ({f['pairs']} seen): s = +1 {f['lower_beta']:.1%}, s = −1 {f['higher_beta']:.1%}")
+        print(f"{s['label']}: {s['seconds']} s, written to {s['args']['output_dir']}")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if not args.compare:
+        print_summary([train(args)])
+        return
+    runs = {}
+    for label, epsilon, folder in (("DPO", 0.0, "dpo"), ("ε-DPO", args.epsilon, "epsilon-dpo")):
+        run_args = argparse.Namespace(**{**vars(args), "epsilon": epsilon, "compare": False,
+                                         "output_dir": str(pathlib.Path(args.output_dir) / folder)})
+        runs[label] = train(run_args, label)
+    plot_curves({label: _read_metrics(s["args"]["output_dir"]) for label, s in runs.items()},
+                pathlib.Path(args.output_dir) / "compare.png")
+    print_summary(list(runs.values()))
+    print(f"side by side: {pathlib.Path(args.output_dir) / 'compare.png'}")
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    main()

@@ -342,8 +342,12 @@ def evaluate(policy, reference, tokenizer, eval_pairs, beta, gold_reward, args, 
 
 def train(args, label="ε-DPO"):
     """Train one policy with args.epsilon; returns its summary. Writes everything to args.output_dir."""
+    import datasets
+    import transformers
     from tqdm.auto import tqdm
-    from transformers import AutoTokenizer
+
+    datasets.disable_progress_bars()                                    # one progress bar: the training's
+    transformers.utils.logging.disable_progress_bar()
 
     started = time.time()
     random.seed(args.seed)
@@ -353,7 +357,7 @@ def train(args, label="ε-DPO"):
     device = pick_device(args.device)
 
     # Data
-    tokenizer = AutoTokenizer.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token                       # padding is masked out anyway
     train_rows, eval_rows = load_splits(args)

@@ -1,0 +1,223 @@
+"""End-to-end tests of train.py: a few optimizer steps on tiny_data and on data and models made here."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the tests never download anything
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import epsdpo
+import train
+
+METRIC_KEYS = {"step", "split", "loss", "beta", "beta/pairs_mean", "steps/lower_beta", "steps/higher_beta",
+               "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
+               "logps/rejected", "lr"}
+QUICK = ["--batch-size", "4", "--eval-batch-size", "32", "--max-new-tokens", "8"]
+
+
+def read_metrics(output_dir):
+    return [json.loads(line) for line in open(output_dir / "metrics.jsonl")]
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """Three steps of ε-DPO on tiny_data with two micro-batches per step and a large ε, so β moves."""
+    output_dir = tmp_path_factory.mktemp("tiny")
+    train.main(["--output-dir", str(output_dir), "--max-steps", "3", "--eval-every", "2", "--grad-accum", "2",
+                "--epsilon", "0.3", "--lr", "1e-3", *QUICK])
+    return output_dir
+
+
+def test_the_demo_writes_every_metric_finite_for_every_step(tiny_run):
+    rows = read_metrics(tiny_run)
+    assert [(r["split"], r["step"]) for r in rows] == [
+        ("eval", 0), ("train", 1), ("train", 2), ("eval", 2), ("train", 3), ("eval", 3)]
+    for row in rows:
+        assert METRIC_KEYS <= row.keys(), METRIC_KEYS - row.keys()
+        assert all(math.isfinite(v) for v in row.values() if isinstance(v, float))
+        if row["split"] == "eval":
+            assert {"gold_reward", "kl"} <= row.keys()          # tiny_data has a gold reward
+    assert rows[0]["kl"] == 0.0 and rows[0]["rewards/accuracies"] == 0.5   # the policy starts as the reference
+
+
+def test_the_demo_writes_a_summary_a_figure_and_a_model_that_reloads(tiny_run):
+    summary = json.loads((tiny_run / "summary.json").read_text())
+    assert summary["args"]["epsilon"] == 0.3 and summary["args"]["beta"] == 0.1 and summary["steps"] == 3
+    assert set(summary["steps_by_noise"]) == {"clean", "noisy"}
+    assert sum(group["pairs"] for group in summary["steps_by_noise"].values()) == 3 * 2 * 4
+    assert summary["final"]["step"] == 3 and "gold_reward" in summary["final"]
+    assert (tiny_run / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_run)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_run)
+    reference = AutoModelForCausalLM.from_pretrained(train.TINY_MODEL)
+    assert tokenizer("Review of the lamp:")["input_ids"] == AutoTokenizer.from_pretrained(train.TINY_MODEL)(
+        "Review of the lamp:")["input_ids"]
+    changed = [not torch.equal(p, q) for p, q in zip(model.state_dict().values(), reference.state_dict().values())]
+    assert any(changed)                                          # it trained
+
+
+def test_beta_in_the_metrics_follows_method_section_5(tiny_run):
+    train_rows = [r for r in read_metrics(tiny_run) if r["split"] == "train"]
+    epsilon = 0.3
+    assert train_rows[0]["beta"] == 0.1
+    for row, next_row in zip(train_rows, train_rows[1:] + [None]):
+        lower, higher = row["steps/lower_beta"], row["steps/higher_beta"]
+        # The mean β̃ over the 8 pairs of the step's two micro-batches.
+        mean_pair_beta = row["beta"] * (lower / (1 + epsilon) + higher / (1 - epsilon) + (1 - lower - higher))
+        assert row["beta/pairs_mean"] == pytest.approx(mean_pair_beta, rel=1e-6)
+        if next_row is not None:
+            assert next_row["beta"] == row["beta/pairs_mean"]      # the next step uses it
+    assert any(r["beta/pairs_mean"] != r["beta"] for r in train_rows)
+
+
+def plain_dpo(policy_logits, ref_logits, input_ids, completion_mask, beta, epsilon):
+    """DPO with a fixed β, nothing of ε-DPO: what --epsilon 0 must reproduce."""
+    half = policy_logits.shape[0] // 2
+    logps = epsdpo.sequence_logps(policy_logits, input_ids, completion_mask)
+    with torch.no_grad():
+        ref_logps = epsdpo.sequence_logps(ref_logits, input_ids, completion_mask)
+    losses, chosen_rewards, rejected_rewards = epsdpo.dpo_loss(logps[:half], logps[half:], ref_logps[:half],
+                                                               ref_logps[half:], beta)
+    return epsdpo.EpsilonDPOOutput(
+        loss=losses.mean(), losses=losses, pair_betas=torch.full((half,), beta), steps=torch.zeros(half, dtype=torch.long),
+        chosen_rewards=chosen_rewards, rejected_rewards=rejected_rewards, chosen_logps=logps[:half],
+        rejected_logps=logps[half:], ref_chosen_logps=ref_logps[:half], ref_rejected_logps=ref_logps[half:],
+    )
+
+
+def test_epsilon_zero_is_a_dpo_run_bit_for_bit(tmp_path, monkeypatch):
+    arguments = ["--max-steps", "3", "--eval-every", "3", "--epsilon", "0", "--lr", "1e-3", *QUICK]
+    train.main(["--output-dir", str(tmp_path / "epsilon-zero"), *arguments])
+    monkeypatch.setattr(epsdpo, "epsilon_dpo_loss", plain_dpo)
+    train.main(["--output-dir", str(tmp_path / "dpo"), *arguments])
+
+    epsilon_zero, dpo = load_file(tmp_path / "epsilon-zero/model.safetensors"), load_file(tmp_path / "dpo/model.safetensors")
+    assert epsilon_zero.keys() == dpo.keys()
+    assert all(torch.equal(epsilon_zero[name], dpo[name]) for name in dpo)
+    for row, dpo_row in zip(read_metrics(tmp_path / "epsilon-zero"), read_metrics(tmp_path / "dpo")):
+        assert row == dpo_row
+
+
+@pytest.fixture(scope="module")
+def local_model(tmp_path_factory):
+    """The tiny model saved to a folder of its own, its tokenizer given a chat template."""
+    folder = tmp_path_factory.mktemp("model")
+    AutoModelForCausalLM.from_pretrained(train.TINY_MODEL).save_pretrained(folder)
+    tokenizer = AutoTokenizer.from_pretrained(train.TINY_MODEL)
+    # Every message ends with EOS, as many chat templates do (so train.py must not add a second one).
+    tokenizer.chat_template = (
+        "{% for message in messages %}{{ message['role'] }} : {{ message['content'] }}{{ eos_token }}{% endfor %}"
+        "{% if add_generation_prompt %}assistant :{% endif %}"
+    )
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def reviews(num_pairs):
+    for i in range(num_pairs):
+        product = ("kettle", "lamp", "chair")[i % 3]
+        yield f"Review of the {product}:", " The price is great.", " The price is very awful and the fit is poor."
+
+
+def test_standard_jsonl_from_a_local_model_folder(tmp_path, local_model):
+    rows = [{"prompt": p, "chosen": c, "rejected": r} for p, c, r in reviews(40)]
+    dataset = write_jsonl(tmp_path / "pairs.jsonl", rows)
+    output_dir = tmp_path / "out"
+    train.main(["--model", str(local_model), "--dataset", str(dataset), "--output-dir", str(output_dir),
+                "--max-steps", "2", "--eval-fraction", "0.2", *QUICK])
+    summary = json.loads((output_dir / "summary.json").read_text())
+    assert (summary["train_pairs"], summary["eval_pairs"]) == (32, 8)   # no test split: 20 % held out
+    assert "gold_reward" not in summary["final"]                       # no gold reward for other data
+    assert summary["steps_by_noise"].keys() == {"all"}
+    assert AutoModelForCausalLM.from_pretrained(output_dir) is not None
+
+
+def test_conversational_jsonl_is_rendered_with_the_chat_template(tmp_path, local_model):
+    rows = [{"prompt": [{"role": "user", "content": p}], "chosen": [{"role": "assistant", "content": c}],
+             "rejected": [{"role": "assistant", "content": r}]} for p, c, r in reviews(40)]
+    dataset = write_jsonl(tmp_path / "conversations.jsonl", rows)
+    output_dir = tmp_path / "out"
+    train.main(["--model", str(local_model), "--dataset", str(dataset), "--output-dir", str(output_dir),
+                "--max-steps", "2", *QUICK])
+    assert [r["step"] for r in read_metrics(output_dir) if r["split"] == "train"] == [1, 2]
+
+
+def test_the_prompt_is_never_scored_and_eos_ends_each_completion_once(local_model):
+    tokenizer = AutoTokenizer.from_pretrained(local_model)
+    args = train.parse_args(["--max-length", "64"])
+    standard = {"prompt": "Review of the lamp:", "chosen": " The fit is great.", "rejected": " The fit is poor."}
+    conversational = {"chosen": [{"role": "user", "content": "Review of the lamp:"}, {"role": "assistant", "content": "The fit is great."}],
+                      "rejected": [{"role": "user", "content": "Review of the lamp:"}, {"role": "assistant", "content": "The fit is poor."}]}
+    (standard_pair, conversational_pair), skipped = train.tokenize_pairs([standard, conversational], tokenizer, args)
+    assert skipped == {}
+    eos = tokenizer.eos_token_id
+    for pair in (standard_pair, conversational_pair):
+        for completion in (pair["chosen_ids"], pair["rejected_ids"]):
+            assert completion[-1] == eos and completion.count(eos) == 1
+    assert tokenizer.decode(standard_pair["chosen_ids"], skip_special_tokens=True) == "the fit is great ."
+
+    batch = train.collate([standard_pair], tokenizer.pad_token_id, torch.device("cpu"))
+    scored = batch.input_ids[batch.completion_mask.bool()].tolist()
+    assert scored == standard_pair["chosen_ids"] + standard_pair["rejected_ids"]
+
+
+def test_unusable_rows_are_counted_never_trained(local_model):
+    tokenizer = AutoTokenizer.from_pretrained(local_model)
+    args = train.parse_args(["--max-length", "8", "--max-prompt-length", "8"])
+    rows = [
+        {"prompt": "Review of the lamp:", "chosen": " The fit is great.", "rejected": " The fit is poor."},
+        {"prompt": "Review of the lamp:", "chosen": "", "rejected": " The fit is poor."},
+        {"prompt": "Review of the lamp:", "chosen": " Same.", "rejected": " Same."},
+        {"prompt": "Review of the lamp: the fit is great and the price is poor", "chosen": " Fine.", "rejected": " Poor."},
+    ]
+    pairs, skipped = train.tokenize_pairs(rows, tokenizer, args)
+    assert skipped == {"empty completion": 1, "chosen identical to rejected": 1,
+                       "no room for a completion after the prompt (raise --max-length)": 1}
+    (pair,) = pairs
+    assert len(pair["prompt_ids"]) + len(pair["chosen_ids"]) <= 8 and len(pair["chosen_ids"]) >= 1
+
+
+def test_compare_trains_dpo_and_epsilon_dpo_side_by_side(tmp_path, capsys):
+    train.main(["--compare", "--output-dir", str(tmp_path), "--max-steps", "2", "--epsilon", "0.3", *QUICK])
+    dpo = json.loads((tmp_path / "dpo/summary.json").read_text())
+    epsilon_dpo = json.loads((tmp_path / "epsilon-dpo/summary.json").read_text())
+    assert (dpo["args"]["epsilon"], epsilon_dpo["args"]["epsilon"]) == (0.0, 0.3)
+    assert dpo["final_beta"] == 0.1
+    assert (tmp_path / "compare.png").exists()
+    printed = capsys.readouterr().out
+    assert "DPO end" in printed and "ε-DPO end" in printed
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--beta", "0", "beta must be > 0"), ("--epsilon", "1", "epsilon must be in [0, 1)"),
+    ("--epsilon", "-0.1", "epsilon must be in [0, 1)"), ("--lr", "0", "the learning rate must be > 0"),
+    ("--batch-size", "0", "must be >= 1"), ("--beta", "nan", "out of range"), ("--lr", "fast", "is not a float"),
+])
+def test_bad_arguments_are_rejected_when_parsed(flag, value, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        train.parse_args([flag, value])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_the_command_line_runs_offline_from_a_fresh_process(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "train.py", "--output-dir", str(tmp_path), "--max-steps", "1", "--eval-every", "1", *QUICK],
+        cwd=train.HERE, capture_output=True, text=True, timeout=120,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"},
+    )
+    assert result.returncode == 0, result.stderr
+    assert "held-out reward accuracy" in result.stdout and "Traceback" not in result.stderr

@@ -1,4 +1,5 @@
-"""End-to-end tests of train.py: a few optimizer steps on tiny_data and on data and models made here."""
+"""End-to-end tests of the scripts: train.py for a few optimizer steps on tiny_data and on data and models
+made here, and bench.py --quick."""
 
 import json
 import math
@@ -221,3 +222,28 @@ def test_the_command_line_runs_offline_from_a_fresh_process(tmp_path):
     )
     assert result.returncode == 0, result.stderr
     assert "held-out reward accuracy" in result.stdout and "Traceback" not in result.stderr
+
+
+# ----------------------------------------------------------------------------------------------------
+# bench.py
+
+
+def test_the_quick_benchmark_runs_and_reports_every_figure(tmp_path):
+    report_path = tmp_path / "bench.json"
+    result = subprocess.run([sys.executable, "bench.py", "--quick", "--device", "cpu", "--json", str(report_path)],
+                            cwd=train.HERE, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 0, result.stderr
+    report = json.loads(report_path.read_text())
+    assert [run["shape"] for run in report["runs"]] == ["tiny_data", "realistic-small"]
+    for run in report["runs"]:
+        assert set(run["variants"]) == {"dpo", "epsilon-dpo", "naive", "dpo-precomputed"}
+        for figures in run["variants"].values():
+            assert figures["median_s"] > 0 and math.isfinite(figures["peak_mib"]) and len(figures["times_s"]) == 3
+        assert run["inherent"]["median_s"] > 0 and all(math.isfinite(value) for value in run["ratios"].values())
+        assert run["ratios"]["extra_memory_over_ref_logits"] == pytest.approx(
+            (run["variants"]["epsilon-dpo"]["peak_mib"] - run["variants"]["dpo"]["peak_mib"]) / run["inherent"]["ref_logits_mib"])
+    realistic = report["runs"][1]["variants"]
+    # Keeping the perturbed full-vocabulary tensors in the graph costs memory that epsdpo.py does not spend.
+    assert realistic["naive"]["peak_mib"] > 1.5 * realistic["epsilon-dpo"]["peak_mib"]
+    assert "extra_time_over_inherent_work" in result.stdout

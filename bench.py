@@ -1,0 +1,326 @@
+"""What an ε-DPO training step costs over a DPO step, measured side by side.
+
+    python bench.py                      # both shapes, CPU (and CUDA when present), ~3 minutes on 2 cores
+    python bench.py --quick              # smaller shapes and fewer steps, under a minute: a smoke test
+    python bench.py --json bench.json    # also write every figure to a file
+
+The same training step (forward, loss, backward, AdamW step), on the same model, batch and seed, four ways:
+  dpo              DPO through epsdpo.py, the reference's logits computed live (as ε-DPO needs them)
+  epsilon-dpo      ε-DPO through epsdpo.epsilon_dpo_loss
+  naive            ε-DPO the way the authors' trainer does it: perturbed logits for the whole (2B, T, V)
+                   tensor, in the model's dtype, inside the autograd graph, log-softmax over everything
+  dpo-precomputed  DPO with the reference's log-probabilities computed once beforehand (no reference forward
+                   in the step): what ε-DPO gives up, since its criterion needs the reference's logits
+and the inherent extra work of ε-DPO: one subtraction and two float32 logsumexps over
+(completion positions × vocabulary), the least any implementation must add to a DPO step.
+
+Per variant: the median step time after warm-up, and the step's peak memory: on CUDA
+torch.cuda.max_memory_allocated; on CPU the growth of the process's peak resident memory over one step,
+each variant in its own process (forked, so that no two share a high-water mark).
+"""
+
+import argparse
+import copy
+import ctypes
+import json
+import multiprocessing
+import os
+import pathlib
+import platform
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+import transformers
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+import epsdpo
+import train
+
+transformers.utils.logging.disable_progress_bar()
+
+HERE = pathlib.Path(__file__).resolve().parent
+BETA, EPSILON = 0.1, 0.01
+VARIANTS = ("dpo", "epsilon-dpo", "naive", "dpo-precomputed")
+# name: (vocabulary, hidden size, layers, pairs, tokens per sequence, completion tokens); None = the tiny_data model
+SHAPES = {"tiny_data": None, "realistic": (32000, 256, 2, 4, 384, 256)}
+QUICK_SHAPES = {"tiny_data": None, "realistic-small": (32000, 256, 2, 1, 192, 128)}
+
+
+# ----------------------------------------------------------------------------------------------------
+# The models and the batch
+
+
+def make_models_and_batch(shape, device):
+    """(policy, reference, input_ids, attention_mask, completion_mask), the same for every variant."""
+    torch.manual_seed(0)
+    if shape is None:
+        arguments = train.parse_args([])                                # train.py's defaults: 16 pairs
+        reference = AutoModelForCausalLM.from_pretrained(train.TINY_MODEL)
+        tokenizer = AutoTokenizer.from_pretrained(train.TINY_MODEL)
+        rows = [json.loads(line) for line in open(train.TINY_DATASET / "train.jsonl")][: arguments.batch_size]
+        batch = train.collate(train.tokenize_pairs(rows, tokenizer, arguments)[0], tokenizer.pad_token_id, torch.device("cpu"))
+        input_ids, attention_mask, completion_mask = batch.input_ids, batch.attention_mask, batch.completion_mask
+    else:
+        vocab, hidden, layers, pairs, length, completion = shape
+        config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=layers,
+                             num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=length)
+        reference = LlamaForCausalLM(config)
+        input_ids = torch.randint(0, vocab, (2 * pairs, length))
+        attention_mask = torch.ones_like(input_ids)
+        completion_mask = torch.zeros_like(input_ids)
+        completion_mask[:, length - completion :] = 1
+    dtype = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    reference = reference.to(device, dtype).eval().requires_grad_(False)
+    policy = copy.deepcopy(reference).requires_grad_(True)
+    with torch.no_grad():                       # a policy a little away from the reference, so s is not all 0
+        for parameter in policy.parameters():
+            parameter.add_(0.01 * torch.randn_like(parameter))
+    return policy, reference, input_ids.to(device), attention_mask.to(device), completion_mask.to(device)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The four training steps
+
+
+def naive_logps(logits, input_ids, completion_mask):
+    """Sequence log-probabilities the common way: a full-vocabulary log-softmax in the model's dtype."""
+    token_logps = torch.gather(logits[:, :-1].log_softmax(-1), 2, input_ids[:, 1:, None]).squeeze(2)
+    return (token_logps * completion_mask[:, 1:]).sum(-1)
+
+
+def naive_epsilon_dpo_loss(logits, ref_logits, input_ids, completion_mask, baseline_beta):
+    """ε-DPO as the authors' trainer computes it: the perturbed logits of the whole (2B, T, V) tensor, in the
+    model's dtype, inside the autograd graph, every intermediate kept alive until backward."""
+    half = input_ids.shape[0] // 2
+    logps = naive_logps(logits, input_ids, completion_mask)
+    ref_logps = naive_logps(ref_logits, input_ids, completion_mask)
+    weaker_logps = naive_logps(ref_logits + (1 + EPSILON) * (logits - ref_logits), input_ids, completion_mask)
+    stronger_logps = naive_logps(ref_logits + (1 - EPSILON) * (logits - ref_logits), input_ids, completion_mask)
+    z_theta, z_weaker, z_stronger = (x[:half] - x[half:] for x in (logps, weaker_logps, stronger_logps))
+    steps = ((z_weaker > z_theta) & (z_theta > z_stronger)).long() - ((z_weaker < z_theta) & (z_theta < z_stronger)).long()
+    baseline_beta.observe(steps)
+    margins = z_theta - (ref_logps[:half] - ref_logps[half:])
+    return -F.logsigmoid(baseline_beta.value / (1 + EPSILON * steps) * margins).mean()
+
+
+def make_step(variant, policy, reference, input_ids, attention_mask, completion_mask):
+    """A closure that runs one training step of the variant: forward, loss, backward, AdamW step."""
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-5)
+    baseline_beta = epsdpo.BaselineBeta(BETA, EPSILON)
+    half = input_ids.shape[0] // 2
+    model_inputs = dict(input_ids=input_ids, attention_mask=attention_mask)
+    with torch.no_grad():
+        precomputed_ref_logps = epsdpo.sequence_logps(reference(**model_inputs).logits, input_ids, completion_mask)
+
+    def mean_dpo_loss(logps, ref_logps):
+        losses, _, _ = epsdpo.dpo_loss(logps[:half], logps[half:], ref_logps[:half], ref_logps[half:], BETA)
+        return losses.mean()
+
+    def loss_of_step():
+        logits = policy(**model_inputs).logits
+        if variant == "dpo-precomputed":
+            return mean_dpo_loss(epsdpo.sequence_logps(logits, input_ids, completion_mask), precomputed_ref_logps)
+        with torch.no_grad():
+            ref_logits = reference(**model_inputs).logits
+        if variant == "dpo":
+            return mean_dpo_loss(epsdpo.sequence_logps(logits, input_ids, completion_mask),
+                                 epsdpo.sequence_logps(ref_logits, input_ids, completion_mask))
+        if variant == "epsilon-dpo":
+            out = epsdpo.epsilon_dpo_loss(logits, ref_logits, input_ids, completion_mask, baseline_beta.value, EPSILON)
+            baseline_beta.observe(out.steps)
+            return out.loss
+        return naive_epsilon_dpo_loss(logits, ref_logits, input_ids, completion_mask, baseline_beta)
+
+    def step():
+        loss_of_step().backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        baseline_beta.step()
+
+    return step
+
+
+# ----------------------------------------------------------------------------------------------------
+# Measuring
+
+
+def _cpu_memory_kib(field):
+    for line in open("/proc/self/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def _synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def measure_step_times(shape, device, warmup, repeats):
+    """Step times of every variant, measured in turns (a round times each variant once, in a rotating
+    order), so that a slower or faster moment of the machine falls on all of them alike."""
+    setup = make_models_and_batch(shape, device)
+    steps = {variant: make_step(variant, copy.deepcopy(setup[0]), *setup[1:]) for variant in VARIANTS}
+    times = {variant: [] for variant in VARIANTS}
+    for round_ in range(warmup + repeats):
+        for variant in VARIANTS[round_ % len(VARIANTS):] + VARIANTS[: round_ % len(VARIANTS)]:
+            _synchronize(device)
+            start = time.perf_counter()
+            steps[variant]()
+            _synchronize(device)
+            if round_ >= warmup:
+                times[variant].append(time.perf_counter() - start)
+    return times
+
+
+def measure_step_memory(shape, variant, device):
+    """The peak memory one training step adds to what is alive before it (after a warm-up step)."""
+    if device.type == "cpu":
+        # Every allocation of 64 KiB or more gets pages of its own, returned when freed, so resident memory
+        # follows what is alive rather than what the allocator keeps for later. (Not in the timing process:
+        # the page faults cost time.)
+        ctypes.CDLL("libc.so.6").mallopt(-3, 64 * 1024)                # M_MMAP_THRESHOLD
+    step = make_step(variant, *make_models_and_batch(shape, device))
+    step()                                                              # allocates AdamW's state
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        step()
+        return (torch.cuda.max_memory_allocated() - before) / 2**20
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")                                                    # reset the peak (VmHWM) to the current RSS
+    before = _cpu_memory_kib("VmRSS")
+    step()
+    return (_cpu_memory_kib("VmHWM") - before) / 1024
+
+
+def measure_extra_work(shape, device, warmup, repeats):
+    """The inherent extra work of ε-DPO: one subtraction and two float32 logsumexps over
+    (completion positions × vocabulary); and the time epsdpo.py's decision takes on the step's logits."""
+    policy, reference, input_ids, attention_mask, completion_mask = make_models_and_batch(shape, device)
+    positions, vocab = int(completion_mask[:, 1:].sum()), policy.config.vocab_size
+    policy_rows, ref_rows, weaker_rows, stronger_rows = torch.randn(4, positions, vocab, device=device)
+    # Timed two ways, on the whole tensors and a chunk of epsdpo.CHUNK_ELEMENTS at a time; the faster counts.
+    chunk = max(1, epsdpo.CHUNK_ELEMENTS // vocab)
+    ways = {"whole_s": [slice(None)], "chunked_s": [slice(i, i + chunk) for i in range(0, positions, chunk)]}
+    medians = {}
+    for way, parts in ways.items():
+        times = []
+        for _ in range(warmup + repeats):
+            _synchronize(device)
+            start = time.perf_counter()
+            for part in parts:
+                torch.sub(policy_rows[part], ref_rows[part])
+                torch.logsumexp(weaker_rows[part], -1)
+                torch.logsumexp(stronger_rows[part], -1)
+            _synchronize(device)
+            times.append(time.perf_counter() - start)
+        medians[way] = statistics.median(times[warmup:])
+    del policy_rows, ref_rows, weaker_rows, stronger_rows
+
+    # What epsdpo.py adds to a DPO step, alone and so without the noise of a whole step: the decision
+    # (epsilon_steps, given the policy's log-probabilities the step has already computed).
+    with torch.no_grad():
+        logits = policy(input_ids=input_ids, attention_mask=attention_mask).logits
+        ref_logits = reference(input_ids=input_ids, attention_mask=attention_mask).logits
+        logps = epsdpo.sequence_logps(logits, input_ids, completion_mask)
+    times = []
+    for _ in range(warmup + repeats):
+        _synchronize(device)
+        start = time.perf_counter()
+        epsdpo.epsilon_steps(logits, ref_logits, input_ids, completion_mask, EPSILON, logps)
+        _synchronize(device)
+        times.append(time.perf_counter() - start)
+
+    ref_logits_bytes = ref_logits.numel() * ref_logits.element_size()
+    return {"median_s": min(medians.values()), **medians, "decision_s": statistics.median(times[warmup:]),
+            "positions": positions, "vocab": vocab, "ref_logits_mib": ref_logits_bytes / 2**20}
+
+
+def _in_own_process(function, *args):
+    """function(*args) in a child process; its result. Children of a CUDA run are spawned, others forked
+    (they inherit the imports, so they start at once)."""
+    context = multiprocessing.get_context("spawn" if any(getattr(a, "type", None) == "cuda" for a in args) else "fork")
+    results = context.Queue()
+    process = context.Process(target=_child, args=(results, function, args))
+    process.start()
+    result = results.get()
+    process.join()
+    if isinstance(result, BaseException):
+        raise result
+    return result
+
+
+def _child(results, function, args):
+    try:
+        results.put(function(*args))
+    except BaseException as error:                                      # reported by the parent
+        results.put(error)
+        raise
+
+
+def run(shapes, devices, warmup, repeats):
+    report = {"machine": {"processor": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+                          "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+                          "cuda": torch.cuda.get_device_name() if "cuda" in map(str, devices) else None},
+              "runs": []}
+    for device in devices:
+        for name, shape in shapes.items():
+            times = _in_own_process(measure_step_times, shape, device, warmup, repeats)
+            run_report = {"device": str(device), "shape": name, "variants": {
+                variant: {"median_s": statistics.median(times[variant]), "times_s": times[variant],
+                          "peak_mib": _in_own_process(measure_step_memory, shape, variant, device)}
+                for variant in VARIANTS
+            }}
+            run_report["inherent"] = _in_own_process(measure_extra_work, shape, device, warmup, repeats)
+            run_report["ratios"] = ratios(run_report)
+            print_run(run_report)
+            report["runs"].append(run_report)
+    return report
+
+
+def ratios(run_report):
+    v, inherent = run_report["variants"], run_report["inherent"]
+    # The extra time of a step: the median of the differences between the ε-DPO and DPO steps of each round.
+    extra_time = statistics.median(e - d for e, d in zip(v["epsilon-dpo"]["times_s"], v["dpo"]["times_s"]))
+    return {
+        "epsilon_dpo_over_dpo_time": (v["dpo"]["median_s"] + extra_time) / v["dpo"]["median_s"],
+        "extra_time_over_inherent_work": extra_time / inherent["median_s"],
+        "decision_time_over_inherent_work": inherent["decision_s"] / inherent["median_s"],
+        "extra_memory_over_ref_logits": (v["epsilon-dpo"]["peak_mib"] - v["dpo"]["peak_mib"]) / inherent["ref_logits_mib"],
+        "naive_over_epsilon_dpo_time": v["naive"]["median_s"] / v["epsilon-dpo"]["median_s"],
+        "naive_over_epsilon_dpo_memory": v["naive"]["peak_mib"] / v["epsilon-dpo"]["peak_mib"],
+    }
+
+
+def print_run(run_report):
+    inherent = run_report["inherent"]
+    print(f"\n{run_report['shape']} on {run_report['device']}: {inherent['positions']} completion positions × "
+          f"{inherent['vocab']} vocabulary; reference logits {inherent['ref_logits_mib']:.0f} MiB")
+    print(f"{'variant':18}{'median step':>14}{'peak memory':>14}")
+    for variant, figures in run_report["variants"].items():
+        print(f"{variant:18}{figures['median_s'] * 1000:>11.1f} ms{figures['peak_mib']:>10.0f} MiB")
+    print(f"{'inherent extra':18}{inherent['median_s'] * 1000:>11.1f} ms   (one subtraction, two logsumexps)")
+    print(f"{'ε-DPO decision':18}{inherent['decision_s'] * 1000:>11.1f} ms   (epsdpo.epsilon_steps alone)")
+    for name, value in run_report["ratios"].items():
+        print(f"  {name:34}{value:7.3f}")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="smaller shapes, fewer steps (a smoke test)")
+    parser.add_argument("--json", metavar="PATH", help="write every figure to this file")
+    parser.add_argument("--device", choices=("cpu", "cuda"), action="append",
+                        help="measure on this device (default: cpu, and cuda when present)")
+    args = parser.parse_args()
+    devices = [torch.device(d) for d in (args.device or ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))]
+    shapes, warmup, repeats = (QUICK_SHAPES, 1, 3) if args.quick else (SHAPES, 2, 9)
+    report = run(shapes, devices, warmup, repeats)
+    if args.json:
+        pathlib.Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

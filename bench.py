@@ -1,6 +1,6 @@
 """What an ε-DPO training step costs over a DPO step, measured side by side.
 
-    python bench.py                      # both shapes, CPU (and CUDA when present), ~3 minutes on 2 cores
+    python bench.py                      # both shapes, CPU (and CUDA when present), ~6 minutes on 2 cores
     python bench.py --quick              # smaller shapes and fewer steps, under a minute: a smoke test
     python bench.py --json bench.json    # also write every figure to a file
 
@@ -316,7 +316,7 @@ def main():
                         help="measure on this device (default: cpu, and cuda when present)")
     args = parser.parse_args()
     devices = [torch.device(d) for d in (args.device or ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))]
-    shapes, warmup, repeats = (QUICK_SHAPES, 1, 3) if args.quick else (SHAPES, 2, 9)
+    shapes, warmup, repeats = (QUICK_SHAPES, 1, 3) if args.quick else (SHAPES, 2, 15)
     report = run(shapes, devices, warmup, repeats)
     if args.json:
         pathlib.Path(args.json).write_text(json.dumps(report, indent=2) + "\n")

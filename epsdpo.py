@@ -155,9 +155,11 @@ class _CompletionTokenLogps(torch.autograd.Function):
         grad_logits = torch.zeros_like(logits)                                           # (N, T, V)
         for row, start, stop, tokens in _chunks(rows, positions, logits.shape[-1]):
             chunk_logits = logits[row, start:stop].to(log_normalizers.dtype)             # (m, V)
-            softmax = torch.exp(chunk_logits - log_normalizers[tokens, None])
-            grad_logits[row, start:stop] = -grad_token_logps[tokens, None] * softmax
-        grad_logits[rows, positions, targets] += grad_token_logps.to(logits.dtype)      # the onehot(y) term
+            softmax_minus_onehot = torch.exp(chunk_logits - log_normalizers[tokens, None])
+            # Subtract the one-hot before rounding to the logits' dtype: for a confident model g (1 − p)
+            # is far smaller than g p, and bf16 would round it away.
+            softmax_minus_onehot[torch.arange(stop - start, device=logits.device), targets[tokens]] -= 1
+            grad_logits[row, start:stop] = softmax_minus_onehot.mul_(-grad_token_logps[tokens, None])
         return grad_logits, None, None, None
 
 

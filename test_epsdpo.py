@@ -129,6 +129,21 @@ def test_sequence_logps_gradient_equals_the_loops(batch, seed):
     torch.testing.assert_close(fast_logits.grad, slow_logits.grad)
 
 
+def test_sequence_logps_gradient_in_bf16_is_the_float64_gradient_rounded_once():
+    # A confident model: the target's probability is near 1, so its gradient g (1 − p) is small. Subtracting
+    # the one-hot after rounding g p to bf16 would leave an error larger than the value itself.
+    logits = torch.zeros(2, 3, 5, dtype=torch.float64)
+    logits[:, :, 0] = torch.tensor([[6.0, 7.0, 8.0], [5.5, 6.5, 7.5]])
+    input_ids = torch.zeros(2, 3, dtype=torch.long)
+    completion_mask = torch.tensor([[0, 1, 1], [0, 1, 1]])
+    bf16_logits = logits.to(torch.bfloat16).requires_grad_()
+    epsdpo.sequence_logps(bf16_logits, input_ids, completion_mask).sum().backward()
+    exact_logits = bf16_logits.detach().double().requires_grad_()
+    slow_sequence_logps(exact_logits, input_ids, completion_mask).sum().backward()
+    assert bf16_logits.grad.dtype == torch.bfloat16
+    torch.testing.assert_close(bf16_logits.grad.double(), exact_logits.grad, rtol=2**-7, atol=0)
+
+
 def test_sequence_logps_passes_gradcheck():
     generator = torch.Generator().manual_seed(0)
     logits = torch.randn(4, 6, 5, generator=generator, dtype=torch.float64, requires_grad=True)

@@ -158,9 +158,22 @@ def _synchronize(device):
         torch.cuda.synchronize()
 
 
+def _glibc_malloc_option(option, value):
+    """Set a glibc malloc option in this process (no-op where there is no glibc)."""
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(option, value)
+    except OSError:
+        pass
+
+
 def measure_step_times(shape, device, warmup, repeats):
     """Step times of every variant, measured in turns (a round times each variant once, in a rotating
     order), so that a slower or faster moment of the machine falls on all of them alike."""
+    if device.type == "cpu":
+        # Keep freed memory for reuse, as PyTorch's CUDA caching allocator does: the times then measure the
+        # computation, not the kernel handing out fresh zeroed pages (which made steps vary by ±20 % here).
+        _glibc_malloc_option(-4, 0)                                     # M_MMAP_MAX: no mmap
+        _glibc_malloc_option(-1, 2**30)                                 # M_TRIM_THRESHOLD: keep 1 GiB
     setup = make_models_and_batch(shape, device)
     steps = {variant: make_step(variant, copy.deepcopy(setup[0]), *setup[1:]) for variant in VARIANTS}
     times = {variant: [] for variant in VARIANTS}
@@ -181,7 +194,7 @@ def measure_step_memory(shape, variant, device):
         # Every allocation of 64 KiB or more gets pages of its own, returned when freed, so resident memory
         # follows what is alive rather than what the allocator keeps for later. (Not in the timing process:
         # the page faults cost time.)
-        ctypes.CDLL("libc.so.6").mallopt(-3, 64 * 1024)                # M_MMAP_THRESHOLD
+        _glibc_malloc_option(-3, 64 * 1024)                             # M_MMAP_THRESHOLD
     step = make_step(variant, *make_models_and_batch(shape, device))
     step()                                                              # allocates AdamW's state
     if device.type == "cuda":
@@ -199,6 +212,9 @@ def measure_step_memory(shape, variant, device):
 def measure_extra_work(shape, device, warmup, repeats):
     """The inherent extra work of ε-DPO: one subtraction and two float32 logsumexps over
     (completion positions × vocabulary); and the time epsdpo.py's decision takes on the step's logits."""
+    if device.type == "cpu":                                            # as for the steps
+        _glibc_malloc_option(-4, 0)
+        _glibc_malloc_option(-1, 2**30)
     policy, reference, input_ids, attention_mask, completion_mask = make_models_and_batch(shape, device)
     positions, vocab = int(completion_mask[:, 1:].sum()), policy.config.vocab_size
     policy_rows, ref_rows, weaker_rows, stronger_rows = torch.randn(4, positions, vocab, device=device)
@@ -316,7 +332,7 @@ def main():
                         help="measure on this device (default: cpu, and cuda when present)")
     args = parser.parse_args()
     devices = [torch.device(d) for d in (args.device or ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))]
-    shapes, warmup, repeats = (QUICK_SHAPES, 1, 3) if args.quick else (SHAPES, 2, 15)
+    shapes, warmup, repeats = (QUICK_SHAPES, 1, 3) if args.quick else (SHAPES, 3, 15)
     report = run(shapes, devices, warmup, repeats)
     if args.json:
         pathlib.Path(args.json).write_text(json.dumps(report, indent=2) + "\n")

@@ -243,18 +243,19 @@ def perturbed_logps(policy_logits, ref_logits, input_ids, completion_mask, epsil
     rows, positions, targets = _completion_positions(input_ids, completion_mask)
     weaker_lambda, stronger_lambda = 1 + epsilon, 1 - epsilon
 
-    # The perturbed logit of the target token, for all M scored positions at once.
+    # torch.lerp(f_ref, f_θ, λ) is f_ref + λ (f_θ − f_ref) in one pass over the logits.
+    # The perturbed logit of each target token, for all M scored positions at once:
     ref_targets = ref_logits[rows, positions, targets].to(dtype)                        # (M,)
-    target_diffs = policy_logits[rows, positions, targets].to(dtype) - ref_targets
-    weaker_token_logps = ref_targets + weaker_lambda * target_diffs                     # (M,), for now
-    stronger_token_logps = ref_targets + stronger_lambda * target_diffs                 # the logits only
+    policy_targets = policy_logits[rows, positions, targets].to(dtype)
+    weaker_token_logps = torch.lerp(ref_targets, policy_targets, weaker_lambda)         # (M,), for now
+    stronger_token_logps = torch.lerp(ref_targets, policy_targets, stronger_lambda)     # the logits only
 
-    # Minus the log-normalizer of each perturbed distribution, a chunk of positions at a time.
+    # minus the log-normalizer of each perturbed distribution, a chunk of positions at a time.
     for row, start, stop, tokens in _chunks(rows, positions, policy_logits.shape[-1]):
         chunk_ref = ref_logits[row, start:stop].to(dtype)                               # (m, V)
-        chunk_diff = policy_logits[row, start:stop].to(dtype) - chunk_ref               # f_θ − f_ref
-        weaker_token_logps[tokens] -= torch.logsumexp(torch.add(chunk_ref, chunk_diff, alpha=weaker_lambda), -1)
-        stronger_token_logps[tokens] -= torch.logsumexp(torch.add(chunk_ref, chunk_diff, alpha=stronger_lambda), -1)
+        chunk_policy = policy_logits[row, start:stop].to(dtype)
+        weaker_token_logps[tokens] -= torch.logsumexp(torch.lerp(chunk_ref, chunk_policy, weaker_lambda), -1)
+        stronger_token_logps[tokens] -= torch.logsumexp(torch.lerp(chunk_ref, chunk_policy, stronger_lambda), -1)
 
     grid_shape = completion_mask[:, 1:].shape
     return (

@@ -45,7 +45,7 @@ BETA, EPSILON = 0.1, 0.01
 VARIANTS = ("dpo", "epsilon-dpo", "naive", "dpo-precomputed")
 # name: (vocabulary, hidden size, layers, pairs, tokens per sequence, completion tokens); None = the tiny_data model
 SHAPES = {"tiny_data": None, "realistic": (32000, 256, 2, 4, 384, 256)}
-QUICK_SHAPES = {"tiny_data": None, "realistic-small": (32000, 256, 2, 1, 192, 128)}
+QUICK_SHAPES = {"tiny_data": None, "realistic-small": (8000, 128, 2, 1, 128, 64)}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -60,7 +60,8 @@ def make_models_and_batch(shape, device):
         reference = AutoModelForCausalLM.from_pretrained(train.TINY_MODEL)
         tokenizer = AutoTokenizer.from_pretrained(train.TINY_MODEL)
         rows = [json.loads(line) for line in open(train.TINY_DATASET / "train.jsonl")][: arguments.batch_size]
-        batch = train.collate(train.tokenize_pairs(rows, tokenizer, arguments)[0], tokenizer.pad_token_id, torch.device("cpu"))
+        pairs, _ = train.tokenize_pairs(list(enumerate(rows, start=1)), "tiny_data", tokenizer, arguments)
+        batch = train.collate(pairs, tokenizer.pad_token_id, torch.device("cpu"))
         input_ids, attention_mask, completion_mask = batch.input_ids, batch.attention_mask, batch.completion_mask
     else:
         vocab, hidden, layers, pairs, length, completion = shape
@@ -167,8 +168,8 @@ def _glibc_malloc_option(option, value):
 
 
 def measure_step_times(shape, device, warmup, repeats):
-    """Step times of every variant, measured in turns (a round times each variant once, in a rotating
-    order), so that a slower or faster moment of the machine falls on all of them alike."""
+    """Step times of every variant. DPO and ε-DPO alternate in rounds of four steps (DPO, ε-DPO, ε-DPO, DPO),
+    so that the machine's drift falls on both alike; each round gives one difference between them."""
     if device.type == "cpu":
         # Keep freed memory for reuse, as PyTorch's CUDA caching allocator does: the times then measure the
         # computation, not the kernel handing out fresh zeroed pages (which made steps vary by ±20 % here).
@@ -176,16 +177,26 @@ def measure_step_times(shape, device, warmup, repeats):
         _glibc_malloc_option(-1, 2**30)                                 # M_TRIM_THRESHOLD: keep 1 GiB
     setup = make_models_and_batch(shape, device)
     steps = {variant: make_step(variant, copy.deepcopy(setup[0]), *setup[1:]) for variant in VARIANTS}
+
+    def timed(variant):
+        _synchronize(device)
+        start = time.perf_counter()
+        steps[variant]()
+        _synchronize(device)
+        return time.perf_counter() - start
+
     times = {variant: [] for variant in VARIANTS}
+    extra_times = []                                                    # ε-DPO minus DPO, one per round
     for round_ in range(warmup + repeats):
-        for variant in VARIANTS[round_ % len(VARIANTS):] + VARIANTS[: round_ % len(VARIANTS)]:
-            _synchronize(device)
-            start = time.perf_counter()
-            steps[variant]()
-            _synchronize(device)
-            if round_ >= warmup:
-                times[variant].append(time.perf_counter() - start)
-    return times
+        dpo_first, epsilon_first, epsilon_second, dpo_second = (timed(v) for v in ("dpo", "epsilon-dpo", "epsilon-dpo", "dpo"))
+        others = {variant: timed(variant) for variant in ("naive", "dpo-precomputed")}
+        if round_ >= warmup:
+            times["dpo"] += [dpo_first, dpo_second]
+            times["epsilon-dpo"] += [epsilon_first, epsilon_second]
+            for variant, seconds in others.items():
+                times[variant].append(seconds)
+            extra_times.append((epsilon_first + epsilon_second - dpo_first - dpo_second) / 2)
+    return times, extra_times
 
 
 def measure_step_memory(shape, variant, device):
@@ -284,8 +295,8 @@ def run(shapes, devices, warmup, repeats):
               "runs": []}
     for device in devices:
         for name, shape in shapes.items():
-            times = _in_own_process(measure_step_times, shape, device, warmup, repeats)
-            run_report = {"device": str(device), "shape": name, "variants": {
+            times, extra_times = _in_own_process(measure_step_times, shape, device, warmup, repeats)
+            run_report = {"device": str(device), "shape": name, "extra_times_s": extra_times, "variants": {
                 variant: {"median_s": statistics.median(times[variant]), "times_s": times[variant],
                           "peak_mib": _in_own_process(measure_step_memory, shape, variant, device)}
                 for variant in VARIANTS
@@ -299,8 +310,10 @@ def run(shapes, devices, warmup, repeats):
 
 def ratios(run_report):
     v, inherent = run_report["variants"], run_report["inherent"]
-    # The extra time of a step: the median of the differences between the ε-DPO and DPO steps of each round.
-    extra_time = statistics.median(e - d for e, d in zip(v["epsilon-dpo"]["times_s"], v["dpo"]["times_s"]))
+    # The extra time of a step: the median over the rounds of the difference between ε-DPO and DPO steps.
+    extra_time = statistics.median(run_report["extra_times_s"])
+    quartiles = statistics.quantiles(run_report["extra_times_s"], n=4)
+    run_report["extra_time_s"], run_report["extra_time_middle_half_s"] = extra_time, [quartiles[0], quartiles[2]]
     return {
         "epsilon_dpo_over_dpo_time": (v["dpo"]["median_s"] + extra_time) / v["dpo"]["median_s"],
         "extra_time_over_inherent_work": extra_time / inherent["median_s"],
@@ -320,6 +333,9 @@ def print_run(run_report):
         print(f"{variant:18}{figures['median_s'] * 1000:>11.1f} ms{figures['peak_mib']:>10.0f} MiB")
     print(f"{'inherent extra':18}{inherent['median_s'] * 1000:>11.1f} ms   (one subtraction, two logsumexps)")
     print(f"{'ε-DPO decision':18}{inherent['decision_s'] * 1000:>11.1f} ms   (epsdpo.epsilon_steps alone)")
+    low, high = run_report["extra_time_middle_half_s"]
+    print(f"{'ε-DPO − DPO step':18}{run_report['extra_time_s'] * 1000:>11.1f} ms   "
+          f"(median over rounds; middle half {low * 1000:.0f} to {high * 1000:.0f} ms)")
     for name, value in run_report["ratios"].items():
         print(f"  {name:34}{value:7.3f}")
 

@@ -4,8 +4,11 @@ made here, and bench.py --quick."""
 import json
 import math
 import os
+import shutil
+import signal
 import subprocess
 import sys
+import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the tests never download anything
 
@@ -162,7 +165,8 @@ def test_the_prompt_is_never_scored_and_eos_ends_each_completion_once(local_mode
     standard = {"prompt": "Review of the lamp:", "chosen": " The fit is great.", "rejected": " The fit is poor."}
     conversational = {"chosen": [{"role": "user", "content": "Review of the lamp:"}, {"role": "assistant", "content": "The fit is great."}],
                       "rejected": [{"role": "user", "content": "Review of the lamp:"}, {"role": "assistant", "content": "The fit is poor."}]}
-    (standard_pair, conversational_pair), skipped = train.tokenize_pairs([standard, conversational], tokenizer, args)
+    (standard_pair, conversational_pair), skipped = train.tokenize_pairs(
+        list(enumerate([standard, conversational], start=1)), "rows", tokenizer, args)
     assert skipped == {}
     eos = tokenizer.eos_token_id
     for pair in (standard_pair, conversational_pair):
@@ -180,12 +184,11 @@ def test_unusable_rows_are_counted_never_trained(local_model):
     args = train.parse_args(["--max-length", "8", "--max-prompt-length", "8"])
     rows = [
         {"prompt": "Review of the lamp:", "chosen": " The fit is great.", "rejected": " The fit is poor."},
-        {"prompt": "Review of the lamp:", "chosen": "", "rejected": " The fit is poor."},
         {"prompt": "Review of the lamp:", "chosen": " Same.", "rejected": " Same."},
         {"prompt": "Review of the lamp: the fit is great and the price is poor", "chosen": " Fine.", "rejected": " Poor."},
     ]
-    pairs, skipped = train.tokenize_pairs(rows, tokenizer, args)
-    assert skipped == {"empty completion": 1, "chosen identical to rejected": 1,
+    pairs, skipped = train.tokenize_pairs(list(enumerate(rows, start=1)), "rows", tokenizer, args)
+    assert skipped == {"chosen identical to rejected": 1,
                        "no room for a completion after the prompt (raise --max-length)": 1}
     (pair,) = pairs
     assert len(pair["prompt_ids"]) + len(pair["chosen_ids"]) <= 8 and len(pair["chosen_ids"]) >= 1
@@ -225,6 +228,149 @@ def test_the_command_line_runs_offline_from_a_fresh_process(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------------
+# Bad input gets a clear message; output is never lost; an interrupted run resumes as if never stopped
+
+
+def run_expecting_error(arguments):
+    """train.main's message when it stops on bad input (it exits with the message, no traceback)."""
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(arguments)
+    assert isinstance(exit_info.value.code, str), exit_info.value.code
+    return exit_info.value.code
+
+
+def good_rows(num_pairs=12):
+    return [{"prompt": p, "chosen": c, "rejected": r} for p, c, r in reviews(num_pairs)]
+
+
+@pytest.mark.parametrize("bad_row, message", [
+    ({"prompt": "Review of the lamp:", "rejected": " Poor."}, "row 3: field 'chosen' is missing"),
+    ({"prompt": "Review of the lamp:", "chosen": 5, "rejected": " Poor."},
+     "row 3: field 'chosen' must be a string or a list of messages, not int"),
+    ({"prompt": "Review of the lamp:", "chosen": " Great.", "rejected": "  "}, "row 3: field 'rejected' is empty"),
+    ({"chosen": " Great.", "rejected": " Poor."}, "row 3: field 'prompt' is missing"),
+])
+def test_a_malformed_row_is_named_by_file_row_and_field(tmp_path, bad_row, message):
+    rows = good_rows()
+    rows.insert(2, bad_row)
+    dataset = write_jsonl(tmp_path / "pairs.jsonl", rows)
+    error = run_expecting_error(["--dataset", str(dataset), "--output-dir", str(tmp_path / "out"), *QUICK])
+    assert error.startswith(f"error: {dataset}, {message}") and "--skip-invalid" in error
+
+
+def test_skip_invalid_drops_malformed_rows_and_reports_them(tmp_path, capsys):
+    rows = good_rows(20)
+    rows[4] = {"prompt": "Review of the lamp:", "chosen": None, "rejected": " Poor."}
+    rows[7] = {"prompt": "Review of the lamp:", "chosen": " Same.", "rejected": " Same."}
+    dataset = write_jsonl(tmp_path / "pairs.jsonl", rows)
+    output_dir = tmp_path / "out"
+    train.main(["--dataset", str(dataset), "--output-dir", str(output_dir), "--skip-invalid", "--max-steps", "1",
+                "--eval-fraction", "0.1", *QUICK])
+    summary = json.loads((output_dir / "summary.json").read_text())
+    skipped = {reason: count for split in summary["skipped"].values() for reason, count in split.items()}
+    assert skipped == {"invalid (--skip-invalid)": 1, "chosen identical to rejected": 1}
+    assert summary["train_pairs"] + summary["eval_pairs"] == 18
+    assert "skipped 1" in capsys.readouterr().out
+
+
+def test_missing_paths_and_unusable_data_give_one_line_errors(tmp_path):
+    output = ["--output-dir", str(tmp_path / "out"), *QUICK]
+    assert "no such file or folder" in run_expecting_error(["--dataset", str(tmp_path / "nothing.jsonl"), *output])
+    assert run_expecting_error(["--model", str(tmp_path / "no-model"), *output]).startswith(f"error: --model {tmp_path / 'no-model'}")
+    same = write_jsonl(tmp_path / "same.jsonl", [{"prompt": "Review:", "chosen": " Ok.", "rejected": " Ok."}] * 10)
+    assert "0 usable train pairs" in run_expecting_error(["--dataset", str(same), *output])
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text(json.dumps(good_rows(1)[0]) + "\n{not json\n")
+    assert run_expecting_error(["--dataset", str(broken), *output]).startswith(f"error: {broken}, line 2: not valid JSON")
+
+
+def test_a_tokenizer_without_a_pad_token_pads_with_eos(tmp_path, local_model):
+    folder = tmp_path / "no-pad"
+    shutil.copytree(local_model, folder)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    tokenizer.pad_token = None
+    tokenizer.save_pretrained(folder)
+    assert AutoTokenizer.from_pretrained(folder).pad_token is None
+    train.main(["--model", str(folder), "--output-dir", str(tmp_path / "out"), "--max-steps", "1", *QUICK])
+    assert (tmp_path / "out/summary.json").exists()
+
+
+def test_a_non_empty_output_dir_is_refused_and_left_untouched(tmp_path):
+    output_dir = tmp_path / "out"
+    output_dir.mkdir()
+    (output_dir / "notes.txt").write_text("mine")
+    error = run_expecting_error(["--output-dir", str(output_dir), "--max-steps", "1", *QUICK])
+    assert "is not empty" in error and "--overwrite" in error
+    assert [p.name for p in output_dir.iterdir()] == ["notes.txt"] and (output_dir / "notes.txt").read_text() == "mine"
+    train.main(["--output-dir", str(output_dir), "--max-steps", "1", "--overwrite", *QUICK])
+    assert (output_dir / "summary.json").exists() and (output_dir / "notes.txt").read_text() == "mine"
+
+
+def test_a_non_finite_loss_stops_the_run_naming_the_step_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
+    calls, real_loss = [], epsdpo.epsilon_dpo_loss
+
+    def loss_that_breaks_at_the_third_step(*args):
+        out = real_loss(*args)
+        calls.append(torch.is_grad_enabled())                           # True in training, False in evaluation
+        if sum(calls) == 3 and calls[-1]:                                # the third training micro-batch: step 3
+            out.losses = out.losses * float("nan")
+            out.loss = out.losses.mean()
+        return out
+
+    monkeypatch.setattr(epsdpo, "epsilon_dpo_loss", loss_that_breaks_at_the_third_step)
+    output_dir = tmp_path / "out"
+    error = run_expecting_error(["--output-dir", str(output_dir), "--max-steps", "5", "--save-every", "2",
+                                 "--eval-every", "100", *QUICK])
+    assert error.startswith("error: step 3: the loss or the gradient is not finite") and "checkpoint-2" in error
+    state = torch.load(output_dir / "checkpoint-2/trainer_state.pt", weights_only=True)
+    assert state["step"] == 2
+    assert max(row["step"] for row in read_metrics(output_dir)) == 2      # nothing of the bad step
+
+
+def test_checkpoints_keep_the_last_few(tmp_path):
+    output_dir = tmp_path / "out"
+    train.main(["--output-dir", str(output_dir), "--max-steps", "5", "--save-every", "1", "--keep-checkpoints", "2",
+                "--eval-every", "100", *QUICK])
+    assert sorted(p.name for p in output_dir.glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-5"]
+    assert not list(output_dir.glob(".*"))                               # no temporary left behind
+
+
+def test_an_interrupted_run_resumes_to_the_same_end_bit_for_bit(tmp_path):
+    arguments = ["--max-steps", "80", "--eval-every", "1000", "--save-every", "1000", "--epsilon", "0.2", *QUICK]
+    train.main(["--output-dir", str(tmp_path / "whole"), *arguments])
+
+    interrupted = tmp_path / "interrupted"
+    process = subprocess.Popen([sys.executable, "train.py", "--output-dir", str(interrupted), *arguments],
+                               cwd=train.HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    deadline = time.time() + 60
+    while not any(row["split"] == "train" for row in read_metrics_if_any(interrupted)) and time.time() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)                                  # a real signal, mid-run
+    stdout, stderr = process.communicate(timeout=60)
+    assert process.returncode == 128 + signal.SIGTERM, stderr
+    (checkpoint,) = interrupted.glob("checkpoint-*")
+    stopped_at = int(checkpoint.name.split("-")[1])
+    assert 1 <= stopped_at < 80 and "--resume" in stdout
+
+    train.main(["--resume", str(interrupted)])
+    whole_rows, resumed_rows = read_metrics(tmp_path / "whole"), read_metrics(interrupted)
+    assert [(r["split"], r["step"]) for r in resumed_rows] == [(r["split"], r["step"]) for r in whole_rows]
+    assert [r["beta"] for r in resumed_rows] == [r["beta"] for r in whole_rows]
+    whole, resumed = load_file(tmp_path / "whole/model.safetensors"), load_file(interrupted / "model.safetensors")
+    assert all(torch.equal(whole[name], resumed[name]) for name in whole)
+    assert json.loads((interrupted / "summary.json").read_text())["final_beta"] == \
+        json.loads((tmp_path / "whole/summary.json").read_text())["final_beta"]
+
+
+def read_metrics_if_any(output_dir):
+    try:
+        return read_metrics(output_dir)
+    except (FileNotFoundError, json.JSONDecodeError):
+        return []
+
+
+# ----------------------------------------------------------------------------------------------------
 # bench.py
 
 
@@ -239,7 +385,8 @@ def test_the_quick_benchmark_runs_and_reports_every_figure(tmp_path):
     for run in report["runs"]:
         assert set(run["variants"]) == {"dpo", "epsilon-dpo", "naive", "dpo-precomputed"}
         for figures in run["variants"].values():
-            assert figures["median_s"] > 0 and math.isfinite(figures["peak_mib"]) and len(figures["times_s"]) == 3
+            assert figures["median_s"] > 0 and math.isfinite(figures["peak_mib"]) and len(figures["times_s"]) >= 3
+        assert len(run["extra_times_s"]) == 3                            # --quick: three rounds
         assert run["inherent"]["median_s"] > 0 and all(math.isfinite(value) for value in run["ratios"].values())
         assert run["ratios"]["extra_memory_over_ref_logits"] == pytest.approx(
             (run["variants"]["epsilon-dpo"]["peak_mib"] - run["variants"]["dpo"]["peak_mib"]) / run["inherent"]["ref_logits_mib"])

@@ -17,6 +17,8 @@ import math
 import os
 import pathlib
 import random
+import shutil
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -87,6 +89,14 @@ def parse_args(argv=None):
                    help="length of the completions sampled for the gold reward")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="cuda, mps or cpu (default: the first available)")
+    p.add_argument("--skip-invalid", action="store_true",
+                   help="drop malformed rows (and report how many) instead of stopping at the first")
+    p.add_argument("--overwrite", action="store_true", help="replace the run in a non-empty --output-dir")
+    p.add_argument("--resume", metavar="OUTPUT_DIR", default=None,
+                   help="continue the run in OUTPUT_DIR from its latest checkpoint, with its arguments")
+    p.add_argument("--save-every", type=_number(int, 1, low_open=False, what="must be >= 1"), default=100,
+                   help="optimizer steps between checkpoints (one is also written on Ctrl-C or SIGTERM)")
+    p.add_argument("--keep-checkpoints", type=_number(int, 1, low_open=False, what="must be >= 1"), default=2)
     p.add_argument("--trust-remote-code", action="store_true", help="run code from the model's repository")
     p.add_argument("--compare", action="store_true", help="train DPO (ε = 0) and ε-DPO and show them side by side")
     return p.parse_args(argv)
@@ -96,31 +106,104 @@ def parse_args(argv=None):
 # Data: rows of prompt/chosen/rejected -> token ids -> padded batches
 
 
+class ReportedError(Exception):
+    """A problem with the user's data, paths or run: main() reports it in one line, without a traceback."""
+
+
+def _looks_local(name):
+    path = pathlib.Path(name).expanduser()
+    return name.startswith((".", "/", "~")) or path.suffix in (".json", ".jsonl", ".parquet") or (
+        len(path.parts) > 1 and pathlib.Path(path.parts[0]).exists())
+
+
 def load_splits(args):
-    """The train and held-out splits of --dataset, as lists of dict rows."""
+    """The train and held-out splits of --dataset: each a list of (row number, row) and where it came from."""
     from datasets import Dataset, load_dataset, load_from_disk
 
-    path = pathlib.Path(args.dataset)
-    if path.is_file():
-        builder = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}.get(path.suffix)
-        if builder is None:
-            sys.exit(f"error: {path}: expected a .json, .jsonl or .parquet file")
-        splits = load_dataset(builder, data_files=str(path))
-    elif path.is_dir() and ((path / "dataset_dict.json").exists() or (path / "state.json").exists()):
-        splits = load_from_disk(str(path))                              # written by save_to_disk
-    else:
-        splits = load_dataset(args.dataset)                             # a folder of data files, or a Hub id
+    path = pathlib.Path(args.dataset).expanduser()
+    try:
+        if path.is_file():
+            builder = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}.get(path.suffix)
+            if builder is None:
+                raise ReportedError(f"{path}: expected a .json, .jsonl or .parquet file")
+            try:
+                splits = load_dataset(builder, data_files=str(path))
+            except Exception:
+                if builder != "json":
+                    raise
+                # Rows datasets cannot fit into one schema (a number where others have text, say):
+                # read them as they are, so that the row at fault can be named below.
+                splits = {args.train_split: _read_json_rows(path)}
+        elif path.is_dir() and ((path / "dataset_dict.json").exists() or (path / "state.json").exists()):
+            splits = load_from_disk(str(path))                          # written by save_to_disk
+        elif path.is_dir() or not _looks_local(args.dataset):
+            splits = load_dataset(args.dataset)                         # a folder of data files, or a Hub id
+        else:
+            raise ReportedError(f"--dataset {args.dataset}: no such file or folder")
+    except ReportedError:
+        raise
+    except Exception as error:                                          # datasets' own errors, in one line
+        raise ReportedError(f"--dataset {args.dataset}: could not be loaded ({type(error).__name__}: "
+                            f"{str(error).splitlines()[0] if str(error) else ''})") from None
     if isinstance(splits, Dataset):
         splits = {args.train_split: splits}
     if args.train_split not in splits:
-        sys.exit(f"error: {args.dataset} has no split {args.train_split!r} (it has {sorted(splits)})")
-    train = splits[args.train_split]
+        raise ReportedError(f"--dataset {args.dataset} has no split {args.train_split!r} (it has {sorted(splits)})")
+
+    def numbered(split):
+        rows = splits[split] if isinstance(splits[split], list) else splits[split].to_list()
+        return list(enumerate(rows, start=1))                           # as a person counts rows
+
+    source = str(path) if path.is_file() else f"{args.dataset} (split {{}})"
+    train_rows = numbered(args.train_split)
     if args.eval_split in splits:
-        held_out = splits[args.eval_split]
-    else:
-        parts = train.train_test_split(test_size=args.eval_fraction, seed=args.seed)
-        train, held_out = parts["train"], parts["test"]
-    return train.to_list(), held_out.to_list()
+        return (train_rows, source.format(args.train_split)), (numbered(args.eval_split), source.format(args.eval_split))
+    order = torch.randperm(len(train_rows), generator=torch.Generator().manual_seed(args.seed)).tolist()
+    held_out = set(order[: max(1, int(args.eval_fraction * len(train_rows)))])
+    source = source.format(args.train_split)
+    return ([row for i, row in enumerate(train_rows) if i not in held_out], source), (
+        [row for i, row in enumerate(train_rows) if i in held_out], source)
+
+
+def _read_json_rows(path):
+    """The rows of a JSON Lines file (or a JSON list), read without a schema."""
+    text = path.read_text()
+    if path.suffix == ".json":
+        return json.loads(text)
+    rows = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as error:
+                raise ReportedError(f"{path}, line {number}: not valid JSON ({error.msg})") from None
+    return rows
+
+
+def check_row(row):
+    """None if the row holds a preference pair, otherwise what is wrong with it, naming the field."""
+    if not isinstance(row, dict):
+        return f"expected an object with prompt, chosen and rejected, not {type(row).__name__}"
+
+    def is_messages(value):
+        return isinstance(value, list) and all(isinstance(m, dict) and "role" in m and "content" in m for m in value)
+
+    for field in ("chosen", "rejected"):
+        value = row.get(field)
+        if value is None:
+            return f"field {field!r} is missing"
+        if not (isinstance(value, str) or is_messages(value)):
+            return f"field {field!r} must be a string or a list of messages, not {type(value).__name__}"
+        text = value if isinstance(value, str) else (value[-1]["content"] if value else "")   # the completion
+        if not isinstance(text, str) or not text.strip():
+            return f"field {field!r} is empty"
+    prompt = row.get("prompt")
+    conversations = isinstance(row["chosen"], list) and len(row["chosen"]) > 1
+    if prompt is None and not conversations:
+        return "field 'prompt' is missing"
+    if prompt is not None and not (isinstance(prompt, str) or is_messages(prompt)):
+        return f"field 'prompt' must be a string or a list of messages, not {type(prompt).__name__}"
+    return None
 
 
 def render(row, tokenizer):
@@ -140,8 +223,6 @@ def render(row, tokenizer):
         prompt, chosen, rejected = chosen[:-1], chosen[-1:], rejected[-1:]
     elif isinstance(prompt, str):
         prompt = [{"role": "user", "content": prompt}]
-    if not all(message.get("content") for message in chosen + rejected):
-        return prompt, "", "", False                                    # an empty completion, reported below
     prompt_text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
     completions = []
     for completion in (chosen, rejected):
@@ -161,21 +242,28 @@ def completion_ids(text, tokenizer):
     return ids + [tokenizer.eos_token_id]
 
 
-def tokenize_pairs(rows, tokenizer, args):
-    """Token ids of each usable pair, and the count of unusable rows by reason (never trained silently)."""
+def tokenize_pairs(rows, source, tokenizer, args):
+    """Token ids of each usable pair, and the count of unusable rows by reason (never trained silently).
+
+    rows are (row number, row) from source. A malformed row stops the run with a message naming the
+    source, the row and the field, unless --skip-invalid drops it.
+    """
     pairs, skipped = [], {}
 
     def skip(reason):
         skipped[reason] = skipped.get(reason, 0) + 1
 
-    for row in rows:
-        try:
-            prompt, chosen, rejected, add_special_tokens = render(row, tokenizer)
-        except (KeyError, ValueError) as error:
-            skip(f"unusable row: {error}")
-            continue
-        if not chosen.strip() or not rejected.strip():
-            skip("empty completion")
+    for row_number, row in rows:
+        problem = check_row(row)
+        if problem is None:
+            try:
+                prompt, chosen, rejected, add_special_tokens = render(row, tokenizer)
+            except ValueError as error:
+                problem = str(error)
+        if problem is not None:
+            if not args.skip_invalid:
+                raise ReportedError(f"{source}, row {row_number}: {problem} (--skip-invalid drops such rows)")
+            skip("invalid (--skip-invalid)")
             continue
         if chosen == rejected:
             skip("chosen identical to rejected")
@@ -353,27 +441,30 @@ def train(args, label="ε-DPO"):
     random.seed(args.seed)
     torch.manual_seed(args.seed)
     output_dir = pathlib.Path(args.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    checkpoint = prepare_output_dir(output_dir, args)                   # the one to resume from, or None
     device = pick_device(args.device)
 
     # Data
-    tokenizer = transformers.AutoTokenizer.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
+    except OSError as error:
+        raise ReportedError(f"--model {args.model}: {str(error).splitlines()[0]}") from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token                       # padding is masked out anyway
-    train_rows, eval_rows = load_splits(args)
-    train_pairs, train_skipped = tokenize_pairs(train_rows, tokenizer, args)
-    eval_pairs, eval_skipped = tokenize_pairs(eval_rows, tokenizer, args)
+    (train_rows, train_source), (eval_rows, eval_source) = load_splits(args)
+    train_pairs, train_skipped = tokenize_pairs(train_rows, train_source, tokenizer, args)
+    eval_pairs, eval_skipped = tokenize_pairs(eval_rows, eval_source, tokenizer, args)
     for split, skipped in (("train", train_skipped), ("eval", eval_skipped)):
         for reason, count in skipped.items():
             print(f"skipped {count} {split} rows: {reason}")
     if len(train_pairs) < args.batch_size or not eval_pairs:
-        sys.exit(f"error: {args.dataset}: {len(train_pairs)} usable train pairs and {len(eval_pairs)} held-out "
-                 f"pairs; need at least --batch-size ({args.batch_size}) and 1")
+        raise ReportedError(f"--dataset {args.dataset}: {len(train_pairs)} usable train pairs and {len(eval_pairs)} "
+                        f"held-out pairs; need at least --batch-size ({args.batch_size}) and 1")
     gold_reward_path = args.gold_reward or (TINY_GOLD_REWARD if pathlib.Path(args.dataset).resolve() == TINY_DATASET else None)
     gold_reward = _load_gold_reward(gold_reward_path) if gold_reward_path else None
 
-    # Models
-    policy = load_model(args.model, device, args)
+    # Models: a resumed run takes its policy from the checkpoint, the rest from the checkpoint's state
+    policy = load_model(checkpoint or args.model, device, args)
     reference = load_model(args.ref_model or args.model, device, args).requires_grad_(False)
     pairs_per_step = args.batch_size * args.grad_accum
     total_steps = args.max_steps or max(1, int(args.epochs * len(train_pairs) // pairs_per_step))
@@ -383,53 +474,86 @@ def train(args, label="ε-DPO"):
         optimizer, lambda step: min((step + 1) / (warmup_steps + 1), (total_steps - step) / max(1, total_steps - warmup_steps))
     )
     baseline_beta = epsdpo.BaselineBeta(args.beta, args.epsilon)
+    batches = micro_batches(train_pairs, args.batch_size, args.seed)
+    steps_by_noise = {}                                                 # (noisy flag, s) -> count of pairs
+    first_step = 1
+    if checkpoint:
+        state = torch.load(checkpoint / "trainer_state.pt", weights_only=True)   # nothing unpickled blindly
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        baseline_beta.load_state_dict(state["baseline_beta"])
+        for _ in range(state["step"] * args.grad_accum):                # the data order is a function of the seed
+            next(batches)
+        steps_by_noise = dict(state["steps_by_noise"])
+        torch.set_rng_state(state["rng"]["torch"])
+        random.setstate(state["rng"]["python"])
+        first_step = state["step"] + 1
+        print(f"resuming from {checkpoint} at step {first_step}")
     print(f"{label}: {len(train_pairs)} train pairs, {len(eval_pairs)} held out, {total_steps} steps of "
           f"{pairs_per_step} pairs on {device}, β = {args.beta}, ε = {args.epsilon}")
 
-    metrics_file = open(output_dir / "metrics.jsonl", "w")
-
     def log(row):
-        metrics_file.write(json.dumps(row) + "\n")
-        metrics_file.flush()
+        # One write() of a whole line: a crash cannot leave half of it.
+        with open(output_dir / "metrics.jsonl", "a") as metrics_file:
+            metrics_file.write(json.dumps(row) + "\n")
         return row
 
     def log_evaluation(step):
         metrics = evaluate(policy, reference, tokenizer, eval_pairs, baseline_beta.value, gold_reward, args, device)
         return log({"step": step, "split": "eval", "beta": baseline_beta.value, "lr": scheduler.get_last_lr()[0], **metrics})
 
-    # Loop
-    evaluations = [log_evaluation(0)]
-    steps_by_noise = {}                                                 # (noisy flag, s) -> count of pairs
-    batches = micro_batches(train_pairs, args.batch_size, args.seed)
-    progress = tqdm(range(1, total_steps + 1), desc=label, disable=None)
-    for step in progress:
-        beta = baseline_beta.value
-        outputs = []
-        for _ in range(args.grad_accum):
-            batch = collate(next(batches), tokenizer.pad_token_id, device)
-            out = forward(policy, reference, batch, beta, args.epsilon)
-            (out.loss / args.grad_accum).backward()
-            baseline_beta.observe(out.steps)
-            outputs.append(out)
-            for noisy, s in zip(batch.noisy, out.steps.tolist()):
-                steps_by_noise[noisy, s] = steps_by_noise.get((noisy, s), 0) + 1
-        torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
-        lr = scheduler.get_last_lr()[0]
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        baseline_beta.step()                                            # β ← mean β̃ of this step's pairs
+    def save_checkpoint(step):
+        state = {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                 "baseline_beta": baseline_beta.state_dict(), "steps_by_noise": steps_by_noise, "args": vars(args),
+                 "rng": {"torch": torch.get_rng_state(), "python": random.getstate()}}
+        write_checkpoint(output_dir, step, policy, state, args.keep_checkpoints)
 
-        row = log({"step": step, "split": "train", "beta": beta, "lr": lr, **pair_metrics(outputs),
-                   "beta/pairs_mean": baseline_beta.value})
-        progress.set_postfix(loss=f"{row['loss']:.3f}", acc=f"{row['rewards/accuracies']:.2f}", beta=f"{beta:.4f}")
-        if step % args.eval_every == 0 or step == total_steps:
-            evaluations.append(log_evaluation(step))
-    metrics_file.close()
+    # Loop. Ctrl-C or SIGTERM finishes the optimizer step under way, writes a checkpoint and stops.
+    if first_step == 1:
+        log_evaluation(0)
+    stop = _StopOnSignal()
+    progress = tqdm(range(first_step, total_steps + 1), desc=label, disable=None)
+    with stop:
+        for step in progress:
+            beta = baseline_beta.value
+            outputs = []
+            for _ in range(args.grad_accum):
+                batch = collate(next(batches), tokenizer.pad_token_id, device)
+                out = forward(policy, reference, batch, beta, args.epsilon)
+                (out.loss / args.grad_accum).backward()
+                baseline_beta.observe(out.steps)
+                outputs.append(out)
+                for noisy, s in zip(batch.noisy, out.steps.tolist()):
+                    steps_by_noise[noisy, s] = steps_by_noise.get((noisy, s), 0) + 1
+            grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
+            losses = torch.cat([out.losses.detach() for out in outputs])
+            if not (torch.isfinite(losses).all() and torch.isfinite(grad_norm)):
+                latest = latest_checkpoint(output_dir)
+                raise ReportedError(f"step {step}: the loss or the gradient is not finite (gradient norm {grad_norm.item()}); "
+                                f"stopped before applying it. " + (f"The last checkpoint, {latest}, is intact: "
+                                f"--resume {output_dir} continues from it." if latest else "No checkpoint was written yet."))
+            lr = scheduler.get_last_lr()[0]
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            baseline_beta.step()                                        # β ← mean β̃ of this step's pairs
+
+            row = log({"step": step, "split": "train", "beta": beta, "lr": lr, **pair_metrics(outputs),
+                       "beta/pairs_mean": baseline_beta.value})
+            progress.set_postfix(loss=f"{row['loss']:.3f}", acc=f"{row['rewards/accuracies']:.2f}", beta=f"{beta:.4f}")
+            if step % args.eval_every == 0 or step == total_steps:
+                log_evaluation(step)
+            if stop.signal is not None or step % args.save_every == 0:
+                save_checkpoint(step)
+            if stop.signal is not None and step < total_steps:
+                progress.close()
+                print(f"stopped by signal {stop.signal} after step {step}; checkpoint written: "
+                      f"python train.py --resume {output_dir} continues the run")
+                sys.exit(128 + stop.signal)
 
     # Saving
-    policy.save_pretrained(output_dir)
-    tokenizer.save_pretrained(output_dir)
+    save_pretrained_atomically(output_dir, policy, tokenizer)
+    evaluations = [row for row in _read_metrics(output_dir) if row["split"] == "eval"]
     summary = {
         "label": label,
         "args": vars(args),
@@ -444,9 +568,87 @@ def train(args, label="ε-DPO"):
         "steps_by_noise": _step_fractions(steps_by_noise),
         "seconds": round(time.time() - started, 1),
     }
-    (output_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_atomically(output_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
     plot_curves({label: _read_metrics(output_dir)}, output_dir / "curves.png")
     return summary
+
+
+# ----------------------------------------------------------------------------------------------------
+# Output that is never lost: a guarded folder, atomic files, checkpoints
+
+
+def prepare_output_dir(output_dir, args):
+    """Refuse a folder holding something, unless told to replace it (--overwrite) or continue it (--resume).
+
+    Returns the checkpoint to resume from, or None. A resumed run forgets metrics written after it.
+    """
+    if args.resume:
+        checkpoint = latest_checkpoint(output_dir)
+        if checkpoint is None:
+            raise ReportedError(f"--resume {output_dir}: no checkpoint-STEP folder in it")
+        step = int(checkpoint.name.split("-")[1])
+        rows = [row for row in _read_metrics(output_dir) if row["step"] <= step]
+        write_atomically(output_dir / "metrics.jsonl", "".join(json.dumps(row) + "\n" for row in rows))
+        return checkpoint
+    if output_dir.exists() and any(output_dir.iterdir()):
+        if not args.overwrite:
+            raise ReportedError(f"--output-dir {output_dir} is not empty; nothing in it was touched. Pass --overwrite to "
+                            f"replace its run, --resume {output_dir} to continue it, or another --output-dir")
+        (output_dir / "metrics.jsonl").unlink(missing_ok=True)         # the rest is overwritten as it is saved
+        for stale in output_dir.glob("checkpoint-*"):
+            shutil.rmtree(stale)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    return None
+
+
+def write_atomically(path, text):
+    """Write to a temporary name, then rename: the file is either the old one or the whole new one."""
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(text)
+    os.replace(temporary, path)
+
+
+def save_pretrained_atomically(output_dir, model, tokenizer):
+    temporary = output_dir / ".saving"
+    shutil.rmtree(temporary, ignore_errors=True)
+    model.save_pretrained(temporary)
+    tokenizer.save_pretrained(temporary)
+    for saved in temporary.iterdir():
+        os.replace(saved, output_dir / saved.name)
+    temporary.rmdir()
+
+
+def latest_checkpoint(output_dir):
+    checkpoints = sorted(pathlib.Path(output_dir).glob("checkpoint-[0-9]*"), key=lambda p: int(p.name.split("-")[1]))
+    return checkpoints[-1] if checkpoints else None
+
+
+def write_checkpoint(output_dir, step, policy, state, keep):
+    """OUTPUT_DIR/checkpoint-STEP/: the policy (safetensors) and trainer_state.pt; keeps the last `keep`."""
+    temporary = output_dir / f".checkpoint-{step}"
+    shutil.rmtree(temporary, ignore_errors=True)
+    policy.save_pretrained(temporary)
+    torch.save(state, temporary / "trainer_state.pt")
+    shutil.rmtree(output_dir / f"checkpoint-{step}", ignore_errors=True)
+    os.replace(temporary, output_dir / f"checkpoint-{step}")           # appears whole, or not at all
+    for old in sorted(output_dir.glob("checkpoint-[0-9]*"), key=lambda p: int(p.name.split("-")[1]))[:-keep]:
+        shutil.rmtree(old)
+
+
+class _StopOnSignal:
+    """While active, SIGINT and SIGTERM only set .signal: the loop stops at the end of its step."""
+
+    def __enter__(self):
+        self.signal = None
+        self.previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def _handle(self, number, frame):
+        self.signal = number
+
+    def __exit__(self, *exc):
+        for number, handler in self.previous.items():
+            signal.signal(number, handler)
 
 
 def _load_gold_reward(path):
@@ -469,7 +671,8 @@ def _step_fractions(steps_by_noise):
 
 
 def _read_metrics(output_dir):
-    return [json.loads(line) for line in open(pathlib.Path(output_dir) / "metrics.jsonl")]
+    path = pathlib.Path(output_dir) / "metrics.jsonl"
+    return [json.loads(line) for line in open(path)] if path.exists() else []
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -525,18 +728,30 @@ def print_summary(summaries):
 
 def main(argv=None):
     args = parse_args(argv)
-    if not args.compare:
-        print_summary([train(args)])
-        return
-    runs = {}
-    for label, epsilon, folder in (("DPO", 0.0, "dpo"), ("ε-DPO", args.epsilon, "epsilon-dpo")):
-        run_args = argparse.Namespace(**{**vars(args), "epsilon": epsilon, "compare": False,
-                                         "output_dir": str(pathlib.Path(args.output_dir) / folder)})
-        runs[label] = train(run_args, label)
-    plot_curves({label: _read_metrics(s["args"]["output_dir"]) for label, s in runs.items()},
-                pathlib.Path(args.output_dir) / "compare.png")
+    try:
+        if args.resume:                                                 # the interrupted run's own arguments
+            checkpoint = latest_checkpoint(args.resume)
+            if checkpoint is None:
+                raise ReportedError(f"--resume {args.resume}: no checkpoint-STEP folder in it")
+            saved = torch.load(checkpoint / "trainer_state.pt", weights_only=True)["args"]
+            args = argparse.Namespace(**{**saved, "resume": args.resume, "output_dir": args.resume})
+        if not args.compare:
+            print_summary([train(args)])
+            return
+        output_dir = pathlib.Path(args.output_dir)
+        if output_dir.exists() and any(output_dir.iterdir()) and not args.overwrite:
+            raise ReportedError(f"--output-dir {output_dir} is not empty; nothing in it was touched. Pass "
+                                f"--overwrite to replace it, or another --output-dir")
+        runs = {}
+        for label, epsilon, folder in (("DPO", 0.0, "dpo"), ("ε-DPO", args.epsilon, "epsilon-dpo")):
+            run_args = argparse.Namespace(**{**vars(args), "epsilon": epsilon, "compare": False,
+                                             "output_dir": str(output_dir / folder)})
+            runs[label] = train(run_args, label)
+    except ReportedError as error:
+        sys.exit(f"error: {error}")
+    plot_curves({label: _read_metrics(s["args"]["output_dir"]) for label, s in runs.items()}, output_dir / "compare.png")
     print_summary(list(runs.values()))
-    print(f"side by side: {pathlib.Path(args.output_dir) / 'compare.png'}")
+    print(f"side by side: {output_dir / 'compare.png'}")
 
 
 if __name__ == "__main__":

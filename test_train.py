@@ -327,6 +327,18 @@ def test_a_non_finite_loss_stops_the_run_naming_the_step_and_keeps_the_last_chec
     assert max(row["step"] for row in read_metrics(output_dir)) == 2      # nothing of the bad step
 
 
+def test_code_in_a_model_folder_runs_only_with_trust_remote_code(tmp_path, local_model):
+    folder = tmp_path / "with-code"
+    shutil.copytree(local_model, folder)
+    marker = tmp_path / "the model's code ran"
+    (folder / "custom_model.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
+    config = json.loads((folder / "config.json").read_text())
+    config["auto_map"] = {"AutoModelForCausalLM": "custom_model.CustomModel"}
+    (folder / "config.json").write_text(json.dumps(config))
+    train.main(["--model", str(folder), "--output-dir", str(tmp_path / "out"), "--max-steps", "1", *QUICK])
+    assert not marker.exists()
+
+
 def test_checkpoints_keep_the_last_few(tmp_path):
     output_dir = tmp_path / "out"
     train.main(["--output-dir", str(output_dir), "--max-steps", "5", "--save-every", "1", "--keep-checkpoints", "2",

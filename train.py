@@ -331,7 +331,10 @@ def load_model(name, device, args):
     from transformers import AutoModelForCausalLM
 
     dtype = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, trust_remote_code=args.trust_remote_code)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, trust_remote_code=args.trust_remote_code)
+    except (OSError, ValueError) as error:                              # no such model, or code it would run
+        raise ReportedError(f"model {name}: {str(error).splitlines()[0]}") from None
     # eval() for the policy too: dropout off (METHOD §2); gradients flow all the same.
     return model.to(device).eval()
 
@@ -447,7 +450,7 @@ def train(args, label="ε-DPO"):
     # Data
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
-    except OSError as error:
+    except (OSError, ValueError) as error:
         raise ReportedError(f"--model {args.model}: {str(error).splitlines()[0]}") from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token                       # padding is masked out anyway
@@ -703,7 +706,9 @@ def plot_curves(runs, path):
         axis.set_xlabel("optimizer step")
     axes.flat[0].legend(fontsize=7)
     figure.tight_layout()
-    figure.savefig(path, dpi=110)
+    temporary = path.with_name(path.name + ".tmp")
+    figure.savefig(temporary, dpi=110, format="png")
+    os.replace(temporary, path)                                         # the figure appears whole
     plt.close(figure)
 
 

@@ -1,4 +1,5 @@
-"""Property tests of epsdpo.py: each test states one fact of ../shared/METHOD.md and can fail.
+"""Property tests of epsdpo.py: each test states one fact of the method (the paper, as epsdpo.py writes it out)
+and can fail.
 
 The fast code is checked against slow, obviously correct versions written here (a Python loop over
 tokens in float64) and against what a transformers causal LM computes itself.
@@ -60,7 +61,7 @@ def slow_log_ratios(policy_logits, ref_logits, input_ids, completion_mask, epsil
 
 
 def slow_steps(z_weaker, z_theta, z_stronger):
-    """METHOD §4, one pair at a time."""
+    """The criterion (paper Eq. 5), one pair at a time."""
     steps = []
     for weaker, theta, stronger in zip(z_weaker.tolist(), z_theta.tolist(), z_stronger.tolist()):
         if weaker > theta > stronger:

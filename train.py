@@ -335,7 +335,7 @@ def load_model(name, device, args):
         model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, trust_remote_code=args.trust_remote_code)
     except (OSError, ValueError) as error:                              # no such model, or code it would run
         raise ReportedError(f"model {name}: {str(error).splitlines()[0]}") from None
-    # eval() for the policy too: dropout off (METHOD §2); gradients flow all the same.
+    # eval() for the policy too: dropout off, as DPO assumes; gradients flow all the same.
     return model.to(device).eval()
 
 
@@ -444,7 +444,7 @@ def train(args, label="ε-DPO"):
     random.seed(args.seed)
     torch.manual_seed(args.seed)
     output_dir = pathlib.Path(args.output_dir)
-    checkpoint = prepare_output_dir(output_dir, args)                   # the one to resume from, or None
+    checkpoint = check_output_dir(output_dir, args)                     # the one to resume from, or None
     device = pick_device(args.device)
 
     # Data
@@ -462,7 +462,7 @@ def train(args, label="ε-DPO"):
             print(f"skipped {count} {split} rows: {reason}")
     if len(train_pairs) < args.batch_size or not eval_pairs:
         raise ReportedError(f"--dataset {args.dataset}: {len(train_pairs)} usable train pairs and {len(eval_pairs)} "
-                        f"held-out pairs; need at least --batch-size ({args.batch_size}) and 1")
+                            f"held-out pairs; need at least --batch-size ({args.batch_size}) and 1")
     gold_reward_path = args.gold_reward or (TINY_GOLD_REWARD if pathlib.Path(args.dataset).resolve() == TINY_DATASET else None)
     gold_reward = _load_gold_reward(gold_reward_path) if gold_reward_path else None
 
@@ -477,6 +477,7 @@ def train(args, label="ε-DPO"):
         optimizer, lambda step: min((step + 1) / (warmup_steps + 1), (total_steps - step) / max(1, total_steps - warmup_steps))
     )
     baseline_beta = epsdpo.BaselineBeta(args.beta, args.epsilon)
+    prepare_output_dir(output_dir, checkpoint)
     batches = micro_batches(train_pairs, args.batch_size, args.seed)
     steps_by_noise = {}                                                 # (noisy flag, s) -> count of pairs
     first_step = 1
@@ -580,28 +581,34 @@ def train(args, label="ε-DPO"):
 # Output that is never lost: a guarded folder, atomic files, checkpoints
 
 
-def prepare_output_dir(output_dir, args):
+def check_output_dir(output_dir, args):
     """Refuse a folder holding something, unless told to replace it (--overwrite) or continue it (--resume).
 
-    Returns the checkpoint to resume from, or None. A resumed run forgets metrics written after it.
+    Changes nothing; returns the checkpoint to resume from, or None.
     """
     if args.resume:
         checkpoint = latest_checkpoint(output_dir)
         if checkpoint is None:
             raise ReportedError(f"--resume {output_dir}: no checkpoint-STEP folder in it")
+        return checkpoint
+    if output_dir.exists() and any(output_dir.iterdir()) and not args.overwrite:
+        raise ReportedError(f"--output-dir {output_dir} is not empty; nothing in it was touched. Pass --overwrite "
+                            f"to replace its run, --resume {output_dir} to continue it, or another --output-dir")
+    return None
+
+
+def prepare_output_dir(output_dir, checkpoint):
+    """Once the data and models are known to be good: forget the metrics written after the checkpoint we
+    resume from, or (--overwrite) the previous run's metrics and checkpoints; the rest is overwritten as saved."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    if checkpoint:
         step = int(checkpoint.name.split("-")[1])
         rows = [row for row in _read_metrics(output_dir) if row["step"] <= step]
         write_atomically(output_dir / "metrics.jsonl", "".join(json.dumps(row) + "\n" for row in rows))
-        return checkpoint
-    if output_dir.exists() and any(output_dir.iterdir()):
-        if not args.overwrite:
-            raise ReportedError(f"--output-dir {output_dir} is not empty; nothing in it was touched. Pass --overwrite to "
-                            f"replace its run, --resume {output_dir} to continue it, or another --output-dir")
-        (output_dir / "metrics.jsonl").unlink(missing_ok=True)         # the rest is overwritten as it is saved
-        for stale in output_dir.glob("checkpoint-*"):
-            shutil.rmtree(stale)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    return None
+        return
+    (output_dir / "metrics.jsonl").unlink(missing_ok=True)
+    for stale in output_dir.glob("checkpoint-*"):
+        shutil.rmtree(stale)
 
 
 def write_atomically(path, text):

@@ -51,44 +51,53 @@ def _number(kind, low=None, low_open=True, high=None, what=""):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    class Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+        pass                                                            # the docstring as written, and defaults
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=Formatter)
     p.add_argument("--model", default=str(TINY_MODEL), help="policy to start from: a Hub id or a local folder")
-    p.add_argument("--ref-model", default=None, help="reference model (default: the same as --model)")
+    p.add_argument("--ref-model", default=None, help="reference model; None: the same as --model")
     p.add_argument("--dataset", default=str(TINY_DATASET),
                    help="a Hub id, a local JSON/JSONL/Parquet file, a folder of them, or a saved datasets folder")
-    p.add_argument("--train-split", default="train")
+    p.add_argument("--train-split", default="train", help="the split to train on")
     p.add_argument("--eval-split", default="test", help="held out if present; otherwise --eval-fraction of train")
-    p.add_argument("--eval-fraction", type=_number(float, 0, high=1, what="must be in (0, 1)"), default=0.05)
+    p.add_argument("--eval-fraction", type=_number(float, 0, high=1, what="must be in (0, 1)"), default=0.05,
+                   help="fraction of train rows held out when there is no --eval-split")
     p.add_argument("--gold-reward", default=None,
                    help="a Python file with score(prompt, completion) -> float; on by default for tiny_data")
-    p.add_argument("--output-dir", default="out")
+    p.add_argument("--output-dir", default="out", help="where everything is written")
     p.add_argument("--beta", type=_number(float, 0, what="beta must be > 0"), default=0.1,
                    help="the baseline KL penalty β (the paper: 0.01 for instruct models on UltraFeedback)")
     p.add_argument("--epsilon", type=_number(float, 0, low_open=False, high=1, what="epsilon must be in [0, 1)"),
                    default=0.01, help="the perturbation ε; 0 is plain DPO")
-    p.add_argument("--lr", type=_number(float, 0, what="the learning rate must be > 0"), default=5e-4)
-    p.add_argument("--weight-decay", type=_number(float, 0, low_open=False, what="must be >= 0"), default=0.0)
+    p.add_argument("--lr", type=_number(float, 0, what="the learning rate must be > 0"), default=5e-4,
+                   help="AdamW's peak learning rate (the paper: 5e-7 on 7-8B models)")
+    p.add_argument("--weight-decay", type=_number(float, 0, low_open=False, what="must be >= 0"), default=0.0,
+                   help="AdamW's weight decay")
     p.add_argument("--warmup-ratio", type=_number(float, 0, low_open=False, high=1, what="must be in [0, 1)"),
                    default=0.1, help="fraction of the steps over which the learning rate rises from 0")
-    p.add_argument("--max-grad-norm", type=_number(float, 0, what="must be > 0"), default=1.0)
+    p.add_argument("--max-grad-norm", type=_number(float, 0, what="must be > 0"), default=1.0,
+                   help="gradients are clipped to this norm")
     p.add_argument("--batch-size", type=_number(int, 1, low_open=False, what="must be >= 1"), default=16,
                    help="pairs per micro-batch")
     p.add_argument("--grad-accum", type=_number(int, 1, low_open=False, what="must be >= 1"), default=1,
                    help="micro-batches per optimizer step")
     p.add_argument("--max-steps", type=_number(int, 1, low_open=False, what="must be >= 1"), default=None,
-                   help="optimizer steps (default: --epochs over the train split)")
-    p.add_argument("--epochs", type=_number(float, 0, what="must be > 0"), default=2.0)
+                   help="optimizer steps; None: --epochs over the train split")
+    p.add_argument("--epochs", type=_number(float, 0, what="must be > 0"), default=2.0,
+                   help="passes over the train split, when --max-steps is not given")
     p.add_argument("--max-length", type=_number(int, 2, low_open=False, what="must be >= 2"), default=512,
                    help="prompt + completion tokens")
     p.add_argument("--max-prompt-length", type=_number(int, 1, low_open=False, what="must be >= 1"), default=256,
                    help="longer prompts keep their last tokens")
     p.add_argument("--eval-every", type=_number(int, 1, low_open=False, what="must be >= 1"), default=25,
                    help="optimizer steps between evaluations")
-    p.add_argument("--eval-batch-size", type=_number(int, 1, low_open=False, what="must be >= 1"), default=64)
+    p.add_argument("--eval-batch-size", type=_number(int, 1, low_open=False, what="must be >= 1"), default=64,
+                   help="pairs (or prompts to sample from) per evaluation batch")
     p.add_argument("--max-new-tokens", type=_number(int, 1, low_open=False, what="must be >= 1"), default=32,
                    help="length of the completions sampled for the gold reward")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto", help="cuda, mps or cpu (default: the first available)")
+    p.add_argument("--seed", type=int, default=0, help="seeds the data order and the sampling")
+    p.add_argument("--device", default="auto", help="cuda, mps or cpu; auto: the first available")
     p.add_argument("--skip-invalid", action="store_true",
                    help="drop malformed rows (and report how many) instead of stopping at the first")
     p.add_argument("--overwrite", action="store_true", help="replace the run in a non-empty --output-dir")
@@ -96,7 +105,8 @@ def parse_args(argv=None):
                    help="continue the run in OUTPUT_DIR from its latest checkpoint, with its arguments")
     p.add_argument("--save-every", type=_number(int, 1, low_open=False, what="must be >= 1"), default=100,
                    help="optimizer steps between checkpoints (one is also written on Ctrl-C or SIGTERM)")
-    p.add_argument("--keep-checkpoints", type=_number(int, 1, low_open=False, what="must be >= 1"), default=2)
+    p.add_argument("--keep-checkpoints", type=_number(int, 1, low_open=False, what="must be >= 1"), default=2,
+                   help="how many of the latest checkpoints to keep")
     p.add_argument("--trust-remote-code", action="store_true", help="run code from the model's repository")
     p.add_argument("--compare", action="store_true", help="train DPO (ε = 0) and ε-DPO and show them side by side")
     return p.parse_args(argv)

@@ -348,7 +348,7 @@ def test_checkpoints_keep_the_last_few(tmp_path):
 
 
 def test_an_interrupted_run_resumes_to_the_same_end_bit_for_bit(tmp_path):
-    arguments = ["--max-steps", "80", "--eval-every", "1000", "--save-every", "1000", "--epsilon", "0.2", *QUICK]
+    arguments = ["--max-steps", "40", "--eval-every", "1000", "--save-every", "1000", "--epsilon", "0.2", *QUICK]
     train.main(["--output-dir", str(tmp_path / "whole"), *arguments])
 
     interrupted = tmp_path / "interrupted"
@@ -363,7 +363,7 @@ def test_an_interrupted_run_resumes_to_the_same_end_bit_for_bit(tmp_path):
     assert process.returncode == 128 + signal.SIGTERM, stderr
     (checkpoint,) = interrupted.glob("checkpoint-*")
     stopped_at = int(checkpoint.name.split("-")[1])
-    assert 1 <= stopped_at < 80 and "--resume" in stdout
+    assert 1 <= stopped_at < 40 and "--resume" in stdout
 
     train.main(["--resume", str(interrupted)])
     whole_rows, resumed_rows = read_metrics(tmp_path / "whole"), read_metrics(interrupted)
@@ -373,6 +373,40 @@ def test_an_interrupted_run_resumes_to_the_same_end_bit_for_bit(tmp_path):
     assert all(torch.equal(whole[name], resumed[name]) for name in whole)
     assert json.loads((interrupted / "summary.json").read_text())["final_beta"] == \
         json.loads((tmp_path / "whole/summary.json").read_text())["final_beta"]
+
+
+def test_two_ranks_under_torchrun_agree_on_beta_and_match_one_process_even_across_a_resume(tmp_path):
+    """2 CPU processes (gloo) with 4 pairs each are one process with 8: the same β at every step on both
+    ranks and in the single process, and the same weights up to float rounding, also when the 2-rank run is
+    stopped by SIGTERM and resumed under torchrun."""
+    arguments = ["--max-steps", "15", "--eval-every", "1000", "--save-every", "1000", "--epsilon", "0.3",
+                 "--lr", "1e-3", "--eval-batch-size", "32", "--max-new-tokens", "8"]
+    train.main(["--output-dir", str(tmp_path / "one"), "--batch-size", "8", *arguments])
+
+    two = tmp_path / "two"
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "train.py"]
+    environment = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    process = subprocess.Popen([*torchrun, "--output-dir", str(two), "--batch-size", "4", *arguments],
+                               cwd=train.HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environment)
+    deadline = time.time() + 90
+    while not any(row["split"] == "train" for row in read_metrics_if_any(two)) and time.time() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)                                  # torchrun passes it to both ranks
+    stdout, _ = process.communicate(timeout=90)
+    assert "checkpoint written" in stdout and len(list(two.glob("checkpoint-*"))) == 1
+    resumed = subprocess.run([*torchrun, "--resume", str(two)], cwd=train.HERE, capture_output=True, text=True,
+                             timeout=120, env=environment)
+    assert resumed.returncode == 0, resumed.stderr
+
+    one_rows, two_rows = read_metrics(tmp_path / "one"), read_metrics(two)
+    assert [(r["split"], r["step"]) for r in two_rows] == [(r["split"], r["step"]) for r in one_rows]
+    for one_row, two_row in zip(one_rows, two_rows):
+        assert two_row["beta"] == one_row["beta"]
+        if two_row["split"] == "train":
+            assert two_row["beta/ranks"] == [one_row["beta/pairs_mean"]] * 2    # both ranks, after the step
+    one, two = load_file(tmp_path / "one/model.safetensors"), load_file(two / "model.safetensors")
+    for name in one:
+        torch.testing.assert_close(two[name], one[name], rtol=0, atol=1e-4)
 
 
 def read_metrics_if_any(output_dir):

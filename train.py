@@ -11,6 +11,7 @@ curves.png, and the trained model and tokenizer (save_pretrained).
 """
 
 import argparse
+import contextlib
 import importlib.util
 import json
 import math
@@ -24,6 +25,7 @@ import time
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 
 import epsdpo
 
@@ -337,6 +339,35 @@ def pick_device(name):
     return torch.device("cpu")
 
 
+def init_distributed(device_name):
+    """(rank, world size, device). Under torchrun (WORLD_SIZE > 1) this joins the process group: NCCL on
+    GPUs, gloo on CPUs; otherwise one process on the device --device picks."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        return 0, 1, pick_device(device_name)
+    local_rank = int(os.environ["LOCAL_RANK"])
+    on_gpus = torch.cuda.is_available() and device_name in ("auto", "cuda")
+    if on_gpus:
+        torch.cuda.set_device(local_rank)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if on_gpus else "gloo")
+    return dist.get_rank(), world_size, torch.device("cuda", local_rank) if on_gpus else torch.device("cpu")
+
+
+def gather(values):
+    """A list from every rank, joined in rank order (the list itself in a single process)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return values
+    parts = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, values)
+    return [value for part in parts for value in part]
+
+
+def any_rank(flag):
+    """True on every rank if it is True on any: ranks must stop together, or the others wait forever."""
+    return any(gather([bool(flag)]))
+
+
 def load_model(name, device, args):
     from transformers import AutoModelForCausalLM
 
@@ -362,8 +393,10 @@ def forward(policy, reference, batch, beta, epsilon):
 
 
 def pair_metrics(outputs):
-    """Means over the pairs of one step (or one evaluation), under TRL's metric names."""
-    cat = lambda name: torch.cat([getattr(out, name).detach().float() for out in outputs])  # noqa: E731
+    """Means over the pairs of one step (or one evaluation) on every rank, under TRL's metric names."""
+    def cat(name):                                                      # (pairs,) over every rank
+        return torch.tensor(gather(torch.cat([getattr(out, name).detach().float() for out in outputs]).tolist()))
+
     chosen_rewards, rejected_rewards, steps = cat("chosen_rewards"), cat("rejected_rewards"), cat("steps")
     # A tie (h = 0, as at the first step) counts half: the reference model is right half the time.
     accuracies = (chosen_rewards > rejected_rewards).float() + 0.5 * (chosen_rewards == rejected_rewards).float()
@@ -383,7 +416,7 @@ def pair_metrics(outputs):
 
 @torch.no_grad()
 def sample_and_score(policy, reference, tokenizer, prompts, gold_reward, args, device):
-    """Sample one completion per prompt from the policy; return its mean gold reward and a KL estimate.
+    """Sample one completion per prompt from the policy; return the gold reward of each and a KL estimate of each.
 
     KL(π_θ‖π_ref) = E_{y~π_θ}[log π_θ(y|x) − log π_ref(y|x)], estimated by the mean over the samples.
     """
@@ -419,21 +452,25 @@ def sample_and_score(policy, reference, tokenizer, prompts, gold_reward, args, d
             logps = epsdpo.sequence_logps(policy(**kwargs).logits, batch.input_ids[:half], batch.completion_mask[:half])
             ref_logps = epsdpo.sequence_logps(reference(**kwargs).logits, batch.input_ids[:half], batch.completion_mask[:half])
             kls += (logps - ref_logps).tolist()
-    return sum(rewards) / len(rewards), sum(kls) / len(kls)
+    return rewards, kls
 
 
 @torch.no_grad()
 def evaluate(policy, reference, tokenizer, eval_pairs, beta, gold_reward, args, device):
-    """Metrics over the whole held-out split, with the current β (evaluation never moves β)."""
+    """Metrics over the whole held-out split, with the current β (evaluation never moves β). Each rank
+    takes its share of the pairs; the metrics are over all of them."""
+    distributed = dist.is_available() and dist.is_initialized()
+    shard = eval_pairs[dist.get_rank() :: dist.get_world_size()] if distributed else eval_pairs
     outputs = [
-        forward(policy, reference, collate(eval_pairs[i : i + args.eval_batch_size], tokenizer.pad_token_id, device),
+        forward(policy, reference, collate(shard[i : i + args.eval_batch_size], tokenizer.pad_token_id, device),
                 beta, args.epsilon)
-        for i in range(0, len(eval_pairs), args.eval_batch_size)
+        for i in range(0, len(shard), args.eval_batch_size)
     ]
     metrics = pair_metrics(outputs)
     if gold_reward is not None:
-        prompts = [(p["prompt"], p["prompt_ids"]) for p in eval_pairs]
-        metrics["gold_reward"], metrics["kl"] = sample_and_score(policy, reference, tokenizer, prompts, gold_reward, args, device)
+        prompts = [(p["prompt"], p["prompt_ids"]) for p in shard]
+        rewards, kls = (gather(values) for values in sample_and_score(policy, reference, tokenizer, prompts, gold_reward, args, device))
+        metrics["gold_reward"], metrics["kl"] = sum(rewards) / len(rewards), sum(kls) / len(kls)
     return metrics
 
 
@@ -455,7 +492,9 @@ def train(args, label="ε-DPO"):
     torch.manual_seed(args.seed)
     output_dir = pathlib.Path(args.output_dir)
     checkpoint = check_output_dir(output_dir, args)                     # the one to resume from, or None
-    device = pick_device(args.device)
+    rank, world_size, device = init_distributed(args.device)            # rank 0 alone writes and prints
+    if world_size > 1:
+        dist.barrier()                                                  # every rank has checked the folder
 
     # Data
     try:
@@ -469,7 +508,8 @@ def train(args, label="ε-DPO"):
     eval_pairs, eval_skipped = tokenize_pairs(eval_rows, eval_source, tokenizer, args)
     for split, skipped in (("train", train_skipped), ("eval", eval_skipped)):
         for reason, count in skipped.items():
-            print(f"skipped {count} {split} rows: {reason}")
+            if rank == 0:
+                print(f"skipped {count} {split} rows: {reason}")
     if len(train_pairs) < args.batch_size or not eval_pairs:
         raise ReportedError(f"--dataset {args.dataset}: {len(train_pairs)} usable train pairs and {len(eval_pairs)} "
                             f"held-out pairs; need at least --batch-size ({args.batch_size}) and 1")
@@ -479,7 +519,11 @@ def train(args, label="ε-DPO"):
     # Models: a resumed run takes its policy from the checkpoint, the rest from the checkpoint's state
     policy = load_model(checkpoint or args.model, device, args)
     reference = load_model(args.ref_model or args.model, device, args).requires_grad_(False)
-    pairs_per_step = args.batch_size * args.grad_accum
+    if world_size > 1:                                                  # gradients averaged over the ranks
+        ddp_policy = torch.nn.parallel.DistributedDataParallel(policy, device_ids=[device.index] if device.type == "cuda" else None)
+    else:
+        ddp_policy = policy
+    pairs_per_step = args.batch_size * args.grad_accum * world_size
     total_steps = args.max_steps or max(1, int(args.epochs * len(train_pairs) // pairs_per_step))
     warmup_steps = int(args.warmup_ratio * total_steps)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=args.lr, weight_decay=args.weight_decay)
@@ -487,8 +531,12 @@ def train(args, label="ε-DPO"):
         optimizer, lambda step: min((step + 1) / (warmup_steps + 1), (total_steps - step) / max(1, total_steps - warmup_steps))
     )
     baseline_beta = epsdpo.BaselineBeta(args.beta, args.epsilon)
-    prepare_output_dir(output_dir, checkpoint)
-    batches = micro_batches(train_pairs, args.batch_size, args.seed)
+    if rank == 0:
+        prepare_output_dir(output_dir, checkpoint)
+    # Every rank draws the same global micro-batches of batch_size × world_size pairs and keeps its share:
+    # N ranks see the pairs one process with N times the batch size would see.
+    batches = (pairs[rank * args.batch_size : (rank + 1) * args.batch_size]
+               for pairs in micro_batches(train_pairs, args.batch_size * world_size, args.seed))
     steps_by_noise = {}                                                 # (noisy flag, s) -> count of pairs
     first_step = 1
     if checkpoint:
@@ -502,14 +550,16 @@ def train(args, label="ε-DPO"):
         torch.set_rng_state(state["rng"]["torch"])
         random.setstate(state["rng"]["python"])
         first_step = state["step"] + 1
-        print(f"resuming from {checkpoint} at step {first_step}")
-    print(f"{label}: {len(train_pairs)} train pairs, {len(eval_pairs)} held out, {total_steps} steps of "
-          f"{pairs_per_step} pairs on {device}, β = {args.beta}, ε = {args.epsilon}")
+    if rank == 0:
+        print((f"resuming from {checkpoint} at step {first_step}\n" if checkpoint else "") +
+              f"{label}: {len(train_pairs)} train pairs, {len(eval_pairs)} held out, {total_steps} steps of "
+              f"{pairs_per_step} pairs on {world_size} × {device}, β = {args.beta}, ε = {args.epsilon}")
 
     def log(row):
-        # One write() of a whole line: a crash cannot leave half of it.
-        with open(output_dir / "metrics.jsonl", "a") as metrics_file:
-            metrics_file.write(json.dumps(row) + "\n")
+        if rank == 0:
+            # One write() of a whole line: a crash cannot leave half of it.
+            with open(output_dir / "metrics.jsonl", "a") as metrics_file:
+                metrics_file.write(json.dumps(row) + "\n")
         return row
 
     def log_evaluation(step):
@@ -520,28 +570,32 @@ def train(args, label="ε-DPO"):
         state = {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                  "baseline_beta": baseline_beta.state_dict(), "steps_by_noise": steps_by_noise, "args": vars(args),
                  "rng": {"torch": torch.get_rng_state(), "python": random.getstate()}}
-        write_checkpoint(output_dir, step, policy, state, args.keep_checkpoints)
+        if rank == 0:
+            write_checkpoint(output_dir, step, policy, state, args.keep_checkpoints)
 
     # Loop. Ctrl-C or SIGTERM finishes the optimizer step under way, writes a checkpoint and stops.
     if first_step == 1:
         log_evaluation(0)
     stop = _StopOnSignal()
-    progress = tqdm(range(first_step, total_steps + 1), desc=label, disable=None)
+    progress = tqdm(range(first_step, total_steps + 1), desc=label, disable=None if rank == 0 else True)
     with stop:
         for step in progress:
             beta = baseline_beta.value
             outputs = []
-            for _ in range(args.grad_accum):
+            for micro_batch in range(args.grad_accum):
                 batch = collate(next(batches), tokenizer.pad_token_id, device)
-                out = forward(policy, reference, batch, beta, args.epsilon)
-                (out.loss / args.grad_accum).backward()
+                # Under DDP, gradients are averaged across ranks once per optimizer step, at the last micro-batch.
+                last = micro_batch == args.grad_accum - 1
+                with ddp_policy.no_sync() if world_size > 1 and not last else contextlib.nullcontext():
+                    out = forward(ddp_policy, reference, batch, beta, args.epsilon)
+                    (out.loss / args.grad_accum).backward()
                 baseline_beta.observe(out.steps)
                 outputs.append(out)
-                for noisy, s in zip(batch.noisy, out.steps.tolist()):
+                for noisy, s in gather(list(zip(batch.noisy, out.steps.tolist()))):
                     steps_by_noise[noisy, s] = steps_by_noise.get((noisy, s), 0) + 1
             grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
             losses = torch.cat([out.losses.detach() for out in outputs])
-            if not (torch.isfinite(losses).all() and torch.isfinite(grad_norm)):
+            if any_rank(not (torch.isfinite(losses).all() and torch.isfinite(grad_norm))):
                 latest = latest_checkpoint(output_dir)
                 raise ReportedError(f"step {step}: the loss or the gradient is not finite (gradient norm {grad_norm.item()}); "
                                 f"stopped before applying it. " + (f"The last checkpoint, {latest}, is intact: "
@@ -552,20 +606,28 @@ def train(args, label="ε-DPO"):
             optimizer.zero_grad(set_to_none=True)
             baseline_beta.step()                                        # β ← mean β̃ of this step's pairs
 
-            row = log({"step": step, "split": "train", "beta": beta, "lr": lr, **pair_metrics(outputs),
-                       "beta/pairs_mean": baseline_beta.value})
+            row = {"step": step, "split": "train", "beta": beta, "lr": lr, **pair_metrics(outputs),
+                   "beta/pairs_mean": baseline_beta.value}
+            if world_size > 1:
+                row["beta/ranks"] = gather([baseline_beta.value])         # every rank's new β: all the same
+            log(row)
             progress.set_postfix(loss=f"{row['loss']:.3f}", acc=f"{row['rewards/accuracies']:.2f}", beta=f"{beta:.4f}")
             if step % args.eval_every == 0 or step == total_steps:
                 log_evaluation(step)
-            if stop.signal is not None or step % args.save_every == 0:
+            stopping = any_rank(stop.signal is not None)
+            if stopping or step % args.save_every == 0:
                 save_checkpoint(step)
-            if stop.signal is not None and step < total_steps:
+            if stopping and step < total_steps:
                 progress.close()
-                print(f"stopped by signal {stop.signal} after step {step}; checkpoint written: "
-                      f"python train.py --resume {output_dir} continues the run")
-                sys.exit(128 + stop.signal)
+                number = stop.signal or signal.SIGTERM
+                if rank == 0:
+                    print(f"stopped by signal {number} after step {step}; checkpoint written: "
+                          f"python train.py --resume {output_dir} continues the run")
+                sys.exit(128 + number)
 
     # Saving
+    if rank != 0:
+        return None
     save_pretrained_atomically(output_dir, policy, tokenizer)
     evaluations = [row for row in _read_metrics(output_dir) if row["split"] == "eval"]
     summary = {
@@ -758,12 +820,16 @@ def main(argv=None):
             saved = torch.load(checkpoint / "trainer_state.pt", weights_only=True)["args"]
             args = argparse.Namespace(**{**saved, "resume": args.resume, "output_dir": args.resume})
         if not args.compare:
-            print_summary([train(args)])
+            summary = train(args)
+            if summary:                                                 # rank 0
+                print_summary([summary])
             return
         output_dir = pathlib.Path(args.output_dir)
         if output_dir.exists() and any(output_dir.iterdir()) and not args.overwrite:
             raise ReportedError(f"--output-dir {output_dir} is not empty; nothing in it was touched. Pass "
                                 f"--overwrite to replace it, or another --output-dir")
+        if init_distributed(args.device)[1] > 1:
+            dist.barrier()                                              # every rank has checked before any writes
         runs = {}
         for label, epsilon, folder in (("DPO", 0.0, "dpo"), ("ε-DPO", args.epsilon, "epsilon-dpo")):
             run_args = argparse.Namespace(**{**vars(args), "epsilon": epsilon, "compare": False,
@@ -771,6 +837,11 @@ def main(argv=None):
             runs[label] = train(run_args, label)
     except ReportedError as error:
         sys.exit(f"error: {error}")
+    finally:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+    if None in runs.values():                                           # not rank 0
+        return
     plot_curves({label: _read_metrics(s["args"]["output_dir"]) for label, s in runs.items()}, output_dir / "compare.png")
     print_summary(list(runs.values()))
     print(f"side by side: {output_dir / 'compare.png'}")

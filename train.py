@@ -57,6 +57,7 @@ def parse_args(argv=None):
         pass                                                            # the docstring as written, and defaults
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=Formatter)
+    count = _number(int, 1, low_open=False, what="must be >= 1")
     p.add_argument("--model", default=str(TINY_MODEL), help="policy to start from: a Hub id or a local folder")
     p.add_argument("--ref-model", default=None, help="reference model; None: the same as --model")
     p.add_argument("--dataset", default=str(TINY_DATASET),
@@ -80,23 +81,23 @@ def parse_args(argv=None):
                    default=0.1, help="fraction of the steps over which the learning rate rises from 0")
     p.add_argument("--max-grad-norm", type=_number(float, 0, what="must be > 0"), default=1.0,
                    help="gradients are clipped to this norm")
-    p.add_argument("--batch-size", type=_number(int, 1, low_open=False, what="must be >= 1"), default=16,
+    p.add_argument("--batch-size", type=count, default=16,
                    help="pairs per micro-batch")
-    p.add_argument("--grad-accum", type=_number(int, 1, low_open=False, what="must be >= 1"), default=1,
+    p.add_argument("--grad-accum", type=count, default=1,
                    help="micro-batches per optimizer step")
-    p.add_argument("--max-steps", type=_number(int, 1, low_open=False, what="must be >= 1"), default=None,
+    p.add_argument("--max-steps", type=count, default=None,
                    help="optimizer steps; None: --epochs over the train split")
     p.add_argument("--epochs", type=_number(float, 0, what="must be > 0"), default=2.0,
                    help="passes over the train split, when --max-steps is not given")
     p.add_argument("--max-length", type=_number(int, 2, low_open=False, what="must be >= 2"), default=512,
                    help="prompt + completion tokens")
-    p.add_argument("--max-prompt-length", type=_number(int, 1, low_open=False, what="must be >= 1"), default=256,
+    p.add_argument("--max-prompt-length", type=count, default=256,
                    help="longer prompts keep their last tokens")
-    p.add_argument("--eval-every", type=_number(int, 1, low_open=False, what="must be >= 1"), default=25,
+    p.add_argument("--eval-every", type=count, default=25,
                    help="optimizer steps between evaluations")
-    p.add_argument("--eval-batch-size", type=_number(int, 1, low_open=False, what="must be >= 1"), default=64,
+    p.add_argument("--eval-batch-size", type=count, default=64,
                    help="pairs (or prompts to sample from) per evaluation batch")
-    p.add_argument("--max-new-tokens", type=_number(int, 1, low_open=False, what="must be >= 1"), default=32,
+    p.add_argument("--max-new-tokens", type=count, default=32,
                    help="length of the completions sampled for the gold reward")
     p.add_argument("--seed", type=int, default=0, help="seeds the data order and the sampling")
     p.add_argument("--device", default="auto", help="cuda, mps or cpu; auto: the first available")
@@ -105,9 +106,9 @@ def parse_args(argv=None):
     p.add_argument("--overwrite", action="store_true", help="replace the run in a non-empty --output-dir")
     p.add_argument("--resume", metavar="OUTPUT_DIR", default=None,
                    help="continue the run in OUTPUT_DIR from its latest checkpoint, with its arguments")
-    p.add_argument("--save-every", type=_number(int, 1, low_open=False, what="must be >= 1"), default=100,
+    p.add_argument("--save-every", type=count, default=100,
                    help="optimizer steps between checkpoints (one is also written on Ctrl-C or SIGTERM)")
-    p.add_argument("--keep-checkpoints", type=_number(int, 1, low_open=False, what="must be >= 1"), default=2,
+    p.add_argument("--keep-checkpoints", type=count, default=2,
                    help="how many of the latest checkpoints to keep")
     p.add_argument("--trust-remote-code", action="store_true", help="run code from the model's repository")
     p.add_argument("--compare", action="store_true", help="train DPO (ε = 0) and ε-DPO and show them side by side")

@@ -243,14 +243,14 @@ def perturbed_logps(policy_logits, ref_logits, input_ids, completion_mask, epsil
     rows, positions, targets = _completion_positions(input_ids, completion_mask)
     weaker_lambda, stronger_lambda = 1 + epsilon, 1 - epsilon
 
-    # torch.lerp(f_ref, f_θ, λ) is f_ref + λ (f_θ − f_ref) in one pass over the logits.
-    # The perturbed logit of each target token, for all M scored positions at once:
+    # torch.lerp(f_ref, f_θ, λ) computes f_ref + λ (f_θ − f_ref) in one pass (exactly f_ref when f_θ = f_ref).
+    # log softmax(f_λ)[y] = f_λ[y] − logsumexp(f_λ): first the target's perturbed logit f_λ[y], (M,) ...
     ref_targets = ref_logits[rows, positions, targets].to(dtype)                        # (M,)
     policy_targets = policy_logits[rows, positions, targets].to(dtype)
-    weaker_token_logps = torch.lerp(ref_targets, policy_targets, weaker_lambda)         # (M,), for now
-    stronger_token_logps = torch.lerp(ref_targets, policy_targets, stronger_lambda)     # the logits only
+    weaker_token_logps = torch.lerp(ref_targets, policy_targets, weaker_lambda)
+    stronger_token_logps = torch.lerp(ref_targets, policy_targets, stronger_lambda)
 
-    # minus the log-normalizer of each perturbed distribution, a chunk of positions at a time.
+    # ... then minus the log-normalizer of each perturbed distribution, a chunk of positions at a time.
     for row, start, stop, tokens in _chunks(rows, positions, policy_logits.shape[-1]):
         chunk_ref = ref_logits[row, start:stop].to(dtype)                               # (m, V)
         chunk_policy = policy_logits[row, start:stop].to(dtype)
@@ -288,12 +288,16 @@ def epsilon_steps(policy_logits, ref_logits, input_ids, completion_mask, epsilon
     if policy_logps is None:
         policy_logps = sequence_logps(policy_logits, input_ids, completion_mask)
     elif policy_logps.shape != policy_logits.shape[:1]:
-        raise ValueError(f"policy_logps must have shape {tuple(policy_logits.shape[:1])}, got {tuple(policy_logps.shape)}")
+        raise ValueError(
+            f"policy_logps must have shape {tuple(policy_logits.shape[:1])}, got {tuple(policy_logps.shape)}"
+        )
     weaker_logps, stronger_logps = perturbed_logps(policy_logits, ref_logits, input_ids, completion_mask, epsilon)
 
     num_pairs = policy_logits.shape[0] // 2
+
     def log_ratios(logps):                                                 # (2B,) -> (B,): chosen − rejected
         return logps[:num_pairs] - logps[num_pairs:]
+
     z_theta = log_ratios(policy_logps.detach().to(weaker_logps.dtype))
     z_weaker, z_stronger = log_ratios(weaker_logps), log_ratios(stronger_logps)
 

@@ -561,11 +561,10 @@ def train(args, label="ε-DPO"):
             # One write() of a whole line: a crash cannot leave half of it.
             with open(output_dir / "metrics.jsonl", "a") as metrics_file:
                 metrics_file.write(json.dumps(row) + "\n")
-        return row
 
     def log_evaluation(step):
         metrics = evaluate(policy, reference, tokenizer, eval_pairs, baseline_beta.value, gold_reward, args, device)
-        return log({"step": step, "split": "eval", "beta": baseline_beta.value, "lr": scheduler.get_last_lr()[0], **metrics})
+        log({"step": step, "split": "eval", "beta": baseline_beta.value, "lr": scheduler.get_last_lr()[0], **metrics})
 
     def save_checkpoint(step):
         state = {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),

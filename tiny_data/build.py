@@ -1,6 +1,6 @@
 """Builds everything in tiny_data/: the preference data and the tiny reference model. Deterministic.
 
-    python tiny_data/build.py          # about a minute on a laptop CPU; rewrites data/ and model/
+    python tiny_data/build.py          # about 12 s on a laptop CPU; rewrites data/ and model/
 
 The task (see gold_reward.py): write a short review of a product; the gold reward is how positive it is.
 1. Reviews are drawn from a small grammar: 1 to 3 clauses "the <aspect> is [very] <adjective>" joined by

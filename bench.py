@@ -35,6 +35,7 @@ import torch.nn.functional as F
 import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
+import data
 import epsdpo
 import train
 
@@ -60,8 +61,8 @@ def make_models_and_batch(shape, device):
         reference = AutoModelForCausalLM.from_pretrained(train.TINY_MODEL)
         tokenizer = AutoTokenizer.from_pretrained(train.TINY_MODEL)
         rows = [json.loads(line) for line in open(train.TINY_DATASET / "train.jsonl")][: arguments.batch_size]
-        pairs, _ = train.tokenize_pairs(list(enumerate(rows, start=1)), "tiny_data", tokenizer, arguments)
-        batch = train.collate(pairs, tokenizer.pad_token_id, torch.device("cpu"))
+        pairs = [data.tokenize_pair(row, tokenizer, arguments.max_length, arguments.max_prompt_length) for row in rows]
+        batch = data.collate(pairs, tokenizer.pad_token_id, torch.device("cpu"))
         input_ids, attention_mask, completion_mask = batch.input_ids, batch.attention_mask, batch.completion_mask
     else:
         vocab, hidden, layers, pairs, length, completion = shape

@@ -159,41 +159,6 @@ def test_conversational_jsonl_is_rendered_with_the_chat_template(tmp_path, local
     assert [r["step"] for r in read_metrics(output_dir) if r["split"] == "train"] == [1, 2]
 
 
-def test_the_prompt_is_never_scored_and_eos_ends_each_completion_once(local_model):
-    tokenizer = AutoTokenizer.from_pretrained(local_model)
-    args = train.parse_args(["--max-length", "64"])
-    standard = {"prompt": "Review of the lamp:", "chosen": " The fit is great.", "rejected": " The fit is poor."}
-    conversational = {"chosen": [{"role": "user", "content": "Review of the lamp:"}, {"role": "assistant", "content": "The fit is great."}],
-                      "rejected": [{"role": "user", "content": "Review of the lamp:"}, {"role": "assistant", "content": "The fit is poor."}]}
-    (standard_pair, conversational_pair), skipped = train.tokenize_pairs(
-        list(enumerate([standard, conversational], start=1)), "rows", tokenizer, args)
-    assert skipped == {}
-    eos = tokenizer.eos_token_id
-    for pair in (standard_pair, conversational_pair):
-        for completion in (pair["chosen_ids"], pair["rejected_ids"]):
-            assert completion[-1] == eos and completion.count(eos) == 1
-    assert tokenizer.decode(standard_pair["chosen_ids"], skip_special_tokens=True) == "the fit is great ."
-
-    batch = train.collate([standard_pair], tokenizer.pad_token_id, torch.device("cpu"))
-    scored = batch.input_ids[batch.completion_mask.bool()].tolist()
-    assert scored == standard_pair["chosen_ids"] + standard_pair["rejected_ids"]
-
-
-def test_unusable_rows_are_counted_never_trained(local_model):
-    tokenizer = AutoTokenizer.from_pretrained(local_model)
-    args = train.parse_args(["--max-length", "8", "--max-prompt-length", "8"])
-    rows = [
-        {"prompt": "Review of the lamp:", "chosen": " The fit is great.", "rejected": " The fit is poor."},
-        {"prompt": "Review of the lamp:", "chosen": " Same.", "rejected": " Same."},
-        {"prompt": "Review of the lamp: the fit is great and the price is poor", "chosen": " Fine.", "rejected": " Poor."},
-    ]
-    pairs, skipped = train.tokenize_pairs(list(enumerate(rows, start=1)), "rows", tokenizer, args)
-    assert skipped == {"chosen identical to rejected": 1,
-                       "no room for a completion after the prompt (raise --max-length)": 1}
-    (pair,) = pairs
-    assert len(pair["prompt_ids"]) + len(pair["chosen_ids"]) <= 8 and len(pair["chosen_ids"]) >= 1
-
-
 def test_compare_trains_dpo_and_epsilon_dpo_side_by_side(tmp_path, capsys):
     train.main(["--compare", "--output-dir", str(tmp_path), "--max-steps", "2", "--epsilon", "0.3", *QUICK])
     dpo = json.loads((tmp_path / "dpo/summary.json").read_text())
@@ -244,18 +209,21 @@ def good_rows(num_pairs=12):
 
 
 @pytest.mark.parametrize("bad_row, message", [
-    ({"prompt": "Review of the lamp:", "rejected": " Poor."}, "row 3: field 'chosen' is missing"),
+    ({"prompt": "Review of the lamp:", "rejected": " Poor."}, "line 3: field 'chosen' is missing"),
     ({"prompt": "Review of the lamp:", "chosen": 5, "rejected": " Poor."},
-     "row 3: field 'chosen' must be a string or a list of messages, not int"),
-    ({"prompt": "Review of the lamp:", "chosen": " Great.", "rejected": "  "}, "row 3: field 'rejected' is empty"),
-    ({"chosen": " Great.", "rejected": " Poor."}, "row 3: field 'prompt' is missing"),
+     "line 3: field 'chosen' must be a string or a list of messages, not int"),
+    ({"prompt": "Review of the lamp:", "chosen": " Great.", "rejected": "  "}, "line 3: field 'rejected' is empty"),
+    ({"chosen": " Great.", "rejected": " Poor."}, "line 3: field 'prompt' is missing"),
+    ({"prompt": "Review of the lamp:", "chosen": " Great.", "rejected": " Poor.", "noisy": "yes"},
+     "line 3: field 'noisy' must be true, false or null, not str 'yes'"),
 ])
-def test_a_malformed_row_is_named_by_file_row_and_field(tmp_path, bad_row, message):
+def test_a_malformed_row_stops_the_run_before_training_naming_file_line_and_field(tmp_path, bad_row, message):
     rows = good_rows()
     rows.insert(2, bad_row)
     dataset = write_jsonl(tmp_path / "pairs.jsonl", rows)
     error = run_expecting_error(["--dataset", str(dataset), "--output-dir", str(tmp_path / "out"), *QUICK])
     assert error.startswith(f"error: {dataset}, {message}") and "--skip-invalid" in error
+    assert not (tmp_path / "out").exists()                              # stopped before anything was written
 
 
 def test_skip_invalid_drops_malformed_rows_and_reports_them(tmp_path, capsys):

@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 
 import epsdpo
+from data import ReportedError, collate, load_splits, micro_batches, tokenize_rows
 
 HERE = pathlib.Path(__file__).resolve().parent
 TINY_MODEL, TINY_DATASET, TINY_GOLD_REWARD = HERE / "tiny_data/model", HERE / "tiny_data/data", HERE / "tiny_data/gold_reward.py"
@@ -92,7 +93,7 @@ def parse_args(argv=None):
     p.add_argument("--max-length", type=_number(int, 2, low_open=False, what="must be >= 2"), default=512,
                    help="prompt + completion tokens")
     p.add_argument("--max-prompt-length", type=count, default=256,
-                   help="longer prompts keep their last tokens")
+                   help="when a pair exceeds --max-length, its prompt keeps BOS and its last tokens up to this many")
     p.add_argument("--eval-every", type=count, default=25,
                    help="optimizer steps between evaluations")
     p.add_argument("--eval-batch-size", type=count, default=64,
@@ -112,218 +113,11 @@ def parse_args(argv=None):
                    help="how many of the latest checkpoints to keep")
     p.add_argument("--trust-remote-code", action="store_true", help="run code from the model's repository")
     p.add_argument("--compare", action="store_true", help="train DPO (ε = 0) and ε-DPO and show them side by side")
-    return p.parse_args(argv)
-
-
-# ----------------------------------------------------------------------------------------------------
-# Data: rows of prompt/chosen/rejected -> token ids -> padded batches
-
-
-class ReportedError(Exception):
-    """A problem with the user's data, paths or run: main() reports it in one line, without a traceback."""
-
-
-def _looks_local(name):
-    path = pathlib.Path(name).expanduser()
-    return name.startswith((".", "/", "~")) or path.suffix in (".json", ".jsonl", ".parquet") or (
-        len(path.parts) > 1 and pathlib.Path(path.parts[0]).exists())
-
-
-def load_splits(args):
-    """The train and held-out splits of --dataset: each a list of (row number, row) and where it came from."""
-    from datasets import Dataset, load_dataset, load_from_disk
-
-    path = pathlib.Path(args.dataset).expanduser()
-    try:
-        if path.is_file():
-            builder = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}.get(path.suffix)
-            if builder is None:
-                raise ReportedError(f"{path}: expected a .json, .jsonl or .parquet file")
-            try:
-                splits = load_dataset(builder, data_files=str(path))
-            except Exception:
-                if builder != "json":
-                    raise
-                # Rows datasets cannot fit into one schema (a number where others have text, say):
-                # read them as they are, so that the row at fault can be named below.
-                splits = {args.train_split: _read_json_rows(path)}
-        elif path.is_dir() and ((path / "dataset_dict.json").exists() or (path / "state.json").exists()):
-            splits = load_from_disk(str(path))                          # written by save_to_disk
-        elif path.is_dir() or not _looks_local(args.dataset):
-            splits = load_dataset(args.dataset)                         # a folder of data files, or a Hub id
-        else:
-            raise ReportedError(f"--dataset {args.dataset}: no such file or folder")
-    except ReportedError:
-        raise
-    except Exception as error:                                          # datasets' own errors, in one line
-        raise ReportedError(f"--dataset {args.dataset}: could not be loaded ({type(error).__name__}: "
-                            f"{str(error).splitlines()[0] if str(error) else ''})") from None
-    if isinstance(splits, Dataset):
-        splits = {args.train_split: splits}
-    if args.train_split not in splits:
-        raise ReportedError(f"--dataset {args.dataset} has no split {args.train_split!r} (it has {sorted(splits)})")
-
-    def numbered(split):
-        rows = splits[split] if isinstance(splits[split], list) else splits[split].to_list()
-        return list(enumerate(rows, start=1))                           # as a person counts rows
-
-    source = str(path) if path.is_file() else f"{args.dataset} (split {{}})"
-    train_rows = numbered(args.train_split)
-    if args.eval_split in splits:
-        return (train_rows, source.format(args.train_split)), (numbered(args.eval_split), source.format(args.eval_split))
-    order = torch.randperm(len(train_rows), generator=torch.Generator().manual_seed(args.seed)).tolist()
-    held_out = set(order[: max(1, int(args.eval_fraction * len(train_rows)))])
-    source = source.format(args.train_split)
-    return ([row for i, row in enumerate(train_rows) if i not in held_out], source), (
-        [row for i, row in enumerate(train_rows) if i in held_out], source)
-
-
-def _read_json_rows(path):
-    """The rows of a JSON Lines file (or a JSON list), read without a schema."""
-    text = path.read_text()
-    if path.suffix == ".json":
-        return json.loads(text)
-    rows = []
-    for number, line in enumerate(text.splitlines(), start=1):
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as error:
-                raise ReportedError(f"{path}, line {number}: not valid JSON ({error.msg})") from None
-    return rows
-
-
-def check_row(row):
-    """None if the row holds a preference pair, otherwise what is wrong with it, naming the field."""
-    if not isinstance(row, dict):
-        return f"expected an object with prompt, chosen and rejected, not {type(row).__name__}"
-
-    def is_messages(value):
-        return isinstance(value, list) and all(isinstance(m, dict) and "role" in m and "content" in m for m in value)
-
-    for field in ("chosen", "rejected"):
-        value = row.get(field)
-        if value is None:
-            return f"field {field!r} is missing"
-        if not (isinstance(value, str) or is_messages(value)):
-            return f"field {field!r} must be a string or a list of messages, not {type(value).__name__}"
-        text = value if isinstance(value, str) else (value[-1]["content"] if value else "")   # the completion
-        if not isinstance(text, str) or not text.strip():
-            return f"field {field!r} is empty"
-    prompt = row.get("prompt")
-    conversations = isinstance(row["chosen"], list) and len(row["chosen"]) > 1
-    if prompt is None and not conversations:
-        return "field 'prompt' is missing"
-    if prompt is not None and not (isinstance(prompt, str) or is_messages(prompt)):
-        return f"field 'prompt' must be a string or a list of messages, not {type(prompt).__name__}"
-    return None
-
-
-def render(row, tokenizer):
-    """(prompt, chosen, rejected) as text, and whether the prompt still needs the tokenizer's special tokens.
-
-    Standard format: three strings. Conversational format: lists of {"role", "content"} messages that the
-    tokenizer's chat template renders; the completion is what the template adds after the prompt.
-    """
-    chosen, rejected, prompt = row["chosen"], row["rejected"], row.get("prompt")
-    if isinstance(chosen, str) and isinstance(rejected, str) and isinstance(prompt, str):
-        return prompt, chosen, rejected, True
-    if not (isinstance(chosen, list) and isinstance(rejected, list)):
-        raise ValueError("chosen and rejected must both be strings (with a string prompt) or message lists")
-    if len(chosen) > 1:                              # whole conversations: the prompt is what they share
-        if chosen[:-1] != rejected[:-1]:
-            raise ValueError("chosen and rejected conversations differ before their last message")
-        prompt, chosen, rejected = chosen[:-1], chosen[-1:], rejected[-1:]
-    elif isinstance(prompt, str):
-        prompt = [{"role": "user", "content": prompt}]
-    prompt_text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
-    completions = []
-    for completion in (chosen, rejected):
-        conversation = tokenizer.apply_chat_template(prompt + completion, tokenize=False)
-        if not conversation.startswith(prompt_text):
-            raise ValueError("the chat template does not render the prompt as the start of the conversation")
-        completions.append(conversation[len(prompt_text):])
-    return prompt_text, completions[0], completions[1], False
-
-
-def completion_ids(text, tokenizer):
-    """Token ids of a completion, ending with EOS exactly once (a chat template may already add it)."""
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    if tokenizer.eos_token_id in ids:
-        last = len(ids) - 1 - ids[::-1].index(tokenizer.eos_token_id)
-        return ids[: last + 1]                                          # drop what follows EOS, such as "\n"
-    return ids + [tokenizer.eos_token_id]
-
-
-def tokenize_pairs(rows, source, tokenizer, args):
-    """Token ids of each usable pair, and the count of unusable rows by reason (never trained silently).
-
-    rows are (row number, row) from source. A malformed row stops the run with a message naming the
-    source, the row and the field, unless --skip-invalid drops it.
-    """
-    pairs, skipped = [], {}
-
-    def skip(reason):
-        skipped[reason] = skipped.get(reason, 0) + 1
-
-    for row_number, row in rows:
-        problem = check_row(row)
-        if problem is None:
-            try:
-                prompt, chosen, rejected, add_special_tokens = render(row, tokenizer)
-            except ValueError as error:
-                problem = str(error)
-        if problem is not None:
-            if not args.skip_invalid:
-                raise ReportedError(f"{source}, row {row_number}: {problem} (--skip-invalid drops such rows)")
-            skip("invalid (--skip-invalid)")
-            continue
-        if chosen == rejected:
-            skip("chosen identical to rejected")
-            continue
-        prompt_ids = tokenizer(prompt, add_special_tokens=add_special_tokens)["input_ids"][-args.max_prompt_length :]
-        room = args.max_length - len(prompt_ids)
-        if room < 1:
-            skip("no room for a completion after the prompt (raise --max-length)")
-            continue
-        pairs.append({
-            "prompt": prompt,
-            "prompt_ids": prompt_ids,
-            "chosen_ids": completion_ids(chosen, tokenizer)[:room],     # truncation keeps ≥ 1 token
-            "rejected_ids": completion_ids(rejected, tokenizer)[:room],
-            "noisy": row.get("noisy"),
-        })
-    return pairs, skipped
-
-
-@dataclass
-class Batch:
-    input_ids: torch.Tensor          # (2B, T): B chosen sequences, then B rejected ones, right-padded
-    attention_mask: torch.Tensor     # (2B, T)
-    completion_mask: torch.Tensor    # (2B, T): 1 on completion tokens
-    noisy: list                      # (B,): the data's noise flags, or None
-
-
-def collate(pairs, pad_token_id, device):
-    sequences = [(p["prompt_ids"], p["chosen_ids"]) for p in pairs] + [(p["prompt_ids"], p["rejected_ids"]) for p in pairs]
-    length = max(len(prompt) + len(completion) for prompt, completion in sequences)
-    input_ids = torch.full((len(sequences), length), pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros_like(input_ids)
-    completion_mask = torch.zeros_like(input_ids)
-    for row, (prompt, completion) in enumerate(sequences):
-        end = len(prompt) + len(completion)
-        input_ids[row, :end] = torch.tensor(prompt + completion)
-        attention_mask[row, :end] = 1
-        completion_mask[row, len(prompt) : end] = 1
-    return Batch(input_ids.to(device), attention_mask.to(device), completion_mask.to(device), [p["noisy"] for p in pairs])
-
-
-def micro_batches(pairs, batch_size, seed):
-    """Endless micro-batches, in a fresh seeded order each epoch."""
-    for epoch in range(sys.maxsize):
-        order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(seed + epoch)).tolist()
-        for start in range(0, len(order) - batch_size + 1, batch_size):
-            yield [pairs[i] for i in order[start : start + batch_size]]
+    args = p.parse_args(argv)
+    if args.max_prompt_length >= args.max_length:
+        p.error(f"--max-prompt-length {args.max_prompt_length} must be less than --max-length {args.max_length}, "
+                f"so that every completion keeps a token")
+    return args
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -504,13 +298,19 @@ def train(args, label="ε-DPO"):
         raise ReportedError(f"--model {args.model}: {str(error).splitlines()[0]}") from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token                       # padding is masked out anyway
-    (train_rows, train_source), (eval_rows, eval_source) = load_splits(args)
-    train_pairs, train_skipped = tokenize_pairs(train_rows, train_source, tokenizer, args)
-    eval_pairs, eval_skipped = tokenize_pairs(eval_rows, eval_source, tokenizer, args)
-    for split, skipped in (("train", train_skipped), ("eval", eval_skipped)):
-        for reason, count in skipped.items():
-            if rank == 0:
+    train_rows, eval_rows, notes = load_splits(args.dataset, args.train_split, args.eval_split, args.eval_fraction, args.seed)
+    lengths = (tokenizer, args.max_length, args.max_prompt_length, args.skip_invalid)
+    train_pairs, train_skipped, train_moved = tokenize_rows(train_rows, *lengths)
+    eval_pairs, eval_skipped, eval_moved = tokenize_rows(eval_rows, *lengths)
+    if rank == 0:
+        for note in notes:
+            print(f"note: {note}")
+        for split, skipped in (("train", train_skipped), ("eval", eval_skipped)):
+            for reason, count in skipped.items():
                 print(f"skipped {count} {split} rows: {reason}")
+        if train_moved + eval_moved:
+            print(f"note: in {train_moved} train and {eval_moved} held-out pairs the tokenizer merges tokens across the "
+                  f"prompt/completion boundary; the prompt is the part both sequences share")
     if len(train_pairs) < args.batch_size or not eval_pairs:
         raise ReportedError(f"--dataset {args.dataset}: {len(train_pairs)} usable train pairs and {len(eval_pairs)} "
                             f"held-out pairs; need at least --batch-size ({args.batch_size}) and 1")
@@ -637,6 +437,7 @@ def train(args, label="ε-DPO"):
         "train_pairs": len(train_pairs),
         "eval_pairs": len(eval_pairs),
         "skipped": {"train": train_skipped, "eval": eval_skipped},
+        "boundary_moved": {"train": train_moved, "eval": eval_moved},
         "steps": total_steps,
         "final_beta": baseline_beta.value,
         "start": evaluations[0],

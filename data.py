@@ -1,0 +1,351 @@
+"""Preference data for ε-DPO: from a dataset name to batches of token ids.
+
+    load_splits      a Hub id, a JSON/JSONL/Parquet file, a folder of them or a save_to_disk folder -> rows
+    check_row        what is wrong with a row, naming the field
+    tokenize_pair    one row -> prompt_ids, chosen_ids, rejected_ids (usable on its own, like TRL's tokenize_row)
+    tokenize_rows    every row of a split: the usable pairs, and the rows left out and why
+    collate          B pairs -> one right-padded batch of 2B rows: the B chosen sequences, then the B rejected
+    micro_batches    endless micro-batches in a seeded order
+
+Formats (as TRL's DPOTrainer takes them): standard rows hold "prompt", "chosen" and "rejected" strings, the
+completions without the prompt; conversational rows hold lists of {"role", "content"} messages that the
+tokenizer's chat template renders, either an explicit "prompt" or whole conversations whose messages before
+the last one are the prompt. An optional "noisy" (true, false or null) marks pairs known to be mislabelled.
+
+Tokenization follows the DPO authors' code and TRL: prompt + completion are tokenized as one text, so the
+model is trained on the ids it sees at inference; the prompt is truncated (from the left, BOS kept) only
+when the pair does not fit in max_length, and then the completions (from the right).
+"""
+
+import json
+import pathlib
+import re
+import sys
+from dataclasses import dataclass
+
+import torch
+
+SUFFIXES = (".json", ".jsonl", ".parquet")                  # the files a dataset folder is read from
+# The split a file in a dataset folder belongs to, by a word of its path (datasets' own convention).
+SPLIT_WORDS = {"train": {"train", "training"}, "validation": {"validation", "valid", "val", "dev"},
+               "test": {"test", "testing", "eval", "evaluation"}}
+
+
+class ReportedError(Exception):
+    """A problem with the user's data, paths or run: train.py reports it in one line, without a traceback."""
+
+
+# ----------------------------------------------------------------------------------------------------
+# Loading: every row with where it came from ("pairs.jsonl, line 8"), read as it is, never converted
+
+
+def load_splits(dataset, train_split="train", eval_split="test", eval_fraction=0.05, seed=0):
+    """(train rows, held-out rows, notes): rows are lists of (where, row); notes say what was not loaded.
+
+    The held-out rows are eval_split when the dataset has it, else a seeded eval_fraction of train_split.
+    Local JSON, JSON Lines and Parquet files are read here, without a schema, so that a value of the wrong
+    type reaches check_row as it is (a loader that unifies types would turn the number 0 into "0").
+    """
+    if eval_split == train_split:
+        raise ReportedError(f"--eval-split {eval_split} is the training split: held-out metrics would be "
+                            f"measured on the data trained on. Name another split, or none to hold out "
+                            f"--eval-fraction of {train_split}")
+    path, notes = pathlib.Path(dataset).expanduser(), []
+    if path.is_file():
+        if path.suffix not in SUFFIXES:
+            raise ReportedError(f"--dataset {path}: expected a .json, .jsonl or .parquet file")
+        splits = {train_split: _read_rows(path)}
+    elif path.is_dir() and not ((path / "dataset_dict.json").exists() or (path / "state.json").exists()):
+        splits, notes = _read_folder(path)
+    elif path.is_dir() or not _looks_local(dataset):
+        splits = _load_with_datasets(dataset, path)                 # a save_to_disk folder, or a Hub id
+    else:
+        raise ReportedError(f"--dataset {dataset}: no such file or folder")
+    if train_split not in splits:
+        raise ReportedError(f"--dataset {dataset} has no split {train_split!r} (it has {sorted(splits)})")
+    if eval_split in splits:
+        return splits[train_split], splits[eval_split], notes
+    rows = splits[train_split]
+    order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed)).tolist()
+    held_out = set(order[: max(1, int(eval_fraction * len(rows)))])
+    return ([row for i, row in enumerate(rows) if i not in held_out],
+            [row for i, row in enumerate(rows) if i in held_out], notes)
+
+
+def _looks_local(name):
+    path = pathlib.Path(name).expanduser()
+    return name.startswith((".", "/", "~")) or path.suffix in SUFFIXES or (
+        len(path.parts) > 1 and pathlib.Path(path.parts[0]).exists())
+
+
+def _read_folder(folder):
+    """The rows of every data file in a folder, by split, and a note naming the files not loaded."""
+    files = sorted(p for p in folder.rglob("*") if p.is_file())
+    data_files = [p for p in files if p.suffix in SUFFIXES]
+
+    def split_of(file):
+        words = set(re.split(r"[-._ 0-9]+", str(file.relative_to(folder).with_suffix("")).replace("/", " ")))
+        return next((split for split, aliases in SPLIT_WORDS.items() if words & aliases), None)
+
+    by_split = {}
+    for file in data_files:
+        by_split.setdefault(split_of(file), []).append(file)
+    if list(by_split) == [None]:                                    # no file names a split: all are train
+        by_split = {"train": by_split[None]}
+    not_loaded = [p for p in files if p not in data_files] + by_split.pop(None, [])
+    if not by_split:
+        raise ReportedError(f"--dataset {folder}: no .json, .jsonl or .parquet file in it")
+    notes = []
+    if not_loaded:
+        names = ", ".join(str(p.relative_to(folder)) for p in not_loaded[:10])
+        more = f" and {len(not_loaded) - 10} more" if len(not_loaded) > 10 else ""
+        notes.append(f"not loaded from {folder} (not .json, .jsonl or .parquet, or in no split): {names}{more}")
+    return {split: [row for file in split_files for row in _read_rows(file)] for split, split_files in by_split.items()}, notes
+
+
+def _read_rows(path):
+    """(where, row) for every row of a .jsonl, .json or .parquet file; where names the file and the line."""
+    if path.suffix == ".parquet":
+        import pyarrow.parquet
+
+        return [(f"{path}, row {number}", row)
+                for number, row in enumerate(pyarrow.parquet.read_table(path).to_pylist(), start=1)]
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".json" and text.lstrip().startswith("["):
+        return _json_array_rows(text, path)
+    rows = []                                                        # JSON Lines (a .json file may be too)
+    for number, line in enumerate(text.splitlines(), start=1):
+        if line.strip():
+            try:
+                rows.append((f"{path}, line {number}", json.loads(line)))
+            except json.JSONDecodeError as error:
+                raise ReportedError(f"{path}, line {number}: not valid JSON ({error.msg})") from None
+    return rows
+
+
+def _json_array_rows(text, path):
+    """The elements of a JSON array, each with the line it starts on."""
+    decoder, rows, line = json.JSONDecoder(), [], 1
+    position = previous = text.index("[") + 1
+    try:
+        while True:
+            position = len(text) - len(text[position:].lstrip())
+            if text[position] == "]":
+                return rows
+            line += text.count("\n", previous, position)
+            row, previous = decoder.raw_decode(text, position)
+            rows.append((f"{path}, line {line}", row))
+            line += text.count("\n", position, previous)
+            position = len(text) - len(text[previous:].lstrip())
+            if text[position] == ",":
+                position += 1
+            elif text[position] != "]":
+                raise json.JSONDecodeError("expected ',' or ']'", text, position)
+    except (json.JSONDecodeError, IndexError) as error:
+        where = text.count("\n", 0, getattr(error, "pos", len(text))) + 1
+        raise ReportedError(f"{path}, line {where}: not valid JSON ({getattr(error, 'msg', 'unexpected end')})") from None
+
+
+def _load_with_datasets(dataset, path):
+    """A save_to_disk folder or a Hub dataset, through the datasets library: {split: [(where, row)]}."""
+    from datasets import Dataset, load_dataset, load_from_disk
+
+    try:
+        splits = load_from_disk(str(path)) if path.is_dir() else load_dataset(dataset)
+    except Exception as error:                                      # datasets' own errors, in one line
+        message = str(error).splitlines()[0] if str(error) else ""
+        raise ReportedError(f"--dataset {dataset}: could not be loaded ({type(error).__name__}: {message})") from None
+    if isinstance(splits, Dataset):
+        splits = {"train": splits}
+    return {split: [(f"{dataset} (split {split}), row {number}", row)
+                    for number, row in enumerate(rows.to_list(), start=1)] for split, rows in splits.items()}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Checking and rendering one row
+
+
+def _is_messages(value):
+    return isinstance(value, list) and all(
+        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in value)
+
+
+def check_row(row):
+    """Raise ValueError naming the field if the row is not a preference pair of one of the two formats."""
+    if not isinstance(row, dict):
+        raise ValueError(f"expected an object with prompt, chosen and rejected, not {type(row).__name__}")
+    for field in ("chosen", "rejected"):
+        value = row.get(field)
+        if value is None:
+            raise ValueError(f"field {field!r} is missing")
+        if not (isinstance(value, str) or _is_messages(value)):
+            raise ValueError(f"field {field!r} must be a string or a list of messages, not {_describe(value)}")
+        if not (value if isinstance(value, str) else value[-1]["content"] if value else "").strip():
+            raise ValueError(f"field {field!r} is empty")
+    if isinstance(row["chosen"], str) != isinstance(row["rejected"], str):
+        raise ValueError("fields 'chosen' and 'rejected' must both be strings or both lists of messages")
+    prompt = row.get("prompt")
+    if prompt is None and not (isinstance(row["chosen"], list) and len(row["chosen"]) > 1):
+        raise ValueError("field 'prompt' is missing")
+    if prompt is not None and not (isinstance(prompt, str) or _is_messages(prompt)):
+        raise ValueError(f"field 'prompt' must be a string or a list of messages, not {_describe(prompt)}")
+    if isinstance(prompt, list) and isinstance(row["chosen"], str):
+        raise ValueError("field 'prompt' is a list of messages but 'chosen' and 'rejected' are strings")
+    if row.get("noisy") is not None and not isinstance(row["noisy"], bool):           # not even 0 or 1
+        raise ValueError(f"field 'noisy' must be true, false or null, not {_describe(row['noisy'])}")
+
+
+def _describe(value):
+    return f"{type(value).__name__} {value!r}"[:60]
+
+
+def render(row, tokenizer):
+    """(prompt, chosen, rejected) as text, and whether tokenizing them adds the tokenizer's special tokens.
+
+    Standard rows are their own text. Conversational rows are rendered with the chat template, which
+    writes the special tokens itself: the completion is what the template adds after the prompt.
+    """
+    chosen, rejected, prompt = row["chosen"], row["rejected"], row.get("prompt")
+    if isinstance(chosen, str):
+        return prompt, chosen, rejected, True
+    if prompt is None:                               # whole conversations: the prompt is what they share
+        if chosen[:-1] != rejected[:-1]:
+            raise ValueError("fields 'chosen' and 'rejected' differ before their last message (the prompt)")
+        prompt, chosen, rejected = chosen[:-1], chosen[-1:], rejected[-1:]
+    elif isinstance(prompt, str):
+        prompt = [{"role": "user", "content": prompt}]
+    if tokenizer.chat_template is None:
+        raise ValueError("a conversational row, but the tokenizer has no chat template to render it")
+    prompt_text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+    completions = []
+    for completion in (chosen, rejected):
+        conversation = tokenizer.apply_chat_template(prompt + completion, tokenize=False)
+        if not conversation.startswith(prompt_text):
+            raise ValueError("the chat template does not render the prompt as the start of the conversation")
+        completions.append(conversation[len(prompt_text):])
+    return prompt_text, completions[0], completions[1], False
+
+
+# ----------------------------------------------------------------------------------------------------
+# Tokenizing: ids like the text, truncation only when the pair does not fit
+
+
+def tokenize_pair(row, tokenizer, max_length, max_prompt_length):
+    """Token ids of one preference pair, as the model sees the whole text prompt + completion.
+
+    Returns {"prompt_ids", "chosen_ids", "rejected_ids"} (lists of ints) and, for the caller's report,
+    "prompt" (the prompt's text), "boundary_moved" and "truncated". Raises ValueError naming the field
+    for a malformed row.
+
+    - prompt_ids + chosen_ids are the ids of the text prompt + chosen as the tokenizer encodes it (its BOS
+      included), and the same for rejected. Where the tokenizer merges tokens across the boundary (a BPE
+      tokenizer makes "ĠThe" of the prompt's trailing space and the completion's "The"), the prompt is the
+      part the three encodings share, and boundary_moved is True.
+    - Each completion ends with EOS exactly once (a chat template may already close the turn with it).
+    - Only when prompt + the longer completion exceeds max_length: the prompt keeps its last
+      max_prompt_length tokens after its leading special tokens (BOS), then the completions are cut from
+      the right to what is left. Since max_prompt_length < max_length, every completion keeps a token.
+    """
+    if not 1 <= max_prompt_length < max_length:
+        raise ValueError(f"max_prompt_length ({max_prompt_length}) must be at least 1 and less than "
+                         f"max_length ({max_length})")
+    check_row(row)
+    prompt, chosen, rejected, add_special_tokens = render(row, tokenizer)
+
+    def encode(text):
+        return tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]
+
+    prompt_alone, chosen_whole, rejected_whole = encode(prompt), encode(prompt + chosen), encode(prompt + rejected)
+    shared = 0
+    while shared < len(prompt_alone) and prompt_alone[shared] == chosen_whole[shared] == rejected_whole[shared]:
+        shared += 1
+    if shared == 0:
+        raise ValueError("field 'prompt' has no token of its own before the completion")
+    prompt_ids = prompt_alone[:shared]
+    chosen_ids = _ending_with_eos_once(chosen_whole[shared:], tokenizer.eos_token_id)
+    rejected_ids = _ending_with_eos_once(rejected_whole[shared:], tokenizer.eos_token_id)
+
+    truncated = len(prompt_ids) + max(len(chosen_ids), len(rejected_ids)) > max_length
+    if truncated:
+        if len(prompt_ids) > max_prompt_length:
+            special = set(tokenizer.all_special_ids)
+            lead = 0
+            while lead < max_prompt_length - 1 and prompt_ids[lead] in special:
+                lead += 1                                           # BOS (and the like) stays in front
+            prompt_ids = prompt_ids[:lead] + prompt_ids[len(prompt_ids) - (max_prompt_length - lead):]
+        room = max_length - len(prompt_ids)
+        chosen_ids, rejected_ids = chosen_ids[:room], rejected_ids[:room]
+    return {"prompt_ids": prompt_ids, "chosen_ids": chosen_ids, "rejected_ids": rejected_ids, "prompt": prompt,
+            "boundary_moved": shared < len(prompt_alone), "truncated": truncated}
+
+
+def _ending_with_eos_once(ids, eos_token_id):
+    if eos_token_id in ids:                          # a chat template closed the turn: drop what follows ("\n")
+        return ids[: len(ids) - ids[::-1].index(eos_token_id)]
+    return ids + [eos_token_id]
+
+
+def tokenize_rows(rows, tokenizer, max_length, max_prompt_length, skip_invalid=False):
+    """(pairs, skipped, boundary_moved) for rows of (where, row).
+
+    pairs: what tokenize_pair returns, plus "noisy". skipped: {reason: count} for rows never trained
+    (the README promises they are reported). boundary_moved: how many pairs had their prompt/completion
+    boundary moved by the tokenizer. A malformed row stops everything with a message naming where it is
+    and the field, unless skip_invalid.
+    """
+    pairs, skipped, boundary_moved = [], {}, 0
+
+    def skip(reason):
+        skipped[reason] = skipped.get(reason, 0) + 1
+
+    for where, row in rows:
+        try:
+            pair = tokenize_pair(row, tokenizer, max_length, max_prompt_length)
+        except ValueError as error:
+            if not skip_invalid:
+                raise ReportedError(f"{where}: {error} (--skip-invalid drops such rows)") from None
+            skip("invalid (--skip-invalid)")
+            continue
+        if row["chosen"] == row["rejected"]:
+            skip("chosen identical to rejected")
+        elif pair["chosen_ids"] == pair["rejected_ids"]:
+            skip("identical once truncated to --max-length" if pair["truncated"] else "chosen and rejected tokenize alike")
+        else:
+            boundary_moved += pair["boundary_moved"]
+            pairs.append({**pair, "noisy": row.get("noisy")})
+    return pairs, skipped, boundary_moved
+
+
+# ----------------------------------------------------------------------------------------------------
+# Batches
+
+
+@dataclass
+class Batch:
+    input_ids: torch.Tensor          # (2B, T): B chosen sequences, then B rejected ones, right-padded
+    attention_mask: torch.Tensor     # (2B, T)
+    completion_mask: torch.Tensor    # (2B, T): 1 on completion tokens
+    noisy: list                      # (B,): the data's noise flags, or None
+
+
+def collate(pairs, pad_token_id, device):
+    """One batch of 2B rows for one concatenated forward pass: the B chosen sequences, then the B rejected."""
+    sequences = [(p["prompt_ids"], p["chosen_ids"]) for p in pairs] + [(p["prompt_ids"], p["rejected_ids"]) for p in pairs]
+    length = max(len(prompt) + len(completion) for prompt, completion in sequences)
+    input_ids = torch.full((len(sequences), length), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros_like(input_ids)
+    completion_mask = torch.zeros_like(input_ids)
+    for row, (prompt, completion) in enumerate(sequences):
+        end = len(prompt) + len(completion)
+        input_ids[row, :end] = torch.tensor(prompt + completion)
+        attention_mask[row, :end] = 1
+        completion_mask[row, len(prompt) : end] = 1
+    return Batch(input_ids.to(device), attention_mask.to(device), completion_mask.to(device), [p.get("noisy") for p in pairs])
+
+
+def micro_batches(pairs, batch_size, seed):
+    """Endless micro-batches, in a fresh seeded order each epoch."""
+    for epoch in range(sys.maxsize):
+        order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+        for start in range(0, len(order) - batch_size + 1, batch_size):
+            yield [pairs[i] for i in order[start : start + batch_size]]

@@ -1,0 +1,210 @@
+"""Tests of data.py: rows are read as they are and named by file and line, token ids are those of the whole
+text, truncation happens only when a pair does not fit, and bad columns stop the run before training."""
+
+import json
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the tests never download anything
+
+import pytest
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+import data
+import train
+
+KETTLE = {"prompt": "Review of the kettle: ", "chosen": "The price is great.", "rejected": "The price is poor."}
+
+
+@pytest.fixture(scope="module")
+def bpe_tokenizer():
+    """A byte-level BPE tokenizer (the kind every real LLM has), trained here on a few sentences: BOS in front,
+    and a chat template that closes every turn with EOS and a newline, as Qwen's does."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    texts = ["Review of the kettle: The price is great. The price is poor. The fit is very good.",
+             "user assistant Write about the lamp and the chair, please."] * 20
+    tokenizer.train_from_iterator(texts, trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<s>", "<|im_end|>", "<pad>", "<|im_start|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
+    wrapped = PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="<|im_end|>",
+                                      pad_token="<pad>", additional_special_tokens=["<|im_start|>"])
+    wrapped.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                             "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    return wrapped
+
+
+def ids(tokenizer, text, **kwargs):
+    return tokenizer(text, **kwargs)["input_ids"]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Ids like the text
+
+
+def test_ids_are_those_of_the_whole_text_where_bpe_merges_across_the_boundary(bpe_tokenizer):
+    pair = data.tokenize_pair(KETTLE, bpe_tokenizer, max_length=512, max_prompt_length=256)
+    eos = bpe_tokenizer.eos_token_id
+    for completion in ("chosen", "rejected"):
+        whole = ids(bpe_tokenizer, KETTLE["prompt"] + KETTLE[completion])
+        assert pair["prompt_ids"] + pair[f"{completion}_ids"] == whole + [eos]
+    # Tokenized alone, the prompt ends in a lone "Ġ"; in the whole text that space is part of "ĠThe".
+    alone = ids(bpe_tokenizer, KETTLE["prompt"])
+    assert bpe_tokenizer.convert_ids_to_tokens(alone[-1:]) == ["Ġ"] and pair["prompt_ids"] == alone[:-1]
+    assert bpe_tokenizer.convert_ids_to_tokens(pair["chosen_ids"][:1]) == ["ĠThe"]
+    assert pair["boundary_moved"] and pair["prompt_ids"][0] == bpe_tokenizer.bos_token_id
+
+
+def test_without_a_merge_the_prompt_is_the_prompt_alone(bpe_tokenizer):
+    row = {**KETTLE, "prompt": "Review of the kettle:", "chosen": " The price is great."}
+    pair = data.tokenize_pair(row, bpe_tokenizer, 512, 256)
+    assert pair["prompt_ids"] == ids(bpe_tokenizer, "Review of the kettle:") and not pair["boundary_moved"]
+
+
+def test_boundary_moves_are_counted(bpe_tokenizer):
+    rows = [("a, line 1", KETTLE), ("a, line 2", {**KETTLE, "prompt": "Review of the kettle:", "chosen": " The fit."})]
+    pairs, skipped, boundary_moved = data.tokenize_rows(rows, bpe_tokenizer, 512, 256)
+    assert (len(pairs), skipped, boundary_moved) == (2, {}, 1)
+
+
+def test_conversational_ids_are_the_chat_templates_ids_with_eos_once(bpe_tokenizer):
+    prompt = [{"role": "user", "content": "Write about the lamp, please."}]
+    chosen = [{"role": "assistant", "content": "The lamp is very good."}]
+    rejected = [{"role": "assistant", "content": "The lamp is poor."}]
+    eos = bpe_tokenizer.eos_token_id
+    for row in ({"prompt": prompt, "chosen": chosen, "rejected": rejected},        # explicit prompt
+                {"chosen": prompt + chosen, "rejected": prompt + rejected}):        # whole conversations
+        pair = data.tokenize_pair(row, bpe_tokenizer, 512, 256)
+        whole = bpe_tokenizer.apply_chat_template(prompt + chosen, tokenize=False)
+        whole_ids = ids(bpe_tokenizer, whole, add_special_tokens=False)
+        assert whole_ids[-2:] == [eos, ids(bpe_tokenizer, "\n", add_special_tokens=False)[0]]   # "<|im_end|>\n"
+        assert pair["prompt_ids"] + pair["chosen_ids"] == whole_ids[:-1]                 # up to EOS, once
+        assert pair["chosen_ids"].count(eos) == 1 and pair["rejected_ids"][-1] == eos
+        assert pair["prompt_ids"] == ids(bpe_tokenizer, bpe_tokenizer.apply_chat_template(
+            prompt, tokenize=False, add_generation_prompt=True), add_special_tokens=False)
+
+
+def test_a_prompt_of_word_tokens_gets_bos_and_each_completion_eos_once():
+    tokenizer = AutoTokenizer.from_pretrained(train.TINY_MODEL)
+    row = {"prompt": "Review of the lamp:", "chosen": " The fit is great.", "rejected": " The fit is poor."}
+    pair = data.tokenize_pair(row, tokenizer, 64, 32)
+    assert pair["prompt_ids"] == ids(tokenizer, "Review of the lamp:") and pair["prompt_ids"][0] == tokenizer.bos_token_id
+    assert tokenizer.decode(pair["chosen_ids"]) == "the fit is great . </s>"
+
+
+# ----------------------------------------------------------------------------------------------------
+# Truncation only when the pair does not fit
+
+
+def test_a_long_prompt_is_kept_whole_when_the_pair_fits(bpe_tokenizer):
+    row = {**KETTLE, "prompt": "Review of the kettle: " + "the price is great " * 60 + "Now:"}
+    prompt_ids = ids(bpe_tokenizer, row["prompt"])
+    assert len(prompt_ids) > 256
+    pair = data.tokenize_pair(row, bpe_tokenizer, max_length=512, max_prompt_length=256)
+    assert pair["prompt_ids"][0] == bpe_tokenizer.bos_token_id and not pair["truncated"]
+    assert len(pair["prompt_ids"]) == len(prompt_ids) - pair["boundary_moved"]
+
+
+def test_a_pair_too_long_cuts_the_prompt_from_the_left_keeping_bos_then_the_completions(bpe_tokenizer):
+    row = {**KETTLE, "prompt": "Review of the kettle: " + "the price is great " * 60 + "Now:",
+           "chosen": " The price is great." * 30}
+    whole = data.tokenize_pair(row, bpe_tokenizer, 10_000, 9_000)
+    pair = data.tokenize_pair(row, bpe_tokenizer, max_length=100, max_prompt_length=40)
+    assert pair["truncated"]
+    assert pair["prompt_ids"] == whole["prompt_ids"][:1] + whole["prompt_ids"][-39:]     # BOS, then the last 39
+    assert pair["chosen_ids"] == whole["chosen_ids"][:60]                                # cut from the right
+    assert pair["rejected_ids"] == whole["rejected_ids"]                                 # short enough already
+
+
+def test_pairs_made_identical_by_truncation_are_skipped_and_counted(bpe_tokenizer):
+    rows = [("f, line 1", {**KETTLE, "chosen": " The price is great and the fit is poor.",
+                           "rejected": " The price is great and the fit is good."}),
+            ("f, line 2", {**KETTLE, "rejected": KETTLE["chosen"]}),
+            ("f, line 3", KETTLE)]
+    pairs, skipped, _ = data.tokenize_rows(rows, bpe_tokenizer, max_length=12, max_prompt_length=6)
+    assert skipped == {"identical once truncated to --max-length": 1, "chosen identical to rejected": 1}
+    (pair,) = pairs
+    assert len(pair["prompt_ids"]) + len(pair["chosen_ids"]) <= 12 and pair["chosen_ids"] != pair["rejected_ids"]
+
+
+def test_max_prompt_length_must_leave_room_for_a_completion(bpe_tokenizer):
+    with pytest.raises(ValueError, match=r"max_prompt_length \(8\) must be at least 1 and less than max_length \(8\)"):
+        data.tokenize_pair(KETTLE, bpe_tokenizer, 8, 8)
+    with pytest.raises(SystemExit):
+        train.parse_args(["--max-length", "64", "--max-prompt-length", "64"])
+
+
+# ----------------------------------------------------------------------------------------------------
+# Columns checked before training, named by file and line
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"chosen": None}, "field 'chosen' is missing"),
+    ({"chosen": 5}, "field 'chosen' must be a string or a list of messages, not int 5"),
+    ({"rejected": "  "}, "field 'rejected' is empty"),
+    ({"prompt": None}, "field 'prompt' is missing"),
+    ({"prompt": [{"role": "user", "content": "Hi"}]}, "field 'prompt' is a list of messages but"),
+    ({"chosen": [{"role": "assistant", "content": "Ok"}]}, "must both be strings or both lists of messages"),
+    ({"noisy": "yes"}, "field 'noisy' must be true, false or null, not str 'yes'"),
+    ({"noisy": [1]}, "field 'noisy' must be true, false or null, not list [1]"),
+    ({"noisy": 1}, "field 'noisy' must be true, false or null, not int 1"),
+])
+def test_a_malformed_row_raises_a_value_error_naming_the_field(bpe_tokenizer, change, message):
+    with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("(", r"\(")):
+        data.tokenize_pair({**KETTLE, **change}, bpe_tokenizer, 512, 256)
+
+
+def test_rows_are_named_by_the_files_line_numbers(tmp_path, bpe_tokenizer):
+    good = json.dumps(KETTLE)
+    jsonl = tmp_path / "pairs.jsonl"
+    jsonl.write_text(f"{good}\n\n{good}\n\n\n{good}\n\n" + json.dumps({**KETTLE, "noisy": "yes"}) + "\n")
+    array = tmp_path / "pairs.json"
+    array.write_text("[\n  " + good + ",\n\n  {\"prompt\": \"Review:\",\n   \"chosen\": 7, \"rejected\": \"Bad.\"}\n]\n")
+    for path, line, field in ((jsonl, 8, "'noisy'"), (array, 4, "'chosen'")):
+        train_rows, eval_rows, _ = data.load_splits(str(path), eval_fraction=0.01)
+        rows = sorted(train_rows + eval_rows, key=lambda r: int(r[0].rsplit(" ", 1)[1]))
+        with pytest.raises(data.ReportedError, match=f"^{path}, line {line}: field {field}"):
+            data.tokenize_rows(rows, bpe_tokenizer, 512, 256)
+
+
+def test_a_folder_is_read_without_type_conversion_and_names_the_files_it_does_not_load(tmp_path, bpe_tokenizer):
+    import pyarrow
+    import pyarrow.parquet
+
+    rows = [KETTLE] * 6
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    pyarrow.parquet.write_table(pyarrow.Table.from_pylist(rows), tmp_path / "train-00001.parquet")
+    (tmp_path / "test.jsonl").write_text("".join(json.dumps({**KETTLE, "chosen": i}) + "\n" for i in range(3)))
+    (tmp_path / "extra.csv").write_text("prompt,chosen,rejected\n")
+    (tmp_path / "README.md").write_text("my notes\n")
+
+    train_rows, eval_rows, notes = data.load_splits(str(tmp_path))
+    assert len(train_rows) == 12 and len(eval_rows) == 3                     # .jsonl and .parquet both read
+    assert notes == [f"not loaded from {tmp_path} (not .json, .jsonl or .parquet, or in no split): README.md, extra.csv"]
+    with pytest.raises(data.ReportedError, match=f"^{tmp_path / 'test.jsonl'}, line 1: field 'chosen' must be a "
+                                                 f"string or a list of messages, not int 0"):
+        data.tokenize_rows(eval_rows, bpe_tokenizer, 512, 256)
+
+
+def test_evaluating_on_the_training_split_is_refused(tmp_path):
+    path = tmp_path / "pairs.jsonl"
+    path.write_text(json.dumps(KETTLE) + "\n")
+    with pytest.raises(data.ReportedError, match="--eval-split train is the training split"):
+        data.load_splits(str(path), train_split="train", eval_split="train")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Batches
+
+
+def test_the_prompt_is_never_scored(bpe_tokenizer):
+    pairs = [data.tokenize_pair(KETTLE, bpe_tokenizer, 512, 256),
+             data.tokenize_pair({**KETTLE, "chosen": "Great."}, bpe_tokenizer, 512, 256)]
+    batch = data.collate(pairs, bpe_tokenizer.pad_token_id, "cpu")
+    assert batch.input_ids.shape[0] == 4
+    scored = [batch.input_ids[row][batch.completion_mask[row].bool()].tolist() for row in range(4)]
+    assert scored == [pairs[0]["chosen_ids"], pairs[1]["chosen_ids"], pairs[0]["rejected_ids"], pairs[1]["rejected_ids"]]
+    assert (batch.attention_mask.sum(1) == batch.completion_mask.sum(1) + len(pairs[0]["prompt_ids"])).all()

@@ -57,7 +57,7 @@ def make_models_and_batch(shape, device):
     """(policy, reference, input_ids, attention_mask, completion_mask), the same for every variant."""
     torch.manual_seed(0)
     if shape is None:
-        arguments = train.parse_args([])                                # train.py's defaults: 16 pairs
+        arguments, _ = train.parse_args([])                             # train.py's defaults: 16 pairs
         reference = AutoModelForCausalLM.from_pretrained(train.TINY_MODEL)
         tokenizer = AutoTokenizer.from_pretrained(train.TINY_MODEL)
         rows = [json.loads(line) for line in open(train.TINY_DATASET / "train.jsonl")][: arguments.batch_size]
@@ -230,8 +230,8 @@ def measure_extra_work(shape, device, warmup, repeats):
     policy, reference, input_ids, attention_mask, completion_mask = make_models_and_batch(shape, device)
     positions, vocab = int(completion_mask[:, 1:].sum()), policy.config.vocab_size
     policy_rows, ref_rows, weaker_rows, stronger_rows = torch.randn(4, positions, vocab, device=device)
-    # Timed two ways, on the whole tensors and a chunk of epsdpo.CHUNK_ELEMENTS at a time; the faster counts.
-    chunk = max(1, epsdpo.CHUNK_ELEMENTS // vocab)
+    # Timed two ways, on the whole tensors and a chunk of epsdpo.CHUNK_BYTES at a time; the faster counts.
+    chunk = max(1, epsdpo.CHUNK_BYTES // (4 * vocab))
     ways = {"whole_s": [slice(None)], "chunked_s": [slice(i, i + chunk) for i in range(0, positions, chunk)]}
     medians = {}
     for way, parts in ways.items():

@@ -320,12 +320,15 @@ def tokenize_rows(rows, tokenizer, max_length, max_prompt_length, skip_invalid=F
 # Batches
 
 
+NOISE_CODES = {None: 0, False: 1, True: 2}                     # a pair's "noisy" flag, as a number
+
+
 @dataclass
 class Batch:
     input_ids: torch.Tensor          # (2B, T): B chosen sequences, then B rejected ones, right-padded
     attention_mask: torch.Tensor     # (2B, T)
     completion_mask: torch.Tensor    # (2B, T): 1 on completion tokens
-    noisy: list                      # (B,): the data's noise flags, or None
+    noise: torch.Tensor              # (B,): the row's "noisy" flag: 0 absent, 1 false (clean), 2 true (mislabelled)
 
 
 def collate(pairs, pad_token_id, device):
@@ -340,7 +343,8 @@ def collate(pairs, pad_token_id, device):
         input_ids[row, :end] = torch.tensor(prompt + completion)
         attention_mask[row, :end] = 1
         completion_mask[row, len(prompt) : end] = 1
-    return Batch(input_ids.to(device), attention_mask.to(device), completion_mask.to(device), [p.get("noisy") for p in pairs])
+    noise = torch.tensor([NOISE_CODES[p.get("noisy")] for p in pairs])
+    return Batch(*(tensor.to(device) for tensor in (input_ids, attention_mask, completion_mask, noise)))
 
 
 def micro_batches(pairs, batch_size, seed):

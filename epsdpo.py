@@ -20,19 +20,25 @@ It depends on torch alone and takes plain tensors, so it can be copied into any 
     out.loss.backward()
     baseline.observe(out.steps)                            # once per micro-batch
     optimizer.step(); baseline.step()                      # once per optimizer step
+
+Each public function checks its input and raises ValueError saying what is wrong; the computation it
+describes is in the private function below it, which epsilon_dpo_loss calls without checking twice.
 """
 
-import math
+import numbers
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-# Full-vocabulary work is done this many logits at a time (4 MiB of float32), so that the only float32
-# copies of the (N, T, V) logits ever alive are a few of these chunks, whatever N, T and V are. Chunks
-# this small also stay in the CPU's cache: on the benchmark (bench.py) they were faster than 16 MiB ones.
-CHUNK_ELEMENTS = 1 << 20
+# The full-vocabulary work (log-softmax normalizers, perturbed logits) runs over one row's completion
+# positions at a time, split only where a row holds more than this many bytes of float32 logits
+# (256 positions of a 256k vocabulary). On a GPU every torch operation costs a launch of some
+# microseconds whatever its size, so the number of operations follows the rows of the batch, not the
+# vocabulary or the sequence length; and the float32 copies alive at once stay a few rows' worth,
+# never a float32 copy of the whole (N, T, V) logits.
+CHUNK_BYTES = 256 * 2**20
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -41,40 +47,39 @@ CHUNK_ELEMENTS = 1 << 20
 
 def _check_beta(beta):
     if isinstance(beta, torch.Tensor):
-        if not (torch.isfinite(beta).all() and (beta > 0).all()):
+        if not (beta.is_floating_point() and torch.isfinite(beta).all() and (beta > 0).all()):
             raise ValueError(f"beta must be finite and > 0 for every pair, got {beta.tolist()}")
-    elif not (isinstance(beta, (int, float)) and math.isfinite(beta) and beta > 0):
+    elif isinstance(beta, bool) or not (isinstance(beta, numbers.Real) and 0 < beta < float("inf")):
         raise ValueError(f"beta must be a finite number > 0, got {beta!r}")
 
 
 def _check_epsilon(epsilon):
     # At ε ≥ 1, β/(1−ε) is infinite or negative; NaN fails both comparisons and is rejected too.
-    if not (isinstance(epsilon, (int, float)) and 0 <= epsilon < 1):
+    if isinstance(epsilon, bool) or not (isinstance(epsilon, numbers.Real) and 0 <= epsilon < 1):
         raise ValueError(f"epsilon must be a number in [0, 1), got {epsilon!r}")
 
 
 def _check_sequences(logits, input_ids, completion_mask, name="logits"):
-    if logits.dim() != 3:
-        raise ValueError(f"{name} must have shape (N, T, V), got {tuple(logits.shape)}")
+    if not (isinstance(logits, torch.Tensor) and logits.dim() == 3 and logits.is_floating_point()):
+        raise ValueError(f"{name} must be a floating-point tensor of shape (N, T, V), got "
+                         f"{getattr(logits, 'dtype', type(logits).__name__)} {tuple(getattr(logits, 'shape', ()))}")
+    if 0 in logits.shape:
+        raise ValueError(f"{name} {tuple(logits.shape)} is empty: every batch needs rows, positions and a vocabulary")
     if input_ids.shape != logits.shape[:2] or completion_mask.shape != logits.shape[:2]:
         raise ValueError(
             f"input_ids {tuple(input_ids.shape)} and completion_mask {tuple(completion_mask.shape)} "
             f"must both have the shape (N, T) = {tuple(logits.shape[:2])} of {name} {tuple(logits.shape)}"
         )
-    if completion_mask[:, :1].any():
-        raise ValueError(
-            "completion_mask[:, 0] must be 0: the first token has no logit before it to predict it "
-            "(every completion follows at least one prompt token)"
-        )
+    if input_ids.is_floating_point() or input_ids.dtype == torch.bool:
+        raise ValueError(f"input_ids must hold integer token ids, got {input_ids.dtype}")
 
 
 def _check_pairs(policy_logits, ref_logits, input_ids, completion_mask):
     _check_sequences(policy_logits, input_ids, completion_mask, "policy_logits")
-    if ref_logits.shape != policy_logits.shape:
-        raise ValueError(
-            f"ref_logits {tuple(ref_logits.shape)} must have the shape of "
-            f"policy_logits {tuple(policy_logits.shape)}"
-        )
+    if not isinstance(ref_logits, torch.Tensor) or ref_logits.shape != policy_logits.shape:
+        raise ValueError(f"ref_logits {tuple(getattr(ref_logits, 'shape', ()))} must have the shape of "
+                         f"policy_logits {tuple(policy_logits.shape)}")
+    _check_sequences(ref_logits, input_ids, completion_mask, "ref_logits")
     if policy_logits.shape[0] % 2:
         raise ValueError(
             f"expected an even number of rows (B chosen, then B rejected), got {policy_logits.shape[0]}"
@@ -85,33 +90,51 @@ def _check_pairs(policy_logits, ref_logits, input_ids, completion_mask):
 # 1. Sequence log-probabilities
 
 
-def _completion_positions(input_ids, completion_mask):
-    """Where the logits score a completion token.
+@dataclass
+class _Positions:
+    """Where the logits score a completion token, found once per batch.
 
-    The logits at position t predict the token at t + 1, so token t + 1 is scored when
-    completion_mask[:, t + 1] is on. Returns (rows, positions, targets), each (M,) for the M scored
-    tokens: logits[rows, positions] is the distribution that predicts targets = input_ids[rows, positions + 1].
+    The logits at position t predict the token at t + 1, so logits[n, t] score a token when
+    completion_mask[n, t + 1] is 1.
     """
-    scored = completion_mask[:, 1:].bool()                                  # (N, T-1)
-    rows, positions = scored.nonzero(as_tuple=True)                        # (M,), (M,)
-    targets = input_ids[:, 1:][rows, positions]                            # (M,)
-    return rows, positions, targets
+
+    scored: torch.Tensor      # (N, T-1) bool: logits[:, :-1] that score a completion token
+    targets: torch.Tensor     # (N, T-1) the token each of them scores (0 where none: safe to gather)
+    chunks: list              # (row, start, stop): logits[row, start:stop] hold all of row's scored positions
 
 
-def _chunks(rows, positions, vocab_size):
-    """Runs of consecutive scored positions of one row, at most CHUNK_ELEMENTS logits each.
+def _scored_positions(input_ids, completion_mask, vocab_size, itemsize):
+    """Check the mask and the scored token ids, and find each row's span of scored positions.
 
-    Yields (row, start, stop, tokens): logits[row, start:stop] is a view (no copy) of the (m, V) logits
-    that score the m tokens rows[tokens], positions[tokens]. A completion is one run per row.
+    One host synchronization for the whole batch (the .tolist() below), whatever its size: the spans
+    must be known on the host to slice the logits.
     """
-    longest = max(1, CHUNK_ELEMENTS // vocab_size)
-    run_starts = torch.ones_like(rows, dtype=torch.bool)
-    run_starts[1:] = (rows[1:] != rows[:-1]) | (positions[1:] != positions[:-1] + 1)
-    first_tokens = run_starts.nonzero().flatten().tolist() + [rows.shape[0]]
-    for row, start, begin, end in zip(rows[run_starts].tolist(), positions[run_starts].tolist(), first_tokens, first_tokens[1:]):
-        for first in range(begin, end, longest):
-            last = min(first + longest, end)
-            yield row, start + (first - begin), start + (last - begin), slice(first, last)
+    num_rows, length = input_ids.shape
+    mask_on = completion_mask != 0
+    scored, next_tokens = mask_on[:, 1:], input_ids[:, 1:]                     # (N, T-1)
+    token_position = torch.arange(length, device=input_ids.device)
+    facts = torch.cat([
+        torch.stack([(mask_on & (completion_mask != 1)).any(),                 # a mask value not 0 or 1
+                     mask_on[:, 0].any(),                                       # a completion at position 0
+                     (scored & ((next_tokens < 0) | (next_tokens >= vocab_size))).any()]).long(),
+        torch.where(mask_on, token_position, length).amin(-1) - 1,             # first scored position (T-1: none)
+        torch.where(mask_on, token_position, 0).amax(-1) - 1,                  # last scored position (−1: none)
+    ]).tolist()
+    bad_values, first_token_scored, bad_ids = facts[:3]
+    if bad_values:
+        raise ValueError(f"completion_mask must hold only 0 and 1, got {completion_mask.unique().tolist()[:8]}")
+    if first_token_scored:
+        raise ValueError("completion_mask[:, 0] must be 0: the first token has no logit before it to predict it "
+                         "(every completion follows at least one prompt token)")
+    if bad_ids:
+        wrong = next_tokens[scored & ((next_tokens < 0) | (next_tokens >= vocab_size))]
+        raise ValueError(f"input_ids must be in [0, {vocab_size}) wherever completion_mask is 1, got {wrong.tolist()[:8]}")
+
+    longest = max(1, CHUNK_BYTES // (vocab_size * itemsize))
+    chunks = [(row, start, min(start + longest, last + 1))
+              for row, (first, last) in enumerate(zip(facts[3 : 3 + num_rows], facts[3 + num_rows :]))
+              for start in range(first, last + 1, longest)]
+    return _Positions(scored, torch.where(scored, next_tokens, 0), chunks)
 
 
 def _compute_dtype(logits):
@@ -119,66 +142,86 @@ def _compute_dtype(logits):
     return torch.promote_types(logits.dtype, torch.float32)
 
 
-def _per_sequence(token_values, rows, positions, shape):
-    """Sum per-token values (M,) into per-sequence values (N,); unscored positions count 0.
+def _log_normalizers(logits, positions):
+    """logsumexp over the vocabulary of the logits at every scored position: (N, T-1), 0 elsewhere."""
+    dtype = _compute_dtype(logits)
+    log_normalizers = torch.zeros(positions.scored.shape, dtype=dtype, device=logits.device)
+    logits_rows, normalizer_rows = logits.unbind(0), log_normalizers.unbind(0)          # views, one per row
+    for row, start, stop in positions.chunks:
+        normalizer_rows[row][start:stop] = torch.logsumexp(logits_rows[row][start:stop].to(dtype), dim=-1)
+    return log_normalizers
 
-    Scattering into an (N, T-1) grid and summing each row makes every sequence's sum independent of
-    the other rows (reordering or swapping rows cannot change a row's rounding).
+
+def _target_logits(logits, positions):
+    """f[y]: the logit of the token each scored position predicts, (N, T-1), in the logits' dtype."""
+    return logits[:, :-1].gather(-1, positions.targets[..., None]).squeeze(-1)
+
+
+def _sum_over_completion(token_values, scored):
+    """(..., T-1) per-token values -> (...) per-sequence sums; unscored positions count 0, whatever they hold.
+
+    Each row is summed on its own, so no row's rounding depends on the other rows.
     """
-    grid = token_values.new_zeros(shape)                                   # (N, T-1)
-    grid[rows, positions] = token_values
-    return grid.sum(dim=-1)                                                # (N,)
+    return torch.where(scored, token_values, 0).sum(dim=-1)
 
 
-class _CompletionTokenLogps(torch.autograd.Function):
-    """log softmax(logits[r, p])[y] at the M scored positions, with a backward that stores nothing new.
+class _CompletionLogps(torch.autograd.Function):
+    """Σ over scored positions of log softmax(logits)[target], with a backward that stores nothing new.
 
-    Plain autograd would keep a float32 log-softmax of every scored position alive until backward
-    (an (M, V) tensor). Here forward keeps only the logits (which exist anyway) and the (M,)
+    Plain autograd would keep a float32 log-softmax of every position alive until backward (an
+    (N, T, V) tensor). Here forward keeps only the logits (which exist anyway) and the (N, T-1)
     log-normalizers, and backward rebuilds the softmax one chunk at a time:
         ∂ log softmax(f)[y] / ∂f = onehot(y) − softmax(f)
     """
 
     @staticmethod
-    def forward(ctx, logits, rows, positions, targets):
-        dtype = _compute_dtype(logits)
-        log_normalizers = torch.empty(rows.shape[0], dtype=dtype, device=logits.device)   # (M,)
-        for row, start, stop, tokens in _chunks(rows, positions, logits.shape[-1]):
-            log_normalizers[tokens] = torch.logsumexp(logits[row, start:stop].to(dtype), dim=-1)
-        ctx.save_for_backward(logits, rows, positions, targets, log_normalizers)
-        return logits[rows, positions, targets].to(dtype) - log_normalizers              # (M,)
+    def forward(ctx, logits, positions):
+        log_normalizers = _log_normalizers(logits, positions)                           # (N, T-1)
+        ctx.positions = positions
+        ctx.save_for_backward(logits, log_normalizers)
+        token_logps = _target_logits(logits, positions).to(log_normalizers.dtype) - log_normalizers
+        return _sum_over_completion(token_logps, positions.scored)                      # (N,)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_token_logps):
-        logits, rows, positions, targets, log_normalizers = ctx.saved_tensors
-        grad_logits = torch.zeros_like(logits)                                           # (N, T, V)
-        for row, start, stop, tokens in _chunks(rows, positions, logits.shape[-1]):
-            chunk_logits = logits[row, start:stop].to(log_normalizers.dtype)             # (m, V)
-            softmax_minus_onehot = torch.exp(chunk_logits - log_normalizers[tokens, None])
+    def backward(ctx, grad_logps):
+        logits, log_normalizers = ctx.saved_tensors
+        positions, dtype = ctx.positions, log_normalizers.dtype
+        # −g at every scored position of a sequence whose log-probability has gradient g, 0 elsewhere.
+        minus_grads = torch.where(positions.scored, -grad_logps[:, None].to(dtype), 0)[..., None]   # (N, T-1, 1)
+        grad_logits = torch.zeros_like(logits)                                                    # (N, T, V)
+        logits_rows, normalizer_rows = logits.unbind(0), log_normalizers[..., None].unbind(0)     # views, per row
+        target_rows, minus_grad_rows, grad_rows = positions.targets[..., None].unbind(0), minus_grads.unbind(0), grad_logits.unbind(0)
+        for row, start, stop in positions.chunks:
+            softmax = (logits_rows[row][start:stop].to(dtype) - normalizer_rows[row][start:stop]).exp_()   # (m, V)
             # Subtract the one-hot before rounding to the logits' dtype: for a confident model g (1 − p)
             # is far smaller than g p, and bf16 would round it away.
-            softmax_minus_onehot[torch.arange(stop - start, device=logits.device), targets[tokens]] -= 1
-            grad_logits[row, start:stop] = softmax_minus_onehot.mul_(-grad_token_logps[tokens, None])
-        return grad_logits, None, None, None
+            softmax_minus_onehot = softmax.scatter_(-1, target_rows[row][start:stop], -1.0, reduce="add")
+            grad_rows[row][start:stop] = softmax_minus_onehot.mul_(minus_grad_rows[row][start:stop])
+        return grad_logits, None
 
 
 def sequence_logps(logits, input_ids, completion_mask):
     """Sum of the log-probabilities of the completion tokens of each sequence.
 
     Shapes: logits (N, T, V), the model's outputs for input_ids (N, T); completion_mask (N, T), 1 on the
-    completion tokens of input_ids. Returns (N,), float32 (float64 for float64 logits).
+    completion tokens of input_ids, 0 elsewhere. Returns (N,), float32 (float64 for float64 logits).
 
         log π(y|x) = Σ_i log softmax(f(x, y_<i))[y_i]      i over the completion tokens only
 
+    In plain torch, with the shift by one (the logits at t predict the token at t + 1):
+
+        token_logps = logits[:, :-1].float().log_softmax(-1).gather(-1, input_ids[:, 1:, None]).squeeze(-1)
+        logps = (token_logps * completion_mask[:, 1:]).sum(-1)
+
+    which is what this computes, without that float32 (N, T, V) log-softmax: the normalizers are taken
+    one row's completion at a time (CHUNK_BYTES), and backward rebuilds the softmax the same way.
     A sum, not a mean: DPO's β is defined for the sum. Positions off the mask (prompt, padding) never
     reach the result, whatever their tokens or logits; a row with no completion token gives 0.
-    Differentiable in logits; works position by position, so no float32 (N, T, V) copy is ever made.
     """
     _check_sequences(logits, input_ids, completion_mask)
-    rows, positions, targets = _completion_positions(input_ids, completion_mask)
-    token_logps = _CompletionTokenLogps.apply(logits, rows, positions, targets)          # (M,)
-    return _per_sequence(token_logps, rows, positions, completion_mask[:, 1:].shape)
+    positions = _scored_positions(input_ids, completion_mask, logits.shape[-1], _compute_dtype(logits).itemsize)
+    return _CompletionLogps.apply(logits, positions)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -188,7 +231,7 @@ def sequence_logps(logits, input_ids, completion_mask):
 def dpo_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, beta):
     """The DPO loss of each pair and its implicit rewards.
 
-    Shapes: the four log-probabilities are (B,); beta is a float or a (B,) tensor (one β per pair).
+    Shapes: the four log-probabilities are (B,); beta is a number or a (B,) tensor (one β per pair).
     Returns (losses, chosen_rewards, rejected_rewards), each (B,).
 
         h    = (log π_θ(y_w) − log π_θ(y_l)) − (log π_ref(y_w) − log π_ref(y_l))     the margin
@@ -197,17 +240,18 @@ def dpo_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
 
     The rewards are detached: they are for logging, not for gradients.
     """
-    shapes = {tuple(t.shape) for t in (chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps)}
-    if len(shapes) != 1 or len(next(iter(shapes))) != 1:
-        raise ValueError(
-            "chosen_logps, rejected_logps, ref_chosen_logps and ref_rejected_logps must all have shape (B,), "
-            f"got {[tuple(t.shape) for t in (chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps)]}"
-        )
+    shapes = [tuple(getattr(t, "shape", ())) for t in (chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps)]
+    if len(set(shapes)) != 1 or len(shapes[0]) != 1 or shapes[0][0] == 0:
+        raise ValueError("chosen_logps, rejected_logps, ref_chosen_logps and ref_rejected_logps must all have the "
+                         f"same shape (B,) with B ≥ 1, got {shapes}")
     _check_beta(beta)
     if isinstance(beta, torch.Tensor) and beta.shape not in ((), chosen_logps.shape):
-        raise ValueError(f"beta must be a float or have shape {tuple(chosen_logps.shape)}, got {tuple(beta.shape)}")
-    beta = torch.as_tensor(beta, dtype=chosen_logps.dtype, device=chosen_logps.device)
+        raise ValueError(f"beta must be a number or have shape {tuple(chosen_logps.shape)}, got {tuple(beta.shape)}")
+    return _dpo_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, beta)
 
+
+def _dpo_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, beta):
+    beta = torch.as_tensor(beta, dtype=chosen_logps.dtype, device=chosen_logps.device)
     policy_log_ratios = chosen_logps - rejected_logps                      # z_θ
     ref_log_ratios = ref_chosen_logps - ref_rejected_logps                 # γ
     margins = policy_log_ratios - ref_log_ratios                           # h = z_θ − γ
@@ -221,7 +265,6 @@ def dpo_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
 # 3. The perturbed policies (paper Eqs. 3 and 4)
 
 
-@torch.no_grad()
 def perturbed_logps(policy_logits, ref_logits, input_ids, completion_mask, epsilon):
     """Sequence log-probabilities of the policies estimated for β/(1+ε) and β/(1−ε), without a forward pass.
 
@@ -235,40 +278,40 @@ def perturbed_logps(policy_logits, ref_logits, input_ids, completion_mask, epsil
 
     Why this form: f_ref + λ(f_θ − f_ref) is exactly f_ref when the policy equals the reference, which
     λ f_θ + (1−λ) f_ref is not in floating point. Why float32: in bf16, ε (f_θ − f_ref) is below the
-    rounding step of the logits. Only completion positions are computed, a chunk at a time, under no_grad.
+    rounding step of the logits. Only completion positions are computed, a row at a time, under no_grad.
     """
     _check_pairs(policy_logits, ref_logits, input_ids, completion_mask)
     _check_epsilon(epsilon)
+    positions = _scored_positions(input_ids, completion_mask, policy_logits.shape[-1],
+                                  _compute_dtype(policy_logits).itemsize)
+    return _perturbed_logps(policy_logits, ref_logits, positions, epsilon)
+
+
+@torch.no_grad()
+def _perturbed_logps(policy_logits, ref_logits, positions, epsilon):
     dtype = _compute_dtype(policy_logits)
-    rows, positions, targets = _completion_positions(input_ids, completion_mask)
-    weaker_lambda, stronger_lambda = 1 + epsilon, 1 - epsilon
-
-    # torch.lerp(f_ref, f_θ, λ) computes f_ref + λ (f_θ − f_ref) in one pass (exactly f_ref when f_θ = f_ref).
-    # log softmax(f_λ)[y] = f_λ[y] − logsumexp(f_λ): first the target's perturbed logit f_λ[y], (M,) ...
-    ref_targets = ref_logits[rows, positions, targets].to(dtype)                        # (M,)
-    policy_targets = policy_logits[rows, positions, targets].to(dtype)
-    weaker_token_logps = torch.lerp(ref_targets, policy_targets, weaker_lambda)
-    stronger_token_logps = torch.lerp(ref_targets, policy_targets, stronger_lambda)
-
-    # ... then minus the log-normalizer of each perturbed distribution, a chunk of positions at a time.
-    for row, start, stop, tokens in _chunks(rows, positions, policy_logits.shape[-1]):
-        chunk_ref = ref_logits[row, start:stop].to(dtype)                               # (m, V)
-        chunk_policy = policy_logits[row, start:stop].to(dtype)
-        weaker_token_logps[tokens] -= torch.logsumexp(torch.lerp(chunk_ref, chunk_policy, weaker_lambda), -1)
-        stronger_token_logps[tokens] -= torch.logsumexp(torch.lerp(chunk_ref, chunk_policy, stronger_lambda), -1)
-
-    grid_shape = completion_mask[:, 1:].shape
-    return (
-        _per_sequence(weaker_token_logps, rows, positions, grid_shape),
-        _per_sequence(stronger_token_logps, rows, positions, grid_shape),
-    )
+    # torch.lerp(f_ref, f_θ, λ) forms f_ref + λ (f_θ − f_ref) in one pass, exactly f_ref when f_θ = f_ref.
+    # Index 0 of the leading dimension of 2 is λ = 1 + ε (weaker penalty), index 1 is λ = 1 − ε (stronger).
+    lambdas = (1 + epsilon, 1 - epsilon)
+    # log softmax(f_λ)[y] = f_λ[y] − logsumexp(f_λ): first the perturbed logits of the targets, (2, N, T-1) ...
+    ref_targets, policy_targets = (_target_logits(logits, positions).to(dtype) for logits in (ref_logits, policy_logits))
+    target_logits = torch.stack([torch.lerp(ref_targets, policy_targets, lam) for lam in lambdas])
+    # ... then the log-normalizers of the perturbed distributions, a chunk of positions at a time.
+    log_normalizers = torch.zeros_like(target_logits)                                     # (2, N, T-1)
+    ref_rows, policy_rows = ref_logits.unbind(0), policy_logits.unbind(0)
+    normalizer_rows = [normalizers.unbind(0) for normalizers in log_normalizers]          # [λ][row]
+    for row, start, stop in positions.chunks:
+        ref_chunk, policy_chunk = ref_rows[row][start:stop].to(dtype), policy_rows[row][start:stop].to(dtype)   # (m, V)
+        for lam, rows_of_lambda in zip(lambdas, normalizer_rows):
+            rows_of_lambda[row][start:stop] = torch.logsumexp(torch.lerp(ref_chunk, policy_chunk, lam), dim=-1)
+    weaker_logps, stronger_logps = _sum_over_completion(target_logits - log_normalizers, positions.scored)
+    return weaker_logps, stronger_logps
 
 
 # ----------------------------------------------------------------------------------------------------
 # 4. The criterion and the per-pair β (paper Eq. 5)
 
 
-@torch.no_grad()
 def epsilon_steps(policy_logits, ref_logits, input_ids, completion_mask, epsilon, policy_logps=None):
     """The direction s ∈ {−1, 0, +1} in which each pair's β moves.
 
@@ -285,14 +328,21 @@ def epsilon_steps(policy_logits, ref_logits, input_ids, completion_mask, epsilon
     policy log-ratios are compared. No gradient flows through the decision.
     """
     _check_pairs(policy_logits, ref_logits, input_ids, completion_mask)
+    _check_epsilon(epsilon)
+    if policy_logps is not None and tuple(getattr(policy_logps, "shape", ())) != policy_logits.shape[:1]:
+        raise ValueError(f"policy_logps must have shape {tuple(policy_logits.shape[:1])}, "
+                         f"got {tuple(getattr(policy_logps, 'shape', ()))}")
+    positions = _scored_positions(input_ids, completion_mask, policy_logits.shape[-1],
+                                  _compute_dtype(policy_logits).itemsize)
     if policy_logps is None:
-        policy_logps = sequence_logps(policy_logits, input_ids, completion_mask)
-    elif policy_logps.shape != policy_logits.shape[:1]:
-        raise ValueError(
-            f"policy_logps must have shape {tuple(policy_logits.shape[:1])}, got {tuple(policy_logps.shape)}"
-        )
-    weaker_logps, stronger_logps = perturbed_logps(policy_logits, ref_logits, input_ids, completion_mask, epsilon)
+        with torch.no_grad():
+            policy_logps = _CompletionLogps.apply(policy_logits, positions)
+    return _epsilon_steps(policy_logits, ref_logits, positions, epsilon, policy_logps)
 
+
+@torch.no_grad()
+def _epsilon_steps(policy_logits, ref_logits, positions, epsilon, policy_logps):
+    weaker_logps, stronger_logps = _perturbed_logps(policy_logits, ref_logits, positions, epsilon)
     num_pairs = policy_logits.shape[0] // 2
 
     def log_ratios(logps):                                                 # (2B,) -> (B,): chosen − rejected
@@ -309,11 +359,19 @@ def epsilon_steps(policy_logits, ref_logits, input_ids, completion_mask, epsilon
 def pair_betas(beta, steps, epsilon):
     """The β of each pair: β̃ = β / (1 + ε s).
 
-    Shapes: beta a float (the baseline β), steps (B,) in {−1, 0, +1}. Returns (B,) float32.
+    Shapes: beta a number (the baseline β), steps (B,) in {−1, 0, +1}. Returns (B,) float32.
     s = +1 gives β/(1+ε), s = −1 gives β/(1−ε), s = 0 gives β.
     """
     _check_beta(beta)
     _check_epsilon(epsilon)
+    if isinstance(beta, torch.Tensor) and beta.dim() != 0:
+        raise ValueError(f"beta must be one number (the baseline β), got shape {tuple(beta.shape)}")
+    if not isinstance(steps, torch.Tensor) or steps.is_floating_point() or ((steps < -1) | (steps > 1)).any():
+        raise ValueError(f"steps must be an integer tensor of -1, 0 and +1, got {steps!r}"[:200])
+    return _pair_betas(beta, steps, epsilon)
+
+
+def _pair_betas(beta, steps, epsilon):
     return beta / (1 + epsilon * steps.to(torch.float32))
 
 
@@ -328,54 +386,63 @@ class BaselineBeta:
 
     over every pair of the step: call observe(steps) for each micro-batch of gradient accumulation, then
     step() once after optimizer.step(). When torch.distributed is initialized, step() sums the counts over
-    all ranks, so every rank gets the same β. Evaluation must not call observe().
+    all ranks (one all-reduce), so every rank gets the same β. Evaluation must not call observe().
 
     Why count s instead of averaging β̃: since all β̃ of one step are β/(1+ε), β or β/(1−ε), the mean is
     exact from three integer counts, which add exactly across micro-batches and ranks; at ε = 0 β stays
-    bit for bit what it was. (The authors' released trainer uses β / (1 + ε mean_i s_i) instead; the two
-    agree to first order in ε.)
+    bit for bit what it was. The counts stay on the device of the steps until step(), so observe() never
+    waits for the GPU. (The authors' released trainer uses β / (1 + ε mean_i s_i) instead; the two agree
+    to first order in ε.)
     """
 
     def __init__(self, beta, epsilon):
         _check_beta(beta)
         _check_epsilon(epsilon)
+        if isinstance(beta, torch.Tensor):
+            raise ValueError("beta must be a number, not a tensor")
         self.value = float(beta)
         self.epsilon = float(epsilon)
-        self.counts = [0, 0, 0]                                            # pairs seen with s = +1, 0, −1
+        self.counts = torch.zeros(3, dtype=torch.int64)    # pairs seen with s = +1, 0, −1 since the last step
+        self.seen = 0                                      # pairs observed since the last step
 
     def observe(self, steps):
-        """Record the steps s (B,) of one micro-batch."""
+        """Record the steps s (B,) of one micro-batch; step() checks that each was −1, 0 or +1."""
         steps = steps.detach()
-        counts = [int((steps == s).sum()) for s in (1, 0, -1)]
-        if sum(counts) != steps.numel():
-            raise ValueError(f"steps must all be -1, 0 or +1, got {steps.unique().tolist()}")
-        self.counts = [seen + new for seen, new in zip(self.counts, counts)]
+        self.counts = self.counts.to(steps.device) + torch.stack([(steps == s).sum() for s in (1, 0, -1)])
+        self.seen += steps.numel()
 
     def step(self):
         """Move β to the mean β̃ of everything observed since the last step; returns the new β."""
-        counts = self.counts
+        counts = torch.cat([self.counts, self.counts.new_tensor([self.seen])])
         if dist.is_available() and dist.is_initialized():
             device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
-            counts_tensor = torch.tensor(counts, dtype=torch.int64, device=device)
-            dist.all_reduce(counts_tensor)                                  # sum over ranks, exactly
-            counts = counts_tensor.tolist()
-        relaxed, kept, tightened = counts
-        if relaxed + kept + tightened:                                     # no pair seen: β stays
-            mean_factor = (relaxed / (1 + self.epsilon) + kept + tightened / (1 - self.epsilon)) / (
-                relaxed + kept + tightened
-            )
+            counts = counts.to(device)
+            dist.all_reduce(counts)                                          # sum over ranks, exactly
+        relaxed, kept, tightened, seen = counts.tolist()
+        if relaxed + kept + tightened != seen:
+            raise ValueError(f"steps must all be -1, 0 or +1: {seen - relaxed - kept - tightened} of the {seen} "
+                             f"observed since the last step were not")
+        if seen:                                                             # no pair seen: β stays
+            mean_factor = (relaxed / (1 + self.epsilon) + kept + tightened / (1 - self.epsilon)) / seen
             self.value = self.value * mean_factor
-        self.counts = [0, 0, 0]
+        self.counts, self.seen = torch.zeros_like(self.counts), 0
         return self.value
 
     def state_dict(self):
         """Everything a resumed run needs, including counts pending in a half-accumulated step."""
-        return {"beta": self.value, "epsilon": self.epsilon, "counts": list(self.counts)}
+        return {"beta": self.value, "epsilon": self.epsilon, "counts": self.counts.tolist()}
 
     def load_state_dict(self, state):
+        if not (isinstance(state, dict) and {"beta", "epsilon", "counts"} <= state.keys()):
+            raise ValueError(f"a BaselineBeta state is a dict with beta, epsilon and counts, got {state!r}"[:200])
         _check_beta(state["beta"])
         _check_epsilon(state["epsilon"])
-        self.value, self.epsilon, self.counts = float(state["beta"]), float(state["epsilon"]), list(state["counts"])
+        counts = state["counts"]
+        if not (isinstance(counts, (list, tuple)) and len(counts) == 3
+                and all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in counts)):
+            raise ValueError(f"counts must be three integers >= 0 (pairs seen with s = +1, 0, −1), got {counts!r}")
+        self.value, self.epsilon = float(state["beta"]), float(state["epsilon"])
+        self.counts, self.seen = torch.tensor(counts, dtype=torch.int64), sum(counts)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -402,27 +469,33 @@ def epsilon_dpo_loss(policy_logits, ref_logits, input_ids, completion_mask, beta
     """The ε-DPO loss of a batch of pairs, from the logits of one concatenated forward pass per model.
 
     Shapes: policy_logits and ref_logits (2B, T, V), the B chosen sequences followed by the B rejected
-    ones; input_ids and completion_mask (2B, T); beta the baseline β (a float); 0 ≤ epsilon < 1.
+    ones; input_ids and completion_mask (2B, T); beta the baseline β (a number); 0 ≤ epsilon < 1.
     Returns an EpsilonDPOOutput.
 
         s_i  = epsilon_steps(...)                   the criterion, from the logits alone
         β̃_i  = β / (1 + ε s_i)                      constant: no gradient flows through the decision
         loss = mean_i −log σ(β̃_i h_i)
 
-    At ε = 0 every s is 0 and this is DPO's loss and gradient, bit for bit.
+    At ε = 0 every s is 0 and this is DPO's loss and gradient, bit for bit. One host synchronization
+    (finding the completion positions), and a number of torch operations that follows the rows of the
+    batch, not its vocabulary.
     """
     _check_pairs(policy_logits, ref_logits, input_ids, completion_mask)
     _check_beta(beta)
+    if isinstance(beta, torch.Tensor):
+        raise ValueError("beta must be a number (the baseline β), not a tensor")
     _check_epsilon(epsilon)
     num_pairs = policy_logits.shape[0] // 2
+    positions = _scored_positions(input_ids, completion_mask, policy_logits.shape[-1],
+                                  _compute_dtype(policy_logits).itemsize)
 
-    policy_logps = sequence_logps(policy_logits, input_ids, completion_mask)              # (2B,), with grad
+    policy_logps = _CompletionLogps.apply(policy_logits, positions)                      # (2B,), with grad
     with torch.no_grad():
-        ref_logps = sequence_logps(ref_logits.detach(), input_ids, completion_mask)       # (2B,)
-    steps = epsilon_steps(policy_logits, ref_logits, input_ids, completion_mask, epsilon, policy_logps)
-    betas = pair_betas(beta, steps, epsilon)                                              # (B,)
+        ref_logps = _CompletionLogps.apply(ref_logits.detach(), positions)               # (2B,)
+    steps = _epsilon_steps(policy_logits.detach(), ref_logits, positions, epsilon, policy_logps)
+    betas = _pair_betas(beta, steps, epsilon)                                            # (B,)
 
-    losses, chosen_rewards, rejected_rewards = dpo_loss(
+    losses, chosen_rewards, rejected_rewards = _dpo_loss(
         policy_logps[:num_pairs], policy_logps[num_pairs:], ref_logps[:num_pairs], ref_logps[num_pairs:], betas
     )
     return EpsilonDPOOutput(

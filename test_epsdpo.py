@@ -153,19 +153,23 @@ def test_sequence_logps_passes_gradcheck():
     assert torch.autograd.gradcheck(lambda x: epsdpo.sequence_logps(x, input_ids, completion_mask), (logits,))
 
 
-def test_sequence_logps_chunks_give_the_same_result(monkeypatch):
+def test_chunks_of_a_few_positions_give_what_whole_rows_give(monkeypatch):
     generator = torch.Generator().manual_seed(1)
-    logits = torch.randn(4, 9, 7, generator=generator, requires_grad=True)
-    input_ids = torch.randint(0, 7, (4, 9), generator=generator)
-    completion_mask = torch.ones(4, 9, dtype=torch.long)
-    completion_mask[:, :3] = 0
-    whole = epsdpo.sequence_logps(logits, input_ids, completion_mask)
-    (whole_grad,) = torch.autograd.grad(whole.sum(), logits)
-    monkeypatch.setattr(epsdpo, "CHUNK_ELEMENTS", 3 * 7)      # three positions per chunk
-    chunked = epsdpo.sequence_logps(logits, input_ids, completion_mask)
-    (chunked_grad,) = torch.autograd.grad(chunked.sum(), logits)
-    torch.testing.assert_close(chunked, whole)
-    torch.testing.assert_close(chunked_grad, whole_grad)
+    policy_logits = torch.randn(4, 12, 7, generator=generator, requires_grad=True)
+    ref_logits = torch.randn(4, 12, 7, generator=generator)
+    input_ids = torch.randint(0, 7, (4, 12), generator=generator)
+    completion_mask = torch.tensor([[0] * 3 + [1] * 9, [0] * 5 + [1] * 6 + [0], [0] * 12, [0, 1, 0, 1, 1, 0, 0, 1, 1, 1, 1, 1]])
+
+    def everything():
+        logps = epsdpo.sequence_logps(policy_logits, input_ids, completion_mask)
+        (grad,) = torch.autograd.grad((logps * torch.arange(1.0, 5.0)).sum(), policy_logits)
+        return logps, grad, *epsdpo.perturbed_logps(policy_logits, ref_logits, input_ids, completion_mask, 0.3)
+
+    whole = everything()
+    monkeypatch.setattr(epsdpo, "CHUNK_BYTES", 3 * 7 * 4)   # three float32 positions per chunk
+    assert len(epsdpo._scored_positions(input_ids, completion_mask, 7, 4).chunks) == 3 + 2 + 0 + 4
+    for chunked, expected in zip(everything(), whole):
+        torch.testing.assert_close(chunked, expected)
 
 
 _causal_lm_cache = {}
@@ -578,13 +582,13 @@ def test_mismatched_shapes_are_rejected():
         epsdpo.sequence_logps(logits, input_ids[:, :3], completion_mask)
     with pytest.raises(ValueError, match=r"must both have the shape"):
         epsdpo.sequence_logps(logits, input_ids, completion_mask[:1])
-    with pytest.raises(ValueError, match=r"must have shape \(N, T, V\)"):
+    with pytest.raises(ValueError, match=r"must be a floating-point tensor of shape \(N, T, V\), got torch.float32 \(4, 5\)"):
         epsdpo.sequence_logps(logits[0], input_ids, completion_mask)
     with pytest.raises(ValueError, match=r"ref_logits \(2, 4, 6\) must have the shape of policy_logits \(2, 4, 5\)"):
         epsdpo.epsilon_steps(logits, torch.randn(2, 4, 6), input_ids, completion_mask, 0.1)
-    with pytest.raises(ValueError, match=r"must all have shape \(B,\)"):
+    with pytest.raises(ValueError, match=r"must all have the same shape \(B,\)"):
         epsdpo.dpo_loss(torch.zeros(2), torch.zeros(3), torch.zeros(2), torch.zeros(2), 0.1)
-    with pytest.raises(ValueError, match=r"beta must be a float or have shape \(2,\)"):
+    with pytest.raises(ValueError, match=r"beta must be a number or have shape \(2,\)"):
         epsdpo.dpo_loss(torch.zeros(2), torch.zeros(2), torch.zeros(2), torch.zeros(2), torch.full((3,), 0.1))
     with pytest.raises(ValueError, match=r"policy_logps must have shape \(2,\)"):
         epsdpo.epsilon_steps(logits, logits, input_ids, completion_mask, 0.1, policy_logps=torch.zeros(4))
@@ -598,8 +602,127 @@ def test_a_completion_on_the_first_token_is_rejected():
 
 
 def test_steps_outside_minus_one_zero_one_are_rejected():
-    with pytest.raises(ValueError, match="steps must all be -1, 0 or \\+1, got \\[0, 2\\]"):
-        epsdpo.BaselineBeta(0.1, 0.1).observe(torch.tensor([0, 2]))
+    baseline = epsdpo.BaselineBeta(0.1, 0.1)
+    baseline.observe(torch.tensor([0, 1]))
+    baseline.observe(torch.tensor([0, 2]))                      # observe() does not wait for the device ...
+    with pytest.raises(ValueError, match=r"steps must all be -1, 0 or \+1: 1 of the 4 observed since the last step"):
+        baseline.step()                                        # ... step() checks, before β moves
+    assert baseline.value == 0.1
+    with pytest.raises(ValueError, match=r"steps must be an integer tensor of -1, 0 and \+1"):
+        epsdpo.pair_betas(0.1, torch.tensor([1, -2]), 0.5)     # β/(1 − 2ε) would be negative
+
+
+@pytest.mark.parametrize("mask_value", [2, -1, 0.5])
+def test_a_mask_value_other_than_zero_or_one_is_rejected(mask_value):
+    logits, input_ids, completion_mask = _pairs()
+    completion_mask = completion_mask.to(torch.float32)
+    completion_mask[1, 2] = mask_value
+    with pytest.raises(ValueError, match=r"completion_mask must hold only 0 and 1"):
+        epsdpo.sequence_logps(logits, input_ids, completion_mask)
+    with pytest.raises(ValueError, match=r"completion_mask must hold only 0 and 1"):
+        epsdpo.epsilon_dpo_loss(logits, logits, input_ids, completion_mask, 0.1, 0.1)
+
+
+@pytest.mark.parametrize("token_id", [-1, 5, 10**6])
+def test_a_scored_token_id_outside_the_vocabulary_is_rejected(token_id):
+    logits, input_ids, completion_mask = _pairs(vocab=5)      # completion_mask is on at positions 2 and 3
+    input_ids[0, 3] = token_id
+    with pytest.raises(ValueError, match=rf"input_ids must be in \[0, 5\) wherever completion_mask is 1, got \[{token_id}\]"):
+        epsdpo.sequence_logps(logits, input_ids, completion_mask)
+    input_ids[0, 3], input_ids[0, 1] = 0, token_id             # off the mask: never read, so allowed
+    epsdpo.sequence_logps(logits, input_ids, completion_mask)
+
+
+@pytest.mark.parametrize("dtype", [torch.long, torch.int32, torch.bool])
+def test_logits_that_are_not_floating_point_are_rejected(dtype):
+    logits, input_ids, completion_mask = _pairs()
+    with pytest.raises(ValueError, match=r"logits must be a floating-point tensor"):
+        epsdpo.sequence_logps(logits.to(dtype), input_ids, completion_mask)
+    with pytest.raises(ValueError, match=r"ref_logits must be a floating-point tensor"):
+        epsdpo.epsilon_dpo_loss(logits, logits.to(dtype), input_ids, completion_mask, 0.1, 0.1)
+
+
+def test_an_empty_batch_is_rejected():
+    logits, input_ids, completion_mask = _pairs()
+    with pytest.raises(ValueError, match=r"policy_logits \(0, 4, 5\) is empty"):
+        epsdpo.epsilon_dpo_loss(logits[:0], logits[:0], input_ids[:0], completion_mask[:0], 0.1, 0.1)
+    with pytest.raises(ValueError, match=r"with B ≥ 1"):
+        epsdpo.dpo_loss(*torch.zeros(4, 0), 0.1)
+
+
+def test_beta_must_be_a_real_number_and_may_be_a_numpy_float():
+    import numpy
+
+    logits, input_ids, completion_mask = _pairs()
+    for beta in (True, "0.1", None):
+        with pytest.raises(ValueError, match="beta must be a finite number > 0"):
+            epsdpo.epsilon_dpo_loss(logits, logits, input_ids, completion_mask, beta, 0.1)
+    with pytest.raises(ValueError, match="epsilon must be a number in"):
+        epsdpo.BaselineBeta(0.1, True)
+    for beta in (numpy.float32(0.1), numpy.float64(0.1)):
+        out = epsdpo.epsilon_dpo_loss(logits, logits, input_ids, completion_mask, beta, numpy.float32(0.1))
+        assert out.loss.item() == pytest.approx(math.log(2))
+        assert epsdpo.BaselineBeta(beta, 0.1).value == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize("state", [
+    {"beta": 0.1, "epsilon": 0.1, "counts": [1, 2]},
+    {"beta": 0.1, "epsilon": 0.1, "counts": [1, -2, 0]},
+    {"beta": 0.1, "epsilon": 0.1, "counts": [1.5, 2, 0]},
+    {"beta": 0.1, "epsilon": 0.1, "counts": "123"},
+    {"beta": 0.1, "epsilon": 0.1},
+    {"beta": -1.0, "epsilon": 0.1, "counts": [0, 0, 0]},
+    [0.1, 0.1, [0, 0, 0]],
+])
+def test_a_malformed_beta_state_is_rejected_and_changes_nothing(state):
+    baseline = epsdpo.BaselineBeta(0.05, 0.2)
+    with pytest.raises(ValueError):
+        baseline.load_state_dict(state)
+    assert baseline.state_dict() == {"beta": 0.05, "epsilon": 0.2, "counts": [0, 0, 0]}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Cost on a GPU: every torch operation is a kernel launch, so their number must follow the batch
+
+
+class _CountOperations(torch.utils._python_dispatch.TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def operations_of_a_step(vocab, dtype, completion_tokens=256, num_pairs=4):
+    """Torch operations one epsilon_dpo_loss forward + backward dispatches for a batch of pairs."""
+    generator = torch.Generator().manual_seed(0)
+    length = 44 + completion_tokens
+    ref_logits = torch.randn(2 * num_pairs, length, vocab, generator=generator).to(dtype)
+    policy_logits = (ref_logits + 0.1 * torch.randn(ref_logits.shape, generator=generator).to(dtype)).requires_grad_()
+    input_ids = torch.randint(0, vocab, (2 * num_pairs, length), generator=generator)
+    completion_mask = torch.zeros(2 * num_pairs, length, dtype=torch.long)
+    completion_mask[:, 44:] = 1
+    with _CountOperations() as counter:
+        epsdpo.epsilon_dpo_loss(policy_logits, ref_logits, input_ids, completion_mask, 0.1, 0.01).loss.backward()
+    return counter.count
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_number_of_operations_follows_the_rows_not_the_vocabulary_or_the_length(dtype):
+    operations = operations_of_a_step(16, dtype)
+    assert operations <= 500
+    assert operations_of_a_step(2048, dtype) == operations                 # vocabulary × 128
+    assert operations_of_a_step(16, dtype, completion_tokens=512) == operations
+    assert operations_of_a_step(16, dtype, num_pairs=8) > operations      # rows: more operations
+    # What the counts above stand for: with the real chunk budget, each of the 8 rows of 4 pairs × 256
+    # completion tokens is one chunk up to a 262,144-word vocabulary, and is split only beyond it.
+    completion_mask = torch.zeros(8, 300, dtype=torch.long)
+    completion_mask[:, 44:] = 1
+    input_ids = torch.zeros(8, 300, dtype=torch.long)
+    assert len(epsdpo._scored_positions(input_ids, completion_mask, 262_144, 4).chunks) == 8
+    assert len(epsdpo._scored_positions(input_ids, completion_mask, 262_145, 4).chunks) == 16
 
 
 # ----------------------------------------------------------------------------------------------------

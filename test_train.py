@@ -171,7 +171,8 @@ def test_compare_trains_dpo_and_epsilon_dpo_side_by_side(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("flag, value, message", [
-    ("--beta", "0", "beta must be > 0"), ("--epsilon", "1", "epsilon must be in [0, 1)"),
+    ("--beta", "0", "beta must be in (0, 1e6)"), ("--beta", "1.7e308", "beta must be in (0, 1e6)"),
+    ("--seed", "100000000000000000000000", "must be in [0, 2**32)"), ("--epsilon", "1", "epsilon must be in [0, 1)"),
     ("--epsilon", "-0.1", "epsilon must be in [0, 1)"), ("--lr", "0", "the learning rate must be > 0"),
     ("--batch-size", "0", "must be >= 1"), ("--beta", "nan", "out of range"), ("--lr", "fast", "is not a float"),
 ])
@@ -223,7 +224,7 @@ def test_a_malformed_row_stops_the_run_before_training_naming_file_line_and_fiel
     dataset = write_jsonl(tmp_path / "pairs.jsonl", rows)
     error = run_expecting_error(["--dataset", str(dataset), "--output-dir", str(tmp_path / "out"), *QUICK])
     assert error.startswith(f"error: {dataset}, {message}") and "--skip-invalid" in error
-    assert not (tmp_path / "out").exists()                              # stopped before anything was written
+    assert [p.name for p in (tmp_path / "out").iterdir()] == [".train.lock"]   # stopped before writing anything
 
 
 def test_skip_invalid_drops_malformed_rows_and_reports_them(tmp_path, capsys):
@@ -312,7 +313,7 @@ def test_checkpoints_keep_the_last_few(tmp_path):
     train.main(["--output-dir", str(output_dir), "--max-steps", "5", "--save-every", "1", "--keep-checkpoints", "2",
                 "--eval-every", "100", *QUICK])
     assert sorted(p.name for p in output_dir.glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-5"]
-    assert not list(output_dir.glob(".*"))                               # no temporary left behind
+    assert [p.name for p in output_dir.glob(".*")] == [".train.lock"]    # no temporary left behind
 
 
 def test_an_interrupted_run_resumes_to_the_same_end_bit_for_bit(tmp_path):
@@ -371,7 +372,8 @@ def test_two_ranks_under_torchrun_agree_on_beta_and_match_one_process_even_acros
     for one_row, two_row in zip(one_rows, two_rows):
         assert two_row["beta"] == one_row["beta"]
         if two_row["split"] == "train":
-            assert two_row["beta/ranks"] == [one_row["beta/pairs_mean"]] * 2    # both ranks, after the step
+            assert two_row["beta/ranks"] == [one_row["beta"]] * 2             # the β both ranks used
+            assert two_row["beta/pairs_mean"] == one_row["beta/pairs_mean"]    # and the β both moved to
     one, two = load_file(tmp_path / "one/model.safetensors"), load_file(two / "model.safetensors")
     for name in one:
         torch.testing.assert_close(two[name], one[name], rtol=0, atol=1e-4)

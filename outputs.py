@@ -1,0 +1,380 @@
+"""What train.py writes and shows: a checked and locked output folder, files written whole, checkpoints a run
+resumes from bit for bit, and the figures and tables of a run, a comparison and a reward–KL frontier.
+
+The rule all of it follows: the project changes only what it wrote itself. Its checkpoints are the folders
+named exactly checkpoint-STEP that hold its trainer_state.pt; its files are metrics.jsonl, summary.json,
+curves.png and those the model's save_pretrained wrote (listed in summary.json). Pruning, --overwrite and
+--resume act on those alone: anything else a user put in the folder stays as it was.
+"""
+
+import argparse
+import json
+import os
+import pathlib
+import re
+import shutil
+import signal
+import tempfile
+
+import torch
+
+from data import ReportedError
+
+LOCK = ".train.lock"                                        # held (flock) while a run writes to the folder
+RUN_FILES = ("metrics.jsonl", "summary.json", "curves.png")
+# What a resumed run may change (--resume DIR --max-steps 500); any other flag that differs is refused.
+RESUMABLE = {"max_steps", "eval_every", "save_every", "keep_checkpoints", "eval_batch_size", "max_new_tokens", "device"}
+# What runs code: never taken from a checkpoint, only from the command line that resumes it.
+RUNS_CODE = {"trust_remote_code", "gold_reward"}
+
+
+# ----------------------------------------------------------------------------------------------------
+# The output folder: checked, locked, and changed only once the run is known to be good
+
+
+def claim_output_dir(output_dir, args):
+    """Check the output folder and lock it for this run, before anything is loaded; returns the lock.
+
+    A folder that holds something is refused, untouched, unless told to replace this script's run in it
+    (--overwrite) or to continue it (--resume). The lock is the operating system's (flock): it goes with
+    the process however the process ends, and a second run into the folder stops at once.
+    """
+    output_dir = pathlib.Path(output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise ReportedError(f"--output-dir {output_dir} is a file, not a folder")
+    lock = _lock(output_dir) if (output_dir / LOCK).exists() else None   # a run of ours: is it still going?
+    if not (args.overwrite or args.resume) and output_dir.exists() and any(p.name != LOCK for p in output_dir.iterdir()):
+        raise ReportedError(f"--output-dir {output_dir} is not empty; nothing in it was touched. Pass --overwrite "
+                            f"to replace its run, --resume {output_dir} to continue it, or another --output-dir")
+    return lock or _lock(output_dir)
+
+
+def _lock(output_dir):
+    import fcntl
+
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        handle = open(output_dir / LOCK, "a")
+    except OSError as error:
+        raise ReportedError(f"--output-dir {output_dir}: cannot write there ({error.strerror})") from None
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise ReportedError(f"--output-dir {output_dir} is in use by another run (it holds {LOCK}); "
+                            f"nothing was touched") from None
+    return handle
+
+
+def prepare_output_dir(output_dir, resumed_step):
+    """Resuming: forget the metrics written after the checkpoint. Otherwise (--overwrite): remove the
+    previous run's own files and checkpoints. Called once the data and models are known to be good."""
+    output_dir = pathlib.Path(output_dir)
+    if resumed_step is not None:
+        rows = [row for row in read_metrics(output_dir) if row["step"] <= resumed_step]
+        write_atomically(output_dir / "metrics.jsonl", "".join(json.dumps(row) + "\n" for row in rows))
+        return
+    try:
+        saved = json.loads((output_dir / "summary.json").read_text()).get("saved", [])
+    except (OSError, ValueError, AttributeError):
+        saved = []
+    for name in [*RUN_FILES, *(n for n in saved if isinstance(n, str) and n == pathlib.Path(n).name and n[:1] != ".")]:
+        (output_dir / name).unlink(missing_ok=True)
+    for checkpoint in our_checkpoints(output_dir):
+        shutil.rmtree(checkpoint)
+
+
+def read_metrics(output_dir):
+    """The rows of metrics.jsonl; a line a crash tore in half is left out."""
+    path = pathlib.Path(output_dir) / "metrics.jsonl"
+    rows = []
+    for line in (path.read_text().splitlines() if path.exists() else []):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return [row for row in rows if isinstance(row, dict) and isinstance(row.get("step"), int)]
+
+
+def write_atomically(path, content):
+    """Write to a temporary file beside it, then rename: the file is either the old one or the whole new one."""
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(handle, "wb" if isinstance(content, bytes) else "w") as file:
+            file.write(content)
+        os.chmod(temporary, 0o644)
+        os.replace(temporary, path)
+    except BaseException:
+        pathlib.Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def save_pretrained_atomically(output_dir, model, tokenizer):
+    """The model and tokenizer, each file written whole; returns the names of the files written."""
+    temporary = pathlib.Path(tempfile.mkdtemp(prefix=".saving-", dir=output_dir))
+    try:
+        model.save_pretrained(temporary)
+        tokenizer.save_pretrained(temporary)
+        names = sorted(path.name for path in temporary.iterdir())
+        for name in names:
+            os.replace(temporary / name, output_dir / name)
+    except OSError as error:
+        raise ReportedError(f"could not save the model to {output_dir} ({error}); the checkpoints are intact") from None
+    finally:
+        shutil.rmtree(temporary, ignore_errors=True)
+    return names
+
+
+# ----------------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def our_checkpoints(output_dir):
+    """The checkpoint-STEP folders this script wrote, oldest first."""
+    found = []
+    for path in pathlib.Path(output_dir).glob("checkpoint-*"):
+        match = re.fullmatch(r"checkpoint-([0-9]+)", path.name)
+        if match and (path / "trainer_state.pt").is_file():
+            found.append((int(match[1]), path))
+    return [path for _, path in sorted(found)]
+
+
+def write_checkpoint(output_dir, step, policy, state, keep):
+    """OUTPUT_DIR/checkpoint-STEP/: the policy (safetensors) and trainer_state.pt; keeps the last `keep`.
+
+    It appears whole or not at all: written beside, then renamed. A failed write (a full disk) leaves
+    nothing behind and stops the run with a message; the previous checkpoints stay as they were.
+    """
+    output_dir = pathlib.Path(output_dir)
+    temporary = pathlib.Path(tempfile.mkdtemp(prefix=f".checkpoint-{step}-", dir=output_dir))
+    try:
+        policy.save_pretrained(temporary)
+        torch.save(state, temporary / "trainer_state.pt")
+        temporary.chmod(0o755)
+        final = output_dir / f"checkpoint-{step}"
+        if final in our_checkpoints(output_dir):
+            shutil.rmtree(final)
+        os.replace(temporary, final)
+    except OSError as error:
+        shutil.rmtree(temporary, ignore_errors=True)
+        previous = our_checkpoints(output_dir)[-1:]
+        raise ReportedError(f"could not write checkpoint-{step} ({error}); " + (
+            f"the last checkpoint, {previous[0]}, is intact" if previous else "no checkpoint was written")) from None
+    for old in our_checkpoints(output_dir)[:-keep]:
+        shutil.rmtree(old)
+
+
+def latest_checkpoint(output_dir):
+    """(folder, state) of the newest checkpoint of this script's in output_dir whose state loads.
+
+    One that does not (torn, garbage, written by something else) is named and passed over for the one
+    before. Loaded with weights_only=True: nothing in it is unpickled blindly.
+    """
+    for folder in reversed(our_checkpoints(output_dir)):
+        try:
+            state = torch.load(folder / "trainer_state.pt", map_location="cpu", weights_only=True)
+            _check_state(state)
+            return folder, state
+        except Exception as error:
+            print(f"note: {folder} cannot be resumed from ({type(error).__name__}: {(str(error).splitlines() or [''])[0][:120]})")
+    raise ReportedError(f"--resume {output_dir}: no checkpoint-STEP folder of a train.py run that can be resumed from")
+
+
+def _check_state(state):
+    if not (isinstance(state, dict) and isinstance(state.get("step"), int) and state["step"] >= 1
+            and isinstance(state.get("args"), dict) and isinstance(state.get("optimizer"), dict)
+            and isinstance(state.get("scheduler"), dict) and isinstance(state.get("rng"), dict)
+            and isinstance(state["rng"].get("torch"), torch.Tensor) and isinstance(state["rng"].get("python"), tuple)
+            and isinstance(state.get("steps_by_noise"), list) and len(state["steps_by_noise"]) == 9
+            and all(isinstance(count, int) for count in state["steps_by_noise"])):
+        raise ValueError("trainer_state.pt lacks what a train.py checkpoint holds")
+    import epsdpo
+
+    epsdpo.BaselineBeta(1.0, 0.0).load_state_dict(state.get("baseline_beta"))   # raises if malformed
+
+
+def resumed_args(args, given, defaults):
+    """The arguments of the run in --resume DIR and the checkpoint to go on from.
+
+    args: the command line's arguments, given: the names it gave, defaults: every argument's default.
+    The saved arguments decide the run; a flag given again may change only what RESUMABLE lists, and any
+    other that differs is refused. --trust-remote-code and --gold-reward run code, so a checkpoint never
+    turns them on: they apply only when given on the command line that resumes.
+    """
+    output_dir = pathlib.Path(args.resume)
+    checkpoint = latest_checkpoint(output_dir)
+    saved = {**defaults, **{k: v for k, v in checkpoint[1]["args"].items() if k in defaults}}
+    for name in sorted(given - RESUMABLE - RUNS_CODE - {"resume"}):
+        if name == "output_dir" and pathlib.Path(args.output_dir).resolve() == output_dir.resolve():
+            continue
+        if getattr(args, name) != saved[name]:
+            flag = "--" + name.replace("_", "-")
+            raise ReportedError(f"--resume {output_dir}: {flag} {getattr(args, name)} differs from the run's {saved[name]}; "
+                                f"a resumed run keeps its arguments, and may change only "
+                                f"{', '.join('--' + n.replace('_', '-') for n in sorted(RESUMABLE))}")
+    for name in sorted(RUNS_CODE - given):
+        if saved[name]:
+            print(f"note: the run had --{name.replace('_', '-')}; it runs code, so it applies only when given again with --resume")
+    resumed = argparse.Namespace(**{**saved, **{name: getattr(args, name) for name in given & RESUMABLE | RUNS_CODE},
+                                    "resume": str(output_dir), "output_dir": str(output_dir), "overwrite": False})
+    if resumed.max_steps is not None and resumed.max_steps <= checkpoint[1]["step"]:
+        raise ReportedError(f"--resume {output_dir}: --max-steps {resumed.max_steps} is not beyond {checkpoint[0].name}")
+    return resumed, checkpoint
+
+
+class StopOnSignal:
+    """While active, the first SIGINT or SIGTERM only sets .signal, so the run can stop cleanly; a second
+    one raises KeyboardInterrupt and stops it where it is."""
+
+    def __enter__(self):
+        self.signal = None
+        self.previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def _handle(self, number, frame):
+        if self.signal is not None:
+            raise KeyboardInterrupt
+        self.signal = number
+
+    def __exit__(self, *exc):
+        for number, handler in self.previous.items():
+            signal.signal(number, handler)
+
+
+# ----------------------------------------------------------------------------------------------------
+# What the user sees
+
+
+def step_fractions(steps_by_noise):
+    """Fractions of s = +1 and s = −1 over training, for clean and noisy pairs separately (if marked).
+
+    steps_by_noise: counts of pairs with (flag, s) for flag in (absent, clean, noisy), s in (+1, 0, −1)."""
+    groups = {}
+    for name, (relaxed, kept, tightened) in zip(("all", "clean", "noisy"), zip(*[iter(steps_by_noise)] * 3)):
+        if relaxed + kept + tightened:
+            groups[name] = {"pairs": relaxed + kept + tightened, "lower_beta": relaxed / (relaxed + kept + tightened),
+                            "higher_beta": tightened / (relaxed + kept + tightened)}
+    return dict(sorted(groups.items()))
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save_figure(figure, path):
+    import io
+
+    buffer = io.BytesIO()
+    figure.savefig(buffer, dpi=110, format="png")
+    write_atomically(pathlib.Path(path), buffer.getvalue())             # the figure appears whole
+    _pyplot().close(figure)
+
+
+def plot_curves(runs, path):
+    """One panel per quantity; each run (label -> metric rows) a colour, training thin, evaluation dotted."""
+    plt = _pyplot()
+    panels = [("loss", "loss"), ("rewards/accuracies", "reward accuracy"), ("rewards/margins", "reward margin"),
+              ("beta", "baseline β"), ("steps/lower_beta", "fraction s = +1 (β/(1+ε))"),
+              ("steps/higher_beta", "fraction s = −1 (β/(1−ε))"), ("gold_reward", "gold reward of samples"),
+              ("kl", "KL(π_θ ‖ π_ref) along samples")]
+    if not any("gold_reward" in row for rows in runs.values() for row in rows):
+        panels = panels[:6]
+    figure, axes = plt.subplots(2, len(panels) // 2, figsize=(4 * len(panels) // 2, 6.5), squeeze=False)
+    for (key, title), axis in zip(panels, axes.flat):
+        for color, (label, rows) in zip(("tab:blue", "tab:red", "tab:green"), runs.items()):
+            for split, style in (("train", dict(linewidth=0.8, alpha=0.6)), ("eval", dict(marker="o", linestyle=":"))):
+                points = [(r["step"], r[key]) for r in rows if r["split"] == split and key in r]
+                if points:
+                    axis.plot(*zip(*points), color=color, label=f"{label} {split}", **style)
+        axis.set_title(title)
+        axis.set_xlabel("optimizer step")
+    axes.flat[0].legend(fontsize=7)
+    figure.tight_layout()
+    _save_figure(figure, path)
+
+
+def print_summary(summaries):
+    """A table of the held-out numbers at the start and the end of each run."""
+    rows = [("held-out reward accuracy", "rewards/accuracies", "{:.3f}"), ("held-out reward margin", "rewards/margins", "{:.3f}"),
+            ("held-out loss", "loss", "{:.4f}"), ("gold reward of samples", "gold_reward", "{:+.3f}"),
+            ("KL(π_θ‖π_ref) along samples", "kl", "{:.3f}")]
+    header = f"{'':28}" + "".join(f"{'start':>10}{s['label'] + ' end':>16}" for s in summaries[:1]) + "".join(
+        f"{s['label'] + ' end':>16}" for s in summaries[1:])
+    print("\n" + header)
+    for name, key, fmt in rows:
+        if key in summaries[0]["final"]:
+            cells = [fmt.format(summaries[0]["start"][key])] + [fmt.format(s["final"][key]) for s in summaries]
+            print(f"{name:28}{cells[0]:>10}" + "".join(f"{c:>16}" for c in cells[1:]))
+    print(f"{'baseline β':28}{summaries[0]['args']['beta']:>10.4f}" + "".join(f"{s['final_beta']:>16.4f}" for s in summaries))
+    for s in summaries:
+        for group, f in s["steps_by_noise"].items():
+            print(f"{s['label']}, {group} train pairs ({f['pairs']} seen): s = +1 {f['lower_beta']:.1%}, s = −1 {f['higher_beta']:.1%}")
+        print(f"{s['label']}: {s['seconds']} s, written to {s['args']['output_dir']}")
+
+
+def frontier_points(summaries):
+    """One point per run of a frontier: what frontier.json holds."""
+    points = []
+    for s in summaries:
+        steps = s["steps_by_noise"].values()
+        pairs = sum(group["pairs"] for group in steps)
+        points.append({"method": s["label"], "beta": s["args"]["beta"], "epsilon": s["args"]["epsilon"],
+                       "fixed_baseline_beta": s["args"]["fixed_baseline_beta"], "seed": s["args"]["seed"],
+                       "gold_reward": s["final"]["gold_reward"], "kl": s["final"]["kl"],
+                       "rewards/accuracies": s["final"]["rewards/accuracies"], "final_beta": s["final_beta"],
+                       "mean_s": sum(g["pairs"] * (g["lower_beta"] - g["higher_beta"]) for g in steps) / pairs,
+                       "output_dir": s["args"]["output_dir"]})
+    return points
+
+
+def _by_method_and_beta(points):
+    """{method: {β: [points over seeds]}}, in the order the points came."""
+    grouped = {}
+    for point in points:
+        grouped.setdefault(point["method"], {}).setdefault(point["beta"], []).append(point)
+    return grouped
+
+
+def plot_frontier(points, path):
+    """Gold reward against KL, one line per method through its β values: the mean over seeds, with bars
+    from the lowest to the highest seed on both axes."""
+    plt = _pyplot()
+    figure, axis = plt.subplots(figsize=(7, 5))
+    for color, (method, by_beta) in zip(("tab:blue", "tab:red", "tab:green"), _by_method_and_beta(points).items()):
+        xs, ys = [], []
+        for beta, runs in sorted(by_beta.items()):
+            kls, golds = [p["kl"] for p in runs], [p["gold_reward"] for p in runs]
+            x, y = sum(kls) / len(kls), sum(golds) / len(golds)
+            axis.errorbar(x, y, xerr=[[x - min(kls)], [max(kls) - x]], yerr=[[y - min(golds)], [max(golds) - y]],
+                          color=color, capsize=3, linewidth=0.8)
+            axis.annotate(f"β={beta:g}", (x, y), textcoords="offset points", xytext=(4, -10), fontsize=7, color=color)
+            xs.append(x)
+            ys.append(y)
+        axis.plot(xs, ys, marker="o", color=color, label=method)
+    seeds = max(len(runs) for by_beta in _by_method_and_beta(points).values() for runs in by_beta.values())
+    axis.set_xlabel("KL(π_θ ‖ π_ref) along samples (nats per review)")
+    axis.set_ylabel("gold reward of samples")
+    axis.set_title(f"reward–KL frontier: mean of {seeds} seed(s), bars from the lowest to the highest seed", fontsize=9)
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    _save_figure(figure, path)
+
+
+def print_frontier(points):
+    """The frontier as a table: per method and β, the mean over seeds and (lowest–highest)."""
+    def cell(values, fmt):
+        mean = sum(values) / len(values)
+        spread = f" ({fmt.format(min(values))}–{fmt.format(max(values))})" if len(values) > 1 else ""
+        return fmt.format(mean) + spread
+
+    print(f"\n{'method':26}{'β':>6}  {'gold reward':<22}{'KL':<22}{'accuracy':<10}{'final β':<10}{'mean s':>7}")
+    for method, by_beta in _by_method_and_beta(points).items():
+        for beta, runs in sorted(by_beta.items()):
+            print(f"{method:26}{beta:>6g}  {cell([p['gold_reward'] for p in runs], '{:+.2f}'):<22}"
+                  f"{cell([p['kl'] for p in runs], '{:.2f}'):<22}{cell([p['rewards/accuracies'] for p in runs], '{:.3f}'):<10}"
+                  f"{sum(p['final_beta'] for p in runs) / len(runs):<10.4f}{sum(p['mean_s'] for p in runs) / len(runs):>+7.3f}")

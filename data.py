@@ -5,6 +5,7 @@
     tokenize_pair    one row -> prompt_ids, chosen_ids, rejected_ids (usable on its own, like TRL's tokenize_row)
     tokenize_rows    every row of a split: the usable pairs, and the rows left out and why
     collate          B pairs -> one right-padded batch of 2B rows: the B chosen sequences, then the B rejected
+    load_gold_reward a task's score(prompt, completion), for evaluation (tiny_data/gold_reward.py)
     micro_batches    endless micro-batches in a seeded order
 
 Formats (as TRL's DPOTrainer takes them): standard rows hold "prompt", "chosen" and "rejected" strings, the
@@ -18,6 +19,8 @@ when the pair does not fit in max_length, and then the completions (from the rig
 """
 
 import json
+import math
+import numbers
 import pathlib
 import re
 import sys
@@ -314,6 +317,43 @@ def tokenize_rows(rows, tokenizer, max_length, max_prompt_length, skip_invalid=F
             boundary_moved += pair["boundary_moved"]
             pairs.append({**pair, "noisy": row.get("noisy")})
     return pairs, skipped, boundary_moved
+
+
+# ----------------------------------------------------------------------------------------------------
+# The gold reward: a task's own score of a completion, which evaluation gives to samples of the policy
+
+
+def load_gold_reward(path):
+    """score(prompt, completion) -> float from a Python file (None for None). It runs the file's code: only
+    ever for a file the user named on the command line, or tiny_data's own."""
+    import importlib.util
+
+    if path is None:
+        return None
+    if not pathlib.Path(path).is_file():
+        raise ReportedError(f"--gold-reward {path}: no such file")
+    try:
+        spec = importlib.util.spec_from_file_location("gold_reward", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    except SyntaxError as error:
+        raise ReportedError(f"--gold-reward {path}, line {error.lineno}: {error.msg}") from None
+    except Exception as error:
+        raise ReportedError(f"--gold-reward {path}: running it raised {type(error).__name__}: {error}") from None
+    if not callable(getattr(module, "score", None)):
+        raise ReportedError(f"--gold-reward {path}: it defines no function score(prompt, completion)")
+    return module.score
+
+
+def gold_score(gold_reward, prompt, completion):
+    """gold_reward(prompt, completion), which must be a finite number."""
+    try:
+        value = gold_reward(prompt, completion)
+    except Exception as error:
+        raise ReportedError(f"--gold-reward: score() raised {type(error).__name__}: {error}") from None
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise ReportedError(f"--gold-reward: score() returned {value!r} for {completion!r}, not a finite number")
+    return float(value)
 
 
 # ----------------------------------------------------------------------------------------------------

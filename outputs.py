@@ -218,7 +218,8 @@ def resumed_args(args, given, defaults):
     resumed = argparse.Namespace(**{**saved, **{name: getattr(args, name) for name in given & RESUMABLE | RUNS_CODE},
                                     "resume": str(output_dir), "output_dir": str(output_dir), "overwrite": False})
     if resumed.max_steps is not None and resumed.max_steps <= checkpoint[1]["step"]:
-        raise ReportedError(f"--resume {output_dir}: --max-steps {resumed.max_steps} is not beyond {checkpoint[0].name}")
+        raise ReportedError(f"--resume {output_dir}: {checkpoint[0].name} is at or past --max-steps {resumed.max_steps}; "
+                            f"give a larger --max-steps to train on")
     return resumed, checkpoint
 
 
@@ -372,9 +373,9 @@ def print_frontier(points):
         spread = f" ({fmt.format(min(values))}–{fmt.format(max(values))})" if len(values) > 1 else ""
         return fmt.format(mean) + spread
 
-    print(f"\n{'method':26}{'β':>6}  {'gold reward':<22}{'KL':<22}{'accuracy':<10}{'final β':<10}{'mean s':>7}")
+    print(f"\n{'method':25}{'β':>5}  {'gold reward':<21}{'KL':<21}{'reward accuracy':<21}{'final β':>8}{'mean s':>8}")
     for method, by_beta in _by_method_and_beta(points).items():
         for beta, runs in sorted(by_beta.items()):
-            print(f"{method:26}{beta:>6g}  {cell([p['gold_reward'] for p in runs], '{:+.2f}'):<22}"
-                  f"{cell([p['kl'] for p in runs], '{:.2f}'):<22}{cell([p['rewards/accuracies'] for p in runs], '{:.3f}'):<10}"
-                  f"{sum(p['final_beta'] for p in runs) / len(runs):<10.4f}{sum(p['mean_s'] for p in runs) / len(runs):>+7.3f}")
+            print(f"{method:25}{beta:>5g}  {cell([p['gold_reward'] for p in runs], '{:+.2f}'):<21}"
+                  f"{cell([p['kl'] for p in runs], '{:.2f}'):<21}{cell([p['rewards/accuracies'] for p in runs], '{:.3f}'):<21}"
+                  f"{sum(p['final_beta'] for p in runs) / len(runs):>8.4f}{sum(p['mean_s'] for p in runs) / len(runs):>+8.3f}")

@@ -4,6 +4,7 @@ made here, and bench.py --quick."""
 import json
 import math
 import os
+import pathlib
 import shutil
 import signal
 import subprocess
@@ -33,6 +34,17 @@ def read_metrics(output_dir):
 def write_jsonl(path, rows):
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
     return path
+
+
+@pytest.fixture(scope="module")
+def small_data(tmp_path_factory):
+    """Arguments for tiny_data cut to 200 train and 32 held-out pairs, with its gold reward: for the tests
+    where the size of the data does not matter, so that their evaluations are quick."""
+    folder = tmp_path_factory.mktemp("small-data")
+    for split, rows in (("train", 200), ("test", 32)):
+        lines = (train.TINY_DATASET / f"{split}.jsonl").read_text().splitlines()[:rows]
+        (folder / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
+    return ["--dataset", str(folder), "--gold-reward", str(train.TINY_GOLD_REWARD), *QUICK]
 
 
 @pytest.fixture(scope="module")
@@ -102,8 +114,8 @@ def plain_dpo(policy_logits, ref_logits, input_ids, completion_mask, beta, epsil
     )
 
 
-def test_epsilon_zero_is_a_dpo_run_bit_for_bit(tmp_path, monkeypatch):
-    arguments = ["--max-steps", "3", "--eval-every", "3", "--epsilon", "0", "--lr", "1e-3", *QUICK]
+def test_epsilon_zero_is_a_dpo_run_bit_for_bit(tmp_path, monkeypatch, small_data):
+    arguments = ["--max-steps", "3", "--eval-every", "3", "--epsilon", "0", "--lr", "1e-3", *small_data]
     train.main(["--output-dir", str(tmp_path / "epsilon-zero"), *arguments])
     monkeypatch.setattr(epsdpo, "epsilon_dpo_loss", plain_dpo)
     train.main(["--output-dir", str(tmp_path / "dpo"), *arguments])
@@ -159,8 +171,8 @@ def test_conversational_jsonl_is_rendered_with_the_chat_template(tmp_path, local
     assert [r["step"] for r in read_metrics(output_dir) if r["split"] == "train"] == [1, 2]
 
 
-def test_compare_trains_dpo_and_epsilon_dpo_side_by_side(tmp_path, capsys):
-    train.main(["--compare", "--output-dir", str(tmp_path), "--max-steps", "2", "--epsilon", "0.3", *QUICK])
+def test_compare_trains_dpo_and_epsilon_dpo_side_by_side(tmp_path, capsys, small_data):
+    train.main(["--compare", "--output-dir", str(tmp_path), "--max-steps", "2", "--epsilon", "0.3", *small_data])
     dpo = json.loads((tmp_path / "dpo/summary.json").read_text())
     epsilon_dpo = json.loads((tmp_path / "epsilon-dpo/summary.json").read_text())
     assert (dpo["args"]["epsilon"], epsilon_dpo["args"]["epsilon"]) == (0.0, 0.3)
@@ -316,8 +328,8 @@ def test_checkpoints_keep_the_last_few(tmp_path):
     assert [p.name for p in output_dir.glob(".*")] == [".train.lock"]    # no temporary left behind
 
 
-def test_an_interrupted_run_resumes_to_the_same_end_bit_for_bit(tmp_path):
-    arguments = ["--max-steps", "40", "--eval-every", "1000", "--save-every", "1000", "--epsilon", "0.2", *QUICK]
+def test_an_interrupted_run_resumes_to_the_same_end_bit_for_bit(tmp_path, small_data):
+    arguments = ["--max-steps", "40", "--eval-every", "1000", "--save-every", "1000", "--epsilon", "0.2", *small_data]
     train.main(["--output-dir", str(tmp_path / "whole"), *arguments])
 
     interrupted = tmp_path / "interrupted"
@@ -327,6 +339,11 @@ def test_an_interrupted_run_resumes_to_the_same_end_bit_for_bit(tmp_path):
     deadline = time.time() + 60
     while not any(row["split"] == "train" for row in read_metrics_if_any(interrupted)) and time.time() < deadline:
         time.sleep(0.05)
+    # One run per output folder: a second one into it stops at once, and touches nothing.
+    started = time.time()
+    error = run_expecting_error(["--output-dir", str(interrupted), "--overwrite", *arguments])
+    assert error == f"error: --output-dir {interrupted} is in use by another run (it holds .train.lock); nothing was touched"
+    assert time.time() - started < 1 and process.poll() is None
     process.send_signal(signal.SIGTERM)                                  # a real signal, mid-run
     stdout, stderr = process.communicate(timeout=60)
     assert process.returncode == 128 + signal.SIGTERM, stderr
@@ -344,18 +361,18 @@ def test_an_interrupted_run_resumes_to_the_same_end_bit_for_bit(tmp_path):
         json.loads((tmp_path / "whole/summary.json").read_text())["final_beta"]
 
 
-def test_two_ranks_under_torchrun_agree_on_beta_and_match_one_process_even_across_a_resume(tmp_path):
+def test_two_ranks_under_torchrun_agree_on_beta_and_match_one_process_even_across_a_resume(tmp_path, small_data):
     """2 CPU processes (gloo) with 4 pairs each are one process with 8: the same β at every step on both
     ranks and in the single process, and the same weights up to float rounding, also when the 2-rank run is
     stopped by SIGTERM and resumed under torchrun."""
-    arguments = ["--max-steps", "15", "--eval-every", "1000", "--save-every", "1000", "--epsilon", "0.3",
-                 "--lr", "1e-3", "--eval-batch-size", "32", "--max-new-tokens", "8"]
-    train.main(["--output-dir", str(tmp_path / "one"), "--batch-size", "8", *arguments])
+    arguments = [*small_data, "--max-steps", "15", "--eval-every", "1000", "--save-every", "1000", "--epsilon", "0.3",
+                 "--lr", "1e-3"]
+    train.main(["--output-dir", str(tmp_path / "one"), *arguments, "--batch-size", "8"])
 
     two = tmp_path / "two"
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "train.py"]
     environment = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    process = subprocess.Popen([*torchrun, "--output-dir", str(two), "--batch-size", "4", *arguments],
+    process = subprocess.Popen([*torchrun, "--output-dir", str(two), *arguments, "--batch-size", "4"],
                                cwd=train.HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environment)
     deadline = time.time() + 90
     while not any(row["split"] == "train" for row in read_metrics_if_any(two)) and time.time() < deadline:
@@ -384,6 +401,337 @@ def read_metrics_if_any(output_dir):
         return read_metrics(output_dir)
     except (FileNotFoundError, json.JSONDecodeError):
         return []
+
+
+# ----------------------------------------------------------------------------------------------------
+# Trust: a checkpoint never runs code, the user's files are never touched, one line per bad input
+
+
+def test_a_resume_never_runs_code_the_checkpoint_names_and_refuses_flags_it_cannot_apply(tmp_path, capsys, small_data):
+    gold = tmp_path / "gold.py"
+    gold.write_text("def score(prompt, completion):\n    return 100.0\n")
+    output_dir = tmp_path / "out"
+    train.main(["--output-dir", str(output_dir), *small_data, "--gold-reward", str(gold), "--max-steps", "2",
+                "--save-every", "1", "--eval-every", "1000"])
+    # Someone edits the checkpoint so that resuming it runs their code.
+    marker, evil = tmp_path / "their code ran", tmp_path / "evil.py"
+    evil.write_text(f"open({str(marker)!r}, 'w').close()\ndef score(prompt, completion):\n    return 0.0\n")
+    state_path = output_dir / "checkpoint-2/trainer_state.pt"
+    state = torch.load(state_path, weights_only=True)
+    state["args"].update(gold_reward=str(evil), trust_remote_code=True)
+    torch.save(state, state_path)
+    capsys.readouterr()
+    train.main(["--resume", str(output_dir), "--max-steps", "3"])                 # more steps: allowed
+    assert not marker.exists()
+    printed = capsys.readouterr().out
+    assert "the run had --gold-reward" in printed and "the run had --trust-remote-code" in printed
+    summary = json.loads((output_dir / "summary.json").read_text())
+    assert (summary["args"]["gold_reward"], summary["args"]["trust_remote_code"], summary["steps"]) == (None, False, 3)
+    assert "gold_reward" not in summary["final"]                              # no gold reward at all
+
+    error = run_expecting_error(["--resume", str(output_dir), "--max-steps", "4", "--beta", "0.2"])
+    assert error.startswith(f"error: --resume {output_dir}: --beta 0.2 differs from the run's 0.1") and "--max-steps" in error
+    assert run_expecting_error(["--resume", str(output_dir), "--max-steps", "3"]).endswith(
+        "checkpoint-3 is at or past --max-steps 3; give a larger --max-steps to train on")
+    train.main(["--resume", str(output_dir), "--max-steps", "4", "--gold-reward", str(gold)])   # given again: it runs
+    assert json.loads((output_dir / "summary.json").read_text())["final"]["gold_reward"] == 100.0
+
+
+def test_only_the_projects_own_files_are_touched(tmp_path, small_data):
+    output_dir = tmp_path / "out"
+    theirs = {"checkpoint-14-copy/trainer_state.pt": "a copy", "checkpoint-backup/notes.txt": "mine",
+              "checkpoint-99-old/trainer_state.pt": "old", "checkpoint-2x/x": "mine", "notes.txt": "mine",
+              ".saving/x": "mine", "metrics.jsonl.tmp": "mine", "checkpoint-5.tmp/x": "mine"}
+    for name, text in theirs.items():
+        (output_dir / name).parent.mkdir(parents=True, exist_ok=True)
+        (output_dir / name).write_text(text)
+    arguments = ["--save-every", "1", "--keep-checkpoints", "1", "--eval-every", "1000", *small_data]
+    train.main(["--output-dir", str(output_dir), "--overwrite", "--max-steps", "3", *arguments])   # prunes to the last
+    train.main(["--resume", str(output_dir), "--max-steps", "4"])             # from checkpoint-3, not 99-old
+    assert [r["step"] for r in read_metrics(output_dir) if r["split"] == "train"] == [1, 2, 3, 4]
+    train.main(["--output-dir", str(output_dir), "--overwrite", "--max-steps", "1", *arguments])
+    assert {name: (output_dir / name).read_text() for name in theirs} == theirs
+    assert sorted(p.name for p in output_dir.glob("checkpoint-*") if p.is_dir()) == [
+        "checkpoint-1", "checkpoint-14-copy", "checkpoint-2x", "checkpoint-5.tmp", "checkpoint-99-old", "checkpoint-backup"]
+
+
+@pytest.fixture(scope="module")
+def two_checkpoints(tmp_path_factory, small_data):
+    """A run of 2 steps with a checkpoint after each, to copy and break."""
+    output_dir = tmp_path_factory.mktemp("two-checkpoints") / "out"
+    train.main(["--output-dir", str(output_dir), "--max-steps", "2", "--save-every", "1", "--keep-checkpoints", "2",
+                "--eval-every", "1000", *small_data])
+    return output_dir
+
+
+def copy_of(run, tmp_path):
+    shutil.copytree(run, tmp_path / "out")
+    (tmp_path / "out/.train.lock").unlink()
+    return tmp_path / "out"
+
+
+@pytest.mark.parametrize("break_it", ["garbage", "truncated", "no arguments"])
+def test_an_unreadable_checkpoint_is_named_and_the_one_before_resumed(two_checkpoints, tmp_path, capsys, break_it):
+    output_dir = copy_of(two_checkpoints, tmp_path)
+    state_path = output_dir / "checkpoint-2/trainer_state.pt"
+    if break_it == "garbage":
+        state_path.write_bytes(b"not a checkpoint at all")
+    elif break_it == "truncated":
+        state_path.write_bytes(state_path.read_bytes()[:1000])
+    else:
+        state = torch.load(state_path, weights_only=True)
+        del state["args"]
+        torch.save(state, state_path)
+    train.main(["--resume", str(output_dir)])                                   # to step 2 again
+    printed = capsys.readouterr().out
+    assert f"note: {output_dir / 'checkpoint-2'} cannot be resumed from" in printed
+    assert f"resuming from {output_dir / 'checkpoint-1'} at step 2" in printed
+    assert [r["step"] for r in read_metrics(output_dir) if r["split"] == "train"] == [1, 2]
+    for checkpoint in ("checkpoint-1", "checkpoint-2"):
+        (output_dir / checkpoint / "trainer_state.pt").write_bytes(b"garbage")
+    assert run_expecting_error(["--resume", str(output_dir)]).startswith(f"error: --resume {output_dir}: no checkpoint")
+
+
+def test_a_checkpoint_of_another_model_is_refused_before_anything_changes(two_checkpoints, tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    output_dir = copy_of(two_checkpoints, tmp_path)
+    other = LlamaForCausalLM(LlamaConfig(vocab_size=60, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=4))
+    other.save_pretrained(output_dir / "checkpoint-2")
+    metrics = (output_dir / "metrics.jsonl").read_bytes()
+    error = run_expecting_error(["--resume", str(output_dir), "--max-steps", "3"])
+    assert error == f"error: {output_dir / 'checkpoint-2'}: its optimizer state is for another model than " \
+                    f"{output_dir / 'checkpoint-2/model.safetensors'}"
+    assert (output_dir / "metrics.jsonl").read_bytes() == metrics
+
+
+def test_a_torn_last_line_of_the_metrics_is_left_out_on_resume(two_checkpoints, tmp_path):
+    output_dir = copy_of(two_checkpoints, tmp_path)
+    shutil.rmtree(output_dir / "checkpoint-2")
+    with open(output_dir / "metrics.jsonl", "a") as metrics_file:
+        metrics_file.write('{"step": 3, "split": "tra')
+    train.main(["--resume", str(output_dir)])                                   # from checkpoint-1 to step 2
+    assert [(r["split"], r["step"]) for r in read_metrics(output_dir)] == [("eval", 0), ("train", 1), ("train", 2), ("eval", 2)]
+
+
+def test_a_full_disk_during_a_checkpoint_leaves_the_last_one_intact(tmp_path, monkeypatch, small_data):
+    real_save, saves = torch.save, []
+
+    def save_until_the_disk_is_full(obj, path, *args, **kwargs):
+        saves.append(path)
+        if len(saves) == 2:
+            raise OSError(28, "No space left on device")
+        return real_save(obj, path, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", save_until_the_disk_is_full)
+    output_dir = tmp_path / "out"
+    error = run_expecting_error(["--output-dir", str(output_dir), "--max-steps", "3", "--save-every", "1",
+                                 "--eval-every", "1000", *small_data])
+    assert error == f"error: could not write checkpoint-2 ([Errno 28] No space left on device); the last checkpoint, " \
+                    f"{output_dir / 'checkpoint-1'}, is intact"
+    assert sorted(p.name for p in output_dir.iterdir()) == [".train.lock", "checkpoint-1", "metrics.jsonl"]
+    monkeypatch.undo()
+    train.main(["--resume", str(output_dir)])
+    assert [r["step"] for r in read_metrics(output_dir) if r["split"] == "train"] == [1, 2, 3]
+
+
+def test_ctrl_c_mid_accumulation_drops_the_step_at_once_and_resumes_to_the_same_end(tmp_path, monkeypatch, small_data):
+    arguments = [*small_data, "--max-steps", "3", "--grad-accum", "6", "--batch-size", "2", "--eval-every", "1000",
+                 "--save-every", "1000", "--epsilon", "0.2"]
+    train.main(["--output-dir", str(tmp_path / "whole"), *arguments])
+    real_forward, training_calls = train.forward, []
+
+    def forward_then_ctrl_c(*args):
+        training_calls.append(torch.is_grad_enabled())
+        if training_calls.count(True) == 6 + 3:                         # step 2, micro-batch 3 of 6
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_forward(*args)
+
+    monkeypatch.setattr(train, "forward", forward_then_ctrl_c)
+    interrupted = tmp_path / "interrupted"
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(["--output-dir", str(interrupted), *arguments])
+    assert exit_info.value.code == 128 + signal.SIGINT and training_calls.count(True) == 6 + 3
+    assert [p.name for p in interrupted.glob("checkpoint-*")] == ["checkpoint-1"]
+    monkeypatch.undo()
+    train.main(["--resume", str(interrupted), "--gold-reward", str(train.TINY_GOLD_REWARD)])   # runs code: given again
+    assert read_metrics(interrupted) == read_metrics(tmp_path / "whole")
+    whole, resumed = load_file(tmp_path / "whole/model.safetensors"), load_file(interrupted / "model.safetensors")
+    assert all(torch.equal(whole[name], resumed[name]) for name in whole)
+
+
+def tiny_model_folder(folder, vocab_size=60, tokenizer_changes=None):
+    """A small Llama with the tiny_data tokenizer, saved to a folder: vocabulary and tokenizer as asked."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    LlamaForCausalLM(LlamaConfig(vocab_size=vocab_size, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                 num_attention_heads=2, num_key_value_heads=2)).save_pretrained(folder)
+    tokenizer = AutoTokenizer.from_pretrained(train.TINY_MODEL)
+    for name, value in (tokenizer_changes or {}).items():
+        setattr(tokenizer, name, value)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.mark.parametrize("case", ["device bogus", "device cuda", "device mps", "output-dir is a file",
+                                  "output-dir under a file", "gold-reward missing", "gold-reward syntax error",
+                                  "gold-reward without score", "score raises", "score returns text", "score returns nan",
+                                  "ref-model of another vocabulary", "ids beyond the vocabulary", "tokenizer without eos",
+                                  "eval-split is train"])
+def test_bad_input_stops_the_run_with_one_line(tmp_path, case, small_data):
+    a_file = tmp_path / "a-file"
+    a_file.write_text("mine")
+    gold = tmp_path / "gold.py"
+    gold.write_text({"gold-reward syntax error": "def score(:\n", "gold-reward without score": "x = 1\n",
+                     "score raises": "def score(prompt, completion):\n    raise KeyError('boom')\n",
+                     "score returns text": "def score(prompt, completion):\n    return 'good'\n",
+                     "score returns nan": "def score(prompt, completion):\n    return float('nan')\n"}.get(case, ""))
+    arguments, expected = {
+        "device bogus": (["--device", "bogus"], "--device bogus: not a device"),
+        "device cuda": (["--device", "cuda"], "--device cuda: no such device on this machine"),
+        "device mps": (["--device", "mps"], "--device mps: no such device on this machine"),
+        "output-dir is a file": (["--output-dir", str(a_file)], f"--output-dir {a_file} is a file, not a folder"),
+        "output-dir under a file": (["--output-dir", str(a_file / "out")], f"--output-dir {a_file / 'out'}: cannot write there"),
+        "gold-reward missing": (["--gold-reward", str(tmp_path / "none.py")], f"--gold-reward {tmp_path / 'none.py'}: no such file"),
+        "gold-reward syntax error": (["--gold-reward", str(gold)], f"--gold-reward {gold}, line 1: "),
+        "gold-reward without score": (["--gold-reward", str(gold)], f"--gold-reward {gold}: it defines no function score("),
+        "score raises": (["--gold-reward", str(gold)], "--gold-reward: score() raised KeyError: 'boom'"),
+        "score returns text": (["--gold-reward", str(gold)], "--gold-reward: score() returned 'good' for "),
+        "score returns nan": (["--gold-reward", str(gold)], "--gold-reward: score() returned nan for "),
+        "ref-model of another vocabulary": (lambda: ["--ref-model", tiny_model_folder(tmp_path / "m", vocab_size=70)],
+                                            "its vocabulary has 70 words, the policy's 60"),
+        "ids beyond the vocabulary": (lambda: ["--model", tiny_model_folder(tmp_path / "m", vocab_size=30)],
+                                      "but the model has only 30 words"),
+        "tokenizer without eos": (lambda: ["--model", tiny_model_folder(tmp_path / "m", tokenizer_changes={"eos_token": None})],
+                                  "its tokenizer has no EOS token"),
+        "eval-split is train": (["--eval-split", "train"], "--eval-split train is the training split"),
+    }[case]
+    arguments = arguments() if callable(arguments) else arguments            # a model folder, made for its case
+    output_dir = tmp_path / "out" if "output-dir" not in case else None
+    error = run_expecting_error([*(["--output-dir", str(output_dir)] if output_dir else []), "--max-steps", "1",
+                                 *small_data, *arguments])
+    assert error.startswith("error: ") and expected in error and "\n" not in error, error
+    assert a_file.read_text() == "mine"
+    assert output_dir is None or not output_dir.exists() or [p.name for p in output_dir.iterdir()] == [".train.lock"]
+
+
+# ----------------------------------------------------------------------------------------------------
+# The GPU path, as far as a CPU shows it: mixed precision, gradient checkpointing, collectives per step
+
+
+def changed_weights(output_dir):
+    """How many weights of the saved policy differ from the reference, and the saved dtypes."""
+    trained, reference = load_file(output_dir / "model.safetensors"), load_file(train.TINY_MODEL / "model.safetensors")
+    return sum(int((trained[name] != reference[name]).sum()) for name in reference), {t.dtype for t in trained.values()}
+
+
+def test_bf16_is_mixed_precision_so_a_small_learning_rate_moves_the_weights_as_in_float32(tmp_path, small_data):
+    arguments = ["--max-steps", "2", "--eval-every", "1000", "--lr", "5e-7", "--warmup-ratio", "0", *small_data]
+    train.main(["--output-dir", str(tmp_path / "float32"), "--dtype", "float32", *arguments])
+    train.main(["--output-dir", str(tmp_path / "bfloat16"), "--dtype", "bfloat16", *arguments])
+    float32_changed, float32_dtypes = changed_weights(tmp_path / "float32")
+    bfloat16_changed, bfloat16_dtypes = changed_weights(tmp_path / "bfloat16")
+    assert float32_changed > 0.9 * 86_080                               # nearly every weight gets a gradient
+    assert bfloat16_changed >= 0.99 * float32_changed                   # pure bf16 weights would keep ~1 % of them
+    assert float32_dtypes == bfloat16_dtypes == {torch.float32}         # the saved model keeps float32 weights
+    first_steps = [next(r for r in read_metrics(tmp_path / run) if r["split"] == "train") for run in ("float32", "bfloat16")]
+    assert first_steps[1]["loss"] == pytest.approx(first_steps[0]["loss"], abs=2**-8)   # within bf16's rounding
+    assert first_steps[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+
+
+def test_gradient_checkpointing_recomputes_the_layers_and_gives_the_same_losses(tmp_path, monkeypatch, small_data):
+    real_load_model, layer_calls = train.load_model, []
+
+    def load_and_count(name, *args):
+        model = real_load_model(name, *args)
+        if not layer_calls:                                             # the policy is loaded first
+            for layer in model.model.layers:                            # (hooks do not fire in a recomputation)
+                real_forward = layer.mlp.forward
+                layer.mlp.forward = lambda *a, _real=real_forward: (layer_calls.append(torch.is_grad_enabled()), _real(*a))[1]
+        layer_calls.append("loaded")
+        return model
+
+    monkeypatch.setattr(train, "load_model", load_and_count)
+    arguments = ["--max-steps", "2", "--eval-every", "1000", "--grad-accum", "2", *small_data]
+    counts = {}
+    for run, flags in (("plain", []), ("checkpointed", ["--gradient-checkpointing"])):
+        layer_calls.clear()
+        train.main(["--output-dir", str(tmp_path / run), *arguments, *flags])
+        counts[run] = layer_calls.count(True)                           # MLP calls with gradients: training
+    assert counts == {"plain": 2 * 2 * 2, "checkpointed": 2 * 2 * 2 * 2}   # layers × micro-batches × steps, twice
+    plain, checkpointed = (read_metrics(tmp_path / run) for run in ("plain", "checkpointed"))
+    assert [r["loss"] for r in checkpointed] == [r["loss"] for r in plain]
+    assert changed_weights(tmp_path / "checkpointed") == changed_weights(tmp_path / "plain")
+
+
+def test_a_step_makes_the_same_few_collective_calls_whatever_the_gradient_accumulation(tmp_path, monkeypatch, small_data):
+    import torch.distributed as dist
+
+    calls = []
+    for name in ("all_gather", "all_reduce", "all_gather_object", "broadcast", "broadcast_object_list", "barrier"):
+        real = getattr(dist, name)
+        monkeypatch.setattr(dist, name, lambda *a, _name=name, _real=real, **k: (calls.append(_name), _real(*a, **k))[1])
+    per_run = {}
+    for grad_accum in (1, 4):
+        dist.init_process_group("gloo", init_method=f"file://{tmp_path / f'rendezvous-{grad_accum}'}", rank=0, world_size=1)
+        calls.clear()
+        train.main(["--output-dir", str(tmp_path / f"accumulate-{grad_accum}"), "--max-steps", "3", "--eval-every", "1000",
+                    "--grad-accum", str(grad_accum), *small_data])             # main ends the process group
+        per_run[grad_accum] = list(calls)
+    # Per optimizer step: one all_gather (metrics, gradient norm, β, stop flag) and BaselineBeta's all_reduce;
+    # per evaluation (two here): one all_gather.
+    assert per_run[1] == per_run[4] and sorted(per_run[1]) == ["all_gather"] * (3 + 2) + ["all_reduce"] * 3
+
+
+def test_the_kl_along_samples_is_unbiased_never_negative_and_steadier_than_the_log_ratio():
+    """On a model small enough to enumerate every completion (tokens 0, 1 and EOS = 2, at most 3 of them),
+    the estimator's mean over π_θ is the exact KL(π_θ ‖ π_ref), computed here from its definition."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=3, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                         num_key_value_heads=2, max_position_embeddings=8)
+    reference = LlamaForCausalLM(config).eval()
+    policy = LlamaForCausalLM(config).eval()
+    policy.load_state_dict({k: v + 0.5 * torch.randn_like(v) for k, v in reference.state_dict().items()})
+    # EOS ends a completion; one of 3 tokens ends anyway (max_new_tokens = 3).
+    completions = [[2]] + [[a, 2] for a in (0, 1)] + [[a, b, c] for a in (0, 1) for b in (0, 1) for c in (0, 1, 2)]
+    input_ids = torch.tensor([[1, 0] + y + [2] * (3 - len(y)) for y in completions])            # prompt [1, 0]
+    completion_mask = torch.tensor([[0, 0] + [1] * len(y) + [0] * (3 - len(y)) for y in completions])
+    with torch.no_grad():
+        policy_logits, ref_logits = policy(input_ids).logits, reference(input_ids).logits
+    logps = epsdpo.sequence_logps(policy_logits.double(), input_ids, completion_mask)
+    ref_logps = epsdpo.sequence_logps(ref_logits.double(), input_ids, completion_mask)
+    probabilities = logps.exp()
+    assert probabilities.sum().item() == pytest.approx(1.0, abs=1e-9)             # every completion, once
+    exact_kl = (probabilities * (logps - ref_logps)).sum()
+    estimates = train.sequence_kl(policy_logits, ref_logits, completion_mask).double()
+    assert (estimates >= 0).all()
+    assert (probabilities * estimates).sum().item() == pytest.approx(exact_kl.item(), rel=1e-5)
+    log_ratio_variance = (probabilities * (logps - ref_logps - exact_kl) ** 2).sum()
+    estimate_variance = (probabilities * (estimates - exact_kl) ** 2).sum()
+    assert estimate_variance < 0.5 * log_ratio_variance
+
+
+def test_compare_with_betas_draws_the_frontier_of_three_methods(tmp_path, capsys, small_data):
+    train.main(["--compare", "--betas", "0.1", "0.3", "--seeds", "2", "--output-dir", str(tmp_path), "--max-steps", "2",
+                "--epsilon", "0.3", *small_data])
+    points = json.loads((tmp_path / "frontier.json").read_text())
+    assert [(p["method"], p["beta"], p["seed"]) for p in points] == [
+        (method, beta, seed) for beta in (0.1, 0.3) for seed in (0, 1) for method in ("DPO", "ε-DPO", "ε-DPO, fixed baseline β")]
+    for p in points:
+        assert {"method", "beta", "epsilon", "seed", "gold_reward", "kl", "rewards/accuracies", "final_beta"} <= p.keys()
+        assert math.isfinite(p["gold_reward"]) and p["kl"] >= 0
+        assert (p["final_beta"] == p["beta"]) == (p["method"] != "ε-DPO")      # only ε-DPO moves its baseline β
+        assert p["epsilon"] == (0.0 if p["method"] == "DPO" else 0.3)
+        rows = read_metrics(pathlib.Path(p["output_dir"]))
+        assert [r["step"] for r in rows if r["split"] == "eval"] == [0, 2]    # evaluated at the start and the end
+    same_start = [p for p in points if p["beta"] == 0.1 and p["seed"] == 0]
+    assert len({read_metrics(pathlib.Path(p["output_dir"]))[0]["loss"] for p in same_start}) == 1
+    assert (tmp_path / "frontier.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    printed = capsys.readouterr().out
+    assert "ε-DPO, fixed baseline β" in printed and "gold reward" in printed
 
 
 # ----------------------------------------------------------------------------------------------------

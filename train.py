@@ -15,7 +15,6 @@ import argparse
 import contextlib
 import json
 import math
-import numbers
 import os
 import pathlib
 import random
@@ -27,7 +26,7 @@ import torch
 import torch.distributed as dist
 
 import epsdpo
-from data import NOISE_CODES, ReportedError, collate, load_splits, micro_batches, tokenize_rows
+from data import NOISE_CODES, ReportedError, collate, gold_score, load_gold_reward, load_splits, micro_batches, tokenize_rows
 from outputs import (StopOnSignal, claim_output_dir, our_checkpoints, resumed_args, plot_curves, plot_frontier,
                      prepare_output_dir, print_frontier, print_summary, read_metrics, frontier_points, save_pretrained_atomically,
                      step_fractions, write_atomically, write_checkpoint)
@@ -99,7 +98,7 @@ def parse_args(argv=None):
     add("--trust-remote-code", action="store_true", help="run code from the model's repository")
     add("--compare", action="store_true", help="train DPO (ε = 0) and ε-DPO and show them side by side")
     add("--betas", type=beta, nargs="+", default=None, help="with --compare: the reward–KL frontier of DPO, ε-DPO and ε-DPO with a fixed baseline β over these β")
-    add("--seeds", type=count, default=1, help="with --compare --betas: seeds per β (--seed, --seed + 1, ...)")
+    add("--seeds", type=count, default=3, help="with --compare --betas: seeds per β (--seed, --seed + 1, ...)")
     args = p.parse_args(argv)
     if args.max_prompt_length >= args.max_length:
         p.error(f"--max-prompt-length {args.max_prompt_length} must be less than --max-length {args.max_length}, "
@@ -247,16 +246,6 @@ def sequence_kl(policy_logits, ref_logits, completion_mask):
     return torch.stack(kls)
 
 
-def score_with(gold_reward, prompt, completion):
-    try:
-        value = gold_reward(prompt, completion)
-    except Exception as error:
-        raise ReportedError(f"--gold-reward: score() raised {type(error).__name__}: {error}") from None
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
-        raise ReportedError(f"--gold-reward: score() returned {value!r} for {completion!r}, not a finite number")
-    return float(value)
-
-
 @torch.no_grad()
 def sample_and_score(policy, reference, tokenizer, pairs, gold_reward, args, device):
     """One completion per prompt, sampled from the policy: [gold reward of each], [KL estimate of each]."""
@@ -282,7 +271,7 @@ def sample_and_score(policy, reference, tokenizer, pairs, gold_reward, args, dev
             for pair, new in zip(chunk, generated):
                 new = new[: new.index(tokenizer.eos_token_id) + 1] if tokenizer.eos_token_id in new else new
                 samples.append({"prompt_ids": pair["prompt_ids"], "chosen_ids": new, "rejected_ids": new})
-                rewards.append(score_with(gold_reward, pair["prompt"], tokenizer.decode(new, skip_special_tokens=True)))
+                rewards.append(gold_score(gold_reward, pair["prompt"], tokenizer.decode(new, skip_special_tokens=True)))
             batch = collate(samples, tokenizer.pad_token_id, device)   # scored right-padded, as in training
             inputs = dict(input_ids=batch.input_ids[: len(samples)], attention_mask=batch.attention_mask[: len(samples)])
             kls += sequence_kl(policy(**inputs).logits, reference(**inputs).logits, batch.completion_mask[: len(samples)]).tolist()
@@ -359,7 +348,7 @@ def train(args, label="ε-DPO", checkpoint=None):
             if train_moved + eval_moved:
                 print(f"note: in {train_moved} train and {eval_moved} held-out pairs the tokenizer merges tokens across the "
                       f"prompt/completion boundary; the prompt is the part both sequences share")
-        gold_reward = load_gold_reward(args)
+        gold_reward = load_gold_reward(args.gold_reward or (TINY_GOLD_REWARD if pathlib.Path(args.dataset).resolve() == TINY_DATASET else None))
 
         # Models: the policy in float32, the weights the optimizer updates; the frozen reference in --dtype
         policy = load_model(checkpoint[0] if checkpoint else args.model, device, torch.float32, args.trust_remote_code)
@@ -515,28 +504,6 @@ def train(args, label="ε-DPO", checkpoint=None):
         return summary
 
 
-def load_gold_reward(args):
-    """score(prompt, completion) from --gold-reward, or tiny_data's for tiny_data; None without one."""
-    import importlib.util
-
-    path = args.gold_reward or (TINY_GOLD_REWARD if pathlib.Path(args.dataset).resolve() == TINY_DATASET else None)
-    if path is None:
-        return None
-    try:
-        spec = importlib.util.spec_from_file_location("gold_reward", path)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    except FileNotFoundError:
-        raise ReportedError(f"--gold-reward {path}: no such file") from None
-    except SyntaxError as error:
-        raise ReportedError(f"--gold-reward {path}, line {error.lineno}: {error.msg}") from None
-    except Exception as error:
-        raise ReportedError(f"--gold-reward {path}: running it raised {type(error).__name__}: {error}") from None
-    if not callable(getattr(module, "score", None)):
-        raise ReportedError(f"--gold-reward {path}: it defines no function score(prompt, completion)")
-    return module.score
-
-
 def check_models(policy, reference, tokenizer, pairs, args):
     """The models and the tokenizer fit together: one vocabulary, and every token id inside it."""
     vocab = policy.get_output_embeddings().weight.shape[0]
@@ -558,20 +525,35 @@ METHODS = (("DPO", "dpo", {"epsilon": 0.0}), ("ε-DPO", "epsilon-dpo", {}),
            ("ε-DPO, fixed baseline β", "epsilon-dpo-fixed-beta", {"fixed_baseline_beta": True}))
 
 
-def compare(args):
+def compare(args, given):
     """--compare: DPO and ε-DPO from the same start and data order. With --betas, the three METHODS for
-    every β and seed: the DPO paper's reward–KL frontier, written to frontier.json and frontier.png."""
+    every β and seed: the DPO paper's reward–KL frontier, written to frontier.json and frontier.png. Its
+    runs are evaluated at their start and end only (unless --eval-every is given), and on a CPU they run
+    side by side, one process and one thread per core: a model this small gains little from a second thread."""
     output_dir = pathlib.Path(args.output_dir)
     if args.betas and not (args.gold_reward or pathlib.Path(args.dataset).resolve() == TINY_DATASET):
         raise ReportedError("--compare --betas plots the gold reward against KL: it needs --gold-reward FILE")
     grid = [(beta, seed) for beta in args.betas for seed in range(args.seed, args.seed + args.seeds)] if args.betas else [(args.beta, args.seed)]
-    with claim_output_dir(output_dir, args) if init_distributed(args.device)[0] == 0 else contextlib.nullcontext():
-        summaries = []
-        for beta, seed in grid:
-            for label, folder, changes in METHODS if args.betas else METHODS[:2]:
-                where = output_dir / f"beta-{beta:g}" / f"seed-{seed}" / folder if args.betas else output_dir / folder
-                summaries.append(train(argparse.Namespace(**{**vars(args), "beta": beta, "seed": seed, "compare": False,
-                                                             "betas": None, **changes, "output_dir": str(where)}), label))
+    eval_every = args.eval_every if "eval_every" in given or not args.betas else sys.maxsize
+    runs = [(argparse.Namespace(**{**vars(args), "beta": beta, "seed": seed, "compare": False, "betas": None, **changes,
+                                   "eval_every": eval_every, "output_dir": str(output_dir / folder if not args.betas else
+                                                                               output_dir / f"beta-{beta:g}" / f"seed-{seed}" / folder)}), label)
+            for beta, seed in grid for label, folder, changes in (METHODS if args.betas else METHODS[:2])]
+    rank, world_size, device = init_distributed(args.device)
+    with claim_output_dir(output_dir, args) if rank == 0 else contextlib.nullcontext():
+        if not (args.betas and world_size == 1 and device.type == "cpu"):
+            summaries = [train(*run) for run in runs]
+        else:
+            import concurrent.futures
+            import multiprocessing
+
+            with concurrent.futures.ProcessPoolExecutor(min(os.cpu_count() or 1, len(runs)), multiprocessing.get_context("spawn")) as pool:
+                futures = [pool.submit(_quietly_on_one_thread, *run) for run in runs]
+                for done, future in enumerate(concurrent.futures.as_completed(futures), start=1):
+                    s = future.result()
+                    print(f"{done}/{len(runs)} {s['label']}, β = {s['args']['beta']}, seed {s['args']['seed']}: gold reward "
+                          f"{s['final']['gold_reward']:+.2f}, KL {s['final']['kl']:.2f}, final β {s['final_beta']:.4f} ({s['seconds']} s)")
+            summaries = [future.result() for future in futures]
         if summaries[0] is None:                                        # not rank 0
             return
         if not args.betas:
@@ -586,6 +568,12 @@ def compare(args):
         print(f"{len(summaries)} runs: {output_dir / 'frontier.json'}, {output_dir / 'frontier.png'}")
 
 
+def _quietly_on_one_thread(args, label):
+    torch.set_num_threads(1)
+    with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull), contextlib.redirect_stderr(devnull):
+        return train(args, label)
+
+
 # ----------------------------------------------------------------------------------------------------
 # The command line
 
@@ -597,7 +585,7 @@ def main(argv=None):
         if args.resume:
             args, checkpoint = resumed_args(args, given, defaults=vars(parse_args([])[0]))
         if args.compare:
-            compare(args)
+            compare(args, given)
         else:
             summary = train(args, checkpoint=checkpoint)
             if summary:                                                 # rank 0

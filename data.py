@@ -108,12 +108,15 @@ def _read_folder(folder):
 
 def _read_rows(path):
     """(where, row) for every row of a .jsonl, .json or .parquet file; where names the file and the line."""
-    if path.suffix == ".parquet":
-        import pyarrow.parquet
+    try:
+        if path.suffix == ".parquet":
+            import pyarrow.parquet
 
-        return [(f"{path}, row {number}", row)
-                for number, row in enumerate(pyarrow.parquet.read_table(path).to_pylist(), start=1)]
-    text = path.read_text(encoding="utf-8")
+            return [(f"{path}, row {number}", row)
+                    for number, row in enumerate(pyarrow.parquet.read_table(path).to_pylist(), start=1)]
+        text = path.read_text(encoding="utf-8")
+    except Exception as error:                                       # unreadable, not UTF-8, not Parquet
+        raise ReportedError(f"{path}: could not be read ({type(error).__name__}: {(str(error).splitlines() or [''])[0]})") from None
     if path.suffix == ".json" and text.lstrip().startswith("["):
         return _json_array_rows(text, path)
     rows = []                                                        # JSON Lines (a .json file may be too)
@@ -128,25 +131,23 @@ def _read_rows(path):
 
 def _json_array_rows(text, path):
     """The elements of a JSON array, each with the line it starts on."""
-    decoder, rows, line = json.JSONDecoder(), [], 1
-    position = previous = text.index("[") + 1
+    space, decoder, rows = re.compile(r"[ \t\n\r]*"), json.JSONDecoder(), []
+    position = space.match(text, text.index("[") + 1).end()
+    line, counted_to = 1, 0
     try:
-        while True:
-            position = len(text) - len(text[position:].lstrip())
-            if text[position] == "]":
-                return rows
-            line += text.count("\n", previous, position)
-            row, previous = decoder.raw_decode(text, position)
+        while text[position] != "]":
+            line, counted_to = line + text.count("\n", counted_to, position), position
+            row, end = decoder.raw_decode(text, position)
             rows.append((f"{path}, line {line}", row))
-            line += text.count("\n", position, previous)
-            position = len(text) - len(text[previous:].lstrip())
+            position = space.match(text, end).end()
             if text[position] == ",":
-                position += 1
+                position = space.match(text, position + 1).end()
             elif text[position] != "]":
-                raise json.JSONDecodeError("expected ',' or ']'", text, position)
+                raise json.JSONDecodeError("Expecting ',' delimiter", text, position)
     except (json.JSONDecodeError, IndexError) as error:
         where = text.count("\n", 0, getattr(error, "pos", len(text))) + 1
         raise ReportedError(f"{path}, line {where}: not valid JSON ({getattr(error, 'msg', 'unexpected end')})") from None
+    return rows
 
 
 def _load_with_datasets(dataset, path):

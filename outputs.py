@@ -204,6 +204,9 @@ def resumed_args(args, given, defaults):
     output_dir = pathlib.Path(args.resume)
     checkpoint = latest_checkpoint(output_dir)
     saved = {**defaults, **{k: v for k, v in checkpoint[1]["args"].items() if k in defaults}}
+    wrong = sorted(k for k, v in saved.items() if None not in (v, defaults[k]) and type(v) is not type(defaults[k]))
+    if wrong:
+        raise ReportedError(f"{checkpoint[0]}: its arguments {', '.join(wrong)} are not of the types train.py writes")
     for name in sorted(given - RESUMABLE - RUNS_CODE - {"resume"}):
         if name == "output_dir" and pathlib.Path(args.output_dir).resolve() == output_dir.resolve():
             continue

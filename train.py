@@ -2,7 +2,7 @@
 
     python train.py                      # the demo: tiny_data/ on a laptop CPU, under a minute
     python train.py --compare            # DPO (ε = 0) and ε-DPO from the same start, side by side
-    python train.py --compare --betas 0.05 0.1 0.2 0.4 --seeds 2     # reward–KL frontier of three methods
+    python train.py --compare --betas 0.05 0.1 0.2 0.4   # the reward–KL frontier of DPO and ε-DPO (3 seeds)
     python train.py --model Qwen/Qwen2.5-0.5B-Instruct --dataset trl-lib/ultrafeedback_binarized \\
         --beta 0.01 --lr 5e-7 --batch-size 2 --grad-accum 32 --max-length 1024
 
@@ -27,9 +27,9 @@ import torch.distributed as dist
 
 import epsdpo
 from data import NOISE_CODES, ReportedError, collate, gold_score, load_gold_reward, load_splits, micro_batches, tokenize_rows
-from outputs import (StopOnSignal, claim_output_dir, our_checkpoints, resumed_args, plot_curves, plot_frontier,
-                     prepare_output_dir, print_frontier, print_summary, read_metrics, frontier_points, save_pretrained_atomically,
-                     step_fractions, write_atomically, write_checkpoint)
+from outputs import (StopOnSignal, claim_output_dir, frontier_points, our_checkpoints, plot_curves, plot_frontier,
+                     prepare_output_dir, print_frontier, print_summary, read_metrics, resumed_args,
+                     save_pretrained_atomically, step_fractions, write_atomically, write_checkpoint)
 
 HERE = pathlib.Path(__file__).resolve().parent
 TINY_MODEL, TINY_DATASET, TINY_GOLD_REWARD = HERE / "tiny_data/model", HERE / "tiny_data/data", HERE / "tiny_data/gold_reward.py"

@@ -20,6 +20,7 @@ each variant in its own process (forked, so that no two share a high-water mark)
 """
 
 import argparse
+import contextlib
 import copy
 import ctypes
 import json
@@ -73,14 +74,15 @@ def make_models_and_batch(shape, device):
         attention_mask = torch.ones_like(input_ids)
         completion_mask = torch.zeros_like(input_ids)
         completion_mask[:, length - completion :] = 1
-    # As train.py runs them: the policy in float32; on a GPU with bf16, the reference stored in bf16 and every
-    # forward pass under autocast (mixed precision).
+    # As train.py runs them: the policy in float32; on a GPU with bf16, the reference's linear layers stored in
+    # bf16 and every forward pass under autocast (mixed precision).
     reference = reference.to(device).eval().requires_grad_(False)
     policy = copy.deepcopy(reference).requires_grad_(True)
     with torch.no_grad():                       # a policy a little away from the reference, so s is not all 0
         for parameter in policy.parameters():
             parameter.add_(0.01 * torch.randn_like(parameter))
-    reference = reference.to(train.precision("auto", device)[0])
+    if train.precision("auto", device):
+        train.in_bf16_where_autocast_is(reference)
     return policy, reference, input_ids.to(device), attention_mask.to(device), completion_mask.to(device)
 
 
@@ -112,7 +114,7 @@ def naive_epsilon_dpo_loss(logits, ref_logits, input_ids, completion_mask, basel
 def make_step(variant, policy, reference, input_ids, attention_mask, completion_mask):
     """A closure that runs one training step of the variant: forward, loss, backward, AdamW step."""
     optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-5)
-    autocast = train.precision("auto", input_ids.device)[1]
+    autocast = train.precision("auto", input_ids.device) or contextlib.nullcontext()
     baseline_beta = epsdpo.BaselineBeta(BETA, EPSILON)
     half = input_ids.shape[0] // 2
     model_inputs = dict(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
@@ -257,7 +259,7 @@ def measure_extra_work(shape, device, warmup, repeats):
 
     # What epsdpo.py adds to a DPO step, alone and so without the noise of a whole step: the decision
     # (epsilon_steps, given the policy's log-probabilities the step has already computed).
-    with torch.no_grad(), train.precision("auto", device)[1]:
+    with torch.no_grad(), train.precision("auto", device) or contextlib.nullcontext():
         logits = policy(input_ids=input_ids, attention_mask=attention_mask).logits
         ref_logits = reference(input_ids=input_ids, attention_mask=attention_mask).logits
         logps = epsdpo.sequence_logps(logits, input_ids, completion_mask)

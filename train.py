@@ -83,7 +83,7 @@ def parse_args(argv=None):
     add("--epochs", type=_number(float, 0, what="must be > 0"), default=2.0, help="passes over the train split, when --max-steps is not given")
     add("--max-length", type=_number(int, 2, low_open=False, what="must be >= 2"), default=512, help="prompt + completion tokens")
     add("--max-prompt-length", type=count, default=256, help="when a pair exceeds --max-length, its prompt keeps BOS and its last tokens up to this many")
-    add("--dtype", choices=("auto", "float32", "bfloat16"), default="auto", help="bfloat16: mixed precision (float32 weights, bf16 autocast, bf16 reference); auto: bfloat16 on GPUs that support it")
+    add("--dtype", choices=("auto", "float32", "bfloat16"), default="auto", help="bfloat16: mixed precision (float32 weights, bf16 autocast, the reference's linear layers in bf16); auto: bfloat16 on GPUs that support it")
     add("--gradient-checkpointing", action="store_true", help="recompute the policy's activations in backward (transformers' switch): less memory, more time")
     add("--eval-every", type=count, default=25, help="optimizer steps between evaluations")
     add("--eval-batch-size", type=count, default=64, help="pairs (or prompts to sample from) per evaluation batch")
@@ -143,23 +143,35 @@ def init_distributed(device_name):
 
 
 def precision(name, device):
-    """(the dtype the reference is stored in, the autocast context of every forward pass), nanoGPT's way:
-    bf16 is mixed precision, float32 weights that the optimizer updates and bf16 matrix products, because
-    at learning rates like 5e-7 most updates of a bf16 weight are below its rounding step and vanish."""
+    """The autocast context of every forward pass, nanoGPT's way: with bf16, mixed precision (float32 weights
+    that the optimizer updates, bf16 matrix products), because at learning rates like 5e-7 most updates of
+    a bf16 weight are below its rounding step and vanish. None for float32."""
     if name == "auto":
         name = "bfloat16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
     if name == "float32":
-        return torch.float32, contextlib.nullcontext()
+        return None
     if device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise ReportedError(f"--dtype bfloat16: {torch.cuda.get_device_name(device)} does not support bf16")
-    return torch.bfloat16, torch.autocast(device.type, dtype=torch.bfloat16)
+    return torch.autocast(device.type, dtype=torch.bfloat16)
 
 
-def load_model(name, device, dtype, trust_remote_code):
+def in_bf16_where_autocast_is(reference):
+    """The frozen reference's linear layers, nearly all its weights, stored in bf16: half their memory.
+
+    Autocast multiplies in bf16 anyway; its embeddings and norms stay in float32 as the policy's do, so at
+    the start the reference computes the policy's logits bit for bit and every s is 0 (METHOD §6)."""
+    tied = reference.get_input_embeddings().weight
+    for module in reference.modules():
+        if isinstance(module, torch.nn.Linear) and module.weight is not tied:
+            module.to(torch.bfloat16)
+    return reference
+
+
+def load_model(name, device, trust_remote_code):
     from transformers import AutoModelForCausalLM
 
     try:
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32, trust_remote_code=trust_remote_code)
     except Exception as error:                                          # no such model, code it would run, bad files
         raise ReportedError(f"model {name}: {type(error).__name__}: {(str(error).splitlines() or [''])[0]}") from None
     # eval() for the policy too: dropout off, as DPO assumes; gradients flow all the same.
@@ -236,8 +248,9 @@ def sequence_kl(policy_logits, ref_logits, completion_mask):
     """Σ over the completion positions t of KL(π_θ(·|x, y<t) ‖ π_ref(·|x, y<t)), per sequence: (N,).
 
     Along a completion y sampled from π_θ, this is an unbiased estimate of KL(π_θ(·|x) ‖ π_ref(·|x)) by
-    the chain rule, like the sampled log-ratio log π_θ(y|x) − log π_ref(y|x), but never negative and of
-    far lower variance: at each position it averages over every next token instead of the one sampled.
+    the chain rule, like the sampled log-ratio log π_θ(y|x) − log π_ref(y|x); but it is never negative,
+    and at each position it averages over every next token instead of taking the one sampled, which
+    removes that token's share of the noise (not the share of which completion was drawn).
     """
     kls = []
     for policy_row, ref_row, scored in zip(policy_logits[:, :-1], ref_logits[:, :-1], completion_mask[:, 1:].bool()):
@@ -321,7 +334,7 @@ def train(args, label="ε-DPO", checkpoint=None):
     with claim_output_dir(output_dir, args) if rank == 0 else contextlib.nullcontext():
         if world_size > 1:
             dist.barrier()                                              # every rank waits for the check
-        ref_dtype, autocast = precision(args.dtype, device)
+        autocast = precision(args.dtype, device)
 
         # Data
         try:
@@ -350,9 +363,12 @@ def train(args, label="ε-DPO", checkpoint=None):
                       f"prompt/completion boundary; the prompt is the part both sequences share")
         gold_reward = load_gold_reward(args.gold_reward or (TINY_GOLD_REWARD if pathlib.Path(args.dataset).resolve() == TINY_DATASET else None))
 
-        # Models: the policy in float32, the weights the optimizer updates; the frozen reference in --dtype
-        policy = load_model(checkpoint[0] if checkpoint else args.model, device, torch.float32, args.trust_remote_code)
-        reference = load_model(args.ref_model or args.model, device, ref_dtype, args.trust_remote_code).requires_grad_(False)
+        # Models: in float32, the weights the optimizer updates; with bf16, the frozen reference's linear layers in bf16
+        policy = load_model(checkpoint[0] if checkpoint else args.model, device, args.trust_remote_code)
+        reference = load_model(args.ref_model or args.model, device, args.trust_remote_code).requires_grad_(False)
+        if autocast:
+            in_bf16_where_autocast_is(reference)
+        autocast = autocast or contextlib.nullcontext()
         check_models(policy, reference, tokenizer, train_pairs + eval_pairs, args)
         layers = checkpointed_layers(policy) if args.gradient_checkpointing else []
         if world_size > 1:                                                  # gradients averaged over the ranks

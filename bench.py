@@ -82,7 +82,7 @@ def make_models_and_batch(shape, device):
         for parameter in policy.parameters():
             parameter.add_(0.01 * torch.randn_like(parameter))
     if train.precision("auto", device):
-        train.in_bf16_where_autocast_is(reference)
+        train.bf16_linear_layers(reference)
     return policy, reference, input_ids.to(device), attention_mask.to(device), completion_mask.to(device)
 
 

@@ -2,9 +2,11 @@
 
     load_splits      a Hub id, a JSON/JSONL/Parquet file, a folder of them or a save_to_disk folder -> rows
     check_row        what is wrong with a row, naming the field
+    load_tokenizer   a model's tokenizer, with EOS and a pad token
     tokenize_pair    one row -> prompt_ids, chosen_ids, rejected_ids (usable on its own, like TRL's tokenize_row)
     tokenize_rows    every row of a split: the usable pairs, and the rows left out and why
     collate          B pairs -> one right-padded batch of 2B rows: the B chosen sequences, then the B rejected
+    collate_prompts  B pairs -> their prompts, left-padded for sampling
     load_gold_reward a task's score(prompt, completion), for evaluation (tiny_data/gold_reward.py)
     micro_batches    endless micro-batches in a seeded order
 
@@ -234,6 +236,21 @@ def render(row, tokenizer):
 # Tokenizing: ids like the text, truncation only when the pair does not fit
 
 
+def load_tokenizer(name, trust_remote_code=False):
+    """The tokenizer of a model (a Hub id or a folder), with EOS to end completions and a pad token."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
+    except Exception as error:
+        raise ReportedError(f"--model {name}: {type(error).__name__}: {(str(error).splitlines() or [''])[0]}") from None
+    if tokenizer.eos_token_id is None:
+        raise ReportedError(f"--model {name}: its tokenizer has no EOS token, which must end every completion")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token                   # padding is masked out anyway
+    return tokenizer
+
+
 def tokenize_pair(row, tokenizer, max_length, max_prompt_length):
     """Token ids of one preference pair, as the model sees the whole text prompt + completion.
 
@@ -386,6 +403,14 @@ def collate(pairs, pad_token_id, device):
         completion_mask[row, len(prompt) : end] = 1
     noise = torch.tensor([NOISE_CODES[p.get("noisy")] for p in pairs])
     return Batch(*(tensor.to(device) for tensor in (input_ids, attention_mask, completion_mask, noise)))
+
+
+def collate_prompts(pairs, pad_token_id, device):
+    """The prompts of B pairs, left-padded as generate() wants them: input_ids and attention_mask, (B, T)."""
+    width = max(len(p["prompt_ids"]) for p in pairs)
+    input_ids = torch.tensor([[pad_token_id] * (width - len(p["prompt_ids"])) + p["prompt_ids"] for p in pairs])
+    attention_mask = torch.tensor([[0] * (width - len(p["prompt_ids"])) + [1] * len(p["prompt_ids"]) for p in pairs])
+    return input_ids.to(device), attention_mask.to(device)
 
 
 def micro_batches(pairs, batch_size, seed):

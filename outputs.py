@@ -249,6 +249,18 @@ class StopOnSignal:
 # What the user sees
 
 
+def print_data_report(notes, skipped, boundary_moved):
+    """What the data preparation left out or changed, by split: nothing is dropped silently."""
+    for note in notes:
+        print(f"note: {note}")
+    for split, reasons in skipped.items():
+        for reason, count in reasons.items():
+            print(f"skipped {count} {split} rows: {reason}")
+    if sum(boundary_moved.values()):
+        print(f"note: in {boundary_moved['train']} train and {boundary_moved['eval']} held-out pairs the tokenizer merges "
+              f"tokens across the prompt/completion boundary; the prompt is the part both sequences share")
+
+
 def step_fractions(steps_by_noise):
     """Fractions of s = +1 and s = −1 over training, for clean and noisy pairs separately (if marked).
 

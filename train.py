@@ -26,9 +26,10 @@ import torch
 import torch.distributed as dist
 
 import epsdpo
-from data import NOISE_CODES, ReportedError, collate, gold_score, load_gold_reward, load_splits, micro_batches, tokenize_rows
+from data import (NOISE_CODES, ReportedError, collate, collate_prompts, gold_score, load_gold_reward, load_splits,
+                  load_tokenizer, micro_batches, tokenize_rows)
 from outputs import (StopOnSignal, claim_output_dir, frontier_points, our_checkpoints, plot_curves, plot_frontier,
-                     prepare_output_dir, print_frontier, print_summary, read_metrics, resumed_args,
+                     prepare_output_dir, print_data_report, print_frontier, print_summary, read_metrics, resumed_args,
                      save_pretrained_atomically, step_fractions, write_atomically, write_checkpoint)
 
 HERE = pathlib.Path(__file__).resolve().parent
@@ -46,9 +47,8 @@ def _number(kind, low=None, low_open=True, high=None, what=""):
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not a {kind.__name__}") from None
-        if not math.isfinite(value) or (low is not None and (value <= low if low_open else value < low)) or (
-            high is not None and value >= high
-        ):
+        too_low = low is not None and (value <= low if low_open else value < low)
+        if not math.isfinite(value) or too_low or (high is not None and value >= high):
             raise argparse.ArgumentTypeError(f"{value} is out of range: {what}")
         return value
     return parse
@@ -155,7 +155,7 @@ def precision(name, device):
     return torch.autocast(device.type, dtype=torch.bfloat16)
 
 
-def in_bf16_where_autocast_is(reference):
+def bf16_linear_layers(reference):
     """The frozen reference's linear layers, nearly all its weights, stored in bf16: half their memory.
 
     Autocast multiplies in bf16 anyway; its embeddings and norms stay in float32 as the policy's do, so at
@@ -273,13 +273,9 @@ def sample_and_score(policy, reference, tokenizer, pairs, gold_reward, args, dev
         torch.manual_seed(args.seed)                                    # the same prompts get the same noise
         for start in range(0, len(pairs), args.eval_batch_size):
             chunk = pairs[start : start + args.eval_batch_size]
-            width = max(len(p["prompt_ids"]) for p in chunk)
-            prompt_ids = torch.full((len(chunk), width), tokenizer.pad_token_id)   # left-padded for generate
-            for row, pair in enumerate(chunk):
-                prompt_ids[row, width - len(pair["prompt_ids"]) :] = torch.tensor(pair["prompt_ids"])
-            attention_mask = (torch.arange(width) >= width - torch.tensor([len(p["prompt_ids"]) for p in chunk])[:, None]).long()
-            generated = policy.generate(input_ids=prompt_ids.to(device), attention_mask=attention_mask.to(device),
-                                        generation_config=sampling)[:, width:].tolist()
+            prompt_ids, attention_mask = collate_prompts(chunk, tokenizer.pad_token_id, device)
+            generated = policy.generate(input_ids=prompt_ids, attention_mask=attention_mask,
+                                        generation_config=sampling)[:, prompt_ids.shape[1] :].tolist()
             samples = []
             for pair, new in zip(chunk, generated):
                 new = new[: new.index(tokenizer.eos_token_id) + 1] if tokenizer.eos_token_id in new else new
@@ -337,14 +333,7 @@ def train(args, label="ε-DPO", checkpoint=None):
         autocast = precision(args.dtype, device)
 
         # Data
-        try:
-            tokenizer = transformers.AutoTokenizer.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
-        except Exception as error:
-            raise ReportedError(f"--model {args.model}: {type(error).__name__}: {(str(error).splitlines() or [''])[0]}") from None
-        if tokenizer.eos_token_id is None:
-            raise ReportedError(f"--model {args.model}: its tokenizer has no EOS token, which must end every completion")
-        if tokenizer.pad_token is None:
-            tokenizer.pad_token = tokenizer.eos_token                       # padding is masked out anyway
+        tokenizer = load_tokenizer(args.model, args.trust_remote_code)
         train_rows, eval_rows, notes = load_splits(args.dataset, args.train_split, args.eval_split, args.eval_fraction, args.seed)
         lengths = (tokenizer, args.max_length, args.max_prompt_length, args.skip_invalid)
         (train_pairs, train_skipped, train_moved), (eval_pairs, eval_skipped, eval_moved) = (
@@ -353,28 +342,19 @@ def train(args, label="ε-DPO", checkpoint=None):
             raise ReportedError(f"--dataset {args.dataset}: {len(train_pairs)} usable train pairs and {len(eval_pairs)} "
                                 f"held-out pairs; need at least --batch-size × processes ({args.batch_size * world_size}) and 1")
         if rank == 0:
-            for note in notes:
-                print(f"note: {note}")
-            for split, skipped in (("train", train_skipped), ("eval", eval_skipped)):
-                for reason, count in skipped.items():
-                    print(f"skipped {count} {split} rows: {reason}")
-            if train_moved + eval_moved:
-                print(f"note: in {train_moved} train and {eval_moved} held-out pairs the tokenizer merges tokens across the "
-                      f"prompt/completion boundary; the prompt is the part both sequences share")
+            print_data_report(notes, {"train": train_skipped, "eval": eval_skipped}, {"train": train_moved, "eval": eval_moved})
         gold_reward = load_gold_reward(args.gold_reward or (TINY_GOLD_REWARD if pathlib.Path(args.dataset).resolve() == TINY_DATASET else None))
 
         # Models: in float32, the weights the optimizer updates; with bf16, the frozen reference's linear layers in bf16
         policy = load_model(checkpoint[0] if checkpoint else args.model, device, args.trust_remote_code)
         reference = load_model(args.ref_model or args.model, device, args.trust_remote_code).requires_grad_(False)
         if autocast:
-            in_bf16_where_autocast_is(reference)
+            bf16_linear_layers(reference)
         autocast = autocast or contextlib.nullcontext()
         check_models(policy, reference, tokenizer, train_pairs + eval_pairs, args)
         layers = checkpointed_layers(policy) if args.gradient_checkpointing else []
-        if world_size > 1:                                                  # gradients averaged over the ranks
-            ddp_policy = torch.nn.parallel.DistributedDataParallel(policy, device_ids=[device.index] if device.type == "cuda" else None)
-        else:
-            ddp_policy = policy
+        ddp_policy = policy if world_size == 1 else torch.nn.parallel.DistributedDataParallel(   # gradients averaged
+            policy, device_ids=[device.index] if device.type == "cuda" else None)                # over the ranks
         pairs_per_step = args.batch_size * args.grad_accum * world_size
         total_steps = args.max_steps or max(1, int(args.epochs * len(train_pairs) // pairs_per_step))
         warmup_steps = int(args.warmup_ratio * total_steps)
@@ -500,20 +480,13 @@ def train(args, label="ε-DPO", checkpoint=None):
         saved_files = save_pretrained_atomically(output_dir, policy, tokenizer)
         evaluations = [row for row in read_metrics(output_dir) if row["split"] == "eval"]
         summary = {
-            "label": label,
-            "args": vars(args),
-            "device": str(device),
-            "train_pairs": len(train_pairs),
-            "eval_pairs": len(eval_pairs),
+            "label": label, "args": vars(args), "device": str(device), "steps": total_steps,
+            "train_pairs": len(train_pairs), "eval_pairs": len(eval_pairs),
             "skipped": {"train": train_skipped, "eval": eval_skipped},
             "boundary_moved": {"train": train_moved, "eval": eval_moved},
-            "steps": total_steps,
-            "final_beta": baseline_beta.value,
-            "start": evaluations[0],
-            "final": evaluations[-1],
+            "final_beta": baseline_beta.value, "start": evaluations[0], "final": evaluations[-1],
             "steps_by_noise": step_fractions(steps_by_noise),
-            "seconds": round(time.time() - started, 1),
-            "saved": saved_files,
+            "seconds": round(time.time() - started, 1), "saved": saved_files,
         }
         write_atomically(output_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
         plot_curves({label: read_metrics(output_dir)}, output_dir / "curves.png")
@@ -522,15 +495,13 @@ def train(args, label="ε-DPO", checkpoint=None):
 
 def check_models(policy, reference, tokenizer, pairs, args):
     """The models and the tokenizer fit together: one vocabulary, and every token id inside it."""
-    vocab = policy.get_output_embeddings().weight.shape[0]
-    if reference.get_output_embeddings().weight.shape[0] != vocab:
-        raise ReportedError(f"--ref-model {args.ref_model}: its vocabulary has {reference.get_output_embeddings().weight.shape[0]} "
-                            f"words, the policy's {vocab}")
+    vocab, ref_vocab = (model.get_output_embeddings().weight.shape[0] for model in (policy, reference))
+    if ref_vocab != vocab:
+        raise ReportedError(f"--ref-model {args.ref_model}: its vocabulary has {ref_vocab} words, the policy's {vocab}")
     vocab = min(vocab, policy.get_input_embeddings().weight.shape[0])
     largest = max(tokenizer.pad_token_id, *(max(p["prompt_ids"] + p["chosen_ids"] + p["rejected_ids"]) for p in pairs))
     if largest >= vocab:
-        raise ReportedError(f"--model {args.model}: its tokenizer gives token id {largest}, but the model has only "
-                            f"{vocab} words")
+        raise ReportedError(f"--model {args.model}: its tokenizer gives token id {largest}, but the model has only {vocab} words")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -543,33 +514,23 @@ METHODS = (("DPO", "dpo", {"epsilon": 0.0}), ("ε-DPO", "epsilon-dpo", {}),
 
 def compare(args, given):
     """--compare: DPO and ε-DPO from the same start and data order. With --betas, the three METHODS for
-    every β and seed: the DPO paper's reward–KL frontier, written to frontier.json and frontier.png. Its
-    runs are evaluated at their start and end only (unless --eval-every is given), and on a CPU they run
-    side by side, one process and one thread per core: a model this small gains little from a second thread."""
+    every β and seed: the DPO paper's reward–KL frontier, written to frontier.json and frontier.png."""
     output_dir = pathlib.Path(args.output_dir)
     if args.betas and not (args.gold_reward or pathlib.Path(args.dataset).resolve() == TINY_DATASET):
         raise ReportedError("--compare --betas plots the gold reward against KL: it needs --gold-reward FILE")
-    grid = [(beta, seed) for beta in args.betas for seed in range(args.seed, args.seed + args.seeds)] if args.betas else [(args.beta, args.seed)]
-    eval_every = args.eval_every if "eval_every" in given or not args.betas else sys.maxsize
-    runs = [(argparse.Namespace(**{**vars(args), "beta": beta, "seed": seed, "compare": False, "betas": None, **changes,
-                                   "eval_every": eval_every, "output_dir": str(output_dir / folder if not args.betas else
-                                                                               output_dir / f"beta-{beta:g}" / f"seed-{seed}" / folder)}), label)
-            for beta, seed in grid for label, folder, changes in (METHODS if args.betas else METHODS[:2])]
+    runs = []
+    for beta in args.betas or [args.beta]:
+        for seed in range(args.seed, args.seed + (args.seeds if args.betas else 1)):
+            for label, folder, changes in METHODS if args.betas else METHODS[:2]:
+                where = output_dir / f"beta-{beta:g}" / f"seed-{seed}" / folder if args.betas else output_dir / folder
+                # The frontier needs each run's end: evaluated at the start and the end, unless --eval-every is given.
+                eval_every = sys.maxsize if args.betas and "eval_every" not in given else args.eval_every
+                runs.append((argparse.Namespace(**{**vars(args), **changes, "beta": beta, "seed": seed, "compare": False,
+                                                   "betas": None, "eval_every": eval_every, "output_dir": str(where)}), label))
     rank, world_size, device = init_distributed(args.device)
     with claim_output_dir(output_dir, args) if rank == 0 else contextlib.nullcontext():
-        if not (args.betas and world_size == 1 and device.type == "cpu"):
-            summaries = [train(*run) for run in runs]
-        else:
-            import concurrent.futures
-            import multiprocessing
-
-            with concurrent.futures.ProcessPoolExecutor(min(os.cpu_count() or 1, len(runs)), multiprocessing.get_context("spawn")) as pool:
-                futures = [pool.submit(_quietly_on_one_thread, *run) for run in runs]
-                for done, future in enumerate(concurrent.futures.as_completed(futures), start=1):
-                    s = future.result()
-                    print(f"{done}/{len(runs)} {s['label']}, β = {s['args']['beta']}, seed {s['args']['seed']}: gold reward "
-                          f"{s['final']['gold_reward']:+.2f}, KL {s['final']['kl']:.2f}, final β {s['final_beta']:.4f} ({s['seconds']} s)")
-            summaries = [future.result() for future in futures]
+        frontier_on_cpus = args.betas and world_size == 1 and device.type == "cpu"
+        summaries = side_by_side(runs) if frontier_on_cpus else [train(*run) for run in runs]
         if summaries[0] is None:                                        # not rank 0
             return
         if not args.betas:
@@ -582,6 +543,21 @@ def compare(args, given):
         plot_frontier(points, output_dir / "frontier.png")
         print_frontier(points)
         print(f"{len(summaries)} runs: {output_dir / 'frontier.json'}, {output_dir / 'frontier.png'}")
+
+
+def side_by_side(runs):
+    """train(*run) for every run, in processes of one thread each, one per core, quietly: a model as small as
+    tiny_data's gains little from a second thread, and much from a second process. A line per run done."""
+    import concurrent.futures
+    import multiprocessing
+
+    with concurrent.futures.ProcessPoolExecutor(min(os.cpu_count() or 1, len(runs)), multiprocessing.get_context("spawn")) as pool:
+        futures = [pool.submit(_quietly_on_one_thread, *run) for run in runs]
+        for done, future in enumerate(concurrent.futures.as_completed(futures), start=1):
+            s = future.result()
+            print(f"{done}/{len(runs)} {s['label']}, β = {s['args']['beta']}, seed {s['args']['seed']}: gold reward "
+                  f"{s['final']['gold_reward']:+.2f}, KL {s['final']['kl']:.2f}, final β {s['final_beta']:.4f} ({s['seconds']} s)")
+    return [future.result() for future in futures]
 
 
 def _quietly_on_one_thread(args, label):

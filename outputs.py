@@ -44,6 +44,8 @@ def claim_output_dir(output_dir, args):
         raise ReportedError(f"--output-dir {output_dir} is a file, not a folder")
     lock = _lock(output_dir) if (output_dir / LOCK).exists() else None   # a run of ours: is it still going?
     if not (args.overwrite or args.resume) and output_dir.exists() and any(p.name != LOCK for p in output_dir.iterdir()):
+        if lock:
+            lock.close()
         raise ReportedError(f"--output-dir {output_dir} is not empty; nothing in it was touched. Pass --overwrite "
                             f"to replace its run, --resume {output_dir} to continue it, or another --output-dir")
     return lock or _lock(output_dir)

@@ -582,7 +582,7 @@ def main(argv=None):
             summary = train(args, checkpoint=checkpoint)
             if summary:                                                 # rank 0
                 print_summary([summary])
-    except ReportedError as error:
+    except (ReportedError, OSError) as error:                           # OSError: a full disk, say
         sys.exit(f"error: {error}")
     except KeyboardInterrupt:
         sys.exit("error: stopped at once by a second signal; the last checkpoint is as it was")

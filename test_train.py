@@ -680,8 +680,12 @@ def test_a_step_makes_the_same_few_collective_calls_whatever_the_gradient_accumu
     for grad_accum in (1, 4):
         dist.init_process_group("gloo", init_method=f"file://{tmp_path / f'rendezvous-{grad_accum}'}", rank=0, world_size=1)
         calls.clear()
-        train.main(["--output-dir", str(tmp_path / f"accumulate-{grad_accum}"), "--max-steps", "3", "--eval-every", "1000",
-                    "--grad-accum", str(grad_accum), *small_data])             # main ends the process group
+        try:
+            train.main(["--output-dir", str(tmp_path / f"accumulate-{grad_accum}"), "--max-steps", "3", "--eval-every",
+                        "1000", "--grad-accum", str(grad_accum), *small_data])    # main ends the process group
+        finally:
+            if dist.is_initialized():
+                dist.destroy_process_group()
         per_run[grad_accum] = list(calls)
     # Per optimizer step: one all_gather (metrics, gradient norm, β, stop flag) and BaselineBeta's all_reduce;
     # per evaluation (two here): one all_gather.

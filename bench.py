@@ -126,10 +126,6 @@ def make_step(variant, policy, reference, input_ids, attention_mask, completion_
         return losses.mean()
 
     def loss_of_step():
-        with autocast:
-            return loss_in_precision()
-
-    def loss_in_precision():
         logits = policy(**model_inputs).logits
         if variant == "dpo-precomputed":
             return mean_dpo_loss(epsdpo.sequence_logps(logits, input_ids, completion_mask), precomputed_ref_logps)
@@ -145,7 +141,9 @@ def make_step(variant, policy, reference, input_ids, attention_mask, completion_
         return naive_epsilon_dpo_loss(logits, ref_logits, input_ids, completion_mask, baseline_beta)
 
     def step():
-        loss_of_step().backward()
+        with autocast:                                                  # the forward passes, as train.py runs them
+            loss = loss_of_step()
+        loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         baseline_beta.step()

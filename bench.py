@@ -38,6 +38,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Llama
 
 import data
 import epsdpo
+import models
 import train
 
 transformers.utils.logging.disable_progress_bar()
@@ -81,8 +82,8 @@ def make_models_and_batch(shape, device):
     with torch.no_grad():                       # a policy a little away from the reference, so s is not all 0
         for parameter in policy.parameters():
             parameter.add_(0.01 * torch.randn_like(parameter))
-    if train.precision("auto", device):
-        train.bf16_linear_layers(reference)
+    if models.precision("auto", device):
+        models.bf16_linear_layers(reference)
     return policy, reference, input_ids.to(device), attention_mask.to(device), completion_mask.to(device)
 
 
@@ -114,7 +115,7 @@ def naive_epsilon_dpo_loss(logits, ref_logits, input_ids, completion_mask, basel
 def make_step(variant, policy, reference, input_ids, attention_mask, completion_mask):
     """A closure that runs one training step of the variant: forward, loss, backward, AdamW step."""
     optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-5)
-    autocast = train.precision("auto", input_ids.device) or contextlib.nullcontext()
+    autocast = models.precision("auto", input_ids.device) or contextlib.nullcontext()
     baseline_beta = epsdpo.BaselineBeta(BETA, EPSILON)
     half = input_ids.shape[0] // 2
     model_inputs = dict(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
@@ -257,7 +258,7 @@ def measure_extra_work(shape, device, warmup, repeats):
 
     # What epsdpo.py adds to a DPO step, alone and so without the noise of a whole step: the decision
     # (epsilon_steps, given the policy's log-probabilities the step has already computed).
-    with torch.no_grad(), train.precision("auto", device) or contextlib.nullcontext():
+    with torch.no_grad(), models.precision("auto", device) or contextlib.nullcontext():
         logits = policy(input_ids=input_ids, attention_mask=attention_mask).logits
         ref_logits = reference(input_ids=input_ids, attention_mask=attention_mask).logits
         logps = epsdpo.sequence_logps(logits, input_ids, completion_mask)

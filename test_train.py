@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import epsdpo
+import models
 import train
 
 METRIC_KEYS = {"step", "split", "loss", "beta", "beta/pairs_mean", "steps/lower_beta", "steps/higher_beta",
@@ -645,7 +646,7 @@ def test_bf16_is_mixed_precision_so_a_small_learning_rate_moves_the_weights_as_i
 
 
 def test_gradient_checkpointing_recomputes_the_layers_and_gives_the_same_losses(tmp_path, monkeypatch, small_data):
-    real_load_model, layer_calls = train.load_model, []
+    real_load_model, layer_calls = models.load_model, []
 
     def load_and_count(name, *args):
         model = real_load_model(name, *args)
@@ -656,7 +657,7 @@ def test_gradient_checkpointing_recomputes_the_layers_and_gives_the_same_losses(
         layer_calls.append("loaded")
         return model
 
-    monkeypatch.setattr(train, "load_model", load_and_count)
+    monkeypatch.setattr(models, "load_model", load_and_count)
     arguments = ["--max-steps", "2", "--eval-every", "1000", "--grad-accum", "2", *small_data]
     counts = {}
     for run, flags in (("plain", []), ("checkpointed", ["--gradient-checkpointing"])):

@@ -18,7 +18,6 @@ import math
 import os
 import pathlib
 import random
-import signal
 import sys
 import time
 
@@ -26,6 +25,7 @@ import torch
 import torch.distributed as dist
 
 import epsdpo
+from models import init_distributed, precision, setup_models, training_mode
 from data import (NOISE_CODES, ReportedError, collate, collate_prompts, gold_score, load_gold_reward, load_splits,
                   load_tokenizer, micro_batches, tokenize_rows)
 from outputs import (StopOnSignal, claim_output_dir, frontier_points, our_checkpoints, plot_curves, plot_frontier,
@@ -109,95 +109,7 @@ def parse_args(argv=None):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Devices and models
-
-
-def pick_device(name):
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ReportedError(f"--device {name}: not a device (cpu, cuda, cuda:N, mps or auto)") from None
-    available = {"cpu": True, "cuda": torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count(),
-                 "mps": torch.backends.mps.is_available()}
-    if not available.get(device.type):
-        raise ReportedError(f"--device {name}: no such device on this machine (cuda: {torch.cuda.device_count()} GPUs, "
-                            f"mps: {torch.backends.mps.is_available()})")
-    return device
-
-
-def init_distributed(device_name):
-    """(rank, world size, device). Under torchrun (WORLD_SIZE > 1) this joins the process group: NCCL on
-    GPUs, gloo on CPUs; otherwise one process on the device --device picks."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size == 1:
-        return 0, 1, pick_device(device_name)
-    local_rank = int(os.environ["LOCAL_RANK"])
-    on_gpus = torch.cuda.is_available() and device_name in ("auto", "cuda")
-    if on_gpus:
-        torch.cuda.set_device(local_rank)
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if on_gpus else "gloo")
-    return dist.get_rank(), world_size, torch.device("cuda", local_rank) if on_gpus else torch.device("cpu")
-
-
-def precision(name, device):
-    """The autocast context of every forward pass, nanoGPT's way: with bf16, mixed precision (float32 weights
-    that the optimizer updates, bf16 matrix products), because at learning rates like 5e-7 most updates of
-    a bf16 weight are below its rounding step and vanish. None for float32."""
-    if name == "auto":
-        name = "bfloat16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
-    if name == "float32":
-        return None
-    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise ReportedError(f"--dtype bfloat16: {torch.cuda.get_device_name(device)} does not support bf16")
-    return torch.autocast(device.type, dtype=torch.bfloat16)
-
-
-def bf16_linear_layers(reference):
-    """The frozen reference's linear layers, nearly all its weights, stored in bf16: half their memory.
-
-    Autocast multiplies in bf16 anyway; its embeddings and norms stay in float32 as the policy's do, so at
-    the start the reference computes the policy's logits bit for bit and every s is 0 (METHOD §6)."""
-    tied = reference.get_input_embeddings().weight
-    for module in reference.modules():
-        if isinstance(module, torch.nn.Linear) and module.weight is not tied:
-            module.to(torch.bfloat16)
-    return reference
-
-
-def load_model(name, device, trust_remote_code):
-    from transformers import AutoModelForCausalLM
-
-    try:
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32, trust_remote_code=trust_remote_code)
-    except Exception as error:                                          # no such model, code it would run, bad files
-        raise ReportedError(f"model {name}: {type(error).__name__}: {(str(error).splitlines() or [''])[0]}") from None
-    # eval() for the policy too: dropout off, as DPO assumes; gradients flow all the same.
-    return model.to(device).eval()
-
-
-def checkpointed_layers(policy):
-    """transformers' gradient checkpointing for the policy; returns the layers it recomputes in backward.
-
-    transformers recomputes a layer only while that layer is in training mode, so train() switches those
-    layers alone into it around each training step: dropout stays off everywhere, as DPO assumes."""
-    from transformers.modeling_layers import GradientCheckpointingLayer
-
-    (getattr(policy, "activation_checkpointing_enable", None) or policy.gradient_checkpointing_enable)()
-    return [module for module in policy.modules() if isinstance(module, GradientCheckpointingLayer)]
-
-
-@contextlib.contextmanager
-def training_mode(layers):
-    for layer in layers:
-        layer.training = True                                           # this module alone, not its children
-    try:
-        yield
-    finally:
-        for layer in layers:
-            layer.training = False
+# The loss of one micro-batch
 
 
 def forward(policy, reference, batch, beta, epsilon):
@@ -345,16 +257,10 @@ def train(args, label="ε-DPO", checkpoint=None):
             print_data_report(notes, {"train": train_skipped, "eval": eval_skipped}, {"train": train_moved, "eval": eval_moved})
         gold_reward = load_gold_reward(args.gold_reward or (TINY_GOLD_REWARD if pathlib.Path(args.dataset).resolve() == TINY_DATASET else None))
 
-        # Models: in float32, the weights the optimizer updates; with bf16, the frozen reference's linear layers in bf16
-        policy = load_model(checkpoint[0] if checkpoint else args.model, device, args.trust_remote_code)
-        reference = load_model(args.ref_model or args.model, device, args.trust_remote_code).requires_grad_(False)
-        if autocast:
-            bf16_linear_layers(reference)
+        # Models
+        models = setup_models(args, device, world_size, autocast is not None, tokenizer, train_pairs + eval_pairs, checkpoint)
+        policy = models.policy
         autocast = autocast or contextlib.nullcontext()
-        check_models(policy, reference, tokenizer, train_pairs + eval_pairs, args)
-        layers = checkpointed_layers(policy) if args.gradient_checkpointing else []
-        ddp_policy = policy if world_size == 1 else torch.nn.parallel.DistributedDataParallel(   # gradients averaged
-            policy, device_ids=[device.index] if device.type == "cuda" else None)                # over the ranks
         pairs_per_step = args.batch_size * args.grad_accum * world_size
         total_steps = args.max_steps or max(1, int(args.epochs * len(train_pairs) // pairs_per_step))
         warmup_steps = int(args.warmup_ratio * total_steps)
@@ -396,7 +302,7 @@ def train(args, label="ε-DPO", checkpoint=None):
 
         def log_evaluation(step):
             with autocast:
-                metrics = evaluate(policy, reference, tokenizer, eval_pairs, baseline_beta.value, gold_reward, args, device)
+                metrics = evaluate(policy, models.reference, tokenizer, eval_pairs, baseline_beta.value, gold_reward, args, device)
             log({"step": step, "split": "eval", "beta": baseline_beta.value, "lr": scheduler.get_last_lr()[0], **metrics})
 
         def save_checkpoint(step):
@@ -432,11 +338,9 @@ def train(args, label="ε-DPO", checkpoint=None):
                         baseline_beta.load_state_dict({**baseline_beta.state_dict(), "counts": [0, 0, 0]})
                         stop_after(step - 1)
                     batch = collate(next(batches), tokenizer.pad_token_id, device)
-                    # Under DDP, gradients are averaged across ranks once per optimizer step, at the last micro-batch.
-                    last = micro_batch == args.grad_accum - 1
-                    with ddp_policy.no_sync() if world_size > 1 and not last else contextlib.nullcontext():
-                        with autocast, training_mode(layers):
-                            out = forward(ddp_policy, reference, batch, beta, args.epsilon)
+                    with models.no_sync(last_micro_batch=micro_batch == args.grad_accum - 1):
+                        with autocast, training_mode(models.layers):
+                            out = forward(models.trained, models.reference, batch, beta, args.epsilon)
                         (out.loss / args.grad_accum).backward()
                     if not args.fixed_baseline_beta:
                         baseline_beta.observe(out.steps)
@@ -491,17 +395,6 @@ def train(args, label="ε-DPO", checkpoint=None):
         write_atomically(output_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
         plot_curves({label: read_metrics(output_dir)}, output_dir / "curves.png")
         return summary
-
-
-def check_models(policy, reference, tokenizer, pairs, args):
-    """The models and the tokenizer fit together: one vocabulary, and every token id inside it."""
-    vocab, ref_vocab = (model.get_output_embeddings().weight.shape[0] for model in (policy, reference))
-    if ref_vocab != vocab:
-        raise ReportedError(f"--ref-model {args.ref_model}: its vocabulary has {ref_vocab} words, the policy's {vocab}")
-    vocab = min(vocab, policy.get_input_embeddings().weight.shape[0])
-    largest = max(tokenizer.pad_token_id, *(max(p["prompt_ids"] + p["chosen_ids"] + p["rejected_ids"]) for p in pairs))
-    if largest >= vocab:
-        raise ReportedError(f"--model {args.model}: its tokenizer gives token id {largest}, but the model has only {vocab} words")
 
 
 # ----------------------------------------------------------------------------------------------------

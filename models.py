@@ -1,0 +1,145 @@
+"""Model setup for train.py: devices and processes, precision, loading the policy and its reference,
+gradient checkpointing, and the wrapper that trains it on several processes.
+
+train.py reads as the loop a learner follows; what it takes to put a model of any size on the hardware
+at hand is here, one function per concern.
+"""
+
+import contextlib
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from data import ReportedError
+
+
+
+def pick_device(name):
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ReportedError(f"--device {name}: not a device (cpu, cuda, cuda:N, mps or auto)") from None
+    available = {"cpu": True, "cuda": torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count(),
+                 "mps": torch.backends.mps.is_available()}
+    if not available.get(device.type):
+        raise ReportedError(f"--device {name}: no such device on this machine (cuda: {torch.cuda.device_count()} GPUs, "
+                            f"mps: {torch.backends.mps.is_available()})")
+    return device
+
+
+def init_distributed(device_name):
+    """(rank, world size, device). Under torchrun (WORLD_SIZE > 1) this joins the process group: NCCL on
+    GPUs, gloo on CPUs; otherwise one process on the device --device picks."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        return 0, 1, pick_device(device_name)
+    local_rank = int(os.environ["LOCAL_RANK"])
+    on_gpus = torch.cuda.is_available() and device_name in ("auto", "cuda")
+    if on_gpus:
+        torch.cuda.set_device(local_rank)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if on_gpus else "gloo")
+    return dist.get_rank(), world_size, torch.device("cuda", local_rank) if on_gpus else torch.device("cpu")
+
+
+def precision(name, device):
+    """The autocast context of every forward pass, nanoGPT's way: with bf16, mixed precision (float32 weights
+    that the optimizer updates, bf16 matrix products), because at learning rates like 5e-7 most updates of
+    a bf16 weight are below its rounding step and vanish. None for float32."""
+    if name == "auto":
+        name = "bfloat16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
+    if name == "float32":
+        return None
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ReportedError(f"--dtype bfloat16: {torch.cuda.get_device_name(device)} does not support bf16")
+    return torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+def bf16_linear_layers(reference):
+    """The frozen reference's linear layers, nearly all its weights, stored in bf16: half their memory.
+
+    Autocast multiplies in bf16 anyway; its embeddings and norms stay in float32 as the policy's do, so at
+    the start the reference computes the policy's logits bit for bit and every s is 0 (METHOD §6)."""
+    tied = reference.get_input_embeddings().weight
+    for module in reference.modules():
+        if isinstance(module, torch.nn.Linear) and module.weight is not tied:
+            module.to(torch.bfloat16)
+    return reference
+
+
+def load_model(name, device, trust_remote_code):
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32, trust_remote_code=trust_remote_code)
+    except Exception as error:                                          # no such model, code it would run, bad files
+        raise ReportedError(f"model {name}: {type(error).__name__}: {(str(error).splitlines() or [''])[0]}") from None
+    # eval() for the policy too: dropout off, as DPO assumes; gradients flow all the same.
+    return model.to(device).eval()
+
+
+def checkpointed_layers(policy):
+    """transformers' gradient checkpointing for the policy; returns the layers it recomputes in backward.
+
+    transformers recomputes a layer only while that layer is in training mode, so train() switches those
+    layers alone into it around each training step: dropout stays off everywhere, as DPO assumes."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    (getattr(policy, "activation_checkpointing_enable", None) or policy.gradient_checkpointing_enable)()
+    return [module for module in policy.modules() if isinstance(module, GradientCheckpointingLayer)]
+
+
+@contextlib.contextmanager
+def training_mode(layers):
+    for layer in layers:
+        layer.training = True                                           # this module alone, not its children
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.training = False
+
+
+def check_models(policy, reference, tokenizer, pairs, args):
+    """The models and the tokenizer fit together: one vocabulary, and every token id inside it."""
+    vocab, ref_vocab = (model.get_output_embeddings().weight.shape[0] for model in (policy, reference))
+    if ref_vocab != vocab:
+        raise ReportedError(f"--ref-model {args.ref_model}: its vocabulary has {ref_vocab} words, the policy's {vocab}")
+    vocab = min(vocab, policy.get_input_embeddings().weight.shape[0])
+    largest = max(tokenizer.pad_token_id, *(max(p["prompt_ids"] + p["chosen_ids"] + p["rejected_ids"]) for p in pairs))
+    if largest >= vocab:
+        raise ReportedError(f"--model {args.model}: its tokenizer gives token id {largest}, but the model has only {vocab} words")
+
+
+@dataclass
+class Models:
+    """What train.py trains with."""
+
+    policy: torch.nn.Module        # the model being trained, unwrapped: the optimizer's parameters, what is saved
+    trained: torch.nn.Module       # what the training step calls: the policy, or its data-parallel wrapper
+    reference: torch.nn.Module     # frozen, in eval mode, called under no_grad
+    layers: list                   # the policy's layers recomputed in backward (--gradient-checkpointing)
+
+    def no_sync(self, last_micro_batch):
+        """Under DDP, gradients are averaged across ranks once per optimizer step, at the last micro-batch."""
+        wrapped = self.trained is not self.policy
+        return self.trained.no_sync() if wrapped and not last_micro_batch else contextlib.nullcontext()
+
+
+def setup_models(args, device, world_size, mixed_precision, tokenizer, pairs, checkpoint=None):
+    """The policy (from the checkpoint when resuming) and its reference, checked against the tokenizer and
+    the pairs' token ids, ready to train on `device` in one process or, under torchrun, with DDP."""
+    # In float32: the weights the optimizer updates; with bf16, the frozen reference's linear layers in bf16.
+    policy = load_model(checkpoint[0] if checkpoint else args.model, device, args.trust_remote_code)
+    reference = load_model(args.ref_model or args.model, device, args.trust_remote_code).requires_grad_(False)
+    if mixed_precision:
+        bf16_linear_layers(reference)
+    check_models(policy, reference, tokenizer, pairs, args)
+    layers = checkpointed_layers(policy) if args.gradient_checkpointing else []
+    trained = policy if world_size == 1 else torch.nn.parallel.DistributedDataParallel(     # gradients averaged
+        policy, device_ids=[device.index] if device.type == "cuda" else None)               # over the ranks
+    return Models(policy, trained, reference, layers)

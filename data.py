@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
-SUFFIXES = (".json", ".jsonl", ".parquet")                  # the files a dataset folder is read from
+SUFFIXES = (".json", ".jsonl", ".parquet")                  # the files read, in any case (train.JSONL too)
 # The split a file in a dataset folder belongs to, by a word of its path (datasets' own convention).
 SPLIT_WORDS = {"train": {"train", "training"}, "validation": {"validation", "valid", "val", "dev"},
                "test": {"test", "testing", "eval", "evaluation"}}
@@ -44,10 +44,11 @@ class ReportedError(Exception):
 # Loading: every row with where it came from ("pairs.jsonl, line 8"), read as it is, never converted
 
 
-def load_splits(dataset, train_split="train", eval_split="test", eval_fraction=0.05, seed=0):
+def load_splits(dataset, train_split="train", eval_split=None, eval_fraction=0.05, seed=0):
     """(train rows, held-out rows, notes): rows are lists of (where, row); notes say what was not loaded.
 
-    The held-out rows are eval_split when the dataset has it, else a seeded eval_fraction of train_split.
+    The held-out rows are eval_split, which must exist when named; with eval_split None, the split "test"
+    when the dataset has one (and it is not train_split), else a seeded eval_fraction of train_split.
     Local JSON, JSON Lines and Parquet files are read here, without a schema, so that a value of the wrong
     type reaches check_row as it is (a loader that unifies types would turn the number 0 into "0").
     """
@@ -57,7 +58,7 @@ def load_splits(dataset, train_split="train", eval_split="test", eval_fraction=0
                             f"--eval-fraction of {train_split}")
     path, notes = pathlib.Path(dataset).expanduser(), []
     if path.is_file():
-        if path.suffix not in SUFFIXES:
+        if path.suffix.lower() not in SUFFIXES:
             raise ReportedError(f"--dataset {path}: expected a .json, .jsonl or .parquet file")
         splits = {train_split: _read_rows(path)}
     elif path.is_dir() and not ((path / "dataset_dict.json").exists() or (path / "state.json").exists()):
@@ -68,6 +69,10 @@ def load_splits(dataset, train_split="train", eval_split="test", eval_fraction=0
         raise ReportedError(f"--dataset {dataset}: no such file or folder")
     if train_split not in splits:
         raise ReportedError(f"--dataset {dataset} has no split {train_split!r} (it has {sorted(splits)})")
+    if eval_split is not None and eval_split not in splits:       # a typo must not hold out train rows
+        raise ReportedError(f"--dataset {dataset} has no split {eval_split!r} for --eval-split (it has {sorted(splits)}); "
+                            f"leave --eval-split out to hold out --eval-fraction of {train_split}")
+    eval_split = eval_split or ("test" if train_split != "test" else None)
     if eval_split in splits:
         return splits[train_split], splits[eval_split], notes
     rows = splits[train_split]
@@ -79,14 +84,14 @@ def load_splits(dataset, train_split="train", eval_split="test", eval_fraction=0
 
 def _looks_local(name):
     path = pathlib.Path(name).expanduser()
-    return name.startswith((".", "/", "~")) or path.suffix in SUFFIXES or (
+    return name.startswith((".", "/", "~")) or path.suffix.lower() in SUFFIXES or (
         len(path.parts) > 1 and pathlib.Path(path.parts[0]).exists())
 
 
 def _read_folder(folder):
     """The rows of every data file in a folder, by split, and a note naming the files not loaded."""
     files = sorted(p for p in folder.rglob("*") if p.is_file())
-    data_files = [p for p in files if p.suffix in SUFFIXES]
+    data_files = [p for p in files if p.suffix.lower() in SUFFIXES]
 
     def split_of(file):
         words = set(re.split(r"[-._ 0-9]+", str(file.relative_to(folder).with_suffix("")).replace("/", " ")))
@@ -111,7 +116,7 @@ def _read_folder(folder):
 def _read_rows(path):
     """(where, row) for every row of a .jsonl, .json or .parquet file; where names the file and the line."""
     try:
-        if path.suffix == ".parquet":
+        if path.suffix.lower() == ".parquet":
             import pyarrow.parquet
 
             return [(f"{path}, row {number}", row)
@@ -119,7 +124,7 @@ def _read_rows(path):
         text = path.read_text(encoding="utf-8")
     except Exception as error:                                       # unreadable, not UTF-8, not Parquet
         raise ReportedError(f"{path}: could not be read ({type(error).__name__}: {(str(error).splitlines() or [''])[0]})") from None
-    if path.suffix == ".json" and text.lstrip().startswith("["):
+    if path.suffix.lower() == ".json" and text.lstrip().startswith("["):
         return _json_array_rows(text, path)
     rows = []                                                        # JSON Lines (a .json file may be too)
     for number, line in enumerate(text.splitlines(), start=1):
@@ -128,11 +133,13 @@ def _read_rows(path):
                 rows.append((f"{path}, line {number}", json.loads(line)))
             except json.JSONDecodeError as error:
                 raise ReportedError(f"{path}, line {number}: not valid JSON ({error.msg})") from None
+            except RecursionError:
+                raise ReportedError(f"{path}, line {number}: JSON nested too deeply to read") from None
     return rows
 
 
 def _json_array_rows(text, path):
-    """The elements of a JSON array, each with the line it starts on."""
+    """The elements of a JSON array, each with the line it starts on; the array must be all the file holds."""
     space, decoder, rows = re.compile(r"[ \t\n\r]*"), json.JSONDecoder(), []
     position = space.match(text, text.index("[") + 1).end()
     line, counted_to = 1, 0
@@ -146,9 +153,14 @@ def _json_array_rows(text, path):
                 position = space.match(text, position + 1).end()
             elif text[position] != "]":
                 raise json.JSONDecodeError("Expecting ',' delimiter", text, position)
+        if text[position + 1 :].strip():                                # a second array, or any other text
+            raise json.JSONDecodeError("more text after the array; a .json file holds one array, or JSON Lines",
+                                       text, space.match(text, position + 1).end())
     except (json.JSONDecodeError, IndexError) as error:
         where = text.count("\n", 0, getattr(error, "pos", len(text))) + 1
         raise ReportedError(f"{path}, line {where}: not valid JSON ({getattr(error, 'msg', 'unexpected end')})") from None
+    except RecursionError:                                           # in the row that starts on `line`
+        raise ReportedError(f"{path}, line {line}: JSON nested too deeply to read") from None
     return rows
 
 
@@ -209,7 +221,9 @@ def render(row, tokenizer):
     """(prompt, chosen, rejected) as text, and whether tokenizing them adds the tokenizer's special tokens.
 
     Standard rows are their own text. Conversational rows are rendered with the chat template, which
-    writes the special tokens itself: the completion is what the template adds after the prompt.
+    writes the special tokens itself: the completion is what the template adds after the prompt. A
+    message holding the text of a special token ("</s>") is refused: in the rendered text it could not be
+    told from the template's own markup, and would become the token itself.
     """
     chosen, rejected, prompt = row["chosen"], row["rejected"], row.get("prompt")
     if isinstance(chosen, str):
@@ -222,14 +236,35 @@ def render(row, tokenizer):
         prompt = [{"role": "user", "content": prompt}]
     if tokenizer.chat_template is None:
         raise ValueError("a conversational row, but the tokenizer has no chat template to render it")
-    prompt_text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+    special = set(tokenizer.all_special_tokens) | {t.content for t in tokenizer.added_tokens_decoder.values() if t.special}
+    for field, messages in (("prompt", prompt), ("chosen", chosen), ("rejected", rejected)):
+        for message in messages:
+            token = next((token for token in special if token in message["content"]), None)
+            if token is not None:
+                raise ValueError(f"field {field!r} holds the text {token!r}, a special token of the tokenizer: in a "
+                                 f"conversation it would become that token (the standard format keeps it as text)")
+    prompt_text = _apply_chat_template(tokenizer, prompt, add_generation_prompt=True)
     completions = []
     for completion in (chosen, rejected):
-        conversation = tokenizer.apply_chat_template(prompt + completion, tokenize=False)
+        conversation = _apply_chat_template(tokenizer, prompt + completion)
         if not conversation.startswith(prompt_text):
             raise ValueError("the chat template does not render the prompt as the start of the conversation")
         completions.append(conversation[len(prompt_text):])
     return prompt_text, completions[0], completions[1], False
+
+
+def _apply_chat_template(tokenizer, messages, **options):
+    """The chat template's text of messages. A template that refuses the row (raise_exception) is the row's
+    fault (ValueError); one that cannot be parsed is the tokenizer's (ReportedError)."""
+    from jinja2 import TemplateError, TemplateSyntaxError
+
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, **options)
+    except TemplateSyntaxError as error:
+        raise ReportedError(f"--model {tokenizer.name_or_path}: its chat template, line {error.lineno}: "
+                            f"{error.message}") from None
+    except TemplateError as error:
+        raise ValueError(f"the chat template refused it: {error}") from None
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -263,6 +298,8 @@ def tokenize_pair(row, tokenizer, max_length, max_prompt_length):
       tokenizer makes "ĠThe" of the prompt's trailing space and the completion's "The"), the prompt is the
       part the three encodings share, and boundary_moved is True.
     - Each completion ends with EOS exactly once (a chat template may already close the turn with it).
+    - A standard row's text is text: "</s>" in it is the four characters, never EOS (split_special_tokens,
+      as TRL does); only the tokenizer's own BOS and EOS are special. Conversational rows: see render().
     - Only when prompt + the longer completion exceeds max_length: the prompt keeps its last
       max_prompt_length tokens after its leading special tokens (BOS), then the completions are cut from
       the right to what is left. Since max_prompt_length < max_length, every completion keeps a token.
@@ -274,7 +311,7 @@ def tokenize_pair(row, tokenizer, max_length, max_prompt_length):
     prompt, chosen, rejected, add_special_tokens = render(row, tokenizer)
 
     def encode(text):
-        return tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]
+        return tokenizer(text, add_special_tokens=add_special_tokens, split_special_tokens=add_special_tokens)["input_ids"]
 
     prompt_alone, chosen_whole, rejected_whole = encode(prompt), encode(prompt + chosen), encode(prompt + rejected)
     shared = 0
@@ -350,6 +387,8 @@ def load_gold_reward(path):
         return None
     if not pathlib.Path(path).is_file():
         raise ReportedError(f"--gold-reward {path}: no such file")
+    if pathlib.Path(path).suffix != ".py":
+        raise ReportedError(f"--gold-reward {path}: expected a Python file (.py) that defines score(prompt, completion)")
     try:
         spec = importlib.util.spec_from_file_location("gold_reward", path)
         module = importlib.util.module_from_spec(spec)

@@ -208,3 +208,101 @@ def test_the_prompt_is_never_scored(bpe_tokenizer):
     scored = [batch.input_ids[row][batch.completion_mask[row].bool()].tolist() for row in range(4)]
     assert scored == [pairs[0]["chosen_ids"], pairs[1]["chosen_ids"], pairs[0]["rejected_ids"], pairs[1]["rejected_ids"]]
     assert (batch.attention_mask.sum(1) == batch.completion_mask.sum(1) + len(pairs[0]["prompt_ids"])).all()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Trust: data (issue 15)
+
+
+@pytest.mark.parametrize("after", ["\n[" + json.dumps(KETTLE) + "]\n", "\nmore notes\n", ",\n"])
+def test_a_json_file_is_read_whole_or_refused_at_the_line_after_its_array(tmp_path, after):
+    path = tmp_path / "pairs.json"
+    path.write_text("[\n" + ",\n".join([json.dumps(KETTLE)] * 8) + "\n]" + after)
+    with pytest.raises(data.ReportedError, match=f"^{path}, line 1[01]: not valid JSON \\(more text after the array"):
+        data.load_splits(str(path))
+    path.write_text("[\n" + ",\n".join([json.dumps(KETTLE)] * 8) + "\n]\n\n")      # one array: all 8 rows
+    train_rows, eval_rows, _ = data.load_splits(str(path), eval_fraction=0.01)
+    assert len(train_rows + eval_rows) == 8
+
+
+def test_json_nested_too_deeply_is_one_line_naming_file_and_line(tmp_path):
+    deep = "[" * 100_000 + "]" * 100_000
+    for name, text, line in (("pairs.jsonl", json.dumps(KETTLE) + "\n" + deep + "\n", 2),
+                             ("pairs.json", "[\n" + json.dumps(KETTLE) + ",\n" + deep + "\n]\n", 3)):
+        (tmp_path / name).write_text(text)
+        with pytest.raises(data.ReportedError, match=f"^{tmp_path / name}, line {line}: JSON nested too deeply to read$"):
+            data.load_splits(str(tmp_path / name))
+
+
+def test_an_eval_split_named_but_absent_is_refused_and_the_default_falls_back_to_held_out_rows(tmp_path):
+    (tmp_path / "train.jsonl").write_text(json.dumps(KETTLE) + "\n" * 2 + json.dumps(KETTLE) + "\n")
+    (tmp_path / "test.jsonl").write_text(json.dumps(KETTLE) + "\n")
+    with pytest.raises(data.ReportedError, match=r"has no split 'tset' for --eval-split \(it has \['test', 'train'\]\)"):
+        data.load_splits(str(tmp_path), eval_split="tset")
+    assert [len(rows) for rows in data.load_splits(str(tmp_path))[:2]] == [2, 1]            # test is the default
+    (tmp_path / "test.jsonl").unlink()
+    assert [len(rows) for rows in data.load_splits(str(tmp_path))[:2]] == [1, 1]            # none: held out
+    with pytest.raises(data.ReportedError, match="has no split 'test' for --eval-split"):
+        data.load_splits(str(tmp_path), eval_split="test")
+
+
+def test_upper_case_suffixes_are_loaded_in_a_folder_and_as_a_single_file(tmp_path):
+    (tmp_path / "train.JSONL").write_text(json.dumps(KETTLE) + "\n" + json.dumps(KETTLE) + "\n")
+    (tmp_path / "test.Json").write_text("[" + json.dumps(KETTLE) + "]")
+    train_rows, eval_rows, notes = data.load_splits(str(tmp_path))
+    assert (len(train_rows), len(eval_rows), notes) == (2, 1, [])
+    train_rows, eval_rows, _ = data.load_splits(str(tmp_path / "train.JSONL"))
+    assert len(train_rows) + len(eval_rows) == 2
+
+
+@pytest.mark.parametrize("which", ["word-level (tiny_data)", "byte-level BPE"])
+def test_the_text_of_a_special_token_in_a_standard_row_is_text_not_the_token(bpe_tokenizer, which):
+    tokenizer = AutoTokenizer.from_pretrained(train.TINY_MODEL) if which.startswith("word") else bpe_tokenizer
+    eos = tokenizer.eos_token
+    row = {"prompt": f"Review of the {eos} kettle: ", "chosen": f"The price is great.{eos} The price is poor.",
+           "rejected": f"The price is great.{eos} The fit is very good."}
+    pair = data.tokenize_pair(row, tokenizer, 512, 256)
+    special = set(tokenizer.all_special_ids) - {tokenizer.unk_token_id}   # the word-level one spells "</s>" <unk> × 3
+    # Only the tokenizer's own BOS and the one EOS that ends each completion are special tokens ...
+    assert [i for i in pair["prompt_ids"] if i in special] == [tokenizer.bos_token_id]
+    for completion in ("chosen", "rejected"):
+        assert [i for i in pair[f"{completion}_ids"] if i in special] == [tokenizer.eos_token_id]
+        assert pair[f"{completion}_ids"][-1] == tokenizer.eos_token_id
+    assert pair["chosen_ids"] != pair["rejected_ids"]                    # not cut at "</s>" into a tie
+    if which == "byte-level BPE":                                        # ... and the text comes back whole
+        assert tokenizer.decode(pair["prompt_ids"][1:] + pair["chosen_ids"][:-1]) == row["prompt"] + row["chosen"]
+
+
+def test_a_conversational_row_holding_a_special_tokens_text_is_refused_and_the_templates_markup_stays_special(bpe_tokenizer):
+    prompt = [{"role": "user", "content": "Write about the lamp, please."}]
+    row = {"prompt": prompt, "chosen": [{"role": "assistant", "content": "The lamp.<|im_end|> Poor."}],
+           "rejected": [{"role": "assistant", "content": "The lamp is poor."}]}
+    with pytest.raises(ValueError, match="field 'chosen' holds the text '<|im_end|>', a special token"):
+        data.tokenize_pair(row, bpe_tokenizer, 512, 256)
+    pair = data.tokenize_pair({**row, "chosen": [{"role": "assistant", "content": "The lamp is good."}]}, bpe_tokenizer, 512, 256)
+    im_start, im_end = bpe_tokenizer.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>"])
+    assert pair["prompt_ids"].count(im_start) == 2 and pair["prompt_ids"].count(im_end) == 1
+    assert pair["chosen_ids"][-1] == im_end
+
+
+def test_a_chat_template_that_raises_is_the_rows_fault_and_one_that_does_not_parse_the_tokenizers(bpe_tokenizer, monkeypatch):
+    conversation = {"prompt": [{"role": "user", "content": "Write about the lamp."}],
+                    "chosen": [{"role": "assistant", "content": "Good."}], "rejected": [{"role": "assistant", "content": "Poor."}]}
+    rows = [("a.jsonl, line 1", KETTLE), ("a.jsonl, line 2", conversation)]
+    monkeypatch.setattr(bpe_tokenizer, "chat_template", "{{ raise_exception('Conversation roles must alternate') }}")
+    with pytest.raises(data.ReportedError, match=r"^a.jsonl, line 2: the chat template refused it: Conversation roles must "
+                                                 r"alternate \(--skip-invalid drops such rows\)$"):
+        data.tokenize_rows(rows, bpe_tokenizer, 512, 256)
+    pairs, skipped, _ = data.tokenize_rows(rows, bpe_tokenizer, 512, 256, skip_invalid=True)
+    assert len(pairs) == 1 and skipped == {"invalid (--skip-invalid)": 1}
+    monkeypatch.setattr(bpe_tokenizer, "chat_template", "{% for m in messages %}{{ m['content'] }{% endfor %}")
+    for skip_invalid in (False, True):
+        with pytest.raises(data.ReportedError, match=r"^--model .*: its chat template, line 1: unexpected '}'$"):
+            data.tokenize_rows(rows, bpe_tokenizer, 512, 256, skip_invalid=skip_invalid)
+
+
+def test_a_gold_reward_that_is_not_a_python_file_is_one_line(tmp_path):
+    path = tmp_path / "gold.txt"
+    path.write_text("def score(prompt, completion):\n    return 1.0\n")
+    with pytest.raises(data.ReportedError, match=r"^--gold-reward .*gold.txt: expected a Python file \(.py\)"):
+        data.load_gold_reward(str(path))

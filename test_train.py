@@ -768,3 +768,13 @@ def test_the_quick_benchmark_runs_and_reports_every_figure(tmp_path):
     # Keeping the perturbed full-vocabulary tensors in the graph costs memory that epsdpo.py does not spend.
     assert realistic["naive"]["peak_mib"] > 1.5 * realistic["epsilon-dpo"]["peak_mib"]
     assert "extra_time_over_inherent_work" in result.stdout
+
+
+# ----------------------------------------------------------------------------------------------------
+# Trust: data and library (issue 15)
+
+
+def test_a_mistyped_eval_split_stops_the_run_naming_the_splits_there_are(tmp_path, small_data):
+    error = run_expecting_error(["--output-dir", str(tmp_path / "out"), *small_data, "--eval-split", "tset"])
+    assert error == f"error: --dataset {small_data[1]} has no split 'tset' for --eval-split (it has ['test', 'train']); " \
+                    f"leave --eval-split out to hold out --eval-fraction of train"

@@ -66,7 +66,7 @@ def parse_args(argv=None):
     add("--ref-model", default=None, help="reference model; None: the same as --model")
     add("--dataset", default=str(TINY_DATASET), help="a Hub id, a local JSON/JSONL/Parquet file, a folder of them, or a saved datasets folder")
     add("--train-split", default="train", help="the split to train on")
-    add("--eval-split", default="test", help="held out if present; otherwise --eval-fraction of train")
+    add("--eval-split", default=None, help="the held-out split, which must exist; None: test if present, otherwise --eval-fraction of train")
     add("--eval-fraction", type=_number(float, 0, high=1, what="must be in (0, 1)"), default=0.05, help="fraction of train rows held out when there is no --eval-split")
     add("--gold-reward", default=None, help="a Python file with score(prompt, completion) -> float; on by default for tiny_data")
     add("--output-dir", default="out", help="where everything is written")

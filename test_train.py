@@ -1,6 +1,7 @@
 """End-to-end tests of the scripts: train.py for a few optimizer steps on tiny_data and on data and models
 made here, and bench.py --quick."""
 
+import argparse
 import json
 import math
 import os
@@ -778,3 +779,30 @@ def test_a_mistyped_eval_split_stops_the_run_naming_the_splits_there_are(tmp_pat
     error = run_expecting_error(["--output-dir", str(tmp_path / "out"), *small_data, "--eval-split", "tset"])
     assert error == f"error: --dataset {small_data[1]} has no split 'tset' for --eval-split (it has ['test', 'train']); " \
                     f"leave --eval-split out to hold out --eval-fraction of train"
+
+
+def test_evaluation_samples_from_the_policy_alone_whatever_the_models_generation_config(tmp_path, monkeypatch):
+    from transformers import GenerationConfig
+    from transformers.generation.utils import GenerationMixin
+
+    folder = tiny_model_folder(tmp_path / "m")
+    defaults = dict(do_sample=True, temperature=0.3, top_k=3, top_p=0.5, min_p=0.1, typical_p=0.9, repetition_penalty=1.1,
+                    no_repeat_ngram_size=2, min_new_tokens=4, bad_words_ids=[[5]], suppress_tokens=[6], epsilon_cutoff=1e-3,
+                    renormalize_logits=True, forced_eos_token_id=2)
+    GenerationConfig(**defaults).save_pretrained(folder)                 # as an instruct checkpoint might ship it
+    policy = AutoModelForCausalLM.from_pretrained(folder)
+    assert policy.generation_config.repetition_penalty == 1.1
+    built = []                                                          # every logits processor generate() makes
+
+    def recording(self, *args, **kwargs):
+        processors = original(self, *args, **kwargs)
+        built.append([type(processor).__name__ for processor in processors])
+        return processors
+    original = GenerationMixin._get_logits_processor
+    monkeypatch.setattr(GenerationMixin, "_get_logits_processor", recording)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    pairs = [{"prompt_ids": tokenizer("Review of the lamp:")["input_ids"], "prompt": "Review of the lamp:"}] * 3
+    args = argparse.Namespace(max_new_tokens=6, eval_batch_size=2, seed=0)
+    rewards, kls = train.sample_and_score(policy, policy, tokenizer, pairs, lambda prompt, completion: 0.0, args, torch.device("cpu"))
+    assert len(rewards) == len(kls) == 3 and len(built) == 2 and built == [[], []]     # no processor and no warper
+    assert policy.generation_config.to_diff_dict() == GenerationConfig.from_pretrained(folder).to_diff_dict()

@@ -176,26 +176,31 @@ def sample_and_score(policy, reference, tokenizer, pairs, gold_reward, args, dev
     """One completion per prompt, sampled from the policy: [gold reward of each], [KL estimate of each]."""
     from transformers import GenerationConfig
 
-    # Pure ancestral sampling (no top-k, top-p or temperature from the model's defaults): the KL
-    # estimate is only unbiased for samples of π_θ itself.
+    # Pure ancestral sampling: the KL estimate is only unbiased for samples of π_θ itself. generate() fills
+    # every field left unset here from the model's own generation_config.json (repetition_penalty, top_k,
+    # no_repeat_ngram_size, ...), so while sampling the model's defaults are a bare GenerationConfig.
     sampling = GenerationConfig(do_sample=True, top_k=0, top_p=1.0, temperature=1.0, max_new_tokens=args.max_new_tokens,
                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-    rewards, kls = [], []
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(args.seed)                                    # the same prompts get the same noise
-        for start in range(0, len(pairs), args.eval_batch_size):
-            chunk = pairs[start : start + args.eval_batch_size]
-            prompt_ids, attention_mask = collate_prompts(chunk, tokenizer.pad_token_id, device)
-            generated = policy.generate(input_ids=prompt_ids, attention_mask=attention_mask,
-                                        generation_config=sampling)[:, prompt_ids.shape[1] :].tolist()
-            samples = []
-            for pair, new in zip(chunk, generated):
-                new = new[: new.index(tokenizer.eos_token_id) + 1] if tokenizer.eos_token_id in new else new
-                samples.append({"prompt_ids": pair["prompt_ids"], "chosen_ids": new, "rejected_ids": new})
-                rewards.append(gold_score(gold_reward, pair["prompt"], tokenizer.decode(new, skip_special_tokens=True)))
-            batch = collate(samples, tokenizer.pad_token_id, device)   # scored right-padded, as in training
-            inputs = dict(input_ids=batch.input_ids[: len(samples)], attention_mask=batch.attention_mask[: len(samples)])
-            kls += sequence_kl(policy(**inputs).logits, reference(**inputs).logits, batch.completion_mask[: len(samples)]).tolist()
+    rewards, kls, model_defaults = [], [], policy.generation_config
+    policy.generation_config = GenerationConfig()
+    try:
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(args.seed)                                    # the same prompts get the same noise
+            for start in range(0, len(pairs), args.eval_batch_size):
+                chunk = pairs[start : start + args.eval_batch_size]
+                prompt_ids, attention_mask = collate_prompts(chunk, tokenizer.pad_token_id, device)
+                generated = policy.generate(input_ids=prompt_ids, attention_mask=attention_mask,
+                                            generation_config=sampling)[:, prompt_ids.shape[1] :].tolist()
+                samples = []
+                for pair, new in zip(chunk, generated):
+                    new = new[: new.index(tokenizer.eos_token_id) + 1] if tokenizer.eos_token_id in new else new
+                    samples.append({"prompt_ids": pair["prompt_ids"], "chosen_ids": new, "rejected_ids": new})
+                    rewards.append(gold_score(gold_reward, pair["prompt"], tokenizer.decode(new, skip_special_tokens=True)))
+                batch = collate(samples, tokenizer.pad_token_id, device)   # scored right-padded, as in training
+                inputs = dict(input_ids=batch.input_ids[: len(samples)], attention_mask=batch.attention_mask[: len(samples)])
+                kls += sequence_kl(policy(**inputs).logits, reference(**inputs).logits, batch.completion_mask[: len(samples)]).tolist()
+    finally:
+        policy.generation_config = model_defaults                      # saved with the model as it was
     return rewards, kls
 
 

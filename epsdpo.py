@@ -45,18 +45,31 @@ CHUNK_BYTES = 256 * 2**20
 # Checks shared by the public functions: bad input fails here, with a message, not deep inside torch.
 
 
+def _check_on(tensor, name, device):
+    """A tensor with values (not on the meta device) on the device of the others."""
+    if tensor.device.type == "meta":
+        raise ValueError(f"{name} is on the meta device: it has a shape but no values (load the model's weights)")
+    if device is not None and tensor.device != device:
+        raise ValueError(f"{name} is on {tensor.device}, the other tensors on {device}: put them on one device")
+
+
 def _check_beta(beta):
+    """beta as a float, or as the floating-point tensor it is; a Fraction or a NumPy float is a number too."""
     if isinstance(beta, torch.Tensor):
+        _check_on(beta, "beta", None)
         if not (beta.is_floating_point() and torch.isfinite(beta).all() and (beta > 0).all()):
             raise ValueError(f"beta must be finite and > 0 for every pair, got {beta.tolist()}")
-    elif isinstance(beta, bool) or not (isinstance(beta, numbers.Real) and 0 < beta < float("inf")):
+        return beta
+    if isinstance(beta, bool) or not (isinstance(beta, numbers.Real) and 0 < beta < float("inf")):
         raise ValueError(f"beta must be a finite number > 0, got {beta!r}")
+    return float(beta)
 
 
 def _check_epsilon(epsilon):
-    # At ε ≥ 1, β/(1−ε) is infinite or negative; NaN fails both comparisons and is rejected too.
+    """epsilon as a float. At ε ≥ 1, β/(1−ε) is infinite or negative; NaN fails both comparisons too."""
     if isinstance(epsilon, bool) or not (isinstance(epsilon, numbers.Real) and 0 <= epsilon < 1):
         raise ValueError(f"epsilon must be a number in [0, 1), got {epsilon!r}")
+    return float(epsilon)
 
 
 def _check_sequences(logits, input_ids, completion_mask, name="logits"):
@@ -65,13 +78,19 @@ def _check_sequences(logits, input_ids, completion_mask, name="logits"):
                          f"{getattr(logits, 'dtype', type(logits).__name__)} {tuple(getattr(logits, 'shape', ()))}")
     if 0 in logits.shape:
         raise ValueError(f"{name} {tuple(logits.shape)} is empty: every batch needs rows, positions and a vocabulary")
+    for tensor_name, tensor in (("input_ids", input_ids), ("completion_mask", completion_mask)):
+        if not isinstance(tensor, torch.Tensor):
+            raise ValueError(f"{tensor_name} must be a tensor of shape (N, T), got {type(tensor).__name__}")
     if input_ids.shape != logits.shape[:2] or completion_mask.shape != logits.shape[:2]:
         raise ValueError(
             f"input_ids {tuple(input_ids.shape)} and completion_mask {tuple(completion_mask.shape)} "
             f"must both have the shape (N, T) = {tuple(logits.shape[:2])} of {name} {tuple(logits.shape)}"
         )
-    if input_ids.is_floating_point() or input_ids.dtype == torch.bool:
-        raise ValueError(f"input_ids must hold integer token ids, got {input_ids.dtype}")
+    if input_ids.dtype not in (torch.int64, torch.int32):                  # what an embedding layer takes
+        raise ValueError(f"input_ids must hold token ids as torch.int64 or torch.int32, got {input_ids.dtype}")
+    _check_on(logits, name, None)
+    _check_on(input_ids, "input_ids", logits.device)
+    _check_on(completion_mask, "completion_mask", logits.device)
 
 
 def _check_pairs(policy_logits, ref_logits, input_ids, completion_mask):
@@ -101,6 +120,15 @@ class _Positions:
     scored: torch.Tensor      # (N, T-1) bool: logits[:, :-1] that score a completion token
     targets: torch.Tensor     # (N, T-1) the token each of them scores (0 where none: safe to gather)
     chunks: list              # (row, start, stop): logits[row, start:stop] hold all of row's scored positions
+    empty_rows: list          # the rows with no completion token (their log-probability is 0)
+
+
+def _check_every_pair_scored(positions):
+    """A pair whose chosen or rejected sequence has no completion token has no preference to learn."""
+    if positions.empty_rows:
+        row, num_pairs = positions.empty_rows[0], positions.scored.shape[0] // 2
+        raise ValueError(f"pair {row % num_pairs}: its {'chosen' if row < num_pairs else 'rejected'} sequence (row {row} "
+                         f"of input_ids) has no completion token: completion_mask is 0 on all of it")
 
 
 def _scored_positions(input_ids, completion_mask, vocab_size, itemsize):
@@ -131,10 +159,11 @@ def _scored_positions(input_ids, completion_mask, vocab_size, itemsize):
         raise ValueError(f"input_ids must be in [0, {vocab_size}) wherever completion_mask is 1, got {wrong.tolist()[:8]}")
 
     longest = max(1, CHUNK_BYTES // (vocab_size * itemsize))
+    spans = list(zip(facts[3 : 3 + num_rows], facts[3 + num_rows :]))
     chunks = [(row, start, min(start + longest, last + 1))
-              for row, (first, last) in enumerate(zip(facts[3 : 3 + num_rows], facts[3 + num_rows :]))
-              for start in range(first, last + 1, longest)]
-    return _Positions(scored, torch.where(scored, next_tokens, 0), chunks)
+              for row, (first, last) in enumerate(spans) for start in range(first, last + 1, longest)]
+    empty_rows = [row for row, (first, last) in enumerate(spans) if last < first]
+    return _Positions(scored, torch.where(scored, next_tokens, 0).long(), chunks, empty_rows)    # int32 ids too
 
 
 def _compute_dtype(logits):
@@ -240,11 +269,17 @@ def dpo_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
 
     The rewards are detached: they are for logging, not for gradients.
     """
-    shapes = [tuple(getattr(t, "shape", ())) for t in (chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps)]
+    named = {"chosen_logps": chosen_logps, "rejected_logps": rejected_logps, "ref_chosen_logps": ref_chosen_logps,
+             "ref_rejected_logps": ref_rejected_logps}
+    shapes = [tuple(getattr(t, "shape", ())) for t in named.values()]
     if len(set(shapes)) != 1 or len(shapes[0]) != 1 or shapes[0][0] == 0:
         raise ValueError("chosen_logps, rejected_logps, ref_chosen_logps and ref_rejected_logps must all have the "
                          f"same shape (B,) with B ≥ 1, got {shapes}")
-    _check_beta(beta)
+    for name, logps in named.items():
+        if not (isinstance(logps, torch.Tensor) and logps.is_floating_point()):
+            raise ValueError(f"{name} must be a floating-point tensor (log-probabilities), got {getattr(logps, 'dtype', type(logps).__name__)}")
+        _check_on(logps, name, chosen_logps.device)
+    beta = _check_beta(beta)
     if isinstance(beta, torch.Tensor) and beta.shape not in ((), chosen_logps.shape):
         raise ValueError(f"beta must be a number or have shape {tuple(chosen_logps.shape)}, got {tuple(beta.shape)}")
     return _dpo_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, beta)
@@ -281,7 +316,7 @@ def perturbed_logps(policy_logits, ref_logits, input_ids, completion_mask, epsil
     rounding step of the logits. Only completion positions are computed, a row at a time, under no_grad.
     """
     _check_pairs(policy_logits, ref_logits, input_ids, completion_mask)
-    _check_epsilon(epsilon)
+    epsilon = _check_epsilon(epsilon)
     positions = _scored_positions(input_ids, completion_mask, policy_logits.shape[-1],
                                   _compute_dtype(policy_logits).itemsize)
     return _perturbed_logps(policy_logits, ref_logits, positions, epsilon)
@@ -325,15 +360,19 @@ def epsilon_steps(policy_logits, ref_logits, input_ids, completion_mask, epsilon
         s =  0   otherwise          ties and non-monotone cases keep β
 
     The reference's log-ratio γ and the factor β would shift or scale all three alike, so the raw
-    policy log-ratios are compared. No gradient flows through the decision.
+    policy log-ratios are compared. No gradient flows through the decision. A pair whose chosen or
+    rejected sequence has no completion token is refused (ValueError naming the pair and the row).
     """
     _check_pairs(policy_logits, ref_logits, input_ids, completion_mask)
-    _check_epsilon(epsilon)
+    epsilon = _check_epsilon(epsilon)
     if policy_logps is not None and tuple(getattr(policy_logps, "shape", ())) != policy_logits.shape[:1]:
         raise ValueError(f"policy_logps must have shape {tuple(policy_logits.shape[:1])}, "
                          f"got {tuple(getattr(policy_logps, 'shape', ()))}")
+    if policy_logps is not None:
+        _check_on(policy_logps, "policy_logps", policy_logits.device)
     positions = _scored_positions(input_ids, completion_mask, policy_logits.shape[-1],
                                   _compute_dtype(policy_logits).itemsize)
+    _check_every_pair_scored(positions)
     if policy_logps is None:
         with torch.no_grad():
             policy_logps = _CompletionLogps.apply(policy_logits, positions)
@@ -362,10 +401,11 @@ def pair_betas(beta, steps, epsilon):
     Shapes: beta a number (the baseline β), steps (B,) in {−1, 0, +1}. Returns (B,) float32.
     s = +1 gives β/(1+ε), s = −1 gives β/(1−ε), s = 0 gives β.
     """
-    _check_beta(beta)
-    _check_epsilon(epsilon)
+    beta, epsilon = _check_beta(beta), _check_epsilon(epsilon)
     if isinstance(beta, torch.Tensor) and beta.dim() != 0:
         raise ValueError(f"beta must be one number (the baseline β), got shape {tuple(beta.shape)}")
+    if isinstance(steps, torch.Tensor):
+        _check_on(steps, "steps", None)
     if not isinstance(steps, torch.Tensor) or steps.is_floating_point() or ((steps < -1) | (steps > 1)).any():
         raise ValueError(f"steps must be an integer tensor of -1, 0 and +1, got {steps!r}"[:200])
     return _pair_betas(beta, steps, epsilon)
@@ -391,32 +431,39 @@ class BaselineBeta:
     Why count s instead of averaging β̃: since all β̃ of one step are β/(1+ε), β or β/(1−ε), the mean is
     exact from three integer counts, which add exactly across micro-batches and ranks; at ε = 0 β stays
     bit for bit what it was. The counts stay on the device of the steps until step(), so observe() never
-    waits for the GPU. (The authors' released trainer uses β / (1 + ε mean_i s_i) instead; the two agree
-    to first order in ε.)
+    waits for the GPU; under NCCL, step() reduces them there. device: where the counts are before the first
+    observe() (a loop that calls step() without observe() under NCCL gives this rank's GPU). (The authors'
+    released trainer uses β / (1 + ε mean_i s_i) instead; the two agree to first order in ε.)
     """
 
-    def __init__(self, beta, epsilon):
-        _check_beta(beta)
-        _check_epsilon(epsilon)
+    def __init__(self, beta, epsilon, device="cpu"):
         if isinstance(beta, torch.Tensor):
             raise ValueError("beta must be a number, not a tensor")
-        self.value = float(beta)
-        self.epsilon = float(epsilon)
-        self.counts = torch.zeros(3, dtype=torch.int64)    # pairs seen with s = +1, 0, −1 since the last step
-        self.seen = 0                                      # pairs observed since the last step
+        self.value, self.epsilon = _check_beta(beta), _check_epsilon(epsilon)
+        self.counts = torch.zeros(3, dtype=torch.int64, device=device)    # pairs seen with s = +1, 0, −1 since the last step
+        self.seen = 0                                                     # pairs observed since the last step
 
     def observe(self, steps):
         """Record the steps s (B,) of one micro-batch; step() checks that each was −1, 0 or +1."""
+        if not (isinstance(steps, torch.Tensor) and not steps.is_floating_point() and steps.dtype != torch.bool):
+            raise ValueError(f"steps must be an integer tensor of -1, 0 and +1, got {getattr(steps, 'dtype', type(steps).__name__)}")
+        _check_on(steps, "steps", None)
         steps = steps.detach()
         self.counts = self.counts.to(steps.device) + torch.stack([(steps == s).sum() for s in (1, 0, -1)])
         self.seen += steps.numel()
 
     def step(self):
         """Move β to the mean β̃ of everything observed since the last step; returns the new β."""
-        counts = torch.cat([self.counts, self.counts.new_tensor([self.seen])])
+        counts = torch.cat([self.counts, torch.tensor([self.seen], device=self.counts.device)])
         if dist.is_available() and dist.is_initialized():
-            device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
-            counts = counts.to(device)
+            # Gloo and MPI reduce on the host; NCCL on the GPU the counts are on (the steps'), never on
+            # torch.cuda.current_device(): in a loop that never calls set_device, that is GPU 0 on every rank.
+            backend = dist.get_backend()
+            if backend in ("gloo", "mpi"):
+                counts = counts.cpu()
+            elif counts.device.type == "cpu" and "gloo" not in backend:
+                raise ValueError(f"under {backend} the counts must be on this rank's GPU: observe() the steps there, "
+                                 f"or create BaselineBeta(beta, epsilon, device=...) for a step() with nothing observed")
             dist.all_reduce(counts)                                          # sum over ranks, exactly
         relaxed, kept, tightened, seen = counts.tolist()
         if relaxed + kept + tightened != seen:
@@ -435,14 +482,15 @@ class BaselineBeta:
     def load_state_dict(self, state):
         if not (isinstance(state, dict) and {"beta", "epsilon", "counts"} <= state.keys()):
             raise ValueError(f"a BaselineBeta state is a dict with beta, epsilon and counts, got {state!r}"[:200])
-        _check_beta(state["beta"])
-        _check_epsilon(state["epsilon"])
-        counts = state["counts"]
+        if isinstance(state["beta"], torch.Tensor):
+            raise ValueError("beta must be a number, not a tensor")
+        beta, epsilon, counts = _check_beta(state["beta"]), _check_epsilon(state["epsilon"]), state["counts"]
         if not (isinstance(counts, (list, tuple)) and len(counts) == 3
-                and all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in counts)):
-            raise ValueError(f"counts must be three integers >= 0 (pairs seen with s = +1, 0, −1), got {counts!r}")
-        self.value, self.epsilon = float(state["beta"]), float(state["epsilon"])
-        self.counts, self.seen = torch.tensor(counts, dtype=torch.int64), sum(counts)
+                and all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in counts) and sum(counts) < 2**63):
+            raise ValueError(f"counts must be three integers >= 0 whose sum fits in int64 (pairs seen with s = +1, 0, −1), "
+                             f"got {counts!r}"[:200])
+        self.value, self.epsilon = beta, epsilon
+        self.counts, self.seen = torch.tensor(counts, dtype=torch.int64, device=self.counts.device), sum(counts)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -476,18 +524,19 @@ def epsilon_dpo_loss(policy_logits, ref_logits, input_ids, completion_mask, beta
         β̃_i  = β / (1 + ε s_i)                      constant: no gradient flows through the decision
         loss = mean_i −log σ(β̃_i h_i)
 
-    At ε = 0 every s is 0 and this is DPO's loss and gradient, bit for bit. One host synchronization
+    At ε = 0 every s is 0 and this is DPO's loss and gradient, bit for bit. A pair with an empty chosen or
+    rejected completion is refused, naming it (its log-probability would be 0). One host synchronization
     (finding the completion positions), and a number of torch operations that follows the rows of the
     batch, not its vocabulary.
     """
     _check_pairs(policy_logits, ref_logits, input_ids, completion_mask)
-    _check_beta(beta)
     if isinstance(beta, torch.Tensor):
         raise ValueError("beta must be a number (the baseline β), not a tensor")
-    _check_epsilon(epsilon)
+    beta, epsilon = _check_beta(beta), _check_epsilon(epsilon)
     num_pairs = policy_logits.shape[0] // 2
     positions = _scored_positions(input_ids, completion_mask, policy_logits.shape[-1],
                                   _compute_dtype(policy_logits).itemsize)
+    _check_every_pair_scored(positions)
 
     policy_logps = _CompletionLogps.apply(policy_logits, positions)                      # (2B,), with grad
     with torch.no_grad():

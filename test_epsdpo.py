@@ -99,6 +99,8 @@ def batches(draw, dtype=torch.float64):
     input_ids = torch.randint(0, vocab, shape[:2], generator=generator)
     completion_mask = (torch.rand(shape[:2], generator=generator) < mask_density).long()
     completion_mask[:, 0] = 0
+    # Every sequence has a completion token (a pair without one is refused), however sparse the rest.
+    completion_mask[torch.arange(2 * num_pairs), torch.randint(1, length, (2 * num_pairs,), generator=generator)] = 1
     return policy_logits.to(dtype), ref_logits.to(dtype), input_ids, completion_mask
 
 
@@ -232,7 +234,7 @@ def test_masked_positions_change_nothing(batch, seed, epsilon):
     )
 
 
-def test_an_all_masked_row_gives_zero_not_nan():
+def test_an_all_masked_row_gives_zero_not_nan_and_a_pair_with_one_is_refused_naming_it():
     logits = torch.randn(2, 5, 4, requires_grad=True)
     input_ids = torch.randint(0, 4, (2, 5))
     completion_mask = torch.tensor([[0, 0, 0, 0, 0], [0, 0, 1, 1, 0]])
@@ -242,9 +244,14 @@ def test_an_all_masked_row_gives_zero_not_nan():
     assert torch.isfinite(logps).all() and torch.isfinite(logits.grad).all()
     assert torch.equal(logits.grad[0], torch.zeros_like(logits.grad[0]))
 
-    everything_masked = torch.zeros_like(completion_mask)
-    out = epsdpo.epsilon_dpo_loss(logits, logits.detach() + 1, input_ids, everything_masked, 0.1, 0.5)
-    assert out.steps.tolist() == [0] and out.loss.item() == pytest.approx(math.log(2))
+    # As a pair (row 0 chosen, row 1 rejected), it has no preference to learn: refused, naming the pair.
+    with pytest.raises(ValueError, match=r"^pair 0: its chosen sequence \(row 0 of input_ids\) has no completion token"):
+        epsdpo.epsilon_dpo_loss(logits, logits.detach() + 1, input_ids, completion_mask, 0.1, 0.5)
+    with pytest.raises(ValueError, match=r"^pair 0: its chosen sequence \(row 0 of input_ids\) has no completion token"):
+        epsdpo.epsilon_steps(logits, logits.detach() + 1, input_ids, completion_mask, 0.5)
+    with pytest.raises(ValueError, match=r"^pair 1: its rejected sequence \(row 3 of input_ids\)"):
+        epsdpo.epsilon_steps(logits.repeat(2, 1, 1), logits.repeat(2, 1, 1), input_ids.repeat(2, 1),
+                             torch.tensor([[0, 0, 1, 0, 0]] * 3 + [[0] * 5]), 0.5)
 
 
 @given(batches(), st.integers(0, 2**32 - 1), epsilons, st.sampled_from(["policy", "reference"]))
@@ -673,6 +680,8 @@ def test_beta_must_be_a_real_number_and_may_be_a_numpy_float():
     {"beta": 0.1, "epsilon": 0.1},
     {"beta": -1.0, "epsilon": 0.1, "counts": [0, 0, 0]},
     [0.1, 0.1, [0, 0, 0]],
+    {"beta": 0.1, "epsilon": 0.1, "counts": [10**30, 0, 0]},
+    {"beta": 0.1, "epsilon": 0.1, "counts": [2**62, 2**62, 0]},           # each fits in int64, their sum does not
 ])
 def test_a_malformed_beta_state_is_rejected_and_changes_nothing(state):
     baseline = epsdpo.BaselineBeta(0.05, 0.2)
@@ -736,3 +745,105 @@ def test_epsdpo_imports_torch_and_the_standard_library_only():
     imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
     imported |= {node.module.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
     assert imported - {"torch"} <= set(sys.stdlib_module_names), imported
+
+
+# ----------------------------------------------------------------------------------------------------
+# Trust: the library (issue 15)
+
+
+def test_tensors_without_values_or_on_two_devices_are_refused_naming_the_argument():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    logits, input_ids, completion_mask = _pairs()
+    meta = logits.to("meta")
+    with pytest.raises(ValueError, match=r"^policy_logits is on the meta device: it has a shape but no values"):
+        epsdpo.epsilon_dpo_loss(meta, meta, input_ids.to("meta"), completion_mask.to("meta"), 0.1, 0.1)
+    with pytest.raises(ValueError, match=r"^input_ids is on the meta device"):
+        epsdpo.sequence_logps(logits, input_ids.to("meta"), completion_mask)
+    with pytest.raises(ValueError, match=r"^chosen_logps is on the meta device"):
+        epsdpo.dpo_loss(*torch.zeros(4, 2, device="meta"), 0.1)
+    with FakeTensorMode(allow_non_fake_inputs=True):                     # two GPUs, without a GPU
+        on_1, on_0 = logits.to("cuda:1"), input_ids.to("cuda:0")
+        with pytest.raises(ValueError, match=r"^input_ids is on cuda:0, the other tensors on cuda:1: put them on one device"):
+            epsdpo.epsilon_dpo_loss(on_1, on_1, on_0, completion_mask.to("cuda:1"), 0.1, 0.1)
+        with pytest.raises(ValueError, match=r"^completion_mask is on cpu, the other tensors on cuda:1"):
+            epsdpo.epsilon_steps(on_1, on_1, input_ids.to("cuda:1"), completion_mask, 0.1)
+        with pytest.raises(ValueError, match=r"^rejected_logps is on cuda:0, the other tensors on cuda:1"):
+            epsdpo.dpo_loss(torch.zeros(2).to("cuda:1"), torch.zeros(2).to("cuda:0"), *torch.zeros(2, 2).to("cuda:1"), 0.1)
+
+
+def test_ids_that_are_not_an_integer_tensor_an_embedding_takes_are_refused_and_int32_ids_are_int64s():
+    logits, input_ids, completion_mask = _pairs()
+    for ids, got in ((input_ids.tolist(), "list"), (None, "NoneType")):
+        with pytest.raises(ValueError, match=rf"^input_ids must be a tensor of shape \(N, T\), got {got}"):
+            epsdpo.epsilon_dpo_loss(logits, logits, ids, completion_mask, 0.1, 0.1)
+    with pytest.raises(ValueError, match=r"^completion_mask must be a tensor of shape \(N, T\), got list"):
+        epsdpo.sequence_logps(logits, input_ids, completion_mask.tolist())
+    for dtype in (torch.uint8, torch.int16, torch.bool, torch.float32):
+        with pytest.raises(ValueError, match=rf"^input_ids must hold token ids as torch.int64 or torch.int32, got {dtype}"):
+            epsdpo.epsilon_dpo_loss(logits, logits, input_ids.to(dtype), completion_mask, 0.1, 0.1)
+    policy_logits = logits.clone().requires_grad_()
+    results = []
+    for ids in (input_ids, input_ids.int()):
+        out = epsdpo.epsilon_dpo_loss(policy_logits, logits + 0.5 * torch.randn(logits.shape, generator=torch.Generator().manual_seed(0)),
+                                      ids, completion_mask, 0.1, 0.5)
+        results.append((out.loss.detach(), out.steps, torch.autograd.grad(out.loss, policy_logits)[0]))
+    assert all(torch.equal(int64, int32) for int64, int32 in zip(*results))
+
+
+def test_log_probabilities_that_are_not_floating_point_tensors_are_refused_naming_which():
+    logps = torch.zeros(2)
+    with pytest.raises(ValueError, match=r"^ref_chosen_logps must be a floating-point tensor \(log-probabilities\), got torch.int64"):
+        epsdpo.dpo_loss(logps, logps, torch.zeros(2, dtype=torch.long), logps, 0.1)
+    with pytest.raises(ValueError, match=r"^chosen_logps must be a floating-point tensor"):
+        epsdpo.dpo_loss(torch.zeros(2, dtype=torch.int32), *torch.zeros(3, 2), 0.1)
+    with pytest.raises(ValueError, match=r"^steps must be an integer tensor of -1, 0 and \+1, got list"):
+        epsdpo.BaselineBeta(0.1, 0.1).observe([1, 0])
+
+
+def test_a_fraction_is_a_number_like_any_other_for_beta_and_epsilon():
+    from fractions import Fraction
+
+    logits, input_ids, completion_mask = _pairs()
+    reference = logits + torch.randn(logits.shape, generator=torch.Generator().manual_seed(1))
+    as_floats = epsdpo.epsilon_dpo_loss(logits, reference, input_ids, completion_mask, 0.1, 0.5)
+    as_fractions = epsdpo.epsilon_dpo_loss(logits, reference, input_ids, completion_mask, Fraction(1, 10), Fraction(1, 2))
+    assert all(torch.equal(getattr(as_floats, f), getattr(as_fractions, f)) for f in ("loss", "pair_betas", "steps"))
+    assert torch.equal(epsdpo.pair_betas(Fraction(1, 10), torch.tensor([1, 0, -1]), Fraction(1, 2)),
+                       epsdpo.pair_betas(0.1, torch.tensor([1, 0, -1]), 0.5))
+    assert torch.equal(epsdpo.dpo_loss(*torch.ones(4, 2), Fraction(1, 10))[0], epsdpo.dpo_loss(*torch.ones(4, 2), 0.1)[0])
+    baselines = epsdpo.BaselineBeta(Fraction(1, 10), Fraction(1, 2)), epsdpo.BaselineBeta(0.1, 0.5)
+    for baseline, (beta, epsilon) in zip(baselines, ((Fraction(1, 5), Fraction(1, 4)), (0.2, 0.25))):
+        baseline.load_state_dict({"beta": beta, "epsilon": epsilon, "counts": [1, 0, 0]})
+    assert baselines[0].step() == baselines[1].step() and type(baselines[0].value) is float
+
+
+class _Reduced(Exception):
+    """Raised by a fake all_reduce once it has seen the tensor it was given."""
+
+
+def test_the_beta_update_under_nccl_reduces_on_the_device_of_the_steps_never_the_current_cuda_device(monkeypatch):
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    reduced_on = []
+
+    def all_reduce(tensor):
+        reduced_on.append(tensor.device)
+        raise _Reduced                                                  # a fake tensor has no values to go on with
+
+    def current_device():
+        raise AssertionError("torch.cuda.current_device() is GPU 0 on every rank that never called set_device")
+    monkeypatch.setattr(epsdpo.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(epsdpo.dist, "get_backend", lambda: "nccl")
+    monkeypatch.setattr(epsdpo.dist, "all_reduce", all_reduce)
+    monkeypatch.setattr(torch.cuda, "current_device", current_device)
+    with FakeTensorMode(allow_non_fake_inputs=True):                     # rank 3's GPU, without a GPU
+        baseline = epsdpo.BaselineBeta(0.1, 0.1)
+        baseline.observe(torch.tensor([1, 0, -1]).to("cuda:3"))
+        with pytest.raises(_Reduced):
+            baseline.step()
+        with pytest.raises(_Reduced):                                  # nothing observed: the device it was given
+            epsdpo.BaselineBeta(0.1, 0.1, device="cuda:2").step()
+    assert reduced_on == [torch.device("cuda:3"), torch.device("cuda:2")]
+    with pytest.raises(ValueError, match=r"^under nccl the counts must be on this rank's GPU"):
+        epsdpo.BaselineBeta(0.1, 0.1).step()                            # on the CPU: refused, not moved to GPU 0

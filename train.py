@@ -273,7 +273,7 @@ def train(args, label="ε-DPO", checkpoint=None):
         scheduler = torch.optim.lr_scheduler.LambdaLR(     # linear warmup from 0, then linear decay to 0
             optimizer, lambda step: min((step + 1) / (warmup_steps + 1), (total_steps - step) / max(1, total_steps - warmup_steps))
         )
-        baseline_beta = epsdpo.BaselineBeta(args.beta, args.epsilon)
+        baseline_beta = epsdpo.BaselineBeta(args.beta, args.epsilon, device=device)   # its counts: on the GPU under NCCL
         # Every rank draws the same global micro-batches of batch_size × world_size pairs and keeps its share:
         # N ranks see the pairs one process with N times the batch size would see.
         batches = (pairs[rank * args.batch_size : (rank + 1) * args.batch_size]

@@ -298,8 +298,8 @@ def tokenize_pair(row, tokenizer, max_length, max_prompt_length):
       tokenizer makes "ĠThe" of the prompt's trailing space and the completion's "The"), the prompt is the
       part the three encodings share, and boundary_moved is True.
     - Each completion ends with EOS exactly once (a chat template may already close the turn with it).
-    - A standard row's text is text: "</s>" in it is the four characters, never EOS (split_special_tokens,
-      as TRL does); only the tokenizer's own BOS and EOS are special. Conversational rows: see render().
+    - A standard row's text is text: "</s>" in it is the four characters, never EOS (the tokenizer's
+      split_special_tokens); only the BOS and EOS added here are special. Conversational rows: see render().
     - Only when prompt + the longer completion exceeds max_length: the prompt keeps its last
       max_prompt_length tokens after its leading special tokens (BOS), then the completions are cut from
       the right to what is left. Since max_prompt_length < max_length, every completion keeps a token.

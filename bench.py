@@ -83,7 +83,7 @@ def make_models_and_batch(shape, device):
         for parameter in policy.parameters():
             parameter.add_(0.01 * torch.randn_like(parameter))
     if models.precision("auto", device):
-        models.bf16_linear_layers(reference)
+        models.frozen_weights_in_bf16(reference)
     return policy, reference, input_ids.to(device), attention_mask.to(device), completion_mask.to(device)
 
 

@@ -59,7 +59,7 @@ def precision(name, device):
     return torch.autocast(device.type, dtype=torch.bfloat16)
 
 
-def bf16_linear_layers(reference):
+def frozen_weights_in_bf16(reference):
     """The frozen reference's linear layers, nearly all its weights, stored in bf16: half their memory.
 
     Autocast multiplies in bf16 anyway; its embeddings and norms stay in float32 as the policy's do, so at
@@ -137,7 +137,7 @@ def setup_models(args, device, world_size, mixed_precision, tokenizer, pairs, ch
     policy = load_model(checkpoint[0] if checkpoint else args.model, device, args.trust_remote_code)
     reference = load_model(args.ref_model or args.model, device, args.trust_remote_code).requires_grad_(False)
     if mixed_precision:
-        bf16_linear_layers(reference)
+        frozen_weights_in_bf16(reference)
     check_models(policy, reference, tokenizer, pairs, args)
     layers = checkpointed_layers(policy) if args.gradient_checkpointing else []
     trained = policy if world_size == 1 else torch.nn.parallel.DistributedDataParallel(     # gradients averaged

@@ -65,16 +65,16 @@ def claim_output_dir(output_dir, args):
 def check_not_an_input(output_dir, args):
     """A folder that holds what the run reads (the model, the reference, the data, the gold reward), or lies
     inside the dataset's folder, is never its output folder, with or without --overwrite."""
-    output_dir = output_dir.resolve()
+    resolved = output_dir.resolve()
     for name in INPUTS:
         value = getattr(args, name, None)
         path = pathlib.Path(value).expanduser().resolve() if value else None
         if path is None or not path.exists():                          # a Hub id, or nothing
             continue
-        if path == output_dir or output_dir in path.parents or (path.is_dir() and path in output_dir.parents):
-            flag = "--" + name.replace("_", "-")
-            raise ReportedError(f"--output-dir {output_dir} {'is' if path == output_dir else 'holds' if output_dir in path.parents else 'is inside'} "
-                                f"{flag} {value}: a run never writes where it reads; choose another --output-dir")
+        if path == resolved or resolved in path.parents or (path.is_dir() and path in resolved.parents):
+            relation = "is" if path == resolved else "holds" if resolved in path.parents else "is inside"
+            raise ReportedError(f"--output-dir {output_dir} {relation} --{name.replace('_', '-')} {value}: a run never "
+                                f"writes where it reads; choose another --output-dir")
 
 
 def check_only_ours_replaced(output_dir, tokenizer):

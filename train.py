@@ -62,8 +62,9 @@ def _path(text):
 
 
 def _path_or_hub_id(text):
-    """An argparse type: a local file or folder that exists, as _path; otherwise a Hub id, as it is."""
-    return _path(text) if os.path.exists(os.path.expanduser(text)) else text
+    """An argparse type: a local file or folder (one that exists, or is written as a path), as _path;
+    otherwise a Hub id, as it is."""
+    return _path(text) if text.startswith(("~", ".", "/")) or os.path.exists(text) else text
 
 
 def parse_args(argv=None, report=False):
@@ -506,9 +507,10 @@ def side_by_side(runs):
     import concurrent.futures
     import multiprocessing
 
-    others = set(multiprocessing.active_children())
-    with concurrent.futures.ProcessPoolExecutor(min(os.cpu_count() or 1, len(runs)), multiprocessing.get_context("spawn"),
-                                                initializer=signal.signal, initargs=(signal.SIGINT, signal.SIG_IGN)) as pool:
+    others, spawn = set(multiprocessing.active_children()), multiprocessing.get_context("spawn")
+    stopping = spawn.Event()                    # set: the runs a worker has taken but not begun return at once
+    with concurrent.futures.ProcessPoolExecutor(min(os.cpu_count() or 1, len(runs)), spawn, initializer=_worker_starts,
+                                                initargs=(stopping,)) as pool:
         futures = [pool.submit(_quietly_on_one_thread, *run) for run in runs]
         try:
             for done, future in enumerate(concurrent.futures.as_completed(futures), start=1):
@@ -516,24 +518,32 @@ def side_by_side(runs):
                 print(f"{done}/{len(runs)} {s['label']}, β = {s['args']['beta']}, seed {s['args']['seed']}: gold reward "
                       f"{s['final']['gold_reward']:+.2f}, KL {s['final']['kl']:.2f}, final β {s['final_beta']:.4f} ({s['seconds']} s)")
         except StopNow as stopped:
+            stopping.set()
             for worker in set(multiprocessing.active_children()) - others:     # idle workers ignore SIGINT
                 os.kill(worker.pid, signal.SIGINT)
             pool.shutdown(wait=True, cancel_futures=True)
-            finished = sum(f.done() and not f.cancelled() and f.exception() is None for f in futures)
+            results = [f.result() if f.done() and not f.cancelled() and f.exception() is None else False for f in futures]
+            finished = sum(isinstance(result, dict) for result in results)
             stopped_runs = [run[0].output_dir for run, f in zip(runs, futures) if f.done() and not f.cancelled()
                             and f.exception() is not None and our_checkpoints(run[0].output_dir)]
             print(f"stopped by signal {stopped.signal}: {finished} of {len(runs)} runs finished, {len(stopped_runs)} stopped "
                   f"with a checkpoint (python train.py --resume DIR continues each: {', '.join(stopped_runs) or 'none'}), "
-                  f"{sum(f.cancelled() for f in futures)} did not start")
+                  f"{sum(f.cancelled() or result is None for f, result in zip(futures, results))} did not start")
             sys.exit(128 + stopped.signal)
     return [future.result() for future in futures]
+
+
+def _worker_starts(stopping):
+    global _stopping
+    _stopping = stopping
+    signal.signal(signal.SIGINT, signal.SIG_IGN)                         # while idle; train() stops on it
 
 
 def _quietly_on_one_thread(args, label):
     torch.set_num_threads(1)
     with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull), contextlib.redirect_stderr(devnull):
-        with stop_signals:                                              # SIGINT: ignored when idle, a stop here
-            return train(args, label)
+        with stop_signals:
+            return None if _stopping.is_set() else train(args, label)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -409,7 +409,7 @@ def to_device(tensors, device):
     """Tensors made on the host, copied to `device`. To a GPU from pinned (page-locked) memory, without
     waiting: the copies queue behind the work already on the GPU, and the host goes on to the next batch
     instead of stalling until each copy is done (a copy from ordinary memory makes the host wait)."""
-    if device.type != "cuda":
+    if torch.device(device).type != "cuda":
         return [tensor.to(device) for tensor in tensors]
     return [tensor.pin_memory().to(device, non_blocking=True) for tensor in tensors]
 

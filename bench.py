@@ -3,6 +3,7 @@
     python bench.py                      # both shapes, CPU (and CUDA when present), ~6 minutes on 2 cores
     python bench.py --quick              # smaller shapes and fewer steps, under a minute: a smoke test
     python bench.py --json bench.json    # also write every figure to a file
+    python bench.py --reference-memory   # the bf16 reference's memory, from the shapes of six public models
 
 The same training step (forward, loss, backward, AdamW step), on the same model, batch and seed, four ways:
   dpo              DPO through epsdpo.py, the reference's logits computed live (as ε-DPO needs them)
@@ -75,7 +76,7 @@ def make_models_and_batch(shape, device):
         attention_mask = torch.ones_like(input_ids)
         completion_mask = torch.zeros_like(input_ids)
         completion_mask[:, length - completion :] = 1
-    # As train.py runs them: the policy in float32; on a GPU with bf16, the reference's linear layers stored in
+    # As train.py runs them: the policy in float32; on a GPU with bf16, the reference's product weights stored in
     # bf16 and every forward pass under autocast (mixed precision).
     reference = reference.to(device).eval().requires_grad_(False)
     policy = copy.deepcopy(reference).requires_grad_(True)
@@ -83,7 +84,7 @@ def make_models_and_batch(shape, device):
         for parameter in policy.parameters():
             parameter.add_(0.01 * torch.randn_like(parameter))
     if models.precision("auto", device):
-        models.bf16_linear_layers(reference)
+        models.frozen_weights_in_bf16(reference)
     return policy, reference, input_ids.to(device), attention_mask.to(device), completion_mask.to(device)
 
 
@@ -349,13 +350,64 @@ def print_run(run_report):
         print(f"  {name:34}{value:7.3f}")
 
 
+# ----------------------------------------------------------------------------------------------------
+# The bf16 reference's memory, computed from the shapes of public models
+
+
+# Their config.json numbers, written here (no Hub access); the models are made on the meta device: no weights.
+REFERENCE_SHAPES = {
+    "Qwen2.5-0.5B": ("qwen2", dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                                   num_attention_heads=14, num_key_value_heads=2, tie_word_embeddings=True)),
+    "Llama-3.2-1B": ("llama", dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                                   num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=True)),
+    "Gemma-2-2B": ("gemma2", dict(vocab_size=256000, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26,
+                                  num_attention_heads=8, num_key_value_heads=4, head_dim=256, tie_word_embeddings=True)),
+    "Mistral-7B": ("mistral", dict(vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                                   num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=False)),
+    "Llama-3-8B": ("llama", dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                                 num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=False)),
+    "Mixtral-8x7B": ("mixtral", dict(vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                                     num_attention_heads=32, num_key_value_heads=8, num_local_experts=8,
+                                     num_experts_per_tok=2, tie_word_embeddings=False)),
+}
+
+
+def reference_memory():
+    """Per model: parameters, the reference's bytes in float32 and with frozen_weights_in_bf16, and the
+    fraction of its parameters stored in bf16. Mixtral twice: transformers' default experts (grouped_mm,
+    which autocast does not cast, so they stay float32) and "eager" experts (F.linear, cast)."""
+    rows = []
+    for name, (model_type, shape) in REFERENCE_SHAPES.items():
+        for experts in ("grouped_mm", "eager") if "num_local_experts" in shape else (None,):
+            config = transformers.AutoConfig.for_model(model_type, **shape)
+            with torch.device("meta"):
+                model = AutoModelForCausalLM.from_config(config, **({"experts_implementation": experts} if experts else {}))
+            before = sum(p.numel() * p.element_size() for p in model.parameters())
+            models.frozen_weights_in_bf16(model.requires_grad_(False))
+            parameters = list(model.parameters())                       # a tied weight counts once
+            rows.append({"model": name + (f" ({experts} experts)" if experts else ""),
+                         "parameters": sum(p.numel() for p in parameters), "float32_gib": before / 2**30,
+                         "bf16_gib": sum(p.numel() * p.element_size() for p in parameters) / 2**30,
+                         "fraction_bf16": sum(p.numel() for p in parameters if p.dtype == torch.bfloat16)
+                         / sum(p.numel() for p in parameters)})
+    print(f"{'model':34}{'parameters':>12}{'float32':>10}{'--dtype bfloat16':>18}{'in bf16':>9}")
+    for row in rows:
+        print(f"{row['model']:34}{row['parameters'] / 1e9:>11.2f}B{row['float32_gib']:>7.2f} GiB{row['bf16_gib']:>14.2f} GiB"
+              f"{row['fraction_bf16']:>9.0%}")
+    return rows
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--reference-memory", action="store_true",
+                        help="only the bf16 reference's memory, computed from the shapes of six public models")
     parser.add_argument("--quick", action="store_true", help="smaller shapes, fewer steps (a smoke test)")
     parser.add_argument("--json", metavar="PATH", help="write every figure to this file")
     parser.add_argument("--device", choices=("cpu", "cuda"), action="append",
                         help="measure on this device (default: cpu, and cuda when present)")
     args = parser.parse_args()
+    if args.reference_memory:
+        return reference_memory()
     devices = [torch.device(d) for d in (args.device or ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))]
     shapes, warmup, repeats = (QUICK_SHAPES, 1, 3) if args.quick else (SHAPES, 3, 15)
     report = run(shapes, devices, warmup, repeats)

@@ -441,7 +441,16 @@ def collate(pairs, pad_token_id, device):
         attention_mask[row, :end] = 1
         completion_mask[row, len(prompt) : end] = 1
     noise = torch.tensor([NOISE_CODES[p.get("noisy")] for p in pairs])
-    return Batch(*(tensor.to(device) for tensor in (input_ids, attention_mask, completion_mask, noise)))
+    return Batch(*to_device([input_ids, attention_mask, completion_mask, noise], device))
+
+
+def to_device(tensors, device):
+    """Tensors made on the host, copied to `device`. To a GPU from pinned (page-locked) memory, without
+    waiting: the copies queue behind the work already on the GPU, and the host goes on to the next batch
+    instead of stalling until each copy is done (a copy from ordinary memory makes the host wait)."""
+    if torch.device(device).type != "cuda":
+        return [tensor.to(device) for tensor in tensors]
+    return [tensor.pin_memory().to(device, non_blocking=True) for tensor in tensors]
 
 
 def collate_prompts(pairs, pad_token_id, device):
@@ -449,7 +458,7 @@ def collate_prompts(pairs, pad_token_id, device):
     width = max(len(p["prompt_ids"]) for p in pairs)
     input_ids = torch.tensor([[pad_token_id] * (width - len(p["prompt_ids"])) + p["prompt_ids"] for p in pairs])
     attention_mask = torch.tensor([[0] * (width - len(p["prompt_ids"])) + [1] * len(p["prompt_ids"]) for p in pairs])
-    return input_ids.to(device), attention_mask.to(device)
+    return tuple(to_device([input_ids, attention_mask], device))
 
 
 def micro_batches(pairs, batch_size, seed):

@@ -33,12 +33,21 @@ def pick_device(name):
 
 def init_distributed(device_name):
     """(rank, world size, device). Under torchrun (WORLD_SIZE > 1) this joins the process group: NCCL on
-    GPUs, gloo on CPUs; otherwise one process on the device --device picks."""
+    GPUs, gloo on CPUs; otherwise one process on the device --device picks.
+
+    Under torchrun each process takes the GPU of its LOCAL_RANK (which GPUs: CUDA_VISIBLE_DEVICES), so
+    --device may say cuda, cpu or auto, but not one GPU for every process (cuda:N) or mps."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size == 1:
         return 0, 1, pick_device(device_name)
     local_rank = int(os.environ["LOCAL_RANK"])
-    on_gpus = torch.cuda.is_available() and device_name in ("auto", "cuda")
+    if device_name not in ("auto", "cuda", "cpu"):
+        raise ReportedError(f"--device {device_name}: under torchrun each process uses the GPU of its LOCAL_RANK "
+                            f"(choose them with CUDA_VISIBLE_DEVICES); give --device cuda, cpu or auto")
+    if device_name == "cuda" and torch.cuda.device_count() <= local_rank:
+        raise ReportedError(f"--device cuda: process {local_rank} of this machine has no GPU "
+                            f"(cuda: {torch.cuda.device_count()} GPUs)")
+    on_gpus = device_name == "cuda" or (device_name == "auto" and torch.cuda.device_count() > local_rank)
     if on_gpus:
         torch.cuda.set_device(local_rank)
     if not dist.is_initialized():
@@ -51,33 +60,55 @@ def precision(name, device):
     that the optimizer updates, bf16 matrix products), because at learning rates like 5e-7 most updates of
     a bf16 weight are below its rounding step and vanish. None for float32."""
     if name == "auto":
-        name = "bfloat16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
+        name = "bfloat16" if has_bf16_arithmetic(device) else "float32"
     if name == "float32":
         return None
-    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise ReportedError(f"--dtype bfloat16: {torch.cuda.get_device_name(device)} does not support bf16")
+    if device.type == "cuda" and not has_bf16_arithmetic(device):
+        raise ReportedError(f"--dtype bfloat16: {torch.cuda.get_device_name(device)} (compute capability "
+                            f"{'.'.join(map(str, torch.cuda.get_device_capability(device)))}) has no bf16 arithmetic; "
+                            f"torch would emulate it, slower than float32: use --dtype float32")
     return torch.autocast(device.type, dtype=torch.bfloat16)
 
 
-def bf16_linear_layers(reference):
-    """The frozen reference's linear layers, nearly all its weights, stored in bf16: half their memory.
-
-    Autocast multiplies in bf16 anyway; its embeddings and norms stay in float32 as the policy's do, so at
-    the start the reference computes the policy's logits bit for bit and every s is 0 (METHOD §6)."""
-    tied = reference.get_input_embeddings().weight
-    for module in reference.modules():
-        if isinstance(module, torch.nn.Linear) and module.weight is not tied:
-            module.to(torch.bfloat16)
-    return reference
+def has_bf16_arithmetic(device):
+    """A GPU with bf16 matrix units: compute capability 8.0 (A100) or later. torch.cuda.is_bf16_supported()
+    also says yes where bf16 is only emulated (T4, V100), and asks about the current GPU, not this one."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0)
 
 
-def load_model(name, device, trust_remote_code):
+def frozen_weights_in_bf16(model):
+    """A frozen model's weights that autocast multiplies in bf16 anyway, stored in bf16: half their memory.
+
+    Those are the weights and biases of its linear layers (the output layer among them) and the experts of
+    a mixture (3-D parameters) where transformers multiplies them with F.linear ("eager" experts). Rounding
+    to bf16 once here or at every product gives the same bf16 numbers, so under autocast the reference
+    computes the policy's logits bit for bit at the start and every s is 0 (METHOD §6). The rest stays in
+    float32, as autocast leaves it: embeddings (a lookup is not cast; a tied output layer is the input
+    embedding), norms, and experts multiplied by grouped_mm (transformers' default), which autocast does
+    not cast: the policy multiplies those in float32 too."""
+    tied = model.get_input_embeddings().weight
+    for module in model.modules():
+        experts = getattr(getattr(module, "config", None), "_experts_implementation", None) == "eager"
+        for name, parameter in module.named_parameters(recurse=False):
+            if parameter.requires_grad:
+                raise ValueError("frozen_weights_in_bf16: the model has trainable parameters; freeze it first")
+            product = isinstance(module, torch.nn.Linear) or (experts and parameter.dim() == 3)
+            if product and parameter is not tied and parameter.is_floating_point():
+                parameter.data = parameter.data.to(torch.bfloat16)
+    return model
+
+
+def load_model(name, device, trust_remote_code, frozen_in_bf16=False):
+    """A model in float32 on `device`, in eval mode. frozen_in_bf16: frozen, with frozen_weights_in_bf16,
+    converted on the CPU before it moves, so the device never holds a float32 copy of it."""
     from transformers import AutoModelForCausalLM
 
     try:
         model = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32, trust_remote_code=trust_remote_code)
     except Exception as error:                                          # no such model, code it would run, bad files
         raise ReportedError(f"model {name}: {type(error).__name__}: {(str(error).splitlines() or [''])[0]}") from None
+    if frozen_in_bf16:
+        frozen_weights_in_bf16(model.requires_grad_(False))
     # eval() for the policy too: dropout off, as DPO assumes; gradients flow all the same.
     return model.to(device).eval()
 
@@ -104,9 +135,12 @@ def training_mode(layers):
             layer.training = False
 
 
-def check_models(policy, reference, tokenizer, pairs, args):
+def check_models(policy, reference, tokenizer, pairs, args, checkpoint_folder=None):
     """The models and the tokenizer fit together: one vocabulary, and every token id inside it."""
     vocab, ref_vocab = (model.get_output_embeddings().weight.shape[0] for model in (policy, reference))
+    if ref_vocab != vocab and checkpoint_folder:                        # the policy is the checkpoint's
+        raise ReportedError(f"{checkpoint_folder}: its model has {vocab} words, the run's --model "
+                            f"{args.ref_model or args.model} {ref_vocab}: it is not a checkpoint of this run")
     if ref_vocab != vocab:
         raise ReportedError(f"--ref-model {args.ref_model}: its vocabulary has {ref_vocab} words, the policy's {vocab}")
     vocab = min(vocab, policy.get_input_embeddings().weight.shape[0])
@@ -133,13 +167,13 @@ class Models:
 def setup_models(args, device, world_size, mixed_precision, tokenizer, pairs, checkpoint=None):
     """The policy (from the checkpoint when resuming) and its reference, checked against the tokenizer and
     the pairs' token ids, ready to train on `device` in one process or, under torchrun, with DDP."""
-    # In float32: the weights the optimizer updates; with bf16, the frozen reference's linear layers in bf16.
+    # In float32: the weights the optimizer updates; with bf16, the frozen reference's product weights in bf16.
     policy = load_model(checkpoint[0] if checkpoint else args.model, device, args.trust_remote_code)
-    reference = load_model(args.ref_model or args.model, device, args.trust_remote_code).requires_grad_(False)
-    if mixed_precision:
-        bf16_linear_layers(reference)
-    check_models(policy, reference, tokenizer, pairs, args)
+    reference = load_model(args.ref_model or args.model, device, args.trust_remote_code, mixed_precision).requires_grad_(False)
+    check_models(policy, reference, tokenizer, pairs, args, checkpoint[0] if checkpoint else None)
     layers = checkpointed_layers(policy) if args.gradient_checkpointing else []
-    trained = policy if world_size == 1 else torch.nn.parallel.DistributedDataParallel(     # gradients averaged
-        policy, device_ids=[device.index] if device.type == "cuda" else None)               # over the ranks
+    # DDP averages the gradients over the ranks. Its buffers (rotary inv_freq) are constants: broadcasting
+    # them from rank 0 before every forward pass would be one more collective per micro-batch.
+    trained = policy if world_size == 1 else torch.nn.parallel.DistributedDataParallel(
+        policy, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
     return Models(policy, trained, reference, layers)

@@ -8,6 +8,7 @@ curves.png and those the model's save_pretrained wrote (listed in summary.json).
 """
 
 import argparse
+import contextlib
 import json
 import os
 import pathlib
@@ -15,6 +16,7 @@ import re
 import shutil
 import signal
 import tempfile
+import time
 
 import torch
 
@@ -26,6 +28,14 @@ RUN_FILES = ("metrics.jsonl", "summary.json", "curves.png")
 RESUMABLE = {"max_steps", "eval_every", "save_every", "keep_checkpoints", "eval_batch_size", "max_new_tokens", "device"}
 # What runs code: never taken from a checkpoint, only from the command line that resumes it.
 RUNS_CODE = {"trust_remote_code", "gold_reward"}
+# What a run reads: a folder holding one of them is never its output folder.
+INPUTS = ("model", "ref_model", "dataset", "gold_reward")
+# Temporaries of ours, by name: what a killed run leaves behind, removed by the next run in the folder.
+TEMPORARY = re.compile(r"\.saving-\w{8}|\.checkpoint-[0-9]+-\w{8}|\.(metrics\.jsonl|summary\.json|curves\.png|"
+                       r"compare\.png|frontier\.json|frontier\.png)\.\w{8}")
+# The names of a model's files that save_pretrained writes (besides the tokenizer's).
+MODEL_FILES = re.compile(r"config\.json|generation_config\.json|model\.safetensors(\.index\.json)?|"
+                         r"model-[0-9]+-of-[0-9]+\.safetensors")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -42,6 +52,7 @@ def claim_output_dir(output_dir, args):
     output_dir = pathlib.Path(output_dir)
     if output_dir.exists() and not output_dir.is_dir():
         raise ReportedError(f"--output-dir {output_dir} is a file, not a folder")
+    check_not_an_input(output_dir, args)
     lock = _lock(output_dir) if (output_dir / LOCK).exists() else None   # a run of ours: is it still going?
     if not (args.overwrite or args.resume) and output_dir.exists() and any(p.name != LOCK for p in output_dir.iterdir()):
         if lock:
@@ -49,6 +60,59 @@ def claim_output_dir(output_dir, args):
         raise ReportedError(f"--output-dir {output_dir} is not empty; nothing in it was touched. Pass --overwrite "
                             f"to replace its run, --resume {output_dir} to continue it, or another --output-dir")
     return lock or _lock(output_dir)
+
+
+def check_not_an_input(output_dir, args):
+    """A folder that holds what the run reads (the model, the reference, the data, the gold reward), or lies
+    inside the dataset's folder, is never its output folder, with or without --overwrite."""
+    resolved = output_dir.resolve()
+    for name in INPUTS:
+        value = getattr(args, name, None)
+        path = pathlib.Path(value).expanduser().resolve() if value else None
+        if path is None or not path.exists():                          # a Hub id, or nothing
+            continue
+        if path == resolved or resolved in path.parents or (path.is_dir() and path in resolved.parents):
+            relation = "is" if path == resolved else "holds" if resolved in path.parents else "is inside"
+            raise ReportedError(f"--output-dir {output_dir} {relation} --{name.replace('_', '-')} {value}: a run never "
+                                f"writes where it reads; choose another --output-dir")
+
+
+def check_only_ours_replaced(output_dir, tokenizer):
+    """Refuse, before training, a run that would replace a file or take a name it did not write: a model or
+    tokenizer file that the final save writes, or a checkpoint-STEP that is not one of ours (a folder of
+    yours, a link: never followed)."""
+    output_dir = pathlib.Path(output_dir)
+    if not output_dir.is_dir():
+        return
+    with tempfile.TemporaryDirectory() as names_of:                    # which files the tokenizer writes
+        tokenizer.save_pretrained(names_of)
+        tokenizer_files = set(os.listdir(names_of))
+    ours = set(_saved_files(output_dir)) | {path.name for path in our_checkpoints(output_dir)}
+    for path in sorted(output_dir.iterdir()):
+        written = MODEL_FILES.fullmatch(path.name) or path.name in tokenizer_files or re.fullmatch(r"checkpoint-[0-9]+", path.name)
+        if written and path.name not in ours:
+            raise ReportedError(f"--output-dir {output_dir} holds {path.name}, which this project did not write and its run "
+                                f"would replace; nothing was touched. Move it, or choose another --output-dir")
+
+
+def _saved_files(output_dir):
+    """The files the model's save_pretrained wrote, as summary.json lists them."""
+    try:
+        saved = json.loads((pathlib.Path(output_dir) / "summary.json").read_text()).get("saved", [])
+    except (OSError, ValueError, AttributeError):
+        saved = []
+    return [n for n in saved if isinstance(n, str) and n == pathlib.Path(n).name and n[:1] != "."]
+
+
+def run_is_saved(output_dir, step):
+    """The run in output_dir ended at `step` and its final save completed: summary.json says so, and every
+    file it lists is there (summary.json is written just before the model's files are moved in)."""
+    try:
+        steps = json.loads((pathlib.Path(output_dir) / "summary.json").read_text()).get("steps")
+    except (OSError, ValueError, AttributeError):
+        return False
+    saved = _saved_files(output_dir)
+    return steps == step and bool(saved) and all((pathlib.Path(output_dir) / name).is_file() for name in saved)
 
 
 def _lock(output_dir):
@@ -72,15 +136,14 @@ def prepare_output_dir(output_dir, resumed_step):
     """Resuming: forget the metrics written after the checkpoint. Otherwise (--overwrite): remove the
     previous run's own files and checkpoints. Called once the data and models are known to be good."""
     output_dir = pathlib.Path(output_dir)
+    for path in output_dir.iterdir():                  # what a killed run of ours left: ours by name and place
+        if TEMPORARY.fullmatch(path.name) and not path.is_symlink():
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
     if resumed_step is not None:
         rows = [row for row in read_metrics(output_dir) if row["step"] <= resumed_step]
         write_atomically(output_dir / "metrics.jsonl", "".join(json.dumps(row) + "\n" for row in rows))
         return
-    try:
-        saved = json.loads((output_dir / "summary.json").read_text()).get("saved", [])
-    except (OSError, ValueError, AttributeError):
-        saved = []
-    for name in [*RUN_FILES, *(n for n in saved if isinstance(n, str) and n == pathlib.Path(n).name and n[:1] != ".")]:
+    for name in [*RUN_FILES, *_saved_files(output_dir)]:
         (output_dir / name).unlink(missing_ok=True)
     for checkpoint in our_checkpoints(output_dir):
         shutil.rmtree(checkpoint)
@@ -111,17 +174,36 @@ def write_atomically(path, content):
         raise
 
 
-def save_pretrained_atomically(output_dir, model, tokenizer):
-    """The model and tokenizer, each file written whole; returns the names of the files written."""
+# What a write that fails raises: OSError from Python, RuntimeError from torch.save ("[enforce fail at
+# inline_container.cc] ... file write failed"), SafetensorError from safetensors ("... os error 28").
+def _write_errors():
+    from safetensors import SafetensorError
+
+    return OSError, RuntimeError, SafetensorError
+
+
+def _first_line(error):
+    text = (str(error).splitlines() or [""])[0][:200]
+    return text if isinstance(error, OSError) else f"{type(error).__name__}: {text}"
+
+
+def save_pretrained_atomically(output_dir, model, tokenizer, summary=None):
+    """The model and tokenizer, each file written whole; returns the names of the files written.
+
+    With a summary, summary.json (listing those names under "saved") is written just before the files are
+    moved in: a run killed in between is known by it to be unsaved (run_is_saved), and its files to be ours."""
     temporary = pathlib.Path(tempfile.mkdtemp(prefix=".saving-", dir=output_dir))
     try:
         model.save_pretrained(temporary)
         tokenizer.save_pretrained(temporary)
         names = sorted(path.name for path in temporary.iterdir())
+        if summary is not None:
+            write_atomically(pathlib.Path(output_dir) / "summary.json", json.dumps({**summary, "saved": names}, indent=2) + "\n")
         for name in names:
             os.replace(temporary / name, output_dir / name)
-    except OSError as error:
-        raise ReportedError(f"could not save the model to {output_dir} ({error}); the checkpoints are intact") from None
+    except _write_errors() as error:
+        raise ReportedError(f"could not save the model to {output_dir} ({_first_line(error)}); the checkpoints are "
+                            f"intact") from None
     finally:
         shutil.rmtree(temporary, ignore_errors=True)
     return names
@@ -136,7 +218,7 @@ def our_checkpoints(output_dir):
     found = []
     for path in pathlib.Path(output_dir).glob("checkpoint-*"):
         match = re.fullmatch(r"checkpoint-([0-9]+)", path.name)
-        if match and (path / "trainer_state.pt").is_file():
+        if match and not path.is_symlink() and (path / "trainer_state.pt").is_file():
             found.append((int(match[1]), path))
     return [path for _, path in sorted(found)]
 
@@ -157,10 +239,10 @@ def write_checkpoint(output_dir, step, policy, state, keep):
         if final in our_checkpoints(output_dir):
             shutil.rmtree(final)
         os.replace(temporary, final)
-    except OSError as error:
+    except _write_errors() as error:
         shutil.rmtree(temporary, ignore_errors=True)
         previous = our_checkpoints(output_dir)[-1:]
-        raise ReportedError(f"could not write checkpoint-{step} ({error}); " + (
+        raise ReportedError(f"could not write checkpoint-{step} ({_first_line(error)}); " + (
             f"the last checkpoint, {previous[0]}, is intact" if previous else "no checkpoint was written")) from None
     for old in our_checkpoints(output_dir)[:-keep]:
         shutil.rmtree(old)
@@ -185,7 +267,7 @@ def latest_checkpoint(output_dir):
 def _check_state(state):
     if not (isinstance(state, dict) and isinstance(state.get("step"), int) and state["step"] >= 1
             and isinstance(state.get("args"), dict) and isinstance(state.get("optimizer"), dict)
-            and isinstance(state.get("scheduler"), dict) and isinstance(state.get("rng"), dict)
+            and isinstance(state.get("rng"), dict)
             and isinstance(state["rng"].get("torch"), torch.Tensor) and isinstance(state["rng"].get("python"), tuple)
             and isinstance(state.get("steps_by_noise"), list) and len(state["steps_by_noise"]) == 9
             and all(isinstance(count, int) for count in state["steps_by_noise"])):
@@ -195,20 +277,39 @@ def _check_state(state):
     epsdpo.BaselineBeta(1.0, 0.0).load_state_dict(state.get("baseline_beta"))   # raises if malformed
 
 
-def resumed_args(args, given, defaults):
+def resumed_args(args, given, parse):
     """The arguments of the run in --resume DIR and the checkpoint to go on from.
 
-    args: the command line's arguments, given: the names it gave, defaults: every argument's default.
-    The saved arguments decide the run; a flag given again may change only what RESUMABLE lists, and any
-    other that differs is refused. --trust-remote-code and --gold-reward run code, so a checkpoint never
-    turns them on: they apply only when given on the command line that resumes.
+    args: the command line's arguments, given: the names it gave, parse: train.py's parse_args for a list of
+    arguments, raising ReportedError. The saved arguments decide the run; they are checked by the same
+    parsers as the command line, and the files they name must still be there (they were stored as absolute
+    paths): a resumed run reads what the run read, or refuses. A flag given again may change only what
+    RESUMABLE lists, and any other that differs is refused. --trust-remote-code and --gold-reward run code,
+    so a checkpoint never turns them on: they apply only when given on the command line that resumes.
     """
     output_dir = pathlib.Path(args.resume)
     checkpoint = latest_checkpoint(output_dir)
+    defaults = vars(parse([]))
     saved = {**defaults, **{k: v for k, v in checkpoint[1]["args"].items() if k in defaults}}
     wrong = sorted(k for k, v in saved.items() if None not in (v, defaults[k]) and type(v) is not type(defaults[k]))
     if wrong:
         raise ReportedError(f"{checkpoint[0]}: its arguments {', '.join(wrong)} are not of the types train.py writes")
+    command_line = []
+    for name, value in saved.items():                              # the saved values as a command line
+        if value != defaults[name] and name not in RUNS_CODE | {"resume", "overwrite"}:
+            flag = "--" + name.replace("_", "-")
+            command_line += [flag] if value is True else [flag, *map(str, value if isinstance(value, list) else [value])]
+    try:
+        checked = vars(parse(command_line))
+    except ReportedError as error:
+        raise ReportedError(f"{checkpoint[0]}: its saved arguments are not valid ({error})") from None
+    for name in sorted(set(INPUTS) - RUNS_CODE):
+        value, flag = saved[name], "--" + name.replace("_", "-")
+        if value != checked[name]:                                  # relative, or a Hub id now a folder here
+            raise ReportedError(f"--resume {output_dir}: the run's {flag} {value} would now read {checked[name]}; "
+                                f"a resumed run reads what the run read")
+        if value and os.path.isabs(value) and not os.path.exists(value):
+            raise ReportedError(f"--resume {output_dir}: the run read {flag} {value}, which is no longer there")
     for name in sorted(given - RESUMABLE - RUNS_CODE - {"resume"}):
         if name == "output_dir" and pathlib.Path(args.output_dir).resolve() == output_dir.resolve():
             continue
@@ -222,29 +323,68 @@ def resumed_args(args, given, defaults):
             print(f"note: the run had --{name.replace('_', '-')}; it runs code, so it applies only when given again with --resume")
     resumed = argparse.Namespace(**{**saved, **{name: getattr(args, name) for name in given & RESUMABLE | RUNS_CODE},
                                     "resume": str(output_dir), "output_dir": str(output_dir), "overwrite": False})
-    if resumed.max_steps is not None and resumed.max_steps <= checkpoint[1]["step"]:
+    step = checkpoint[1]["step"]
+    # At --max-steps with its final save incomplete (killed while saving): the resumed run only saves.
+    if resumed.max_steps is not None and (resumed.max_steps < step or resumed.max_steps == step and run_is_saved(output_dir, step)):
         raise ReportedError(f"--resume {output_dir}: {checkpoint[0].name} is at or past --max-steps {resumed.max_steps}; "
                             f"give a larger --max-steps to train on")
     return resumed, checkpoint
 
 
-class StopOnSignal:
-    """While active, the first SIGINT or SIGTERM only sets .signal, so the run can stop cleanly; a second
-    one raises KeyboardInterrupt and stops it where it is."""
+class StopNow(KeyboardInterrupt):
+    """The first SIGINT or SIGTERM before training: there is nothing to save, so the run stops at once."""
 
-    def __enter__(self):
-        self.signal = None
-        self.previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
-        return self
-
-    def _handle(self, number, frame):
-        if self.signal is not None:
-            raise KeyboardInterrupt
+    def __init__(self, number):
+        super().__init__(number)
         self.signal = number
 
+
+class StopOnSignal:
+    """SIGINT and SIGTERM while active (`with stop_signals:`, nestable). The first signal stops the run:
+    before training at once (StopNow), during training (inside `with stop_signals.training():`) after the
+    step under way, with a checkpoint: there it only sets .signal. Under torchrun one Ctrl-C reaches each
+    process two or three times within milliseconds (the terminal's SIGINT to the process group, then
+    torchrun's forwarded SIGINT and SIGTERM): signals within WINDOW seconds of the first are that same stop.
+    One sent later raises KeyboardInterrupt: it stops at once."""
+
+    WINDOW = 2.0
+
+    def __init__(self):
+        self.depth, self.signal, self.first_at, self.training_now = 0, None, None, False
+
+    def __enter__(self):
+        if self.depth == 0:
+            self.signal = None
+            self.previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        self.depth += 1
+        return self
+
     def __exit__(self, *exc):
-        for number, handler in self.previous.items():
-            signal.signal(number, handler)
+        self.depth -= 1
+        if self.depth == 0:
+            for number, handler in self.previous.items():
+                signal.signal(number, handler)
+
+    @contextlib.contextmanager
+    def training(self):
+        with self:
+            self.training_now = True
+            try:
+                yield self
+            finally:
+                self.training_now = False
+
+    def _handle(self, number, frame):
+        now = time.monotonic()
+        if self.signal is None:
+            self.signal, self.first_at = number, now
+            if not self.training_now:
+                raise StopNow(number)
+        elif now - self.first_at >= self.WINDOW:
+            raise KeyboardInterrupt
+
+
+stop_signals = StopOnSignal()                              # one per process: main() holds it while it runs
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -374,14 +374,18 @@ def test_two_ranks_under_torchrun_agree_on_beta_and_match_one_process_even_acros
     two = tmp_path / "two"
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "train.py"]
     environment = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    process = subprocess.Popen([*torchrun, "--output-dir", str(two), *arguments, "--batch-size", "4"],
-                               cwd=train.HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environment)
+    process = subprocess.Popen([*torchrun, "--output-dir", str(two), *arguments, "--batch-size", "4"], cwd=train.HERE,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environment,
+                               start_new_session=True)
     deadline = time.time() + 90
     while not any(row["split"] == "train" for row in read_metrics_if_any(two)) and time.time() < deadline:
         time.sleep(0.05)
-    process.send_signal(signal.SIGTERM)                                  # torchrun passes it to both ranks
-    stdout, _ = process.communicate(timeout=90)
+    # Ctrl-C in a terminal: SIGINT to every process of the group; torchrun passes it on to both ranks, and so
+    # each rank gets it two or three times within milliseconds: one stop, with a checkpoint of the last step.
+    os.killpg(process.pid, signal.SIGINT)
+    stdout, stderr = process.communicate(timeout=90)
     assert "checkpoint written" in stdout and len(list(two.glob("checkpoint-*"))) == 1
+    assert "second signal" not in stderr
     resumed = subprocess.run([*torchrun, "--resume", str(two)], cwd=train.HERE, capture_output=True, text=True,
                              timeout=120, env=environment)
     assert resumed.returncode == 0, resumed.stderr
@@ -806,3 +810,322 @@ def test_evaluation_samples_from_the_policy_alone_whatever_the_models_generation
     rewards, kls = train.sample_and_score(policy, policy, tokenizer, pairs, lambda prompt, completion: 0.0, args, torch.device("cpu"))
     assert len(rewards) == len(kls) == 3 and len(built) == 2 and built == [[], []]     # no processor and no warper
     assert policy.generation_config.to_diff_dict() == GenerationConfig.from_pretrained(folder).to_diff_dict()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Trust: output folder, resume, signals, devices (issue 15)
+
+
+def test_a_folder_the_run_reads_is_never_its_output_folder(tmp_path, local_model, small_data):
+    """Not the model's folder (even with --overwrite), not one inside the dataset's folder, not one holding the
+    data; the model is left as it was."""
+    dataset = pathlib.Path(small_data[1])
+    model_files = {path.name: path.read_bytes() for path in local_model.iterdir()}
+    cases = [(["--model", str(local_model), "--output-dir", str(local_model), "--overwrite"], f"is --model {local_model}"),
+             (["--output-dir", str(local_model), "--overwrite"], f"is --ref-model {local_model}", ["--ref-model", str(local_model)]),
+             (["--output-dir", str(dataset / "out")], f"is inside --dataset {dataset}"),
+             (["--output-dir", str(dataset.parent), "--overwrite"], f"holds --dataset {dataset}")]
+    for arguments, expected, *more in cases:
+        error = run_expecting_error([*small_data, *arguments, *(more[0] if more else []), "--max-steps", "1"])
+        assert error.startswith("error: --output-dir ") and expected in error and "\n" not in error, error
+    assert {path.name: path.read_bytes() for path in local_model.iterdir()} == model_files
+    assert not (dataset / "out").exists()
+
+
+def test_a_file_or_checkpoint_name_the_project_did_not_write_is_never_replaced(tmp_path, small_data):
+    output_dir = tmp_path / "out"
+    output_dir.mkdir()
+    (output_dir / "config.json").write_text("mine")                     # the final save would write config.json
+    error = run_expecting_error(["--output-dir", str(output_dir), "--overwrite", "--max-steps", "1", *small_data])
+    assert error.startswith(f"error: --output-dir {output_dir} holds config.json, which this project did not write")
+    assert sorted(p.name for p in output_dir.iterdir()) == [".train.lock", "config.json"]
+    (output_dir / "config.json").unlink()
+    theirs = tmp_path / "theirs"                                         # a link named like a checkpoint of ours
+    theirs.mkdir()
+    (theirs / "trainer_state.pt").write_text("mine")
+    (output_dir / "checkpoint-1").symlink_to(theirs, target_is_directory=True)
+    error = run_expecting_error(["--output-dir", str(output_dir), "--overwrite", "--max-steps", "1", *small_data])
+    assert error.startswith(f"error: --output-dir {output_dir} holds checkpoint-1, which this project did not write")
+    assert (output_dir / "checkpoint-1").is_symlink() and (theirs / "trainer_state.pt").read_text() == "mine"
+
+
+def test_paths_are_expanded_and_absolute_and_flags_for_compare_alone_are_refused(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    (tmp_path / "data").mkdir()
+    args, _ = train.parse_args(["--output-dir", "~/runs/a", "--dataset", "data", "--model", "org/some-model",
+                                "--resume", "~/runs/a", "--gold-reward", "gold.py", "--ref-model", "~/nothing"])
+    assert (args.output_dir, args.resume) == (str(tmp_path / "home/runs/a"),) * 2        # never a folder named ~
+    assert (args.dataset, args.gold_reward) == (str(tmp_path / "data"), str(tmp_path / "gold.py"))
+    assert (args.model, args.ref_model) == ("org/some-model", str(tmp_path / "home/nothing"))   # a Hub id as it is
+    for flags in (["--betas", "0.1"], ["--seeds", "2"]):
+        with pytest.raises(SystemExit):
+            train.parse_args(flags)
+        assert f"{flags[0]} is for --compare, which was not given" in capsys.readouterr().err
+
+
+def test_a_resumed_run_reads_what_the_run_read_from_anywhere_and_its_schedule_follows_max_steps(tmp_path, monkeypatch):
+    first, elsewhere = tmp_path / "first", tmp_path / "elsewhere"
+    for folder, pairs in ((first, 40), (elsewhere, 60)):                 # the same relative name, other data
+        (folder / "data").mkdir(parents=True)
+        write_jsonl(folder / "data/train.jsonl", good_rows(pairs))
+    arguments = ["--dataset", "data", "--eval-fraction", "0.2", "--save-every", "1", "--eval-every", "1000", *QUICK]
+    monkeypatch.chdir(first)
+    train.main(["--output-dir", "out", "--max-steps", "2", *arguments])
+    state = torch.load(first / "out/checkpoint-2/trainer_state.pt", weights_only=True)
+    assert state["args"]["dataset"] == str(first / "data") and state["args"]["output_dir"] == str(first / "out")
+
+    monkeypatch.chdir(elsewhere)
+    train.main(["--resume", "../first/out", "--max-steps", "4"])
+    summary = json.loads((first / "out/summary.json").read_text())
+    assert (summary["train_pairs"], summary["steps"]) == (32, 4)         # the first folder's 40 pairs, 8 held out
+    lrs = {r["step"]: r["lr"] for r in read_metrics(first / "out") if r["split"] == "train"}
+    # Warmup int(0.1 × 4) = 0 steps: step 3 of 4 takes lr × (4 − 3 + 1) / 4, not the 0 its first plan ended at.
+    assert lrs[3] == 5e-4 * 2 / 4 and lrs[4] == 5e-4 * 1 / 4
+
+    state_path = first / "out/checkpoint-4/trainer_state.pt"
+    state = torch.load(state_path, weights_only=True)
+    state["args"]["eval_every"] = 0                                      # edited by hand
+    torch.save(state, state_path)
+    error = run_expecting_error(["--resume", str(first / "out"), "--max-steps", "5"])
+    assert error == f"error: {first / 'out/checkpoint-4'}: its saved arguments are not valid (argument --eval-every: " \
+                    f"0 is out of range: must be >= 1)"
+    state["args"]["eval_every"] = 1000
+    torch.save(state, state_path)
+    (first / "data").rename(first / "data-moved")
+    error = run_expecting_error(["--resume", str(first / "out"), "--max-steps", "5"])
+    assert error == f"error: --resume {first / 'out'}: the run read --dataset {first / 'data'}, which is no longer there"
+
+
+def test_a_run_killed_while_saving_is_completed_by_resume_and_its_temporaries_removed(two_checkpoints, tmp_path, capsys):
+    output_dir = copy_of(two_checkpoints, tmp_path)
+    saved_model = (output_dir / "model.safetensors").read_bytes()
+    # What a kill -9 during the final save leaves (temporaries named as mkdtemp and mkstemp name them):
+    # summary.json and config.json moved in, model.safetensors not yet; and a killed checkpoint and metrics write.
+    (output_dir / ".saving-k1ll3d00").mkdir()
+    (output_dir / "model.safetensors").rename(output_dir / ".saving-k1ll3d00/model.safetensors")
+    (output_dir / ".checkpoint-3-k1ll3d00").mkdir()
+    (output_dir / ".metrics.jsonl.k1ll3d00").write_text("{")
+    (output_dir / ".saving").mkdir()                                     # not ours by name: kept
+    train.main(["--resume", str(output_dir)])
+    assert "its final save did not complete: saving it" in capsys.readouterr().out
+    assert (output_dir / "model.safetensors").read_bytes() == saved_model
+    assert sorted(p.name for p in output_dir.glob(".*")) == [".saving", ".train.lock"]
+    assert [r["step"] for r in read_metrics(output_dir) if r["split"] == "train"] == [1, 2]
+    assert run_expecting_error(["--resume", str(output_dir)]).endswith("checkpoint-2 is at or past --max-steps 2; "
+                                                                       "give a larger --max-steps to train on")
+
+
+def test_a_full_disk_in_torch_save_or_safetensors_gives_one_line_and_leaves_nothing(tmp_path):
+    """Real write failures of torch.save and safetensors (a file-size limit: EFBIG, as a full disk's ENOSPC)."""
+    import resource
+
+    import outputs
+
+    model = AutoModelForCausalLM.from_pretrained(train.TINY_MODEL)                   # 344 KB of safetensors
+    tokenizer = AutoTokenizer.from_pretrained(train.TINY_MODEL)
+    limits, previous_handler = resource.getrlimit(resource.RLIMIT_FSIZE), signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    try:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (500_000, limits[1]))
+        with pytest.raises(data_module().ReportedError, match=r"^could not write checkpoint-1 \(RuntimeError: \[enforce fail"):
+            outputs.write_checkpoint(tmp_path, 1, model, {"step": 1, "big": torch.zeros(250_000)}, keep=2)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, limits[1]))
+        with pytest.raises(data_module().ReportedError, match=r"^could not save the model to .*\(SafetensorError: .*"
+                                                              r"the checkpoints are intact$"):
+            outputs.save_pretrained_atomically(tmp_path, model, tokenizer)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+        signal.signal(signal.SIGXFSZ, previous_handler)
+    assert list(tmp_path.iterdir()) == []                                # no temporary left
+
+
+def data_module():
+    import data
+
+    return data
+
+
+def test_a_first_signal_before_training_stops_cleanly_and_a_burst_of_signals_is_one(tmp_path, monkeypatch, capsys):
+    import outputs
+
+    real_load_tokenizer = train.load_tokenizer
+
+    def ctrl_c_while_loading(*args):
+        os.kill(os.getpid(), signal.SIGINT)
+        return real_load_tokenizer(*args)
+
+    monkeypatch.setattr(train, "load_tokenizer", ctrl_c_while_loading)
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(["--output-dir", str(tmp_path / "out"), "--max-steps", "1", *QUICK])
+    assert exit_info.value.code == 128 + signal.SIGINT
+    assert "stopped by signal 2 before training started; nothing was written" in capsys.readouterr().err
+    assert [p.name for p in (tmp_path / "out").iterdir()] == [".train.lock"]
+
+    # torchrun delivers one Ctrl-C two or three times within milliseconds: one stop; a later signal stops at once.
+    stop = outputs.StopOnSignal()
+    monkeypatch.setattr(outputs.StopOnSignal, "WINDOW", 0.5)
+    with stop, stop.training():
+        for number in (signal.SIGINT, signal.SIGINT, signal.SIGTERM):
+            os.kill(os.getpid(), number)
+        assert stop.signal == signal.SIGINT
+        time.sleep(0.6)
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.1)
+
+
+def test_ctrl_c_stops_a_sequential_comparison_with_a_checkpoint_and_says_so(tmp_path, monkeypatch, capsys, small_data):
+    real_forward = train.forward
+
+    def forward_then_ctrl_c(*args):
+        if torch.is_grad_enabled():                                      # the first training micro-batch
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_forward(*args)
+
+    monkeypatch.setattr(train, "forward", forward_then_ctrl_c)
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(["--compare", "--output-dir", str(tmp_path), "--max-steps", "3", "--eval-every", "1000", *small_data])
+    assert exit_info.value.code == 128 + signal.SIGINT
+    assert [p.name for p in (tmp_path / "dpo").glob("checkpoint-*")] == ["checkpoint-1"]
+    assert not (tmp_path / "epsilon-dpo").exists()
+    assert "the comparison stopped: 0 of 2 runs had finished; the others did not start" in capsys.readouterr().out
+
+
+def test_ctrl_c_stops_every_run_of_a_frontier_within_seconds_each_with_its_checkpoint(tmp_path, small_data):
+    """3 runs on 2 worker processes: the two under way checkpoint and stop, the queued one never starts."""
+    process = subprocess.Popen([sys.executable, "train.py", "--compare", "--betas", "0.1", "--seeds", "1", "--output-dir",
+                                str(tmp_path), "--max-steps", "500", "--eval-every", "1000", *small_data], cwd=train.HERE,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                               env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    deadline = time.time() + 120
+    while sum(any(r["split"] == "train" for r in read_metrics_if_any(f)) for f in tmp_path.glob("beta-0.1/seed-0/*")) < 2 \
+            and time.time() < deadline:
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGINT)                                # Ctrl-C: to every process of the group
+    signalled = time.time()
+    stdout, stderr = process.communicate(timeout=60)
+    assert process.returncode == 128 + signal.SIGINT, stderr
+    assert time.time() - signalled < 30 and "Traceback" not in stderr, stderr
+    checkpointed = sorted(p.parent.name for p in tmp_path.glob("beta-0.1/seed-0/*/checkpoint-*"))
+    assert len(checkpointed) == 2 and "stopped by signal 2: 0 of 3 runs finished, 2 stopped with a checkpoint" in stdout
+    assert "1 did not start" in stdout
+
+
+def test_under_torchrun_rank_zero_alone_reports_a_refusal_and_the_others_exit_quietly(tmp_path, monkeypatch, capsys):
+    output_dir = tmp_path / "out"
+    output_dir.mkdir()
+    (output_dir / "notes.txt").write_text("mine")
+    args, _ = train.parse_args(["--output-dir", str(output_dir)])
+    verdicts = []
+    monkeypatch.setattr(train.dist, "broadcast", lambda tensor, src: verdicts.append(tensor.item()) or tensor.fill_(1))
+    with pytest.raises(SystemExit) as exit_info:                         # rank 1 learns that rank 0 refused
+        with train.claim_on_rank_zero(output_dir, args, 1, 2, torch.device("cpu")):
+            pass
+    assert exit_info.value.code == 1 and verdicts == [0]
+    with pytest.raises(data_module().ReportedError, match="is not empty"):
+        with train.claim_on_rank_zero(output_dir, args, 0, 2, torch.device("cpu")):
+            pass
+    assert verdicts == [0, 1]
+    monkeypatch.setenv("RANK", "1")                                      # and a rank other than 0 prints nothing
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(["--output-dir", str(output_dir), "--max-steps", "1"])
+    assert exit_info.value.code == 1 and capsys.readouterr().err == ""
+
+
+def test_under_torchrun_each_process_takes_the_gpu_of_its_local_rank_or_refuses(monkeypatch):
+    calls = []
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda index: calls.append(("set_device", index)))
+    monkeypatch.setattr(models.dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(models.dist, "init_process_group", lambda backend: calls.append(("backend", backend)))
+    monkeypatch.setattr(models.dist, "get_rank", lambda: 1)
+    for name in ("auto", "cuda"):
+        calls.clear()
+        assert models.init_distributed(name) == (1, 2, torch.device("cuda", 1))
+        assert calls == [("set_device", 1), ("backend", "nccl")]
+    calls.clear()
+    assert models.init_distributed("cpu") == (1, 2, torch.device("cpu")) and calls == [("backend", "gloo")]
+    for name in ("cuda:0", "mps"):
+        with pytest.raises(data_module().ReportedError, match=f"--device {name}: under torchrun each process uses the GPU"):
+            models.init_distributed(name)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    with pytest.raises(data_module().ReportedError, match="--device cuda: process 1 of this machine has no GPU"):
+        models.init_distributed("cuda")
+
+
+def test_auto_precision_is_bf16_only_on_the_given_gpu_with_bf16_arithmetic(monkeypatch):
+    capability = {0: (8, 0), 1: (7, 0)}                                  # an A100 and a V100; the current GPU is 0
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: capability[torch.device(device).index])
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)    # it counts emulation
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: "Tesla V100")
+    assert models.precision("auto", torch.device("cuda", 1)) is None
+    assert models.precision("auto", torch.device("cuda", 0)).fast_dtype == torch.bfloat16
+    with pytest.raises(data_module().ReportedError, match=r"--dtype bfloat16: Tesla V100 \(compute capability 7.0\) has no bf16"):
+        models.precision("bfloat16", torch.device("cuda", 1))
+
+
+def test_batches_go_to_a_gpu_from_pinned_memory_without_waiting(monkeypatch):
+    copies = []
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self: copies.append("pinned") or self)
+    real_to = torch.Tensor.to
+    monkeypatch.setattr(torch.Tensor, "to", lambda self, device, **kwargs: copies.append((str(device), kwargs)) or (
+        self if torch.device(device).type == "cuda" else real_to(self, device, **kwargs)))
+    pairs = [{"prompt_ids": [1, 5], "chosen_ids": [6, 2], "rejected_ids": [7, 8, 2]}]
+    data_module().collate(pairs, 0, torch.device("cuda", 0))
+    assert copies == ["pinned", ("cuda:0", {"non_blocking": True})] * 4  # input ids, two masks, noise flags
+    copies.clear()
+    data_module().collate(pairs, 0, torch.device("cpu"))
+    assert copies == [("cpu", {})] * 4
+
+
+def test_the_reference_is_converted_before_it_moves_and_ddp_broadcasts_no_buffers(monkeypatch):
+    seen, wrapped = [], []
+    real_convert = models.frozen_weights_in_bf16
+    monkeypatch.setattr(models, "frozen_weights_in_bf16", lambda model: seen.append(
+        {p.device.type for p in model.parameters()}) or real_convert(model))
+    monkeypatch.setattr(torch.nn.parallel, "DistributedDataParallel", lambda model, **kwargs: wrapped.append(kwargs) or model)
+    args, _ = train.parse_args([])
+    tokenizer = AutoTokenizer.from_pretrained(train.TINY_MODEL)
+    pair = {"prompt_ids": [1, 5], "chosen_ids": [6, 2], "rejected_ids": [7, 2]}
+    setup = models.setup_models(args, torch.device("meta"), 2, True, tokenizer, [pair])
+    assert seen == [{"cpu"}]                                             # converted on the CPU, then moved
+    assert {p.device.type for p in setup.reference.parameters()} == {"meta"}
+    assert setup.reference.model.layers[0].mlp.up_proj.weight.dtype == torch.bfloat16
+    assert wrapped == [{"device_ids": None, "broadcast_buffers": False}]
+
+
+def test_the_bf16_reference_holds_every_product_weight_in_bf16_and_starts_bit_for_bit():
+    """Tiny random Llama (tied and untied), Qwen2, Gemma-2 and Mixtral (both expert implementations): under
+    autocast the bf16 reference gives the float32 policy's logits exactly, so every s is 0 and the loss log 2."""
+    from transformers import Gemma2Config, LlamaConfig, MixtralConfig, Qwen2Config
+
+    shape = dict(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                 num_key_value_heads=1)
+    mixtral = dict(**shape, num_local_experts=4, num_experts_per_tok=2)
+    configs = [("llama tied", LlamaConfig(**shape, tie_word_embeddings=True), {}),
+               ("llama", LlamaConfig(**shape, tie_word_embeddings=False), {}),
+               ("qwen2", Qwen2Config(**shape, tie_word_embeddings=True), {}),
+               ("gemma2", Gemma2Config(**shape, head_dim=8, tie_word_embeddings=True), {}),
+               ("mixtral", MixtralConfig(**mixtral), {}),
+               ("mixtral eager", MixtralConfig(**mixtral), {"experts_implementation": "eager"})]
+    input_ids = torch.randint(3, 64, (4, 10), generator=torch.Generator().manual_seed(0))
+    completion_mask = torch.zeros_like(input_ids)
+    completion_mask[:, 5:] = 1
+    for name, config, options in configs:
+        torch.manual_seed(0)
+        policy = AutoModelForCausalLM.from_config(config, **options).eval()
+        reference = AutoModelForCausalLM.from_config(config, **options).eval()
+        reference.load_state_dict(policy.state_dict())
+        models.frozen_weights_in_bf16(reference.requires_grad_(False))
+        in_bf16 = {n for n, p in reference.named_parameters() if p.dtype == torch.bfloat16}
+        products = {n for n, _ in reference.named_parameters() if "embed" not in n and "norm" not in n}
+        experts = {n for n in products if "experts" in n}                # grouped_mm, not cast: float32
+        router = {n for n in products if "mlp.gate." in n}                # a Parameter of its own: float32
+        assert in_bf16 == products - router - (experts if name == "mixtral" else set()), name
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            logits, ref_logits = policy(input_ids).logits, reference(input_ids).logits
+        assert torch.equal(logits, ref_logits), name
+        out = epsdpo.epsilon_dpo_loss(logits, ref_logits, input_ids, completion_mask, 0.1, 0.5)
+        assert (out.steps == 0).all() and torch.equal(out.losses, -torch.nn.functional.logsigmoid(torch.zeros(2))), name

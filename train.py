@@ -18,6 +18,7 @@ import math
 import os
 import pathlib
 import random
+import signal
 import sys
 import time
 
@@ -28,9 +29,10 @@ import epsdpo
 from models import init_distributed, precision, setup_models, training_mode
 from data import (NOISE_CODES, ReportedError, collate, collate_prompts, gold_score, load_gold_reward, load_splits,
                   load_tokenizer, micro_batches, tokenize_rows)
-from outputs import (StopOnSignal, claim_output_dir, frontier_points, our_checkpoints, plot_curves, plot_frontier,
-                     prepare_output_dir, print_data_report, print_frontier, print_summary, read_metrics, resumed_args,
-                     save_pretrained_atomically, step_fractions, write_atomically, write_checkpoint)
+from outputs import (StopNow, check_only_ours_replaced, claim_output_dir, frontier_points, our_checkpoints, plot_curves,
+                     plot_frontier, prepare_output_dir, print_data_report, print_frontier, print_summary, read_metrics,
+                     resumed_args, save_pretrained_atomically, step_fractions, stop_signals, write_atomically,
+                     write_checkpoint)
 
 HERE = pathlib.Path(__file__).resolve().parent
 TINY_MODEL, TINY_DATASET, TINY_GOLD_REWARD = HERE / "tiny_data/model", HERE / "tiny_data/data", HERE / "tiny_data/gold_reward.py"
@@ -54,22 +56,40 @@ def _number(kind, low=None, low_open=True, high=None, what=""):
     return parse
 
 
-def parse_args(argv=None):
-    """(args, the names of the arguments given on the command line)."""
+def _path(text):
+    """An argparse type: a local path, ~ expanded, made absolute (a resumed run reads the same files)."""
+    return os.path.abspath(os.path.expanduser(text))
+
+
+def _path_or_hub_id(text):
+    """An argparse type: a local file or folder (one that exists, or is written as a path), as _path;
+    otherwise a Hub id, as it is."""
+    return _path(text) if text.startswith(("~", ".", "/")) or os.path.exists(text) else text
+
+
+def parse_args(argv=None, report=False):
+    """(args, the names of the arguments given on the command line). report: bad arguments raise
+    ReportedError (for a checkpoint's saved arguments) instead of exiting with the usage."""
     class Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
         pass                                                            # the docstring as written, and defaults
 
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=Formatter)
+    class Parser(argparse.ArgumentParser):
+        def error(self, message):
+            if report:
+                raise ReportedError(message)
+            super().error(message)
+
+    p = Parser(description=__doc__, formatter_class=Formatter)
     count, beta = _number(int, 1, low_open=False, what="must be >= 1"), _number(float, 0, high=1e6, what="beta must be in (0, 1e6)")
     add = p.add_argument
-    add("--model", default=str(TINY_MODEL), help="policy to start from: a Hub id or a local folder")
-    add("--ref-model", default=None, help="reference model; None: the same as --model")
-    add("--dataset", default=str(TINY_DATASET), help="a Hub id, a local JSON/JSONL/Parquet file, a folder of them, or a saved datasets folder")
+    add("--model", type=_path_or_hub_id, default=str(TINY_MODEL), help="policy to start from: a Hub id or a local folder")
+    add("--ref-model", type=_path_or_hub_id, default=None, help="reference model; None: the same as --model")
+    add("--dataset", type=_path_or_hub_id, default=str(TINY_DATASET), help="a Hub id, a local JSON/JSONL/Parquet file, a folder of them, or a saved datasets folder")
     add("--train-split", default="train", help="the split to train on")
     add("--eval-split", default=None, help="the held-out split, which must exist; None: test if present, otherwise --eval-fraction of train")
     add("--eval-fraction", type=_number(float, 0, high=1, what="must be in (0, 1)"), default=0.05, help="fraction of train rows held out when there is no --eval-split")
-    add("--gold-reward", default=None, help="a Python file with score(prompt, completion) -> float; on by default for tiny_data")
-    add("--output-dir", default="out", help="where everything is written")
+    add("--gold-reward", type=_path, default=None, help="a Python file with score(prompt, completion) -> float; on by default for tiny_data")
+    add("--output-dir", type=_path, default="out", help="where everything is written")
     add("--beta", type=beta, default=0.1, help="the baseline KL penalty β (the paper: 0.01 for instruct models on UltraFeedback)")
     add("--epsilon", type=_number(float, 0, low_open=False, high=1, what="epsilon must be in [0, 1)"), default=0.01, help="the perturbation ε; 0 is plain DPO")
     add("--fixed-baseline-beta", action="store_true", help="per-pair β̃ only: the baseline β never moves")
@@ -83,7 +103,7 @@ def parse_args(argv=None):
     add("--epochs", type=_number(float, 0, what="must be > 0"), default=2.0, help="passes over the train split, when --max-steps is not given")
     add("--max-length", type=_number(int, 2, low_open=False, what="must be >= 2"), default=512, help="prompt + completion tokens")
     add("--max-prompt-length", type=count, default=256, help="when a pair exceeds --max-length, its prompt keeps BOS and its last tokens up to this many")
-    add("--dtype", choices=("auto", "float32", "bfloat16"), default="auto", help="bfloat16: mixed precision (float32 weights, bf16 autocast, the reference's linear layers in bf16); auto: bfloat16 on GPUs that support it")
+    add("--dtype", choices=("auto", "float32", "bfloat16"), default="auto", help="bfloat16: mixed precision (float32 weights, bf16 autocast, the reference's product weights in bf16); auto: bfloat16 on GPUs with bf16 arithmetic (compute capability >= 8.0)")
     add("--gradient-checkpointing", action="store_true", help="recompute the policy's activations in backward (transformers' switch): less memory, more time")
     add("--eval-every", type=count, default=25, help="optimizer steps between evaluations")
     add("--eval-batch-size", type=count, default=64, help="pairs (or prompts to sample from) per evaluation batch")
@@ -92,7 +112,7 @@ def parse_args(argv=None):
     add("--device", default="auto", help="cuda, cuda:N, mps or cpu; auto: the first available")
     add("--skip-invalid", action="store_true", help="drop malformed rows (and report how many) instead of stopping at the first")
     add("--overwrite", action="store_true", help="replace the run in a non-empty --output-dir (its own files only)")
-    add("--resume", metavar="OUTPUT_DIR", default=None, help="continue the run in OUTPUT_DIR from its latest checkpoint, with its arguments")
+    add("--resume", type=_path, metavar="OUTPUT_DIR", default=None, help="continue the run in OUTPUT_DIR from its latest checkpoint, with its arguments")
     add("--save-every", type=count, default=100, help="optimizer steps between checkpoints (one is also written on Ctrl-C or SIGTERM)")
     add("--keep-checkpoints", type=count, default=2, help="how many of the latest checkpoints to keep")
     add("--trust-remote-code", action="store_true", help="run code from the model's repository")
@@ -105,7 +125,10 @@ def parse_args(argv=None):
                 f"so that every completion keeps a token")
     for action in p._actions:                   # parsed again without defaults: what the command line gave
         action.default = argparse.SUPPRESS
-    return args, set(vars(p.parse_args(argv)))
+    given = set(vars(p.parse_args(argv)))
+    if not args.compare and given & {"betas", "seeds"}:
+        p.error(f"--{min(given & {'betas', 'seeds'})} is for --compare, which was not given")
+    return args, given
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -244,13 +267,13 @@ def train(args, label="ε-DPO", checkpoint=None):
     rank, world_size, device = init_distributed(args.device)            # rank 0 alone writes and prints
     output_dir = pathlib.Path(args.output_dir)
     # The folder is checked and locked before anything is loaded, and stays locked while the run lasts.
-    with claim_output_dir(output_dir, args) if rank == 0 else contextlib.nullcontext():
-        if world_size > 1:
-            dist.barrier()                                              # every rank waits for the check
+    with claim_on_rank_zero(output_dir, args, rank, world_size, device):
         autocast = precision(args.dtype, device)
 
         # Data
         tokenizer = load_tokenizer(args.model, args.trust_remote_code)
+        if rank == 0:
+            check_only_ours_replaced(output_dir, tokenizer)
         train_rows, eval_rows, notes = load_splits(args.dataset, args.train_split, args.eval_split, args.eval_fraction, args.seed)
         lengths = (tokenizer, args.max_length, args.max_prompt_length, args.skip_invalid)
         (train_pairs, train_skipped, train_moved), (eval_pairs, eval_skipped, eval_moved) = (
@@ -270,9 +293,12 @@ def train(args, label="ε-DPO", checkpoint=None):
         total_steps = args.max_steps or max(1, int(args.epochs * len(train_pairs) // pairs_per_step))
         warmup_steps = int(args.warmup_ratio * total_steps)
         optimizer = torch.optim.AdamW(policy.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(     # linear warmup from 0, then linear decay to 0
-            optimizer, lambda step: min((step + 1) / (warmup_steps + 1), (total_steps - step) / max(1, total_steps - warmup_steps))
-        )
+
+        def learning_rate(step):
+            """Of optimizer step `step` (from 1): linear warmup from 0, then linear decay to 0 at total_steps. A
+            function of the step alone, so a run resumed with a larger --max-steps follows the schedule of a run
+            planned with that many steps from where it stopped."""
+            return args.lr * min(step / (warmup_steps + 1), (total_steps - step + 1) / max(1, total_steps - warmup_steps))
         baseline_beta = epsdpo.BaselineBeta(args.beta, args.epsilon, device=device)   # its counts: on the GPU under NCCL
         # Every rank draws the same global micro-batches of batch_size × world_size pairs and keeps its share:
         # N ranks see the pairs one process with N times the batch size would see.
@@ -285,7 +311,6 @@ def train(args, label="ε-DPO", checkpoint=None):
             if any(i in saved and saved[i]["exp_avg"].shape != p.shape for i, p in enumerate(policy.parameters())):
                 raise ReportedError(f"{folder}: its optimizer state is for another model than {folder / 'model.safetensors'}")
             optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
             baseline_beta.load_state_dict(state["baseline_beta"])
             for _ in range(state["step"] * args.grad_accum):                # the data order is a function of the seed
                 next(batches)
@@ -295,7 +320,8 @@ def train(args, label="ε-DPO", checkpoint=None):
             first_step = state["step"] + 1
         if rank == 0:
             prepare_output_dir(output_dir, first_step - 1 if checkpoint else None)   # all checks passed: now change it
-            print((f"resuming from {checkpoint[0]} at step {first_step}\n" if checkpoint else "") +
+            print(((f"resuming from {checkpoint[0]} at step {first_step}\n" if first_step <= total_steps else
+                    f"{checkpoint[0]} is the run's last step; its final save did not complete: saving it\n") if checkpoint else "") +
                   f"{label}: {len(train_pairs)} train pairs, {len(eval_pairs)} held out, {total_steps} steps of "
                   f"{pairs_per_step} pairs on {world_size} × {device}, β = {args.beta}, ε = {args.epsilon}")
 
@@ -308,10 +334,10 @@ def train(args, label="ε-DPO", checkpoint=None):
         def log_evaluation(step):
             with autocast:
                 metrics = evaluate(policy, models.reference, tokenizer, eval_pairs, baseline_beta.value, gold_reward, args, device)
-            log({"step": step, "split": "eval", "beta": baseline_beta.value, "lr": scheduler.get_last_lr()[0], **metrics})
+            log({"step": step, "split": "eval", "beta": baseline_beta.value, "lr": learning_rate(step + 1), **metrics})
 
         def save_checkpoint(step):
-            state = {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            state = {"step": step, "optimizer": optimizer.state_dict(),
                      "baseline_beta": baseline_beta.state_dict(), "steps_by_noise": steps_by_noise, "args": vars(args),
                      "rng": {"torch": torch.get_rng_state(), "python": random.getstate()}}
             if rank == 0:
@@ -331,9 +357,8 @@ def train(args, label="ε-DPO", checkpoint=None):
         # accumulated one), writes a checkpoint and stops; a second one stops at once.
         if first_step == 1:
             log_evaluation(0)
-        stop = StopOnSignal()
         progress = tqdm(range(first_step, total_steps + 1), desc=label, disable=None if rank == 0 else True)
-        with stop:
+        with stop_signals.training() as stop:
             for step in progress:
                 beta = baseline_beta.value
                 sums = torch.zeros(len(SUMS) + len(NOISE), dtype=torch.float64, device=device)
@@ -361,9 +386,10 @@ def train(args, label="ε-DPO", checkpoint=None):
                     raise ReportedError(f"step {step}: the loss or the gradient is not finite (gradient norm {grad_norm}); "
                                         f"stopped before applying it. " + (f"The last checkpoint, {latest[0]}, is intact: "
                                         f"--resume {output_dir} continues from it." if latest else "No checkpoint was written yet."))
-                lr = scheduler.get_last_lr()[0]
+                lr = learning_rate(step)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
                 optimizer.step()
-                scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 baseline_beta.step()                                        # β ← mean β̃ of this step's pairs
                 steps_by_noise = [seen + int(new) for seen, new in zip(steps_by_noise, totals[len(SUMS) : -3].tolist())]
@@ -386,7 +412,6 @@ def train(args, label="ε-DPO", checkpoint=None):
         # Saving
         if rank != 0:
             return None
-        saved_files = save_pretrained_atomically(output_dir, policy, tokenizer)
         evaluations = [row for row in read_metrics(output_dir) if row["split"] == "eval"]
         summary = {
             "label": label, "args": vars(args), "device": str(device), "steps": total_steps,
@@ -395,10 +420,11 @@ def train(args, label="ε-DPO", checkpoint=None):
             "boundary_moved": {"train": train_moved, "eval": eval_moved},
             "final_beta": baseline_beta.value, "start": evaluations[0], "final": evaluations[-1],
             "steps_by_noise": step_fractions(steps_by_noise),
-            "seconds": round(time.time() - started, 1), "saved": saved_files,
+            "seconds": round(time.time() - started, 1),
         }
-        write_atomically(output_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
         plot_curves({label: read_metrics(output_dir)}, output_dir / "curves.png")
+        # summary.json, listing the model's files, then the files: a run killed in between is known to be unsaved.
+        summary["saved"] = save_pretrained_atomically(output_dir, policy, tokenizer, summary)
         return summary
 
 
@@ -408,6 +434,26 @@ def train(args, label="ε-DPO", checkpoint=None):
 
 METHODS = (("DPO", "dpo", {"epsilon": 0.0}), ("ε-DPO", "epsilon-dpo", {}),
            ("ε-DPO, fixed baseline β", "epsilon-dpo-fixed-beta", {"fixed_baseline_beta": True}))
+
+
+@contextlib.contextmanager
+def claim_on_rank_zero(output_dir, args, rank, world_size, device):
+    """claim_output_dir on rank 0, whose verdict every rank learns: if it refuses, the others exit quietly."""
+    refusal, lock = None, contextlib.nullcontext()
+    if rank == 0:
+        try:
+            lock = claim_output_dir(output_dir, args)
+        except ReportedError as error:
+            refusal = error
+    if world_size > 1:
+        refused = torch.tensor([refusal is not None], dtype=torch.float32, device=device)
+        dist.broadcast(refused, src=0)
+        if refused.item() and rank != 0:
+            sys.exit(1)                                                 # rank 0 says why, once
+    if refusal:
+        raise refusal
+    with lock:
+        yield
 
 
 def compare(args, given):
@@ -428,7 +474,7 @@ def compare(args, given):
     rank, world_size, device = init_distributed(args.device)
     with claim_output_dir(output_dir, args) if rank == 0 else contextlib.nullcontext():
         frontier_on_cpus = args.betas and world_size == 1 and device.type == "cpu"
-        summaries = side_by_side(runs) if frontier_on_cpus else [train(*run) for run in runs]
+        summaries = side_by_side(runs) if frontier_on_cpus else one_after_another(runs, rank)
         if summaries[0] is None:                                        # not rank 0
             return
         if not args.betas:
@@ -443,25 +489,66 @@ def compare(args, given):
         print(f"{len(summaries)} runs: {output_dir / 'frontier.json'}, {output_dir / 'frontier.png'}")
 
 
+def one_after_another(runs, rank):
+    """train(*run) for every run in turn. A signal stops the run under way (with its checkpoint) and the rest."""
+    summaries = []
+    try:
+        for run in runs:
+            summaries.append(train(*run))
+    except (SystemExit, StopNow):
+        if stop_signals.signal is not None and rank == 0:
+            print(f"the comparison stopped: {len(summaries)} of {len(runs)} runs had finished; the others did not start")
+        raise
+    return summaries
+
+
 def side_by_side(runs):
     """train(*run) for every run, in processes of one thread each, one per core, quietly: a model as small as
-    tiny_data's gains little from a second thread, and much from a second process. A line per run done."""
+    tiny_data's gains little from a second thread, and much from a second process. A line per run done.
+
+    Ctrl-C or SIGTERM stops them all within seconds: the runs under way finish their step and write a
+    checkpoint (the signal is passed on to them, as a Ctrl-C in a terminal also sends it), and the queued
+    runs never start."""
     import concurrent.futures
     import multiprocessing
 
-    with concurrent.futures.ProcessPoolExecutor(min(os.cpu_count() or 1, len(runs)), multiprocessing.get_context("spawn")) as pool:
+    others, spawn = set(multiprocessing.active_children()), multiprocessing.get_context("spawn")
+    stopping = spawn.Event()                    # set: the runs a worker has taken but not begun return at once
+    with concurrent.futures.ProcessPoolExecutor(min(os.cpu_count() or 1, len(runs)), spawn, initializer=_worker_starts,
+                                                initargs=(stopping,)) as pool:
         futures = [pool.submit(_quietly_on_one_thread, *run) for run in runs]
-        for done, future in enumerate(concurrent.futures.as_completed(futures), start=1):
-            s = future.result()
-            print(f"{done}/{len(runs)} {s['label']}, β = {s['args']['beta']}, seed {s['args']['seed']}: gold reward "
-                  f"{s['final']['gold_reward']:+.2f}, KL {s['final']['kl']:.2f}, final β {s['final_beta']:.4f} ({s['seconds']} s)")
+        try:
+            for done, future in enumerate(concurrent.futures.as_completed(futures), start=1):
+                s = future.result()
+                print(f"{done}/{len(runs)} {s['label']}, β = {s['args']['beta']}, seed {s['args']['seed']}: gold reward "
+                      f"{s['final']['gold_reward']:+.2f}, KL {s['final']['kl']:.2f}, final β {s['final_beta']:.4f} ({s['seconds']} s)")
+        except StopNow as stopped:
+            stopping.set()
+            for worker in set(multiprocessing.active_children()) - others:     # idle workers ignore SIGINT
+                os.kill(worker.pid, signal.SIGINT)
+            pool.shutdown(wait=True, cancel_futures=True)
+            results = [f.result() if f.done() and not f.cancelled() and f.exception() is None else False for f in futures]
+            finished = sum(isinstance(result, dict) for result in results)
+            stopped_runs = [run[0].output_dir for run, f in zip(runs, futures) if f.done() and not f.cancelled()
+                            and f.exception() is not None and our_checkpoints(run[0].output_dir)]
+            print(f"stopped by signal {stopped.signal}: {finished} of {len(runs)} runs finished, {len(stopped_runs)} stopped "
+                  f"with a checkpoint (python train.py --resume DIR continues each: {', '.join(stopped_runs) or 'none'}), "
+                  f"{sum(f.cancelled() or result is None for f, result in zip(futures, results))} did not start")
+            sys.exit(128 + stopped.signal)
     return [future.result() for future in futures]
+
+
+def _worker_starts(stopping):
+    global _stopping
+    _stopping = stopping
+    signal.signal(signal.SIGINT, signal.SIG_IGN)                         # while idle; train() stops on it
 
 
 def _quietly_on_one_thread(args, label):
     torch.set_num_threads(1)
     with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull), contextlib.redirect_stderr(devnull):
-        return train(args, label)
+        with stop_signals:
+            return None if _stopping.is_set() else train(args, label)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -470,23 +557,30 @@ def _quietly_on_one_thread(args, label):
 
 def main(argv=None):
     args, given = parse_args(argv)
+    first_rank = os.environ.get("RANK", "0") == "0"                     # under torchrun, rank 0 alone explains
     try:
-        checkpoint = None
-        if args.resume:
-            args, checkpoint = resumed_args(args, given, defaults=vars(parse_args([])[0]))
-        if args.compare:
-            compare(args, given)
-        else:
-            summary = train(args, checkpoint=checkpoint)
-            if summary:                                                 # rank 0
-                print_summary([summary])
+        with stop_signals:                                              # Ctrl-C and SIGTERM, from here to the end
+            try:
+                checkpoint = None
+                if args.resume:
+                    args, checkpoint = resumed_args(args, given, lambda argv: parse_args(argv, report=True)[0])
+                if args.compare:
+                    compare(args, given)
+                else:
+                    summary = train(args, checkpoint=checkpoint)
+                    if summary:                                         # rank 0
+                        print_summary([summary])
+            finally:
+                if dist.is_available() and dist.is_initialized():
+                    dist.destroy_process_group()
     except (ReportedError, OSError) as error:                           # OSError: a full disk, say
-        sys.exit(f"error: {error}")
+        sys.exit(f"error: {error}" if first_rank else 1)
+    except StopNow as stopped:
+        print(f"stopped by signal {stopped.signal} before training started; nothing was written to resume from",
+              file=sys.stderr)
+        sys.exit(128 + stopped.signal)
     except KeyboardInterrupt:
         sys.exit("error: stopped at once by a second signal; the last checkpoint is as it was")
-    finally:
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -1,12 +1,15 @@
 """Model setup for train.py: devices and processes, precision, loading the policy and its reference,
-gradient checkpointing, and the wrapper that trains it on several processes.
+LoRA adapters, gradient checkpointing, and the wrapper that trains it on several processes.
 
 train.py reads as the loop a learner follows; what it takes to put a model of any size on the hardware
 at hand is here, one function per concern.
 """
 
 import contextlib
+import json
 import os
+import pathlib
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -98,19 +101,100 @@ def frozen_weights_in_bf16(model):
     return model
 
 
-def load_model(name, device, trust_remote_code, frozen_in_bf16=False):
-    """A model in float32 on `device`, in eval mode. frozen_in_bf16: frozen, with frozen_weights_in_bf16,
-    converted on the CPU before it moves, so the device never holds a float32 copy of it."""
-    from transformers import AutoModelForCausalLM
+def adapter_base(name):
+    """The base model that a peft adapter (a folder or Hub id with adapter_config.json) was trained on; None
+    when `name` is a model."""
+    from transformers.utils import find_adapter_config_file
 
     try:
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32, trust_remote_code=trust_remote_code)
+        config_file = find_adapter_config_file(name)
+    except Exception:                                                   # not a folder nor an id: loading says so
+        return None
+    if config_file is None:
+        return None
+    try:
+        return json.loads(pathlib.Path(config_file).read_text())["base_model_name_or_path"] or None
+    except (ValueError, KeyError, TypeError):
+        raise ReportedError(f"--model {name}: its adapter_config.json names no base_model_name_or_path") from None
+
+
+def tokenizer_name(name):
+    """Where --model's tokenizer is: the model, or the adapter if it holds one, else the adapter's base."""
+    from transformers.utils import cached_file
+
+    base = adapter_base(name)
+    if base is None or cached_file(name, "tokenizer_config.json", _raise_exceptions_for_missing_entries=False,
+                                   _raise_exceptions_for_connection_errors=False):
+        return name
+    return base
+
+
+def load_model(name, device, trust_remote_code, frozen_in_bf16=False):
+    """A model in float32 on `device`, in eval mode. frozen_in_bf16: frozen, with frozen_weights_in_bf16,
+    converted on the CPU before it moves, so the device never holds a float32 copy of it. A peft adapter (say
+    of supervised fine-tuning) is merged into the base it names: the model is that fine-tuned model."""
+    from transformers import AutoModelForCausalLM
+
+    base = adapter_base(name)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(base or name, dtype=torch.float32, trust_remote_code=trust_remote_code)
+        if base:
+            from peft import PeftModel
+
+            with quiet_peft():
+                model = PeftModel.from_pretrained(model, name).merge_and_unload()
     except Exception as error:                                          # no such model, code it would run, bad files
         raise ReportedError(f"model {name}: {type(error).__name__}: {(str(error).splitlines() or [''])[0]}") from None
     if frozen_in_bf16:
         frozen_weights_in_bf16(model.requires_grad_(False))
     # eval() for the policy too: dropout off, as DPO assumes; gradients flow all the same.
     return model.to(device).eval()
+
+
+@contextlib.contextmanager
+def quiet_peft():
+    """peft 0.21 asks transformers 5 whether checkpointing is on by a name it deprecated: a warning for peft's
+    authors, not for the user of train.py."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated")
+        yield
+
+
+def add_lora(model, args, checkpoint_folder=None):
+    """The model with LoRA adapters on its --lora-target layers (peft): only the adapters train, every other
+    weight frozen. They start with B = 0, so the policy starts as the model, bit for bit. Resuming, the
+    adapters are the checkpoint's.
+
+    Dropout is off in the adapters, as everywhere (DPO assumes it). The adapter written records --model as
+    its base, a local folder by its absolute path, so PeftModel.from_pretrained finds it from anywhere."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    with quiet_peft():
+        if checkpoint_folder:
+            return PeftModel.from_pretrained(model, checkpoint_folder, is_trainable=True).eval()
+        target = "all-linear" if args.lora_target == ["all-linear"] else args.lora_target   # not the output head
+        config = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, target_modules=target, lora_dropout=0.0,
+                            task_type="CAUSAL_LM")
+        try:
+            policy = get_peft_model(model, config)
+        except ValueError as error:                                     # no such layers in the model
+            raise ReportedError(f"--lora-target {' '.join(args.lora_target)}: {str(error).splitlines()[0]}") from None
+    local = os.path.isdir(args.model)
+    policy.peft_config["default"].base_model_name_or_path = str(pathlib.Path(args.model).resolve()) if local else args.model
+    return policy.eval()
+
+
+class AdaptersOff:
+    """The reference of a LoRA run: the policy itself with its adapters off (peft's disable_adapter), that
+    is the frozen base, under no_grad. Its weights are in memory once, and at the start (B = 0) it computes
+    the policy's logits bit for bit. Called as a model: reference(**inputs).logits."""
+
+    def __init__(self, policy):
+        self.policy = policy                                            # the peft model, never its DDP wrapper
+
+    def __call__(self, **inputs):
+        with torch.no_grad(), self.policy.disable_adapter():
+            return self.policy(**inputs)
 
 
 def checkpointed_layers(policy):
@@ -120,7 +204,12 @@ def checkpointed_layers(policy):
     layers alone into it around each training step: dropout stays off everywhere, as DPO assumes."""
     from transformers.modeling_layers import GradientCheckpointingLayer
 
-    (getattr(policy, "activation_checkpointing_enable", None) or policy.gradient_checkpointing_enable)()
+    # Not reentrant (transformers >= 5 by default; 4.x chose the reentrant kind): that kind gives no gradients
+    # to the layers' adapters when its inputs do not require grad, as with LoRA's frozen embeddings.
+    if hasattr(policy, "activation_checkpointing_enable"):
+        policy.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return [module for module in policy.modules() if isinstance(module, GradientCheckpointingLayer)]
 
 
@@ -155,7 +244,7 @@ class Models:
 
     policy: torch.nn.Module        # the model being trained, unwrapped: the optimizer's parameters, what is saved
     trained: torch.nn.Module       # what the training step calls: the policy, or its data-parallel wrapper
-    reference: torch.nn.Module     # frozen, in eval mode, called under no_grad
+    reference: object              # frozen, in eval mode, called under no_grad: a model, or AdaptersOff(policy)
     layers: list                   # the policy's layers recomputed in backward (--gradient-checkpointing)
 
     def no_sync(self, last_micro_batch):
@@ -166,14 +255,24 @@ class Models:
 
 def setup_models(args, device, world_size, mixed_precision, tokenizer, pairs, checkpoint=None):
     """The policy (from the checkpoint when resuming) and its reference, checked against the tokenizer and
-    the pairs' token ids, ready to train on `device` in one process or, under torchrun, with DDP."""
-    # In float32: the weights the optimizer updates; with bf16, the frozen reference's product weights in bf16.
-    policy = load_model(checkpoint[0] if checkpoint else args.model, device, args.trust_remote_code)
-    reference = load_model(args.ref_model or args.model, device, args.trust_remote_code, mixed_precision).requires_grad_(False)
-    check_models(policy, reference, tokenizer, pairs, args, checkpoint[0] if checkpoint else None)
+    the pairs' token ids, ready to train on `device` in one process or, under torchrun, with DDP.
+
+    With --lora-r, the policy is --model's frozen weights with LoRA adapters, and the reference the same model
+    with its adapters off: no second model unless --ref-model names one."""
+    # In float32: the weights the optimizer updates; with bf16, the frozen weights autocast casts, in bf16.
+    lora = args.lora_r > 0
+    if lora:
+        policy = add_lora(load_model(args.model, device, args.trust_remote_code, mixed_precision), args,
+                          checkpoint[0] if checkpoint else None)
+    else:
+        policy = load_model(checkpoint[0] if checkpoint else args.model, device, args.trust_remote_code)
+    reference = None
+    if args.ref_model or not lora:
+        reference = load_model(args.ref_model or args.model, device, args.trust_remote_code, mixed_precision).requires_grad_(False)
+    check_models(policy, reference or policy, tokenizer, pairs, args, checkpoint[0] if checkpoint else None)
     layers = checkpointed_layers(policy) if args.gradient_checkpointing else []
     # DDP averages the gradients over the ranks. Its buffers (rotary inv_freq) are constants: broadcasting
     # them from rank 0 before every forward pass would be one more collective per micro-batch.
     trained = policy if world_size == 1 else torch.nn.parallel.DistributedDataParallel(
         policy, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
-    return Models(policy, trained, reference, layers)
+    return Models(policy, trained, reference or AdaptersOff(policy), layers)

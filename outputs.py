@@ -187,6 +187,12 @@ def _first_line(error):
     return text if isinstance(error, OSError) else f"{type(error).__name__}: {text}"
 
 
+def save_model(model, folder):
+    """save_pretrained: a model's weights, or a peft model's adapter. The adapter leaves the embeddings out
+    without looking up its base (on the Hub, if it is an id) to see whether they were resized: they never are."""
+    model.save_pretrained(folder, **({"save_embedding_layers": False} if hasattr(model, "peft_config") else {}))
+
+
 def save_pretrained_atomically(output_dir, model, tokenizer, summary=None):
     """The model and tokenizer, each file written whole; returns the names of the files written.
 
@@ -194,7 +200,7 @@ def save_pretrained_atomically(output_dir, model, tokenizer, summary=None):
     moved in: a run killed in between is known by it to be unsaved (run_is_saved), and its files to be ours."""
     temporary = pathlib.Path(tempfile.mkdtemp(prefix=".saving-", dir=output_dir))
     try:
-        model.save_pretrained(temporary)
+        save_model(model, temporary)
         tokenizer.save_pretrained(temporary)
         names = sorted(path.name for path in temporary.iterdir())
         if summary is not None:
@@ -232,7 +238,7 @@ def write_checkpoint(output_dir, step, policy, state, keep):
     output_dir = pathlib.Path(output_dir)
     temporary = pathlib.Path(tempfile.mkdtemp(prefix=f".checkpoint-{step}-", dir=output_dir))
     try:
-        policy.save_pretrained(temporary)
+        save_model(policy, temporary)
         torch.save(state, temporary / "trainer_state.pt")
         temporary.chmod(0o755)
         final = output_dir / f"checkpoint-{step}"

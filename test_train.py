@@ -19,8 +19,10 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+import data
 import epsdpo
 import models
+import outputs
 import train
 
 METRIC_KEYS = {"step", "split", "loss", "beta", "beta/pairs_mean", "steps/lower_beta", "steps/higher_beta",
@@ -189,6 +191,7 @@ def test_compare_trains_dpo_and_epsilon_dpo_side_by_side(tmp_path, capsys, small
     ("--seed", "100000000000000000000000", "must be in [0, 2**32)"), ("--epsilon", "1", "epsilon must be in [0, 1)"),
     ("--epsilon", "-0.1", "epsilon must be in [0, 1)"), ("--lr", "0", "the learning rate must be > 0"),
     ("--batch-size", "0", "must be >= 1"), ("--beta", "nan", "out of range"), ("--lr", "fast", "is not a float"),
+    ("--lora-r", "-1", "must be >= 0"), ("--lora-alpha", "32", "apply only with --lora-r > 0"),
 ])
 def test_bad_arguments_are_rejected_when_parsed(flag, value, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
@@ -584,7 +587,7 @@ def tiny_model_folder(folder, vocab_size=60, tokenizer_changes=None):
                                   "output-dir under a file", "gold-reward missing", "gold-reward syntax error",
                                   "gold-reward without score", "score raises", "score returns text", "score returns nan",
                                   "ref-model of another vocabulary", "ids beyond the vocabulary", "tokenizer without eos",
-                                  "eval-split is train"])
+                                  "eval-split is train", "lora-target not in the model"])
 def test_bad_input_stops_the_run_with_one_line(tmp_path, case, small_data):
     a_file = tmp_path / "a-file"
     a_file.write_text("mine")
@@ -612,6 +615,7 @@ def test_bad_input_stops_the_run_with_one_line(tmp_path, case, small_data):
         "tokenizer without eos": (lambda: ["--model", tiny_model_folder(tmp_path / "m", tokenizer_changes={"eos_token": None})],
                                   "its tokenizer has no EOS token"),
         "eval-split is train": (["--eval-split", "train"], "--eval-split train is the training split"),
+        "lora-target not in the model": (["--lora-r", "4", "--lora-target", "c_attn"], "--lora-target c_attn: Target modules"),
     }[case]
     arguments = arguments() if callable(arguments) else arguments            # a model folder, made for its case
     output_dir = tmp_path / "out" if "output-dir" not in case else None
@@ -1129,3 +1133,151 @@ def test_the_bf16_reference_holds_every_product_weight_in_bf16_and_starts_bit_fo
         assert torch.equal(logits, ref_logits), name
         out = epsdpo.epsilon_dpo_loss(logits, ref_logits, input_ids, completion_mask, 0.1, 0.5)
         assert (out.steps == 0).all() and torch.equal(out.losses, -torch.nn.functional.logsigmoid(torch.zeros(2))), name
+
+
+# ----------------------------------------------------------------------------------------------------
+# LoRA: adapters on the policy, the reference the same model with them off
+
+
+def lora_models(*flags, monkeypatch=None):
+    """(models, batch, autocast) as train.py sets them up with LoRA adapters of rank 4 on the tiny model,
+    and a batch of 8 of its held-out pairs. With monkeypatch, models.load_model's calls are counted."""
+    args, _ = train.parse_args(["--lora-r", "4", *flags])
+    tokenizer = data.load_tokenizer(models.tokenizer_name(args.model))
+    lines = (train.TINY_DATASET / "test.jsonl").read_text().splitlines()[:8]
+    pairs, _, _ = data.tokenize_rows([(f"line {i}", json.loads(line)) for i, line in enumerate(lines)], tokenizer, 512, 256)
+    autocast = models.precision(args.dtype, torch.device("cpu"))
+    built = models.setup_models(args, torch.device("cpu"), 1, autocast is not None, tokenizer, pairs)
+    return built, data.collate(pairs, tokenizer.pad_token_id, torch.device("cpu")), autocast or torch.autocast("cpu", enabled=False)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_lora_reference_is_the_policy_with_its_adapters_off_so_the_first_loss_is_log_2(dtype, monkeypatch):
+    loaded = []
+    real_load_model = models.load_model
+    monkeypatch.setattr(models, "load_model", lambda *a: (loaded.append(a[0]), real_load_model(*a))[1])
+    built, batch, autocast = lora_models("--dtype", dtype)
+    assert len(loaded) == 1 and isinstance(built.reference, models.AdaptersOff) and built.reference.policy is built.policy
+    trained = {name: weight for name, weight in built.policy.named_parameters() if weight.requires_grad}
+    assert trained and all(".lora_A." in name or ".lora_B." in name for name in trained)      # only the adapters
+    assert {weight.dtype for weight in trained.values()} == {torch.float32}                   # the master weights
+    frozen_linear = {module.weight.dtype for name, module in built.policy.named_modules()
+                     if isinstance(module, torch.nn.Linear) and name.endswith("base_layer")}
+    assert frozen_linear == {torch.bfloat16 if dtype == "bfloat16" else torch.float32}     # the base, stored once
+    assert built.policy.get_input_embeddings().weight.dtype == torch.float32
+    inputs = dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+    with autocast:
+        assert torch.equal(built.policy(**inputs).logits, built.reference(**inputs).logits)   # B = 0: bit for bit
+        out = train.forward(built.trained, built.reference, batch, 0.1, 0.5)
+    assert torch.equal(out.steps, torch.zeros(8, dtype=torch.long))
+    log_2 = torch.tensor(math.log(2))                                   # in float32, as the loss
+    assert torch.equal(out.losses, log_2.expand(8)) and torch.equal(out.loss, log_2)
+    assert all(weight.requires_grad for weight in trained.values())    # the reference gave the adapters back
+
+
+def test_lora_gradient_checkpointing_recomputes_the_layers_and_gives_the_same_gradients():
+    """The embeddings are frozen, so the checkpointed layers' inputs do not require grad: the reentrant
+    kind of checkpointing would give the adapters no gradient at all."""
+    gradients, layer_calls = {}, []
+    for run, flags in (("plain", []), ("checkpointed", ["--gradient-checkpointing"])):
+        torch.manual_seed(0)                                            # the same adapters' A
+        built, batch, _ = lora_models(*flags)
+        for name, weight in built.policy.named_parameters():
+            if ".lora_B." in name:                                      # B ≠ 0: every adapter gets a gradient
+                torch.nn.init.normal_(weight.data, std=0.1)
+        mlp = built.policy.get_base_model().model.layers[0].mlp
+        real_forward = mlp.forward
+        mlp.forward = lambda *a: (layer_calls.append((run, torch.is_grad_enabled())), real_forward(*a))[1]
+        with models.training_mode(built.layers):
+            train.forward(built.trained, built.reference, batch, 0.1, 0.5).loss.backward()
+        gradients[run] = {name: w.grad for name, w in built.policy.named_parameters() if w.requires_grad}
+    assert layer_calls.count(("plain", True)) == 1 and layer_calls.count(("checkpointed", True)) == 2
+    assert all(gradient is not None and gradient.abs().sum() > 0 for gradient in gradients["checkpointed"].values())
+    assert all(torch.equal(gradients["checkpointed"][name], gradients["plain"][name]) for name in gradients["plain"])
+
+
+def test_an_sft_adapter_as_model_is_merged_so_the_reference_is_the_sft_model(tmp_path):
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    sft = tmp_path / "sft-adapter"
+    torch.manual_seed(0)
+    adapted = get_peft_model(AutoModelForCausalLM.from_pretrained(train.TINY_MODEL), LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    for name, weight in adapted.named_parameters():
+        if ".lora_B." in name:
+            torch.nn.init.normal_(weight.data, std=0.5)                 # supervised fine-tuning, say
+    adapted.save_pretrained(sft)                                        # the adapter alone: no tokenizer
+    assert models.tokenizer_name(str(sft)) == str(train.TINY_MODEL)     # so the base's
+
+    built, batch, _ = lora_models("--model", str(sft))
+    inputs = dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+    sft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(train.TINY_MODEL), sft).merge_and_unload()
+    base_logits = AutoModelForCausalLM.from_pretrained(train.TINY_MODEL)(**inputs).logits
+    reference_logits = built.reference(**inputs).logits
+    assert torch.equal(reference_logits, sft_model(**inputs).logits) and not torch.allclose(reference_logits, base_logits)
+    with torch.no_grad():
+        assert torch.equal(built.policy(**inputs).logits, reference_logits)   # a fresh adapter on top: B = 0
+    outputs.save_model(built.policy, tmp_path / "out")
+    assert json.loads((tmp_path / "out/adapter_config.json").read_text())["base_model_name_or_path"] == str(sft.resolve())
+    AutoTokenizer.from_pretrained(train.TINY_MODEL).save_pretrained(sft)
+    assert models.tokenizer_name(str(sft)) == str(sft)                  # an adapter with a tokenizer gives its own
+
+
+@pytest.fixture(scope="module")
+def lora_run(tmp_path_factory, small_data):
+    """Arguments and output of 4 steps of 8 pairs with LoRA adapters of rank 4, a checkpoint every 2 steps,
+    without a gold reward (no sampling), so that it is quick."""
+    data_only = small_data[: small_data.index("--gold-reward")] + small_data[small_data.index("--gold-reward") + 2 :]
+    arguments = ["--lora-r", "4", "--max-steps", "4", "--save-every", "2", "--eval-every", "1000", "--epsilon", "0.3",
+                 "--lr", "1e-2", *data_only]
+    output_dir = tmp_path_factory.mktemp("lora") / "one"
+    train.main(["--output-dir", str(output_dir), *arguments, "--batch-size", "8"])
+    return arguments, output_dir
+
+
+def test_a_lora_run_writes_its_adapter_for_the_base_and_checkpoints_without_the_base(lora_run):
+    from peft import PeftModel
+
+    _, output_dir = lora_run
+    rows = read_metrics(output_dir)
+    assert rows[0]["loss"] == float(torch.tensor(math.log(2))) and rows[0]["rewards/margins"] == 0.0   # the start
+    summary = json.loads((output_dir / "summary.json").read_text())
+    assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json"} <= set(summary["saved"])
+    assert not (output_dir / "model.safetensors").exists()
+    checkpoint = {p.name for p in (output_dir / "checkpoint-2").iterdir()}
+    assert {"adapter_config.json", "adapter_model.safetensors", "trainer_state.pt"} <= checkpoint    # the adapter,
+    assert "model.safetensors" not in checkpoint                                                     # not the base
+    config = json.loads((output_dir / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(train.TINY_MODEL) and config["r"] == 4
+    saved = load_file(output_dir / "adapter_model.safetensors")
+    loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(config["base_model_name_or_path"]), output_dir)
+    weights = {name.replace(".default", ""): w for name, w in loaded.named_parameters() if ".lora_" in name}
+    assert weights.keys() == saved.keys() and all(torch.equal(weights[name], saved[name]) for name in saved)
+    assert all(saved[name].abs().sum() > 0 for name in saved)           # B moved from 0, A from its start
+
+
+def test_a_lora_run_resumes_from_its_adapter_checkpoint_to_the_same_adapter_bit_for_bit(lora_run, tmp_path):
+    _, whole = lora_run
+    resumed = tmp_path / "resumed"
+    shutil.copytree(whole, resumed)
+    for name in (".train.lock", "adapter_model.safetensors", "summary.json"):
+        (resumed / name).unlink()
+    shutil.rmtree(resumed / "checkpoint-4")
+    train.main(["--resume", str(resumed)])                              # from checkpoint-2: base + its adapter
+    assert read_metrics(resumed) == read_metrics(whole)
+    whole_adapter, resumed_adapter = (load_file(run / "adapter_model.safetensors") for run in (whole, resumed))
+    assert all(torch.equal(whole_adapter[name], resumed_adapter[name]) for name in whole_adapter)
+
+
+def test_lora_on_two_ranks_under_torchrun_matches_one_process(lora_run, tmp_path):
+    """DDP of the peft model: only the adapters require grad, so only their gradients are averaged."""
+    arguments, one = lora_run
+    two = tmp_path / "two"
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "train.py"]
+    result = subprocess.run([*torchrun, "--output-dir", str(two), *arguments, "--batch-size", "4"], cwd=train.HERE,
+                            capture_output=True, text=True, timeout=120, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 0, result.stderr
+    one_rows, two_rows = read_metrics(one), read_metrics(two)
+    assert [r["beta"] for r in two_rows] == [r["beta"] for r in one_rows]
+    one_adapter, two_adapter = (load_file(run / "adapter_model.safetensors") for run in (one, two))
+    for name in one_adapter:
+        torch.testing.assert_close(two_adapter[name], one_adapter[name], rtol=0, atol=1e-5)

@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 
 import epsdpo
-from models import init_distributed, precision, setup_models, training_mode
+from models import init_distributed, precision, setup_models, tokenizer_name, training_mode
 from data import (NOISE_CODES, ReportedError, collate, collate_prompts, gold_score, load_gold_reward, load_splits,
                   load_tokenizer, micro_batches, tokenize_rows)
 from outputs import (StopNow, check_only_ours_replaced, claim_output_dir, frontier_points, our_checkpoints, plot_curves,
@@ -93,7 +93,7 @@ def parse_args(argv=None, report=False):
     add("--beta", type=beta, default=0.1, help="the baseline KL penalty β (the paper: 0.01 for instruct models on UltraFeedback)")
     add("--epsilon", type=_number(float, 0, low_open=False, high=1, what="epsilon must be in [0, 1)"), default=0.01, help="the perturbation ε; 0 is plain DPO")
     add("--fixed-baseline-beta", action="store_true", help="per-pair β̃ only: the baseline β never moves")
-    add("--lr", type=_number(float, 0, what="the learning rate must be > 0"), default=5e-4, help="AdamW's peak learning rate (the paper: 5e-7 on 7-8B models)")
+    add("--lr", type=_number(float, 0, what="the learning rate must be > 0"), default=None, help="AdamW's peak learning rate (the paper: 5e-7 on 7-8B models); None: 5e-4, or 5e-3 with --lora-r")
     add("--weight-decay", type=_number(float, 0, low_open=False, what="must be >= 0"), default=0.0, help="AdamW's weight decay")
     add("--warmup-ratio", type=_number(float, 0, low_open=False, high=1, what="must be in [0, 1)"), default=0.1, help="fraction of the steps over which the learning rate rises from 0")
     add("--max-grad-norm", type=_number(float, 0, what="must be > 0"), default=1.0, help="gradients are clipped to this norm")
@@ -103,7 +103,10 @@ def parse_args(argv=None, report=False):
     add("--epochs", type=_number(float, 0, what="must be > 0"), default=2.0, help="passes over the train split, when --max-steps is not given")
     add("--max-length", type=_number(int, 2, low_open=False, what="must be >= 2"), default=512, help="prompt + completion tokens")
     add("--max-prompt-length", type=count, default=256, help="when a pair exceeds --max-length, its prompt keeps BOS and its last tokens up to this many")
-    add("--dtype", choices=("auto", "float32", "bfloat16"), default="auto", help="bfloat16: mixed precision (float32 weights, bf16 autocast, the reference's product weights in bf16); auto: bfloat16 on GPUs with bf16 arithmetic (compute capability >= 8.0)")
+    add("--dtype", choices=("auto", "float32", "bfloat16"), default="auto", help="bfloat16: mixed precision (float32 weights, bf16 autocast, the frozen weights autocast casts in bf16: the reference's, or LoRA's base); auto: bfloat16 on GPUs with bf16 arithmetic (compute capability >= 8.0)")
+    add("--lora-r", type=_number(int, 0, low_open=False, what="must be >= 0"), default=0, help="train LoRA adapters of this rank (peft), the reference being the model with them off; 0: every weight (full fine-tuning)")
+    add("--lora-alpha", type=_number(float, 0, what="must be > 0"), default=16.0, help="LoRA's scale: the adapters add (alpha / r) B A x")
+    add("--lora-target", nargs="+", default=["all-linear"], help="the layers LoRA adapts (peft's target_modules, e.g. q_proj v_proj); all-linear: every linear layer but the output head")
     add("--gradient-checkpointing", action="store_true", help="recompute the policy's activations in backward (transformers' switch): less memory, more time")
     add("--eval-every", type=count, default=25, help="optimizer steps between evaluations")
     add("--eval-batch-size", type=count, default=64, help="pairs (or prompts to sample from) per evaluation batch")
@@ -123,11 +126,15 @@ def parse_args(argv=None, report=False):
     if args.max_prompt_length >= args.max_length:
         p.error(f"--max-prompt-length {args.max_prompt_length} must be less than --max-length {args.max_length}, "
                 f"so that every completion keeps a token")
+    if args.lr is None:
+        args.lr = 5e-3 if args.lora_r else 5e-4         # LoRA's few weights, starting at B = 0, need larger steps
     for action in p._actions:                   # parsed again without defaults: what the command line gave
         action.default = argparse.SUPPRESS
     given = set(vars(p.parse_args(argv)))
     if not args.compare and given & {"betas", "seeds"}:
         p.error(f"--{min(given & {'betas', 'seeds'})} is for --compare, which was not given")
+    if not args.lora_r and given & {"lora_alpha", "lora_target"}:
+        p.error("--lora-alpha and --lora-target apply only with --lora-r > 0")
     return args, given
 
 
@@ -271,7 +278,7 @@ def train(args, label="ε-DPO", checkpoint=None):
         autocast = precision(args.dtype, device)
 
         # Data
-        tokenizer = load_tokenizer(args.model, args.trust_remote_code)
+        tokenizer = load_tokenizer(tokenizer_name(args.model), args.trust_remote_code)
         if rank == 0:
             check_only_ours_replaced(output_dir, tokenizer)
         train_rows, eval_rows, notes = load_splits(args.dataset, args.train_split, args.eval_split, args.eval_fraction, args.seed)
@@ -288,11 +295,12 @@ def train(args, label="ε-DPO", checkpoint=None):
         # Models
         models = setup_models(args, device, world_size, autocast is not None, tokenizer, train_pairs + eval_pairs, checkpoint)
         policy = models.policy
+        trained_weights = [weight for weight in policy.parameters() if weight.requires_grad]  # LoRA: the adapters
         autocast = autocast or contextlib.nullcontext()
         pairs_per_step = args.batch_size * args.grad_accum * world_size
         total_steps = args.max_steps or max(1, int(args.epochs * len(train_pairs) // pairs_per_step))
         warmup_steps = int(args.warmup_ratio * total_steps)
-        optimizer = torch.optim.AdamW(policy.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+        optimizer = torch.optim.AdamW(trained_weights, lr=args.lr, weight_decay=args.weight_decay)
 
         def learning_rate(step):
             """Of optimizer step `step` (from 1): linear warmup from 0, then linear decay to 0 at total_steps. A
@@ -308,7 +316,7 @@ def train(args, label="ε-DPO", checkpoint=None):
         if checkpoint:
             folder, state = checkpoint
             saved = state["optimizer"]["state"]
-            if any(i in saved and saved[i]["exp_avg"].shape != p.shape for i, p in enumerate(policy.parameters())):
+            if any(i in saved and saved[i]["exp_avg"].shape != p.shape for i, p in enumerate(trained_weights)):
                 raise ReportedError(f"{folder}: its optimizer state is for another model than {folder / 'model.safetensors'}")
             optimizer.load_state_dict(state["optimizer"])
             baseline_beta.load_state_dict(state["baseline_beta"])
@@ -375,7 +383,7 @@ def train(args, label="ε-DPO", checkpoint=None):
                     if not args.fixed_baseline_beta:
                         baseline_beta.observe(out.steps)
                     sums += pair_sums(out, batch.noise)
-                grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
+                grad_norm = torch.nn.utils.clip_grad_norm_(trained_weights, args.max_grad_norm)
                 # What the step needs on the host, from every rank, in one collective: the sums, the gradient
                 # norm, the β each rank used and whether it got a signal.
                 flags = torch.tensor([beta, stop.signal is not None], dtype=torch.float64).to(device)

@@ -93,7 +93,7 @@ def parse_args(argv=None, report=False):
     add("--beta", type=beta, default=0.1, help="the baseline KL penalty β (the paper: 0.01 for instruct models on UltraFeedback)")
     add("--epsilon", type=_number(float, 0, low_open=False, high=1, what="epsilon must be in [0, 1)"), default=0.01, help="the perturbation ε; 0 is plain DPO")
     add("--fixed-baseline-beta", action="store_true", help="per-pair β̃ only: the baseline β never moves")
-    add("--lr", type=_number(float, 0, what="the learning rate must be > 0"), default=None, help="AdamW's peak learning rate (the paper: 5e-7 on 7-8B models); None: 5e-4, or 5e-3 with --lora-r")
+    add("--lr", type=_number(float, 0, what="the learning rate must be > 0"), default=None, help="AdamW's peak learning rate (the paper: 5e-7 on 7-8B models); None: 5e-4, or 3e-3 with --lora-r")
     add("--weight-decay", type=_number(float, 0, low_open=False, what="must be >= 0"), default=0.0, help="AdamW's weight decay")
     add("--warmup-ratio", type=_number(float, 0, low_open=False, high=1, what="must be in [0, 1)"), default=0.1, help="fraction of the steps over which the learning rate rises from 0")
     add("--max-grad-norm", type=_number(float, 0, what="must be > 0"), default=1.0, help="gradients are clipped to this norm")
@@ -127,7 +127,7 @@ def parse_args(argv=None, report=False):
         p.error(f"--max-prompt-length {args.max_prompt_length} must be less than --max-length {args.max_length}, "
                 f"so that every completion keeps a token")
     if args.lr is None:
-        args.lr = 5e-3 if args.lora_r else 5e-4         # LoRA's few weights, starting at B = 0, need larger steps
+        args.lr = 3e-3 if args.lora_r else 5e-4         # LoRA's few weights, starting at B = 0, need larger steps
     for action in p._actions:                   # parsed again without defaults: what the command line gave
         action.default = argparse.SUPPRESS
     given = set(vars(p.parse_args(argv)))

@@ -733,9 +733,11 @@ def test_the_kl_along_samples_is_unbiased_never_negative_and_steadier_than_the_l
     assert estimate_variance < 0.5 * log_ratio_variance
 
 
-def test_compare_with_betas_draws_the_frontier_of_three_methods(tmp_path, capsys, small_data):
+def test_compare_with_betas_draws_the_frontier_of_three_methods_with_lora_too(tmp_path, capsys, small_data):
+    """Its runs train LoRA adapters, as every run of a comparison takes the --lora-* arguments (the full
+    fine-tuning of a comparison is tested above)."""
     train.main(["--compare", "--betas", "0.1", "0.3", "--seeds", "2", "--output-dir", str(tmp_path), "--max-steps", "2",
-                "--epsilon", "0.3", *small_data])
+                "--epsilon", "0.3", "--lora-r", "4", *small_data])
     points = json.loads((tmp_path / "frontier.json").read_text())
     assert [(p["method"], p["beta"], p["seed"]) for p in points] == [
         (method, beta, seed) for beta in (0.1, 0.3) for seed in (0, 1) for method in ("DPO", "ε-DPO", "ε-DPO, fixed baseline β")]
@@ -746,6 +748,7 @@ def test_compare_with_betas_draws_the_frontier_of_three_methods(tmp_path, capsys
         assert p["epsilon"] == (0.0 if p["method"] == "DPO" else 0.3)
         rows = read_metrics(pathlib.Path(p["output_dir"]))
         assert [r["step"] for r in rows if r["split"] == "eval"] == [0, 2]    # evaluated at the start and the end
+        assert (pathlib.Path(p["output_dir"]) / "adapter_model.safetensors").exists()
     same_start = [p for p in points if p["beta"] == 0.1 and p["seed"] == 0]
     assert len({read_metrics(pathlib.Path(p["output_dir"]))[0]["loss"] for p in same_start}) == 1
     assert (tmp_path / "frontier.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -328,10 +328,12 @@ def train(args, label="ε-DPO", checkpoint=None):
             first_step = state["step"] + 1
         if rank == 0:
             prepare_output_dir(output_dir, first_step - 1 if checkpoint else None)   # all checks passed: now change it
+            lora = (f", LoRA r = {args.lora_r}: {sum(w.numel() for w in trained_weights):,} of "
+                    f"{sum(w.numel() for w in policy.parameters()):,} weights train") if args.lora_r else ""
             print(((f"resuming from {checkpoint[0]} at step {first_step}\n" if first_step <= total_steps else
                     f"{checkpoint[0]} is the run's last step; its final save did not complete: saving it\n") if checkpoint else "") +
                   f"{label}: {len(train_pairs)} train pairs, {len(eval_pairs)} held out, {total_steps} steps of "
-                  f"{pairs_per_step} pairs on {world_size} × {device}, β = {args.beta}, ε = {args.epsilon}")
+                  f"{pairs_per_step} pairs on {world_size} × {device}, β = {args.beta}, ε = {args.epsilon}{lora}")
 
         def log(row):
             if rank == 0:

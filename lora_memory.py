@@ -3,7 +3,7 @@
     python lora_memory.py            # the table of docs/lora.md: computed for three models, measured on tiny_data
 
 Computed: Gemma-2-2B, Mistral-7B-v0.1 and Llama-3-8B, built on the meta device from their shapes (written
-out below: nothing is downloaded), set up by train.py's own functions (models.add_lora, models.bf16_linear_layers)
+out below: nothing is downloaded), set up by train.py's own functions (models.add_lora, models.frozen_weights_in_bf16)
 as `--dtype bfloat16` runs them:
   full fine-tuning  the policy's float32 weights, float32 gradients and AdamW's two float32 moments
                     (16 bytes a parameter), and the reference beside it: linear layers in bf16, the rest float32;
@@ -53,12 +53,11 @@ def computed(rank=16):
         model_class = getattr(transformers, f"{family}ForCausalLM")
         with torch.device("meta"):
             policy, reference, base = model_class(config), model_class(config), model_class(config)
-        models.bf16_linear_layers(reference.requires_grad_(False))
+        models.frozen_weights_in_bf16(reference.requires_grad_(False))
         parameters = sum(p.numel() for p in policy.parameters())
         full = (weight_bytes(policy) + weight_bytes(reference), 4 * parameters, 8 * parameters)
-        with torch.device("meta"):
-            lora = models.add_lora(base, lora_args(rank))
-        models.bf16_linear_layers(lora)
+        with torch.device("meta"):                                      # as setup_models: base in bf16, then adapters
+            lora = models.add_lora(models.frozen_weights_in_bf16(base.requires_grad_(False)), lora_args(rank))
         trainable = sum(p.numel() for p in lora.parameters() if p.requires_grad)
         rows[name] = (parameters, trainable, {"full": full, "lora": (weight_bytes(lora), 4 * trainable, 8 * trainable)})
     return rows

@@ -17,7 +17,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the tests never download anythin
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 import epsdpo
 import models
@@ -482,6 +482,13 @@ def test_under_fsdp_each_rank_holds_half_of_the_weights_gradients_optimizer_stat
     assert one["parameters"] == 86_080 * 4 and ddp == one                  # DDP: a whole copy on every rank
     for kind in ("parameters", "gradients", "optimizer", "reference"):
         assert fsdp[kind] == pytest.approx(one[kind] / 2, rel=0.01), kind
+    # memory.py's computed bytes are these measured ones (less AdamW's step counts, 4 bytes a tensor)
+    import memory
+
+    with torch.device("meta"):
+        computed = memory.bytes_per_gpu(AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(train.TINY_MODEL)), gpus=2)
+    assert computed["ddp"]["policy"] == pytest.approx(one["parameters"] + one["gradients"] + one["optimizer"], abs=100)
+    assert computed["fsdp"]["policy"] == pytest.approx(fsdp["parameters"] + fsdp["gradients"] + fsdp["optimizer"], abs=100)
     shards = [(folder / "fsdp-whole/checkpoint-15" / f"__{rank}_0.distcp").stat().st_size for rank in (0, 1)]
     assert all(0.45 < shard / sum(shards) < 0.55 for shard in shards)
     assert sorted(p.name for p in (folder / "fsdp-whole").glob("checkpoint-*")) == ["checkpoint-10", "checkpoint-15"]

@@ -377,7 +377,7 @@ def train(args, label="ε-DPO", checkpoint=None):
                     if not args.fixed_baseline_beta:
                         baseline_beta.observe(out.steps)
                     sums += pair_sums(out, batch.noise)
-                grad_norm = local(torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm))  # FSDP: of all shards
+                grad_norm = local(torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm))  # FSDP: over all shards
                 # What the step needs on the host, from every rank, in one collective: the sums, the gradient
                 # norm, the β each rank used and whether it got a signal.
                 flags = torch.tensor([beta, stop.signal is not None], dtype=torch.float64).to(device)

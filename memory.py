@@ -6,7 +6,7 @@
 The models are built on the meta device (shapes, no weights, nothing downloaded) from the configs below.
 Counted, per GPU, in mixed precision as train.py runs it:
   policy      float32 weights, float32 gradients and AdamW's two float32 moments: 16 bytes a weight
-  reference   DDP: its linear layers in bf16, embeddings and norms in float32 (models.bf16_linear_layers);
+  reference   DDP: its linear layers in bf16, embeddings and norms in float32 (models.frozen_weights_in_bf16);
               FSDP: all of it in bf16 (models.setup_models)
   gathered    FSDP only: the largest unit (a decoder layer, or the root: embeddings, final norm, output
               layer) whole in bf16, as it is while it computes
@@ -47,7 +47,7 @@ def bytes_per_gpu(model, gpus):
     layers = [m for m in model.modules() if type(m).__name__ in names]
     in_layers = {id(p) for layer in layers for p in layer.parameters()}
     root = count(p for p in model.parameters() if id(p) not in in_layers)
-    bf16_reference = models.bf16_linear_layers(model)                  # casts on the meta device: nothing is stored
+    bf16_reference = models.frozen_weights_in_bf16(model.requires_grad_(False))   # on the meta device: nothing stored
     reference = sum(p.numel() * p.element_size() for p in bf16_reference.parameters())
     return {"ddp": {"policy": 16 * weights, "reference": reference},
             "fsdp": {"policy": 16 * per_shard, "reference": 2 * per_shard,

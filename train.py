@@ -340,8 +340,7 @@ def train(args, label="ε-DPO", checkpoint=None):
             log({"step": step, "split": "eval", "beta": baseline_beta.value, "lr": learning_rate(step + 1), **metrics})
 
         def save_checkpoint(step):
-            state = {"step": step, "optimizer": optimizer.state_dict(),
-                     "baseline_beta": baseline_beta.state_dict(), "steps_by_noise": steps_by_noise, "args": vars(args),
+            state = {"step": step, "baseline_beta": baseline_beta.state_dict(), "steps_by_noise": steps_by_noise, "args": vars(args),
                      "rng": {"torch": torch.get_rng_state(), "python": random.getstate()}}
             write_checkpoint(output_dir, step, policy, optimizer, state, args.keep_checkpoints)
 

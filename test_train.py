@@ -1046,7 +1046,7 @@ def test_a_full_disk_in_torch_save_or_safetensors_gives_one_line_and_leaves_noth
     try:
         resource.setrlimit(resource.RLIMIT_FSIZE, (500_000, limits[1]))
         with pytest.raises(data_module().ReportedError, match=r"^could not write checkpoint-1 \(RuntimeError: \[enforce fail"):
-            outputs.write_checkpoint(tmp_path, 1, model, {"step": 1, "big": torch.zeros(250_000)}, keep=2)
+            outputs.write_checkpoint(tmp_path, 1, model, torch.optim.AdamW(model.parameters()), {"step": 1, "big": torch.zeros(250_000)}, keep=2)
         resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, limits[1]))
         with pytest.raises(data_module().ReportedError, match=r"^could not save the model to .*\(SafetensorError: .*"
                                                               r"the checkpoints are intact$"):

@@ -1,5 +1,5 @@
 """Model setup for train.py: devices and processes, precision, loading the policy and its reference,
-LoRA adapters, gradient checkpointing, and the wrapper that trains it on several processes.
+LoRA adapters, gradient checkpointing, and training on several processes: copied (DDP) or sharded (FSDP2).
 
 train.py reads as the loop a learner follows; what it takes to put a model of any size on the hardware
 at hand is here, one function per concern.
@@ -14,9 +14,10 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
 
 from data import ReportedError
-
 
 
 def pick_device(name):
@@ -238,39 +239,112 @@ def check_models(policy, reference, tokenizer, pairs, args, checkpoint_folder=No
         raise ReportedError(f"--model {args.model}: its tokenizer gives token id {largest}, but the model has only {vocab} words")
 
 
+def shard(model, param_dtype=None, reshard_after_forward=None):
+    """FSDP2, torchtune's way: each decoder layer, then the root (embeddings, final norm, output layer).
+
+    Each rank keeps 1/N of every weight, and so of its gradient and AdamW state, and gathers a unit's
+    whole weights only while that unit computes. param_dtype=bfloat16 gathers them in bf16 (half the
+    traffic of float32) for a bf16 forward and backward; gradients are reduced in float32 into the
+    float32 shards that AdamW updates: mixed precision, as autocast does it in one process."""
+    names = set(getattr(model, "_no_split_modules", None) or ())
+    layers = [module for module in model.modules() if type(module).__name__ in names]
+    if not layers:
+        raise ReportedError(f"--fsdp: {type(model).__name__} names no decoder layers (_no_split_modules) to shard one by one")
+    precision = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32 if param_dtype else None)
+    for layer in layers:
+        fully_shard(layer, mp_policy=precision)
+    fully_shard(model, mp_policy=precision, reshard_after_forward=reshard_after_forward)
+    return model
+
+
+def sharded(model):
+    return isinstance(model, FSDPModule)
+
+
+def local(tensor):
+    """This rank's part of a tensor: its shard of a DTensor (the whole value of a replicated one)."""
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
+def gathered_state_dict(model):
+    """A sharded model's whole state, gathered on rank 0 in CPU memory (empty on the other ranks), so that
+    no GPU ever holds the whole model, let alone twice; None for a model that is not sharded. Called on
+    every rank."""
+    if not sharded(model):
+        return None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def held_bytes(policy, optimizer, reference):
+    """Bytes this rank holds of the policy's weights, their gradients, AdamW's state and the reference's
+    weights: its shards under FSDP, everything otherwise."""
+    def size(tensors):
+        return sum(local(t).numel() * local(t).element_size() for t in tensors if torch.is_tensor(t))
+
+    return {"parameters": size(policy.parameters()), "gradients": size(p.grad for p in policy.parameters()),
+            "optimizer": size(value for state in optimizer.state.values() for value in state.values()),
+            "reference": size(reference.parameters())}
+
+
 @dataclass
 class Models:
     """What train.py trains with."""
 
     policy: torch.nn.Module        # the model being trained, unwrapped: the optimizer's parameters, what is saved
-    trained: torch.nn.Module       # what the training step calls: the policy, or its data-parallel wrapper
-    reference: object              # frozen, in eval mode, called under no_grad: a model, or AdaptersOff(policy)
+    trained: torch.nn.Module       # what the training step calls: the policy (sharded in place by FSDP), or DDP's wrapper
+    reference: object              # frozen, in eval mode, called under no_grad: a model (sharded under FSDP), or AdaptersOff(policy)
     layers: list                   # the policy's layers recomputed in backward (--gradient-checkpointing)
 
     def no_sync(self, last_micro_batch):
-        """Under DDP, gradients are averaged across ranks once per optimizer step, at the last micro-batch."""
-        wrapped = self.trained is not self.policy
-        return self.trained.no_sync() if wrapped and not last_micro_batch else contextlib.nullcontext()
+        """Under DDP, gradients are averaged across ranks once per optimizer step, at the last micro-batch.
+
+        Under FSDP, at every micro-batch: its reduce-scatter leaves each rank 1/N of the gradient, and
+        skipping it would keep every rank's whole unsharded gradient (in float32) between micro-batches,
+        the memory FSDP is there to save; the price is one reduce-scatter per micro-batch."""
+        ddp = isinstance(self.trained, torch.nn.parallel.DistributedDataParallel)
+        return self.trained.no_sync() if ddp and not last_micro_batch else contextlib.nullcontext()
 
 
 def setup_models(args, device, world_size, mixed_precision, tokenizer, pairs, checkpoint=None):
     """The policy (from the checkpoint when resuming) and its reference, checked against the tokenizer and
-    the pairs' token ids, ready to train on `device` in one process or, under torchrun, with DDP.
+    the pairs' token ids, ready to train on `device` in one process or, under torchrun, with DDP or FSDP.
 
     With --lora-r, the policy is --model's frozen weights with LoRA adapters, and the reference the same model
-    with its adapters off: no second model unless --ref-model names one."""
-    # In float32: the weights the optimizer updates; with bf16, the frozen weights autocast casts, in bf16.
+    with its adapters off: no second model unless --ref-model names one. With --fsdp a checkpoint holds shards,
+    not a model: the policy is loaded from --model and its weights come from the checkpoint with the
+    optimizer's (outputs.load_checkpoint)."""
+    if args.fsdp and args.lora_r:
+        raise ReportedError("--fsdp with --lora-r: not supported; LoRA keeps one frozen copy of the base on each GPU, "
+                            "so run it under torchrun without --fsdp (DDP reduces only the adapters' gradients)")
+    if args.fsdp and world_size == 1:
+        raise ReportedError("--fsdp shards the models across the processes torchrun starts, and one process has nothing "
+                            "to shard: run torchrun --nproc_per_node N train.py --fsdp ..., or leave --fsdp out")
     lora = args.lora_r > 0
+    # FSDP: loaded into CPU memory, and each unit moves to the GPU as it is sharded, so no GPU holds a whole model.
+    loaded_on, from_checkpoint = (torch.device("cpu"), None) if args.fsdp else (device, checkpoint[0] if checkpoint else None)
+    # In float32: the weights the optimizer updates; with bf16, the frozen weights autocast casts, in bf16.
     if lora:
-        policy = add_lora(load_model(args.model, device, args.trust_remote_code, mixed_precision), args,
-                          checkpoint[0] if checkpoint else None)
+        policy = add_lora(load_model(args.model, device, args.trust_remote_code, mixed_precision), args, from_checkpoint)
     else:
-        policy = load_model(checkpoint[0] if checkpoint else args.model, device, args.trust_remote_code)
+        policy = load_model(from_checkpoint or args.model, loaded_on, args.trust_remote_code)
     reference = None
     if args.ref_model or not lora:
-        reference = load_model(args.ref_model or args.model, device, args.trust_remote_code, mixed_precision).requires_grad_(False)
-    check_models(policy, reference or policy, tokenizer, pairs, args, checkpoint[0] if checkpoint else None)
+        reference = load_model(args.ref_model or args.model, loaded_on, args.trust_remote_code,
+                               mixed_precision and not args.fsdp).requires_grad_(False)
+    check_models(policy, reference or policy, tokenizer, pairs, args, from_checkpoint)
     layers = checkpointed_layers(policy) if args.gradient_checkpointing else []
+    if args.fsdp:
+        # Under FSDP's mixed precision the policy computes wholly in bf16, so the reference is stored wholly in
+        # bf16 and sharded alike: the same bf16 weights, the same casts of each unit's inputs, and at the start
+        # the same logits bit for bit (every s is 0).
+        param_dtype = torch.bfloat16 if mixed_precision else None
+        policy = shard(policy, param_dtype)
+        for weight in reference.parameters() if param_dtype else ():      # not the buffers, as FSDP's casts:
+            weight.data = weight.data.to(param_dtype)                   # rotary frequencies stay float32
+        reference = shard(reference, param_dtype, reshard_after_forward=True)
+        return Models(policy, policy, reference, layers)
     # DDP averages the gradients over the ranks. Its buffers (rotary inv_freq) are constants: broadcasting
     # them from rank 0 before every forward pass would be one more collective per micro-batch.
     trained = policy if world_size == 1 else torch.nn.parallel.DistributedDataParallel(

@@ -19,7 +19,10 @@ import tempfile
 import time
 
 import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint.api import CheckpointException
 
+import models
 from data import ReportedError
 
 LOCK = ".train.lock"                                        # held (flock) while a run writes to the folder
@@ -187,20 +190,25 @@ def _first_line(error):
     return text if isinstance(error, OSError) else f"{type(error).__name__}: {text}"
 
 
-def save_model(model, folder):
-    """save_pretrained: a model's weights, or a peft model's adapter. The adapter leaves the embeddings out
-    without looking up its base (on the Hub, if it is an id) to see whether they were resized: they never are."""
-    model.save_pretrained(folder, **({"save_embedding_layers": False} if hasattr(model, "peft_config") else {}))
+def save_model(model, folder, state_dict=None):
+    """save_pretrained: a model's weights (a sharded one's as gathered_state_dict gave them), or a peft model's
+    adapter. The adapter leaves the embeddings out without looking up its base (on the Hub, if it is an id) to
+    see whether they were resized: they never are."""
+    if hasattr(model, "peft_config"):
+        model.save_pretrained(folder, save_embedding_layers=False)
+    else:
+        model.save_pretrained(folder, state_dict=state_dict)
 
 
-def save_pretrained_atomically(output_dir, model, tokenizer, summary=None):
-    """The model and tokenizer, each file written whole; returns the names of the files written.
+def save_pretrained_atomically(output_dir, model, tokenizer, summary=None, state_dict=None):
+    """The model (in float32; a sharded one's state_dict as gathered_state_dict gave it) and tokenizer, each
+    file written whole; returns the names of the files written.
 
     With a summary, summary.json (listing those names under "saved") is written just before the files are
     moved in: a run killed in between is known by it to be unsaved (run_is_saved), and its files to be ours."""
     temporary = pathlib.Path(tempfile.mkdtemp(prefix=".saving-", dir=output_dir))
     try:
-        save_model(model, temporary)
+        save_model(model, temporary, state_dict)
         tokenizer.save_pretrained(temporary)
         names = sorted(path.name for path in temporary.iterdir())
         if summary is not None:
@@ -229,29 +237,78 @@ def our_checkpoints(output_dir):
     return [path for _, path in sorted(found)]
 
 
-def write_checkpoint(output_dir, step, policy, state, keep):
-    """OUTPUT_DIR/checkpoint-STEP/: the policy (safetensors) and trainer_state.pt; keeps the last `keep`.
+def write_checkpoint(output_dir, step, policy, optimizer, state, keep):
+    """OUTPUT_DIR/checkpoint-STEP/: the policy and AdamW's state, and trainer_state.pt; keeps the last `keep`.
+    Called on every rank.
 
-    It appears whole or not at all: written beside, then renamed. A failed write (a full disk) leaves
-    nothing behind and stops the run with a message; the previous checkpoints stay as they were.
+    One process or DDP: rank 0 writes the policy (safetensors) and the optimizer's state into
+    trainer_state.pt. FSDP: every rank writes its own shard of both with torch.distributed.checkpoint
+    (__RANK_0.distcp, and .metadata from rank 0): no rank ever gathers the whole state.
+    The folder appears whole or not at all: written beside, then renamed by rank 0 once every rank has
+    written. A failed write (a full disk) leaves nothing behind and stops the run with a message; the
+    previous checkpoints stay as they were.
     """
-    output_dir = pathlib.Path(output_dir)
-    temporary = pathlib.Path(tempfile.mkdtemp(prefix=f".checkpoint-{step}-", dir=output_dir))
+    output_dir, rank = pathlib.Path(output_dir), dist.get_rank() if dist.is_initialized() else 0
+    shards = models.sharded(policy)
+    if rank != 0 and not shards:
+        return
+    temporary = [tempfile.mkdtemp(prefix=f".checkpoint-{step}-", dir=output_dir) if rank == 0 else None]
+    if shards:
+        dist.broadcast_object_list(temporary)                          # one folder, rank 0's
+    temporary = pathlib.Path(temporary[0])
     try:
-        save_model(policy, temporary)
-        torch.save(state, temporary / "trainer_state.pt")
-        temporary.chmod(0o755)
-        final = output_dir / f"checkpoint-{step}"
-        if final in our_checkpoints(output_dir):
-            shutil.rmtree(final)
-        os.replace(temporary, final)
-    except _write_errors() as error:
-        shutil.rmtree(temporary, ignore_errors=True)
+        if shards:
+            import torch.distributed.checkpoint as dcp
+            from torch.distributed.checkpoint.state_dict import get_state_dict
+
+            model_state, optimizer_state = get_state_dict(policy, optimizer)
+            # Returns on every rank once rank 0 has every rank's result and has written .metadata.
+            dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=temporary)
+        elif rank == 0:
+            save_model(policy, temporary)
+            state = {**state, "optimizer": optimizer.state_dict()}
+        if rank == 0:
+            torch.save(state, temporary / "trainer_state.pt")
+            temporary.chmod(0o755)
+            final = output_dir / f"checkpoint-{step}"
+            if final in our_checkpoints(output_dir):
+                shutil.rmtree(final)
+            os.replace(temporary, final)
+    except (*_write_errors(), CheckpointException) as error:        # a rank's failed write reaches every rank
+        if rank == 0:
+            shutil.rmtree(temporary, ignore_errors=True)
         previous = our_checkpoints(output_dir)[-1:]
+        error = next(iter(error.failures.values()), error) if isinstance(error, CheckpointException) else error
         raise ReportedError(f"could not write checkpoint-{step} ({_first_line(error)}); " + (
             f"the last checkpoint, {previous[0]}, is intact" if previous else "no checkpoint was written")) from None
-    for old in our_checkpoints(output_dir)[:-keep]:
-        shutil.rmtree(old)
+    if rank == 0:
+        for old in our_checkpoints(output_dir)[:-keep]:
+            shutil.rmtree(old)
+    if shards:
+        dist.barrier()                                                 # no rank goes on (or exits) before it is whole
+
+
+def load_checkpoint(folder, state, policy, optimizer):
+    """AdamW's state from a checkpoint, and under FSDP the policy's weights with it (each rank reads its
+    shards; a run on another number of processes gets them resharded)."""
+    if "optimizer" in state:
+        saved = state["optimizer"]["state"]
+        weights = [p for group in optimizer.param_groups for p in group["params"]]     # the weights it trains
+        if any(i in saved and saved[i]["exp_avg"].shape != p.shape for i, p in enumerate(weights)):
+            raise ReportedError(f"{folder}: its optimizer state is for another model than {folder / 'model.safetensors'}")
+        optimizer.load_state_dict(state["optimizer"])
+        return
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model_state, optimizer_state = get_state_dict(policy, optimizer)
+    try:
+        dcp.load({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=folder)
+    except (CheckpointException, RuntimeError, ValueError) as error:
+        first = error if not isinstance(error, CheckpointException) else next(iter(error.failures.values()), error)
+        raise ReportedError(f"{folder}: its shards do not load into this model ({type(first).__name__}: "
+                            f"{(str(first).splitlines() or [''])[0][:200]})") from None
+    set_state_dict(policy, optimizer, model_state_dict=model_state, optim_state_dict=optimizer_state)
 
 
 def latest_checkpoint(output_dir):
@@ -263,16 +320,16 @@ def latest_checkpoint(output_dir):
     for folder in reversed(our_checkpoints(output_dir)):
         try:
             state = torch.load(folder / "trainer_state.pt", map_location="cpu", weights_only=True)
-            _check_state(state)
+            _check_state(state, folder)
             return folder, state
         except Exception as error:
             print(f"note: {folder} cannot be resumed from ({type(error).__name__}: {(str(error).splitlines() or [''])[0][:120]})")
     raise ReportedError(f"--resume {output_dir}: no checkpoint-STEP folder of a train.py run that can be resumed from")
 
 
-def _check_state(state):
+def _check_state(state, folder):
     if not (isinstance(state, dict) and isinstance(state.get("step"), int) and state["step"] >= 1
-            and isinstance(state.get("args"), dict) and isinstance(state.get("optimizer"), dict)
+            and isinstance(state.get("args"), dict) and (isinstance(state.get("optimizer"), dict) or _whole_shards(folder))
             and isinstance(state.get("rng"), dict)
             and isinstance(state["rng"].get("torch"), torch.Tensor) and isinstance(state["rng"].get("python"), tuple)
             and isinstance(state.get("steps_by_noise"), list) and len(state["steps_by_noise"]) == 9
@@ -281,6 +338,19 @@ def _check_state(state):
     import epsdpo
 
     epsdpo.BaselineBeta(1.0, 0.0).load_state_dict(state.get("baseline_beta"))   # raises if malformed
+
+
+def _whole_shards(folder):
+    """A sharded checkpoint's .metadata reads, and every shard file holds the bytes it names."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    sizes = {}
+    for item in FileSystemReader(folder).read_metadata().storage_data.values():
+        if item.relative_path not in sizes:
+            sizes[item.relative_path] = (folder / item.relative_path).stat().st_size
+        if item.offset + item.length > sizes[item.relative_path]:
+            raise ValueError(f"{item.relative_path} is cut short")
+    return True
 
 
 def resumed_args(args, given, parse):

@@ -17,7 +17,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the tests never download anythin
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 import data
 import epsdpo
@@ -40,14 +40,19 @@ def write_jsonl(path, rows):
     return path
 
 
+def tiny_data_cut(folder, train_rows, test_rows):
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, rows in (("train", train_rows), ("test", test_rows)):
+        lines = (train.TINY_DATASET / f"{split}.jsonl").read_text().splitlines()[:rows]
+        (folder / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
+    return folder
+
+
 @pytest.fixture(scope="module")
 def small_data(tmp_path_factory):
     """Arguments for tiny_data cut to 200 train and 32 held-out pairs, with its gold reward: for the tests
     where the size of the data does not matter, so that their evaluations are quick."""
-    folder = tmp_path_factory.mktemp("small-data")
-    for split, rows in (("train", 200), ("test", 32)):
-        lines = (train.TINY_DATASET / f"{split}.jsonl").read_text().splitlines()[:rows]
-        (folder / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
+    folder = tiny_data_cut(tmp_path_factory.mktemp("small-data"), 200, 32)
     return ["--dataset", str(folder), "--gold-reward", str(train.TINY_GOLD_REWARD), *QUICK]
 
 
@@ -366,43 +371,155 @@ def test_an_interrupted_run_resumes_to_the_same_end_bit_for_bit(tmp_path, small_
         json.loads((tmp_path / "whole/summary.json").read_text())["final_beta"]
 
 
-def test_two_ranks_under_torchrun_agree_on_beta_and_match_one_process_even_across_a_resume(tmp_path, small_data):
-    """2 CPU processes (gloo) with 4 pairs each are one process with 8: the same β at every step on both
-    ranks and in the single process, and the same weights up to float rounding, also when the 2-rank run is
-    stopped by SIGTERM and resumed under torchrun."""
-    arguments = [*small_data, "--max-steps", "15", "--eval-every", "1000", "--save-every", "1000", "--epsilon", "0.3",
-                 "--lr", "1e-3"]
-    train.main(["--output-dir", str(tmp_path / "one"), *arguments, "--batch-size", "8"])
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
 
-    two = tmp_path / "two"
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "train.py"]
-    environment = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    process = subprocess.Popen([*torchrun, "--output-dir", str(two), *arguments, "--batch-size", "4"], cwd=train.HERE,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environment,
+
+def stopped_by_a_signal(output_dir, arguments, ctrl_c):
+    """train.py under torchrun on 2 CPU processes (gloo), stopped once it has logged a step: by a Ctrl-C
+    (SIGINT to the whole process group) or by a SIGTERM to torchrun. Its (stdout, stderr)."""
+    process = subprocess.Popen([*TORCHRUN, "train.py", "--output-dir", str(output_dir), *arguments], cwd=train.HERE,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"},
                                start_new_session=True)
     deadline = time.time() + 90
-    while not any(row["split"] == "train" for row in read_metrics_if_any(two)) and time.time() < deadline:
+    while not any(row["split"] == "train" for row in read_metrics_if_any(output_dir)) and time.time() < deadline:
         time.sleep(0.05)
-    # Ctrl-C in a terminal: SIGINT to every process of the group; torchrun passes it on to both ranks, and so
-    # each rank gets it two or three times within milliseconds: one stop, with a checkpoint of the last step.
-    os.killpg(process.pid, signal.SIGINT)
-    stdout, stderr = process.communicate(timeout=90)
-    assert "checkpoint written" in stdout and len(list(two.glob("checkpoint-*"))) == 1
-    assert "second signal" not in stderr
-    resumed = subprocess.run([*torchrun, "--resume", str(two)], cwd=train.HERE, capture_output=True, text=True,
-                             timeout=120, env=environment)
-    assert resumed.returncode == 0, resumed.stderr
+    if ctrl_c:
+        # Ctrl-C in a terminal: SIGINT to every process of the group; torchrun passes it on to both ranks, and so
+        # each rank gets it two or three times within milliseconds: one stop, with a checkpoint of the last step.
+        os.killpg(process.pid, signal.SIGINT)
+    else:
+        process.send_signal(signal.SIGTERM)                              # torchrun passes it to both ranks
+    return process.communicate(timeout=90)
 
-    one_rows, two_rows = read_metrics(tmp_path / "one"), read_metrics(two)
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    """One process with 8 pairs per step, and 2 CPU processes (gloo) with 4 pairs each: with DDP, and with
+    FSDP in two micro-batches of 2. DDP is stopped by a Ctrl-C, FSDP by a SIGTERM to torchrun; both resume; FSDP
+    also runs whole, in float32 and in bf16 with gradient checkpointing. 33 held-out pairs: the ranks'
+    shares differ by one. Three torchrun launches: they cost seconds each to start, so one runs the rest."""
+    folder = tmp_path_factory.mktemp("two-ranks")
+    arguments = ["--dataset", str(tiny_data_cut(folder / "data", 200, 33)), "--gold-reward", str(train.TINY_GOLD_REWARD),
+                 "--max-new-tokens", "8", "--eval-batch-size", "16", "--max-steps", "15", "--eval-every", "1000",
+                 "--save-every", "1000", "--epsilon", "0.3", "--lr", "1e-3"]
+    train.main(["--output-dir", str(folder / "one"), *arguments, "--batch-size", "8"])
+    ddp, fsdp = [*arguments, "--batch-size", "4"], [*arguments, "--fsdp", "--batch-size", "2", "--grad-accum", "2"]
+    printed = {"ddp": stopped_by_a_signal(folder / "ddp", ddp, ctrl_c=True), "fsdp": stopped_by_a_signal(folder / "fsdp", fsdp, ctrl_c=False)}
+    rest = [["--resume", str(folder / "ddp")], ["--resume", str(folder / "fsdp"), "--gold-reward", str(train.TINY_GOLD_REWARD)],
+            ["--output-dir", str(folder / "fsdp-whole"), *fsdp, "--save-every", "5"],
+            ["--output-dir", str(folder / "fsdp-bf16"), *fsdp, "--dtype", "bfloat16", "--gradient-checkpointing"]]
+    # Each run joins a process group of its own (train.main ends it): torchrun's would be joined again by a rank
+    # that starts the next run while the other still finishes the last, and meet that rank's old connection.
+    one_launch = ("import json, os, sys, torch.distributed as dist, train\n"
+                  "for i, argv in enumerate(json.loads(sys.argv[1])):\n"
+                  "    dist.init_process_group('gloo', init_method=f'file://{sys.argv[2]}-{i}', rank=int(os.environ['RANK']),\n"
+                  "                            world_size=int(os.environ['WORLD_SIZE']))\n"
+                  "    train.main(argv)\n")
+    started = time.time()
+    done = subprocess.run([*TORCHRUN, "--no-python", sys.executable, "-c", one_launch, json.dumps(rest), str(folder / "rendezvous")], cwd=train.HERE,
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    print(f"{len(rest)} runs in one launch of 2 processes: {time.time() - started:.1f} s")
+    return folder, printed
+
+
+def test_two_ranks_under_torchrun_agree_on_beta_and_match_one_process_even_across_a_resume(two_ranks):
+    """2 CPU processes (gloo) with 4 pairs each are one process with 8: the same β at every step on both
+    ranks and in the single process, and the same weights up to float rounding, also when the 2-rank run is
+    stopped by a Ctrl-C and resumed under torchrun."""
+    folder, printed = two_ranks
+    stdout, stderr = printed["ddp"]
+    assert "checkpoint written" in stdout and len(list((folder / "ddp").glob("checkpoint-*"))) == 1
+    assert "second signal" not in stderr
+    one_rows, two_rows = read_metrics(folder / "one"), read_metrics(folder / "ddp")
     assert [(r["split"], r["step"]) for r in two_rows] == [(r["split"], r["step"]) for r in one_rows]
     for one_row, two_row in zip(one_rows, two_rows):
         assert two_row["beta"] == one_row["beta"]
         if two_row["split"] == "train":
             assert two_row["beta/ranks"] == [one_row["beta"]] * 2             # the β both ranks used
             assert two_row["beta/pairs_mean"] == one_row["beta/pairs_mean"]    # and the β both moved to
-    one, two = load_file(tmp_path / "one/model.safetensors"), load_file(two / "model.safetensors")
+    one, two = load_file(folder / "one/model.safetensors"), load_file(folder / "ddp/model.safetensors")
     for name in one:
         torch.testing.assert_close(two[name], one[name], rtol=0, atol=1e-4)
+
+
+def test_fsdp_on_two_ranks_is_one_process_with_the_same_global_batch(two_ranks):
+    """FSDP shards the weights, gradients and AdamW state; ε-DPO is unchanged: the same β and s at every
+    step, the metrics, the clipped gradient's norm (over the shards) and the weights up to float32 rounding.
+    The model rank 0 gathers and saves loads as a float32 model."""
+    folder, _ = two_ranks
+    one_rows, fsdp_rows = read_metrics(folder / "one"), read_metrics(folder / "fsdp-whole")
+    assert [(r["split"], r["step"]) for r in fsdp_rows] == [(r["split"], r["step"]) for r in one_rows]
+    for one_row, fsdp_row in zip(one_rows, fsdp_rows):
+        for key in ("beta", "beta/pairs_mean", "steps/lower_beta", "steps/higher_beta"):
+            assert fsdp_row[key] == one_row[key], (key, one_row["step"])
+        if fsdp_row["split"] == "train":
+            assert fsdp_row["beta/ranks"] == [one_row["beta"]] * 2
+        for key in ("loss", "grad_norm", "rewards/margins", "logps/chosen", "logps/rejected"):     # the evaluations'
+            if key in one_row:                                                                    # 33 pairs too
+                assert fsdp_row[key] == pytest.approx(one_row[key], rel=1e-5, abs=1e-6), (key, one_row["step"])
+    one = load_file(folder / "one/model.safetensors")
+    saved = AutoModelForCausalLM.from_pretrained(folder / "fsdp-whole").state_dict()
+    for name in one:
+        assert saved[name].dtype == torch.float32
+        torch.testing.assert_close(saved[name], one[name], rtol=0, atol=1e-4)
+
+
+def test_fsdp_resumed_after_a_sigterm_to_torchrun_is_the_run_never_stopped_bit_for_bit(two_ranks):
+    folder, printed = two_ranks
+    stdout, stderr = printed["fsdp"]
+    assert "checkpoint written" in stdout and "second signal" not in stderr
+    (checkpoint,) = (folder / "fsdp").glob("checkpoint-*")
+    assert 1 <= int(checkpoint.name.split("-")[1]) < 15
+    assert sorted(p.name for p in checkpoint.iterdir()) == [".metadata", "__0_0.distcp", "__1_0.distcp", "trainer_state.pt"]
+    assert "optimizer" not in torch.load(checkpoint / "trainer_state.pt", weights_only=True)   # it is in the shards
+    assert read_metrics(folder / "fsdp") == read_metrics(folder / "fsdp-whole")
+    whole, resumed = load_file(folder / "fsdp-whole/model.safetensors"), load_file(folder / "fsdp/model.safetensors")
+    assert all(torch.equal(whole[name], resumed[name]) for name in whole)
+
+
+def test_under_fsdp_each_rank_holds_half_of_the_weights_gradients_optimizer_state_and_checkpoint(two_ranks):
+    folder, _ = two_ranks
+    one, ddp, fsdp = (json.loads((folder / run / "summary.json").read_text())["bytes_held_by_rank_0"]
+                      for run in ("one", "ddp", "fsdp-whole"))
+    assert one["parameters"] == 86_080 * 4 and ddp == one                  # DDP: a whole copy on every rank
+    for kind in ("parameters", "gradients", "optimizer", "reference"):
+        assert fsdp[kind] == pytest.approx(one[kind] / 2, rel=0.01), kind
+    # memory.py's computed bytes are these measured ones (less AdamW's step counts, 4 bytes a tensor)
+    import memory
+
+    with torch.device("meta"):
+        computed = memory.bytes_per_gpu(AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(train.TINY_MODEL)), gpus=2)
+    assert computed["ddp"]["policy"] == pytest.approx(one["parameters"] + one["gradients"] + one["optimizer"], abs=100)
+    assert computed["fsdp"]["policy"] == pytest.approx(fsdp["parameters"] + fsdp["gradients"] + fsdp["optimizer"], abs=100)
+    shards = [(folder / "fsdp-whole/checkpoint-15" / f"__{rank}_0.distcp").stat().st_size for rank in (0, 1)]
+    assert all(0.45 < shard / sum(shards) < 0.55 for shard in shards)
+    assert sorted(p.name for p in (folder / "fsdp-whole").glob("checkpoint-*")) == ["checkpoint-10", "checkpoint-15"]
+
+
+def test_fsdp_in_bf16_starts_exactly_at_the_reference_and_trains_with_gradient_checkpointing(two_ranks):
+    """bf16 weights gathered for compute, float32 shards and reductions: at the start the reference (stored
+    in bf16) computes the policy's logits bit for bit, so every s is 0 and the loss is log 2; then, with
+    layers recomputed in backward, it trains as float32 does within bf16's rounding."""
+    folder, _ = two_ranks
+    bf16_rows, float32_rows = read_metrics(folder / "fsdp-bf16"), read_metrics(folder / "fsdp-whole")
+    start, first_step = bf16_rows[0], bf16_rows[1]
+    assert (start["rewards/margins"], start["steps/lower_beta"], start["steps/higher_beta"]) == (0.0, 0.0, 0.0)
+    assert start["loss"] == float32_rows[0]["loss"] == float(torch.tensor(math.log(2)))
+    assert (first_step["split"], first_step["steps/lower_beta"], first_step["steps/higher_beta"]) == ("train", 0.0, 0.0)
+    for bf16_row, float32_row in zip(bf16_rows[1:4], float32_rows[1:4]):
+        assert bf16_row["loss"] == pytest.approx(float32_row["loss"], abs=2**-7)
+
+
+def test_a_cut_shard_makes_the_sharded_checkpoint_before_it_the_one_resumed(two_ranks, tmp_path, capsys):
+    import outputs
+
+    output_dir = copy_of(two_ranks[0] / "fsdp-whole", tmp_path)
+    shard = output_dir / "checkpoint-15/__1_0.distcp"
+    shard.write_bytes(shard.read_bytes()[:1000])
+    folder, state = outputs.latest_checkpoint(output_dir)
+    assert (folder, state["step"]) == (output_dir / "checkpoint-10", 10)
+    assert f"note: {output_dir / 'checkpoint-15'} cannot be resumed from (ValueError: __1_0.distcp is cut short)" in capsys.readouterr().out
 
 
 def read_metrics_if_any(output_dir):
@@ -587,7 +704,8 @@ def tiny_model_folder(folder, vocab_size=60, tokenizer_changes=None):
                                   "output-dir under a file", "gold-reward missing", "gold-reward syntax error",
                                   "gold-reward without score", "score raises", "score returns text", "score returns nan",
                                   "ref-model of another vocabulary", "ids beyond the vocabulary", "tokenizer without eos",
-                                  "eval-split is train", "lora-target not in the model"])
+                                  "eval-split is train", "lora-target not in the model", "fsdp on one process",
+                                  "fsdp with lora"])
 def test_bad_input_stops_the_run_with_one_line(tmp_path, case, small_data):
     a_file = tmp_path / "a-file"
     a_file.write_text("mine")
@@ -616,6 +734,8 @@ def test_bad_input_stops_the_run_with_one_line(tmp_path, case, small_data):
                                   "its tokenizer has no EOS token"),
         "eval-split is train": (["--eval-split", "train"], "--eval-split train is the training split"),
         "lora-target not in the model": (["--lora-r", "4", "--lora-target", "c_attn"], "--lora-target c_attn: Target modules"),
+        "fsdp on one process": (["--fsdp"], "--fsdp shards the models across the processes torchrun starts"),
+        "fsdp with lora": (["--fsdp", "--lora-r", "4"], "--fsdp with --lora-r: not supported"),
     }[case]
     arguments = arguments() if callable(arguments) else arguments            # a model folder, made for its case
     output_dir = tmp_path / "out" if "output-dir" not in case else None
@@ -935,7 +1055,7 @@ def test_a_full_disk_in_torch_save_or_safetensors_gives_one_line_and_leaves_noth
     try:
         resource.setrlimit(resource.RLIMIT_FSIZE, (500_000, limits[1]))
         with pytest.raises(data_module().ReportedError, match=r"^could not write checkpoint-1 \(RuntimeError: \[enforce fail"):
-            outputs.write_checkpoint(tmp_path, 1, model, {"step": 1, "big": torch.zeros(250_000)}, keep=2)
+            outputs.write_checkpoint(tmp_path, 1, model, torch.optim.AdamW(model.parameters()), {"step": 1, "big": torch.zeros(250_000)}, keep=2)
         resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, limits[1]))
         with pytest.raises(data_module().ReportedError, match=r"^could not save the model to .*\(SafetensorError: .*"
                                                               r"the checkpoints are intact$"):

@@ -26,11 +26,11 @@ import torch
 import torch.distributed as dist
 
 import epsdpo
-from models import init_distributed, precision, setup_models, tokenizer_name, training_mode
+from models import gathered_state_dict, held_bytes, init_distributed, local, precision, setup_models, sharded, tokenizer_name, training_mode
 from data import (NOISE_CODES, ReportedError, collate, collate_prompts, gold_score, load_gold_reward, load_splits,
                   load_tokenizer, micro_batches, tokenize_rows)
-from outputs import (StopNow, check_only_ours_replaced, claim_output_dir, frontier_points, our_checkpoints, plot_curves,
-                     plot_frontier, prepare_output_dir, print_data_report, print_frontier, print_summary, read_metrics,
+from outputs import (StopNow, check_only_ours_replaced, claim_output_dir, frontier_points, load_checkpoint, our_checkpoints,
+                     plot_curves, plot_frontier, prepare_output_dir, print_data_report, print_frontier, print_summary, read_metrics,
                      resumed_args, save_pretrained_atomically, step_fractions, stop_signals, write_atomically,
                      write_checkpoint)
 
@@ -108,6 +108,7 @@ def parse_args(argv=None, report=False):
     add("--lora-alpha", type=_number(float, 0, what="must be > 0"), default=16.0, help="LoRA's scale: the adapters add (alpha / r) B A x")
     add("--lora-target", nargs="+", default=["all-linear"], help="the layers LoRA adapts (peft's target_modules, e.g. q_proj v_proj); all-linear: every linear layer but the output head")
     add("--gradient-checkpointing", action="store_true", help="recompute the policy's activations in backward (transformers' switch): less memory, more time")
+    add("--fsdp", action="store_true", help="under torchrun: shard the policy, its gradients and AdamW state, and the reference across the processes (FSDP2) instead of copying them to each (DDP)")
     add("--eval-every", type=count, default=25, help="optimizer steps between evaluations")
     add("--eval-batch-size", type=count, default=64, help="pairs (or prompts to sample from) per evaluation batch")
     add("--max-new-tokens", type=count, default=32, help="length of the completions sampled for the gold reward")
@@ -160,15 +161,16 @@ SUMS = ("pairs", "loss", "beta/pairs_mean", "steps/lower_beta", "steps/higher_be
 NOISE = [(noisy, s) for noisy in NOISE_CODES for s in (1, 0, -1)]       # pairs counted by noise flag and s
 
 
-def pair_sums(out, noise):
-    """The sums over one micro-batch's pairs, in the order of SUMS then NOISE: (20,) float64, no host sync."""
+def pair_sums(out, noise, pairs=None):
+    """The sums over one micro-batch's pairs (its first `pairs`), in the order of SUMS then NOISE: (20,)
+    float64, no host sync."""
     chosen, rejected, steps = out.chosen_rewards, out.rejected_rewards, out.steps
     # A tie (h = 0, as at the first step) counts half: the reference model is right half the time.
     accuracies = (chosen > rejected).float() + 0.5 * (chosen == rejected).float()
     sums = [torch.ones_like(chosen), out.losses.detach(), out.pair_betas, steps == 1, steps == -1, chosen, rejected,
             accuracies, chosen - rejected, out.chosen_logps.detach(), out.rejected_logps.detach()]
-    sums = torch.stack([values.double().sum() for values in sums])
-    codes = noise * 3 + 1 - steps                                       # the index of (noisy, s) in NOISE
+    sums = torch.stack([values[:pairs].double().sum() for values in sums])
+    codes = (noise * 3 + 1 - steps)[:pairs]                             # the index of (noisy, s) in NOISE
     return torch.cat([sums, (codes[:, None] == torch.arange(len(NOISE), device=codes.device)).sum(0).double()])
 
 
@@ -219,8 +221,8 @@ def sample_and_score(policy, reference, tokenizer, pairs, gold_reward, args, dev
             for start in range(0, len(pairs), args.eval_batch_size):
                 chunk = pairs[start : start + args.eval_batch_size]
                 prompt_ids, attention_mask = collate_prompts(chunk, tokenizer.pad_token_id, device)
-                generated = policy.generate(input_ids=prompt_ids, attention_mask=attention_mask,
-                                            generation_config=sampling)[:, prompt_ids.shape[1] :].tolist()
+                generated = policy.generate(input_ids=prompt_ids, attention_mask=attention_mask, generation_config=sampling,
+                                            synced_gpus=sharded(policy))[:, prompt_ids.shape[1] :].tolist()
                 samples = []
                 for pair, new in zip(chunk, generated):
                     new = new[: new.index(tokenizer.eos_token_id) + 1] if tokenizer.eos_token_id in new else new
@@ -238,13 +240,17 @@ def sample_and_score(policy, reference, tokenizer, pairs, gold_reward, args, dev
 def evaluate(policy, reference, tokenizer, eval_pairs, beta, gold_reward, args, device):
     """Metrics over the whole held-out split, with the current β (evaluation never moves β). Each rank
     takes its share of the pairs; the metrics are over all of them."""
-    distributed = dist.is_available() and dist.is_initialized()
-    shard = eval_pairs[dist.get_rank() :: dist.get_world_size()] if distributed else eval_pairs
+    rank, ranks = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
+    shard = eval_pairs[rank::ranks]
+    # Under FSDP every rank runs each forward pass (each gathers weights from all): a shorter share is
+    # padded to the longest with a pair that is computed and counted nowhere.
+    padded = shard + eval_pairs[:1] * (-(-len(eval_pairs) // ranks) - len(shard))
     sums = torch.zeros(len(SUMS) + len(NOISE), dtype=torch.float64, device=device)
-    for i in range(0, len(shard), args.eval_batch_size):
-        batch = collate(shard[i : i + args.eval_batch_size], tokenizer.pad_token_id, device)
-        sums += pair_sums(forward(policy, reference, batch, beta, args.epsilon), batch.noise)
-    rewards, kls = sample_and_score(policy, reference, tokenizer, shard, gold_reward, args, device) if gold_reward else ([], [])
+    for i in range(0, len(padded), args.eval_batch_size):
+        batch = collate(padded[i : i + args.eval_batch_size], tokenizer.pad_token_id, device)
+        sums += pair_sums(forward(policy, reference, batch, beta, args.epsilon), batch.noise, pairs=len(shard) - i)
+    rewards, kls = sample_and_score(policy, reference, tokenizer, padded, gold_reward, args, device) if gold_reward else ([], [])
+    rewards, kls = rewards[: len(shard)], kls[: len(shard)]
     sample_sums = torch.tensor([sum(rewards), sum(kls), len(rewards)], dtype=torch.float64, device=device)
     totals = across_ranks(torch.cat([sums[: len(SUMS)], sample_sums])).sum(0)
     metrics = means(totals)
@@ -312,13 +318,10 @@ def train(args, label="ε-DPO", checkpoint=None):
         # N ranks see the pairs one process with N times the batch size would see.
         batches = (pairs[rank * args.batch_size : (rank + 1) * args.batch_size]
                    for pairs in micro_batches(train_pairs, args.batch_size * world_size, args.seed))
-        steps_by_noise, first_step = [0] * len(NOISE), 1                    # pairs by (noise flag, s), as NOISE
+        steps_by_noise, first_step, held = [0] * len(NOISE), 1, None        # pairs by (noise flag, s), as NOISE
         if checkpoint:
             folder, state = checkpoint
-            saved = state["optimizer"]["state"]
-            if any(i in saved and saved[i]["exp_avg"].shape != p.shape for i, p in enumerate(trained_weights)):
-                raise ReportedError(f"{folder}: its optimizer state is for another model than {folder / 'model.safetensors'}")
-            optimizer.load_state_dict(state["optimizer"])
+            load_checkpoint(folder, state, policy, optimizer)               # AdamW's state (and FSDP's shards)
             baseline_beta.load_state_dict(state["baseline_beta"])
             for _ in range(state["step"] * args.grad_accum):                # the data order is a function of the seed
                 next(batches)
@@ -347,11 +350,9 @@ def train(args, label="ε-DPO", checkpoint=None):
             log({"step": step, "split": "eval", "beta": baseline_beta.value, "lr": learning_rate(step + 1), **metrics})
 
         def save_checkpoint(step):
-            state = {"step": step, "optimizer": optimizer.state_dict(),
-                     "baseline_beta": baseline_beta.state_dict(), "steps_by_noise": steps_by_noise, "args": vars(args),
+            state = {"step": step, "baseline_beta": baseline_beta.state_dict(), "steps_by_noise": steps_by_noise, "args": vars(args),
                      "rng": {"torch": torch.get_rng_state(), "python": random.getstate()}}
-            if rank == 0:
-                write_checkpoint(output_dir, step, policy, state, args.keep_checkpoints)
+            write_checkpoint(output_dir, step, policy, optimizer, state, args.keep_checkpoints)
 
         def stop_after(step):
             """Ctrl-C or SIGTERM: a checkpoint of the last whole step, and exit with the signal's status."""
@@ -385,7 +386,7 @@ def train(args, label="ε-DPO", checkpoint=None):
                     if not args.fixed_baseline_beta:
                         baseline_beta.observe(out.steps)
                     sums += pair_sums(out, batch.noise)
-                grad_norm = torch.nn.utils.clip_grad_norm_(trained_weights, args.max_grad_norm)
+                grad_norm = local(torch.nn.utils.clip_grad_norm_(trained_weights, args.max_grad_norm))  # FSDP: over all shards
                 # What the step needs on the host, from every rank, in one collective: the sums, the gradient
                 # norm, the β each rank used and whether it got a signal.
                 flags = torch.tensor([beta, stop.signal is not None], dtype=torch.float64).to(device)
@@ -400,6 +401,8 @@ def train(args, label="ε-DPO", checkpoint=None):
                 for group in optimizer.param_groups:
                     group["lr"] = lr
                 optimizer.step()
+                if step == first_step:                                      # every state exists now: its size on this rank
+                    held = held_bytes(policy, optimizer, models.reference)
                 optimizer.zero_grad(set_to_none=True)
                 baseline_beta.step()                                        # β ← mean β̃ of this step's pairs
                 steps_by_noise = [seen + int(new) for seen, new in zip(steps_by_noise, totals[len(SUMS) : -3].tolist())]
@@ -419,7 +422,8 @@ def train(args, label="ε-DPO", checkpoint=None):
                 if step % args.save_every == 0:
                     save_checkpoint(step)
 
-        # Saving
+        # Saving (under FSDP, every rank first sends its shards to rank 0's CPU memory)
+        state_dict = gathered_state_dict(policy)
         if rank != 0:
             return None
         evaluations = [row for row in read_metrics(output_dir) if row["split"] == "eval"]
@@ -430,11 +434,11 @@ def train(args, label="ε-DPO", checkpoint=None):
             "boundary_moved": {"train": train_moved, "eval": eval_moved},
             "final_beta": baseline_beta.value, "start": evaluations[0], "final": evaluations[-1],
             "steps_by_noise": step_fractions(steps_by_noise),
-            "seconds": round(time.time() - started, 1),
+            "seconds": round(time.time() - started, 1), "bytes_held_by_rank_0": held,
         }
         plot_curves({label: read_metrics(output_dir)}, output_dir / "curves.png")
         # summary.json, listing the model's files, then the files: a run killed in between is known to be unsaved.
-        summary["saved"] = save_pretrained_atomically(output_dir, policy, tokenizer, summary)
+        summary["saved"] = save_pretrained_atomically(output_dir, policy, tokenizer, summary, state_dict)
         return summary
 
 

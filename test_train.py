@@ -721,7 +721,9 @@ def test_the_kl_along_samples_is_unbiased_never_negative_and_steadier_than_the_l
     probabilities = logps.exp()
     assert probabilities.sum().item() == pytest.approx(1.0, abs=1e-9)             # every completion, once
     exact_kl = (probabilities * (logps - ref_logps)).sum()
-    estimates = train.sequence_kl(policy_logits, ref_logits, completion_mask).double()
+    scored = completion_mask[:, 1:].bool()
+    estimates = train.sequence_kl(policy_logits[:, :-1][scored].split(scored.sum(1).tolist()),
+                                  ref_logits[:, :-1][scored].split(scored.sum(1).tolist())).double()
     assert (estimates >= 0).all()
     assert (probabilities * estimates).sum().item() == pytest.approx(exact_kl.item(), rel=1e-5)
     log_ratio_variance = (probabilities * (logps - ref_logps - exact_kl) ** 2).sum()

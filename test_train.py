@@ -2,6 +2,7 @@
 made here, and bench.py --quick."""
 
 import argparse
+import copy
 import json
 import math
 import os
@@ -19,6 +20,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+import data
 import epsdpo
 import models
 import train
@@ -117,6 +119,7 @@ def plain_dpo(policy_logits, ref_logits, input_ids, completion_mask, beta, epsil
 
 
 def test_epsilon_zero_is_a_dpo_run_bit_for_bit(tmp_path, monkeypatch, small_data):
+    monkeypatch.setattr(models, "FROM_HIDDEN_STATES", False)            # both from logits: plain_dpo takes logits
     arguments = ["--max-steps", "3", "--eval-every", "3", "--epsilon", "0", "--lr", "1e-3", *small_data]
     train.main(["--output-dir", str(tmp_path / "epsilon-zero"), *arguments])
     monkeypatch.setattr(epsdpo, "epsilon_dpo_loss", plain_dpo)
@@ -291,6 +294,7 @@ def test_a_non_empty_output_dir_is_refused_and_left_untouched(tmp_path):
 
 def test_a_non_finite_loss_stops_the_run_naming_the_step_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
     calls, real_loss = [], epsdpo.epsilon_dpo_loss
+    monkeypatch.setattr(models, "FROM_HIDDEN_STATES", False)            # the loss from logits, which this wraps
 
     def loss_that_breaks_at_the_third_step(*args):
         out = real_loss(*args)
@@ -567,12 +571,15 @@ def test_ctrl_c_mid_accumulation_drops_the_step_at_once_and_resumes_to_the_same_
     assert all(torch.equal(whole[name], resumed[name]) for name in whole)
 
 
-def tiny_model_folder(folder, vocab_size=60, tokenizer_changes=None):
-    """A small Llama with the tiny_data tokenizer, saved to a folder: vocabulary and tokenizer as asked."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+def tiny_model_folder(folder, vocab_size=60, tokenizer_changes=None, kind="llama", **config):
+    """A small model of the kind's configuration (Llama unless asked) with the tiny_data tokenizer, saved to a
+    folder: vocabulary, configuration and tokenizer as asked."""
+    from transformers import AutoConfig
 
-    LlamaForCausalLM(LlamaConfig(vocab_size=vocab_size, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                 num_attention_heads=2, num_key_value_heads=2)).save_pretrained(folder)
+    config = AutoConfig.for_model(kind, vocab_size=vocab_size, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                  num_attention_heads=2, num_key_value_heads=2, **config)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
     tokenizer = AutoTokenizer.from_pretrained(train.TINY_MODEL)
     for name, value in (tokenizer_changes or {}).items():
         setattr(tokenizer, name, value)
@@ -1131,3 +1138,86 @@ def test_the_bf16_reference_holds_every_product_weight_in_bf16_and_starts_bit_fo
         assert torch.equal(logits, ref_logits), name
         out = epsdpo.epsilon_dpo_loss(logits, ref_logits, input_ids, completion_mask, 0.1, 0.5)
         assert (out.steps == 0).all() and torch.equal(out.losses, -torch.nn.functional.logsigmoid(torch.zeros(2))), name
+
+
+# ----------------------------------------------------------------------------------------------------
+# The loss from the last hidden states: what the logits path gives, on the output layers of three families
+
+
+FAMILIES = [("llama", {"tie_word_embeddings": False}), ("qwen2", {"tie_word_embeddings": True}),
+            ("gemma2", {"final_logit_softcapping": 0.02, "head_dim": 8})]     # Gemma-2's soft-cap made small enough to bite
+
+
+@pytest.mark.parametrize("kind, config", FAMILIES)
+def test_a_step_from_hidden_states_gives_the_loss_and_gradients_of_a_step_from_logits(kind, config):
+    """train.forward on tiny models of three families: the loss, every output and every gradient as from
+    the logits, to float32 rounding; and the KL along samples from hidden states as from the logits."""
+    from transformers import AutoConfig
+
+    torch.manual_seed(0)
+    policy = AutoModelForCausalLM.from_config(AutoConfig.for_model(
+        kind, vocab_size=60, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=2, **config)).eval()
+    reference = copy.deepcopy(policy).requires_grad_(False)
+    with torch.no_grad():
+        for parameter in policy.parameters():
+            parameter.add_(0.1 * torch.randn_like(parameter))
+    head, _ = models.linear_head(policy, torch.tensor([[1, 5, 7]]))
+    assert head == models.LinearHead(config.get("final_logit_softcapping"))
+    tokenizer = AutoTokenizer.from_pretrained(train.TINY_MODEL)
+    batch = data.collate([data.tokenize_pair(row, tokenizer, 64, 32) for row in good_rows(4)], tokenizer.pad_token_id,
+                         torch.device("cpu"))
+
+    def step(head):
+        out = train.forward(policy, reference, batch, 0.5, 0.3, head)
+        return out, torch.autograd.grad(out.loss, list(policy.parameters()))
+
+    (out, gradients), (expected, expected_gradients) = step(head), step(None)
+    assert out.steps.abs().sum() > 0
+    for name in ("loss", "losses", "steps", "chosen_logps", "rejected_logps", "ref_chosen_logps", "ref_rejected_logps"):
+        torch.testing.assert_close(getattr(out, name), getattr(expected, name), rtol=1e-5, atol=1e-5)
+    for gradient, expected_gradient in zip(gradients, expected_gradients):
+        torch.testing.assert_close(gradient, expected_gradient, rtol=1e-4, atol=1e-6)
+    inputs = dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+    with torch.no_grad():
+        kls = [train.sequence_kl(*(models.completion_logits(m, inputs, batch.completion_mask, h) for m in (policy, reference)))
+               for h in (head, None)]
+    assert (kls[1] > 0).all()
+    torch.testing.assert_close(*kls)
+
+
+def test_the_loss_from_hidden_states_trains_as_the_loss_from_logits(tmp_path, monkeypatch, capsys):
+    """Two steps of train.py on a tiny soft-capped Gemma-2: the same metrics, the KL along samples included, to
+    float32 rounding; and the logits path says once that it is used."""
+    kind, config = FAMILIES[2]
+    model = tiny_model_folder(tmp_path / "model", kind=kind, **config)
+    # tiny_data's tokenizer (transformers would pick Gemma's tokenizer class for a Gemma-2 folder).
+    monkeypatch.setattr(train, "load_tokenizer", lambda name, trust, _real=train.load_tokenizer: _real(str(train.TINY_MODEL), trust))
+    dataset = write_jsonl(tmp_path / "pairs.jsonl", good_rows(10))
+    arguments = ["--model", model, "--dataset", str(dataset), "--eval-fraction", "0.2", "--batch-size", "4", "--max-steps", "2",
+                 "--epsilon", "0.3", "--lr", "1e-2", "--gold-reward", str(train.TINY_GOLD_REWARD), "--max-new-tokens", "4"]
+    train.main(["--output-dir", str(tmp_path / "hidden"), *arguments])
+    assert "the loss from full" not in capsys.readouterr().out
+    monkeypatch.setattr(models, "FROM_HIDDEN_STATES", False)
+    train.main(["--output-dir", str(tmp_path / "logits"), *arguments])
+    assert capsys.readouterr().out.count("the loss from full (2B, T, V) logits: models.FROM_HIDDEN_STATES is False") == 1
+    hidden, logits = read_metrics(tmp_path / "hidden"), read_metrics(tmp_path / "logits")
+    assert [(r["split"], r["step"]) for r in hidden] == [(r["split"], r["step"]) for r in logits] and len(hidden) == 4
+    assert any(r["rewards/margins"] != 0 for r in hidden) and any(r["kl"] > 0 for r in hidden if r["split"] == "eval")
+    for hidden_row, logits_row in zip(hidden, logits):
+        assert hidden_row.keys() == logits_row.keys()
+        for name, value in logits_row.items():
+            assert hidden_row[name] == (value if isinstance(value, str) else pytest.approx(value, rel=1e-4, abs=1e-6)), name
+
+
+def test_heads_that_are_not_a_plain_linear_map_use_the_logits_path():
+    from transformers import CohereConfig, CohereForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    sizes = dict(vocab_size=60, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                 num_key_value_heads=2)
+    input_ids = torch.tensor([[1, 5, 7, 9]])
+    cohere = CohereForCausalLM(CohereConfig(logit_scale=0.5, **sizes)).eval()                    # scaled logits
+    assert models.linear_head(cohere, input_ids) == (None, "its logits are not softcap(last hidden state @ output weight.T)")
+    with_bias = LlamaForCausalLM(LlamaConfig(tie_word_embeddings=False, **sizes)).eval()
+    with_bias.lm_head = torch.nn.Linear(16, 60)
+    assert models.linear_head(with_bias, input_ids) == (None, "its output layer is a Linear with a bias")

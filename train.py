@@ -205,7 +205,7 @@ def sequence_kl(policy_logits, ref_logits):
 
 
 @torch.no_grad()
-def sample_and_score(policy, reference, head, tokenizer, pairs, gold_reward, args, device):
+def sample_and_score(policy, reference, tokenizer, pairs, gold_reward, args, device, head=None):
     """One completion per prompt, sampled from the policy: [gold reward of each], [KL estimate of each]."""
     from transformers import GenerationConfig
 
@@ -239,7 +239,7 @@ def sample_and_score(policy, reference, head, tokenizer, pairs, gold_reward, arg
 
 
 @torch.no_grad()
-def evaluate(policy, reference, head, tokenizer, eval_pairs, beta, gold_reward, args, device):
+def evaluate(policy, reference, tokenizer, eval_pairs, beta, gold_reward, args, device, head=None):
     """Metrics over the whole held-out split, with the current β (evaluation never moves β). Each rank
     takes its share of the pairs; the metrics are over all of them."""
     distributed = dist.is_available() and dist.is_initialized()
@@ -248,7 +248,7 @@ def evaluate(policy, reference, head, tokenizer, eval_pairs, beta, gold_reward, 
     for i in range(0, len(shard), args.eval_batch_size):
         batch = collate(shard[i : i + args.eval_batch_size], tokenizer.pad_token_id, device)
         sums += pair_sums(forward(policy, reference, batch, beta, args.epsilon, head), batch.noise)
-    rewards, kls = sample_and_score(policy, reference, head, tokenizer, shard, gold_reward, args, device) if gold_reward else ([], [])
+    rewards, kls = sample_and_score(policy, reference, tokenizer, shard, gold_reward, args, device, head) if gold_reward else ([], [])
     sample_sums = torch.tensor([sum(rewards), sum(kls), len(rewards)], dtype=torch.float64, device=device)
     totals = across_ranks(torch.cat([sums[: len(SUMS)], sample_sums])).sum(0)
     metrics = means(totals)
@@ -345,7 +345,7 @@ def train(args, label="ε-DPO", checkpoint=None):
 
         def log_evaluation(step):
             with autocast:
-                metrics = evaluate(policy, models.reference, models.head, tokenizer, eval_pairs, baseline_beta.value, gold_reward, args, device)
+                metrics = evaluate(policy, models.reference, tokenizer, eval_pairs, baseline_beta.value, gold_reward, args, device, models.head)
             log({"step": step, "split": "eval", "beta": baseline_beta.value, "lr": learning_rate(step + 1), **metrics})
 
         def save_checkpoint(step):

@@ -771,7 +771,7 @@ def test_the_quick_benchmark_runs_and_reports_every_figure(tmp_path):
     report = json.loads(report_path.read_text())
     assert [run["shape"] for run in report["runs"]] == ["tiny_data", "realistic-small"]
     for run in report["runs"]:
-        assert set(run["variants"]) == {"dpo", "epsilon-dpo", "naive", "dpo-precomputed"}
+        assert set(run["variants"]) == {"dpo", "epsilon-dpo", "hidden", "backbone", "naive", "dpo-precomputed"}
         for figures in run["variants"].values():
             assert figures["median_s"] > 0 and math.isfinite(figures["peak_mib"]) and len(figures["times_s"]) >= 3
         assert len(run["extra_times_s"]) == 3                            # --quick: three rounds
@@ -781,6 +781,8 @@ def test_the_quick_benchmark_runs_and_reports_every_figure(tmp_path):
     realistic = report["runs"][1]["variants"]
     # Keeping the perturbed full-vocabulary tensors in the graph costs memory that epsdpo.py does not spend.
     assert realistic["naive"]["peak_mib"] > 1.5 * realistic["epsilon-dpo"]["peak_mib"]
+    # And the loss from hidden states adds less to the step's peak than the loss from logits.
+    assert realistic["hidden"]["peak_mib"] < realistic["epsilon-dpo"]["peak_mib"]
     assert "extra_time_over_inherent_work" in result.stdout
 
 

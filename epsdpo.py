@@ -10,6 +10,8 @@ The module reads top to bottom in the order of the method:
   4. epsilon_steps       the criterion s ∈ {−1, 0, +1};  pair_betas: β̃ = β / (1 + ε s)
   5. BaselineBeta        β ← mean of β̃ over every pair of an optimizer step
   6. epsilon_dpo_loss    one whole step: all of the above in one call
+  7. epsilon_dpo_loss_from_hidden   the same step from the last hidden states, at 128k–256k vocabularies:
+                         never a (2B, T, V) logits tensor
 
 It depends on torch alone and takes plain tensors, so it can be copied into any training loop:
 

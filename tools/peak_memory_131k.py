@@ -4,7 +4,8 @@ hundred tokens, the loss from hidden states against the loss from logits, beside
 
     python tools/peak_memory_131k.py         # two runs of 2 steps each, a few minutes on 2 busy cores
 
-Each run is a process of its own; its peak is the process's maximum resident memory (ru_maxrss).
+Each run is a process of its own; its peak is the process's maximum resident memory (ru_maxrss), also given
+above the resident memory just before the first loss (libraries, models and data loaded).
 """
 
 import json
@@ -38,13 +39,15 @@ sys.path.insert(0, {here!r})
 import models, train
 models.FROM_HIDDEN_STATES = {from_hidden}
 real_forward = train.forward
-shapes = []
+shapes, before = [], []
 def forward(policy, reference, batch, *rest):
+    if not before:                      # resident memory once everything is loaded, before the first loss
+        before.append(int(open("/proc/self/status").read().split("VmRSS:")[1].split()[0]))
     shapes.append(tuple(batch.input_ids.shape))
     return real_forward(policy, reference, batch, *rest)
 train.forward = forward
 train.main({argv!r})
-print("RESULT", json.dumps({{"maxrss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, "shapes": shapes}}))
+print("RESULT", json.dumps({{"maxrss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, "before_kib": before[0], "shapes": shapes}}))
 """
 
 
@@ -68,7 +71,8 @@ def main():
             figures = run(folder, from_hidden)
             rows, length = max(figures["shapes"], key=lambda shape: shape[0] * shape[1])
             logits_mib = rows * length * VOCAB * 4 / 2**20
-            print(f"{'hidden states' if from_hidden else 'full logits':14} peak RSS {figures['maxrss_kib'] / 1024:7.0f} MiB; "
+            print(f"{'hidden states' if from_hidden else 'full logits':14} peak RSS {figures['maxrss_kib'] / 1024:5.0f} MiB, "
+                  f"{(figures['maxrss_kib'] - figures['before_kib']) / 1024:5.0f} MiB above the RSS before the first loss; "
                   f"largest batch {rows} × {length} tokens: one float32 (2B, T, V) logits tensor {logits_mib:.0f} MiB")
 
 

@@ -188,9 +188,7 @@ def means(totals):
 
 def sequence_kl(policy_logits, ref_logits):
     """Σ over the completion positions t of KL(π_θ(·|x, y<t) ‖ π_ref(·|x, y<t)), per sequence: (N,).
-
-    policy_logits, ref_logits: for each sequence, the logits (m, V) at the m positions that predict its
-    completion tokens (models.completion_logits gives them one sequence at a time).
+    Takes, per sequence, the logits (m, V) at the positions that predict its completion (models.completion_logits).
 
     Along a completion y sampled from π_θ, this is an unbiased estimate of KL(π_θ(·|x) ‖ π_ref(·|x)) by
     the chain rule, like the sampled log-ratio log π_θ(y|x) − log π_ref(y|x); but it is never negative,

@@ -4,10 +4,14 @@
     python bench.py --quick              # smaller shapes and fewer steps, under a minute: a smoke test
     python bench.py --json bench.json    # also write every figure to a file
     python bench.py --reference-memory   # the bf16 reference's memory, from the shapes of six public models
+    python bench.py --shape realistic-128k --repeats 3   # one shape, fewer steps
 
-The same training step (forward, loss, backward, AdamW step), on the same model, batch and seed, four ways:
+The same training step (forward, loss, backward, AdamW step), on the same model, batch and seed, six ways:
   dpo              DPO through epsdpo.py, the reference's logits computed live (as ε-DPO needs them)
   epsilon-dpo      ε-DPO through epsdpo.epsilon_dpo_loss
+  hidden           ε-DPO through epsdpo.epsilon_dpo_loss_from_hidden, as train.py runs it: never a (2B, T, V) tensor
+  backbone         no loss at all: both models' last hidden states, a zero loss on them, backward through the policy;
+                   what a step costs before any loss, so that peak − backbone's peak is what a loss adds
   naive            ε-DPO the way the authors' trainer does it: perturbed logits for the whole (2B, T, V)
                    tensor, in the model's dtype, inside the autograd graph, log-softmax over everything
   dpo-precomputed  DPO with the reference's log-probabilities computed once beforehand (no reference forward
@@ -46,9 +50,11 @@ transformers.utils.logging.disable_progress_bar()
 
 HERE = pathlib.Path(__file__).resolve().parent
 BETA, EPSILON = 0.1, 0.01
-VARIANTS = ("dpo", "epsilon-dpo", "naive", "dpo-precomputed")
+VARIANTS = ("dpo", "epsilon-dpo", "hidden", "backbone", "naive", "dpo-precomputed")
 # name: (vocabulary, hidden size, layers, pairs, tokens per sequence, completion tokens); None = the tiny_data model
-SHAPES = {"tiny_data": None, "realistic": (32000, 256, 2, 4, 384, 256)}
+SHAPES = {"tiny_data": None, "realistic": (32000, 256, 2, 4, 384, 256), "realistic-128k": (128256, 256, 2, 4, 384, 256)}
+# The naive variant keeps about ten (2B, T, V) float32 tensors: beyond this vocabulary it is left out (15 GB at 128k).
+NAIVE_LARGEST_VOCAB = 64000
 QUICK_SHAPES = {"tiny_data": None, "realistic-small": (8000, 128, 2, 1, 128, 64)}
 
 
@@ -128,6 +134,16 @@ def make_step(variant, policy, reference, input_ids, attention_mask, completion_
         return losses.mean()
 
     def loss_of_step():
+        if variant in ("hidden", "backbone"):
+            hidden, weight = models.last_hidden_states(policy, model_inputs)
+            with torch.no_grad():
+                ref_hidden, ref_weight = models.last_hidden_states(reference, model_inputs)
+            if variant == "backbone":
+                return (hidden * 0).sum()
+            out = epsdpo.epsilon_dpo_loss_from_hidden(hidden, weight, ref_hidden, ref_weight, input_ids, completion_mask,
+                                                      baseline_beta.value, EPSILON)
+            baseline_beta.observe(out.steps)
+            return out.loss
         logits = policy(**model_inputs).logits
         if variant == "dpo-precomputed":
             return mean_dpo_loss(epsdpo.sequence_logps(logits, input_ids, completion_mask), precomputed_ref_logps)
@@ -177,7 +193,7 @@ def _glibc_malloc_option(option, value):
         pass
 
 
-def measure_step_times(shape, device, warmup, repeats):
+def measure_step_times(shape, device, warmup, repeats, variants):
     """Step times of every variant. DPO and ε-DPO alternate in rounds of four steps (DPO, ε-DPO, ε-DPO, DPO),
     so that the machine's drift falls on both alike; each round gives one difference between them."""
     if device.type == "cpu":
@@ -186,7 +202,7 @@ def measure_step_times(shape, device, warmup, repeats):
         _glibc_malloc_option(-4, 0)                                     # M_MMAP_MAX: no mmap
         _glibc_malloc_option(-1, 2**30)                                 # M_TRIM_THRESHOLD: keep 1 GiB
     setup = make_models_and_batch(shape, device)
-    steps = {variant: make_step(variant, copy.deepcopy(setup[0]), *setup[1:]) for variant in VARIANTS}
+    steps = {variant: make_step(variant, copy.deepcopy(setup[0]), *setup[1:]) for variant in variants}
 
     def timed(variant):
         _synchronize(device)
@@ -195,11 +211,11 @@ def measure_step_times(shape, device, warmup, repeats):
         _synchronize(device)
         return time.perf_counter() - start
 
-    times = {variant: [] for variant in VARIANTS}
+    times = {variant: [] for variant in variants}
     extra_times = []                                                    # ε-DPO minus DPO, one per round
     for round_ in range(warmup + repeats):
         dpo_first, epsilon_first, epsilon_second, dpo_second = (timed(v) for v in ("dpo", "epsilon-dpo", "epsilon-dpo", "dpo"))
-        others = {variant: timed(variant) for variant in ("naive", "dpo-precomputed")}
+        others = {variant: timed(variant) for variant in variants[2:]}
         if round_ >= warmup:
             times["dpo"] += [dpo_first, dpo_second]
             times["epsilon-dpo"] += [epsilon_first, epsilon_second]
@@ -305,11 +321,12 @@ def run(shapes, devices, warmup, repeats):
               "runs": []}
     for device in devices:
         for name, shape in shapes.items():
-            times, extra_times = _in_own_process(measure_step_times, shape, device, warmup, repeats)
+            variants = [v for v in VARIANTS if v != "naive" or shape is None or shape[0] <= NAIVE_LARGEST_VOCAB]
+            times, extra_times = _in_own_process(measure_step_times, shape, device, warmup, repeats, variants)
             run_report = {"device": str(device), "shape": name, "extra_times_s": extra_times, "variants": {
                 variant: {"median_s": statistics.median(times[variant]), "times_s": times[variant],
                           "peak_mib": _in_own_process(measure_step_memory, shape, variant, device)}
-                for variant in VARIANTS
+                for variant in variants
             }}
             run_report["inherent"] = _in_own_process(measure_extra_work, shape, device, warmup, repeats)
             run_report["ratios"] = ratios(run_report)
@@ -324,14 +341,21 @@ def ratios(run_report):
     extra_time = statistics.median(run_report["extra_times_s"])
     quartiles = statistics.quantiles(run_report["extra_times_s"], n=4)
     run_report["extra_time_s"], run_report["extra_time_middle_half_s"] = extra_time, [quartiles[0], quartiles[2]]
-    return {
+    logits_mib, backbone_mib = inherent["ref_logits_mib"], v["backbone"]["peak_mib"]
+    figures = {
         "epsilon_dpo_over_dpo_time": (v["dpo"]["median_s"] + extra_time) / v["dpo"]["median_s"],
         "extra_time_over_inherent_work": extra_time / inherent["median_s"],
         "decision_time_over_inherent_work": inherent["decision_s"] / inherent["median_s"],
-        "extra_memory_over_ref_logits": (v["epsilon-dpo"]["peak_mib"] - v["dpo"]["peak_mib"]) / inherent["ref_logits_mib"],
-        "naive_over_epsilon_dpo_time": v["naive"]["median_s"] / v["epsilon-dpo"]["median_s"],
-        "naive_over_epsilon_dpo_memory": v["naive"]["peak_mib"] / v["epsilon-dpo"]["peak_mib"],
+        "extra_memory_over_ref_logits": (v["epsilon-dpo"]["peak_mib"] - v["dpo"]["peak_mib"]) / logits_mib,
+        # What each ε-DPO loss adds to the step's peak, in (2B, T, V) logits tensors of the model's dtype.
+        "logits_loss_memory_over_logits": (v["epsilon-dpo"]["peak_mib"] - backbone_mib) / logits_mib,
+        "hidden_loss_memory_over_logits": (v["hidden"]["peak_mib"] - backbone_mib) / logits_mib,
+        "hidden_over_epsilon_dpo_time": v["hidden"]["median_s"] / v["epsilon-dpo"]["median_s"],
     }
+    if "naive" in v:
+        figures["naive_over_epsilon_dpo_time"] = v["naive"]["median_s"] / v["epsilon-dpo"]["median_s"]
+        figures["naive_over_epsilon_dpo_memory"] = v["naive"]["peak_mib"] / v["epsilon-dpo"]["peak_mib"]
+    return figures
 
 
 def print_run(run_report):
@@ -405,11 +429,17 @@ def main():
     parser.add_argument("--json", metavar="PATH", help="write every figure to this file")
     parser.add_argument("--device", choices=("cpu", "cuda"), action="append",
                         help="measure on this device (default: cpu, and cuda when present)")
+    parser.add_argument("--shape", choices=list(SHAPES), action="append", help="measure this shape only (default: all)")
+    parser.add_argument("--repeats", type=int, help="rounds measured after one round of warm-up (default: 15 after 3)")
     args = parser.parse_args()
     if args.reference_memory:
         return reference_memory()
     devices = [torch.device(d) for d in (args.device or ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))]
     shapes, warmup, repeats = (QUICK_SHAPES, 1, 3) if args.quick else (SHAPES, 3, 15)
+    if args.shape:
+        shapes = {name: SHAPES[name] for name in args.shape}
+    if args.repeats:
+        warmup, repeats = 1, args.repeats
     report = run(shapes, devices, warmup, repeats)
     if args.json:
         pathlib.Path(args.json).write_text(json.dumps(report, indent=2) + "\n")

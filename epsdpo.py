@@ -10,6 +10,8 @@ The module reads top to bottom in the order of the method:
   4. epsilon_steps       the criterion s ∈ {−1, 0, +1};  pair_betas: β̃ = β / (1 + ε s)
   5. BaselineBeta        β ← mean of β̃ over every pair of an optimizer step
   6. epsilon_dpo_loss    one whole step: all of the above in one call
+  7. epsilon_dpo_loss_from_hidden   the same step from the last hidden states, at 128k–256k vocabularies:
+                         never a (2B, T, V) logits tensor
 
 It depends on torch alone and takes plain tensors, so it can be copied into any training loop:
 
@@ -119,8 +121,9 @@ class _Positions:
 
     scored: torch.Tensor      # (N, T-1) bool: logits[:, :-1] that score a completion token
     targets: torch.Tensor     # (N, T-1) the token each of them scores (0 where none: safe to gather)
-    chunks: list              # (row, start, stop): logits[row, start:stop] hold all of row's scored positions
+    chunks: list              # (row, start, stop): pieces of the spans below, each under CHUNK_BYTES
     empty_rows: list          # the rows with no completion token (their log-probability is 0)
+    spans: list               # (row, first, stop): logits[row, first:stop] hold all of row's scored positions
 
 
 def _check_every_pair_scored(positions):
@@ -159,11 +162,11 @@ def _scored_positions(input_ids, completion_mask, vocab_size, itemsize):
         raise ValueError(f"input_ids must be in [0, {vocab_size}) wherever completion_mask is 1, got {wrong.tolist()[:8]}")
 
     longest = max(1, CHUNK_BYTES // (vocab_size * itemsize))
-    spans = list(zip(facts[3 : 3 + num_rows], facts[3 + num_rows :]))
-    chunks = [(row, start, min(start + longest, last + 1))
-              for row, (first, last) in enumerate(spans) for start in range(first, last + 1, longest)]
-    empty_rows = [row for row, (first, last) in enumerate(spans) if last < first]
-    return _Positions(scored, torch.where(scored, next_tokens, 0).long(), chunks, empty_rows)    # int32 ids too
+    bounds = list(zip(facts[3 : 3 + num_rows], facts[3 + num_rows :]))                 # (first, last) per row
+    spans = [(row, first, last + 1) for row, (first, last) in enumerate(bounds) if first <= last]
+    chunks = [(row, start, min(start + longest, stop)) for row, first, stop in spans for start in range(first, stop, longest)]
+    empty_rows = [row for row, (first, last) in enumerate(bounds) if last < first]
+    return _Positions(scored, torch.where(scored, next_tokens, 0).long(), chunks, empty_rows, spans)    # int32 ids too
 
 
 def _compute_dtype(logits):
@@ -382,7 +385,13 @@ def epsilon_steps(policy_logits, ref_logits, input_ids, completion_mask, epsilon
 @torch.no_grad()
 def _epsilon_steps(policy_logits, ref_logits, positions, epsilon, policy_logps):
     weaker_logps, stronger_logps = _perturbed_logps(policy_logits, ref_logits, positions, epsilon)
-    num_pairs = policy_logits.shape[0] // 2
+    return _criterion(policy_logps, weaker_logps, stronger_logps)
+
+
+@torch.no_grad()
+def _criterion(policy_logps, weaker_logps, stronger_logps):
+    """s (B,) from the sequence log-probabilities (2B,) of the policy and of the two perturbed policies."""
+    num_pairs = policy_logps.shape[0] // 2
 
     def log_ratios(logps):                                                 # (2B,) -> (B,): chosen − rejected
         return logps[:num_pairs] - logps[num_pairs:]
@@ -533,7 +542,6 @@ def epsilon_dpo_loss(policy_logits, ref_logits, input_ids, completion_mask, beta
     if isinstance(beta, torch.Tensor):
         raise ValueError("beta must be a number (the baseline β), not a tensor")
     beta, epsilon = _check_beta(beta), _check_epsilon(epsilon)
-    num_pairs = policy_logits.shape[0] // 2
     positions = _scored_positions(input_ids, completion_mask, policy_logits.shape[-1],
                                   _compute_dtype(policy_logits).itemsize)
     _check_every_pair_scored(positions)
@@ -542,8 +550,13 @@ def epsilon_dpo_loss(policy_logits, ref_logits, input_ids, completion_mask, beta
     with torch.no_grad():
         ref_logps = _CompletionLogps.apply(ref_logits.detach(), positions)               # (2B,)
     steps = _epsilon_steps(policy_logits.detach(), ref_logits, positions, epsilon, policy_logps)
-    betas = _pair_betas(beta, steps, epsilon)                                            # (B,)
+    return _epsilon_dpo_output(policy_logps, ref_logps, steps, beta, epsilon)
 
+
+def _epsilon_dpo_output(policy_logps, ref_logps, steps, beta, epsilon):
+    """The per-pair β and the DPO loss with it, from the sequence log-probabilities (2B,) and the steps (B,)."""
+    num_pairs = policy_logps.shape[0] // 2
+    betas = _pair_betas(beta, steps, epsilon)                                            # (B,)
     losses, chosen_rewards, rejected_rewards = _dpo_loss(
         policy_logps[:num_pairs], policy_logps[num_pairs:], ref_logps[:num_pairs], ref_logps[num_pairs:], betas
     )
@@ -559,3 +572,208 @@ def epsilon_dpo_loss(policy_logits, ref_logits, input_ids, completion_mask, beta
         ref_chosen_logps=ref_logps[:num_pairs],
         ref_rejected_logps=ref_logps[num_pairs:],
     )
+
+
+# ----------------------------------------------------------------------------------------------------
+# 7. At scale: the loss from hidden states
+#
+# The logits are the last hidden states times the output layer's weight, f = softcap(hidden @ W.T), and ε-DPO
+# reads them only at the completion positions. So nothing needs the (2B, T, V) logits tensors of section 6
+# (1 GB each in bf16 for Llama-3's 128,256 words at T = 1,024 and 2 pairs), nor their gradient: the scored
+# positions are projected a chunk at a time, in forward for all four log-probabilities at once, and again
+# in backward for the policy's gradient.
+#
+# A chunk is at most GROUP_POSITIONS scored positions (of all rows together) times a slice of the
+# vocabulary, cut so that it holds as many logits as CHUNK_POSITIONS positions of the whole vocabulary:
+#   - memory: a few float32 chunks of CHUNK_POSITIONS × V (32 MiB at V = 128,256), whatever B and T;
+#   - operations: one chunk per CHUNK_POSITIONS scored positions, whatever V (a GPU pays per launch);
+#   - matrix products of GROUP_POSITIONS rows: a GPU reads W once per group, where products of 64 rows
+#     would wait on memory (re-reading W) rather than compute.
+CHUNK_POSITIONS = 64
+GROUP_POSITIONS = 2048
+
+
+@dataclass
+class _Gathered:
+    """The positions the hidden-state path projects: every row's span of scored positions, all rows together."""
+
+    hidden_index: torch.Tensor    # (P,) into hidden.flatten(0, 1): row * T + t
+    token_index: torch.Tensor     # (P,) into a flattened (N, T-1): row * (T-1) + t
+    rows: torch.Tensor            # (P,) the row of each
+    scored: torch.Tensor          # (P,) bool: it scores a completion token (spans may have gaps)
+    targets: torch.Tensor         # (P,) the token it scores (0 where none)
+    chunks: list                  # (start, stop, [(first word, last word + 1), ...]): the chunks, group by group
+
+
+def _gathered_positions(positions, num_rows, length, vocab_size, device):
+    hidden_index = torch.tensor([row * length + t for row, first, stop in positions.spans for t in range(first, stop)],
+                                dtype=torch.long, device=device)                          # one copy to the device
+    rows = hidden_index // length
+    token_index = hidden_index - rows
+    chunks = []
+    for start in range(0, len(hidden_index), GROUP_POSITIONS):
+        stop = min(start + GROUP_POSITIONS, len(hidden_index))
+        num_slices = min(vocab_size, -(-(stop - start) // CHUNK_POSITIONS))             # ceil(positions / 64)
+        bounds = [vocab_size * i // num_slices for i in range(num_slices + 1)]
+        chunks.append((start, stop, list(zip(bounds[:-1], bounds[1:]))))
+    return _Gathered(hidden_index, token_index, rows, positions.scored.flatten()[token_index],
+                     positions.targets.flatten()[token_index], chunks)
+
+
+def _matmul_dtype(hidden, weight):
+    # What autocast multiplies in when it is on (bf16 logits, as the model's own head gives under autocast),
+    # else the inputs' common dtype.
+    if torch.is_autocast_enabled(hidden.device.type):
+        return torch.get_autocast_dtype(hidden.device.type)
+    return torch.promote_types(hidden.dtype, weight.dtype)
+
+
+def _softcapped(logits, logit_softcap):
+    # cap · tanh(f / cap), in the order Gemma-2 computes it, so that bf16 logits round as the model's do.
+    return logits if logit_softcap is None else torch.tanh(logits / logit_softcap) * logit_softcap
+
+
+def _in_slice(targets, first, stop):
+    """(where each target lies in the slice [first, stop) of the vocabulary (m, 1), whether it does (m,))."""
+    local = targets - first
+    return local.clamp(0, stop - first - 1)[:, None], (local >= 0) & (local < stop - first)
+
+
+class _LogpsFromHidden(torch.autograd.Function):
+    """The four sequence log-probabilities of ε-DPO from hidden states, each (N,): the policy's (with a
+    gradient), the reference's, and the perturbed ones for λ = 1 + ε and λ = 1 − ε.
+
+    The twin of _CompletionLogps and _perturbed_logps: forward keeps the per-position log-normalizers
+    and the gathered policy hidden states (P, H); backward projects each chunk again and rebuilds its
+    softmax, ∂ log softmax(f)[y] / ∂f = onehot(y) − softmax(f), times the soft-cap's derivative 1 − tanh²,
+    then  ∂/∂hidden = grad_f @ W  and  ∂/∂W = grad_f.T @ hidden.
+    """
+
+    @staticmethod
+    def forward(ctx, policy_hidden, policy_weight, ref_hidden, ref_weight, positions, gathered, logit_softcap, epsilon):
+        num_rows, length, _ = policy_hidden.shape
+        policy_dtype, ref_dtype = _matmul_dtype(policy_hidden, policy_weight), _matmul_dtype(ref_hidden, ref_weight)
+        dtype = torch.promote_types(policy_dtype, torch.float32)              # softmax and perturbation: float32
+        lambdas = (1 + epsilon, 1 - epsilon)
+        with torch.autocast(policy_hidden.device.type, enabled=False):       # the dtypes are chosen above
+            hidden = policy_hidden.detach().flatten(0, 1)[gathered.hidden_index].to(policy_dtype)        # (P, H)
+            ref_hidden = ref_hidden.detach().flatten(0, 1)[gathered.hidden_index].to(ref_dtype)
+            weight, ref_weight = policy_weight.detach().to(policy_dtype), ref_weight.detach().to(ref_dtype)
+            num_slices = max(len(slices) for _, _, slices in gathered.chunks)
+            # logsumexp over each slice of the vocabulary, then over the slices: [policy, ref, λ = 1+ε, λ = 1−ε]
+            slice_normalizers = torch.full((4, num_slices, len(hidden)), -float("inf"), dtype=dtype, device=hidden.device)
+            target_logits = torch.zeros(2, len(hidden), dtype=dtype, device=hidden.device)     # [policy, ref]
+            for start, stop, slices in gathered.chunks:
+                for index, (first, last) in enumerate(slices):
+                    policy_logits = _softcapped(hidden[start:stop] @ weight[first:last].T, logit_softcap).to(dtype)
+                    ref_logits = _softcapped(ref_hidden[start:stop] @ ref_weight[first:last].T, logit_softcap).to(dtype)
+                    slice_normalizers[:, index, start:stop] = torch.stack(
+                        [policy_logits.logsumexp(-1), ref_logits.logsumexp(-1)]
+                        + [torch.lerp(ref_logits, policy_logits, lam).logsumexp(-1) for lam in lambdas])
+                    where, inside = _in_slice(gathered.targets[start:stop], first, last)
+                    found = torch.stack([policy_logits.gather(-1, where), ref_logits.gather(-1, where)]).squeeze(-1)
+                    target_logits[:, start:stop] += torch.where(inside, found, 0)
+            log_normalizers = slice_normalizers.logsumexp(1)                                    # (4, P)
+            ref_targets, policy_targets = target_logits[1], target_logits[0]
+            targets = torch.stack([policy_targets, ref_targets, *(torch.lerp(ref_targets, policy_targets, lam) for lam in lambdas)])
+            # Back to (N, T-1), to sum each row as sequence_logps does.
+            token_logps = torch.zeros(4, num_rows * (length - 1), dtype=dtype, device=hidden.device)
+            token_logps.index_copy_(1, gathered.token_index, targets - log_normalizers)
+            logps = _sum_over_completion(token_logps.view(4, num_rows, length - 1), positions.scored)   # (4, N)
+        ctx.save_for_backward(hidden, policy_weight, log_normalizers[0])
+        ctx.gathered, ctx.logit_softcap, ctx.hidden_shape = gathered, logit_softcap, policy_hidden.shape
+        ctx.hidden_dtype, ctx.policy_dtype = policy_hidden.dtype, policy_dtype
+        outputs = tuple(logps.unbind(0))
+        ctx.mark_non_differentiable(*outputs[1:])
+        return outputs
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_logps, *_):
+        hidden, policy_weight, log_normalizers = ctx.saved_tensors
+        gathered, logit_softcap, dtype = ctx.gathered, ctx.logit_softcap, log_normalizers.dtype
+        with torch.autocast(hidden.device.type, enabled=False):
+            weight = policy_weight.to(ctx.policy_dtype)
+            # −g at every scored position of a sequence whose log-probability has gradient g, 0 elsewhere.
+            minus_grads = torch.where(gathered.scored, -grad_logps.to(dtype)[gathered.rows], 0)[:, None]     # (P, 1)
+            grad_hidden = torch.zeros(hidden.shape, dtype=dtype, device=hidden.device)                     # (P, H)
+            grad_weight = torch.zeros(weight.shape if ctx.needs_input_grad[1] else 0, dtype=dtype, device=hidden.device)  # (V, H)
+            for start, stop, slices in gathered.chunks:
+                for first, last in slices:
+                    logits = hidden[start:stop] @ weight[first:last].T
+                    if logit_softcap is not None:
+                        tanh = torch.tanh(logits / logit_softcap)
+                        logits = tanh * logit_softcap
+                    softmax = (logits.to(dtype) - log_normalizers[start:stop, None]).exp_()          # (m, slice)
+                    where, inside = _in_slice(gathered.targets[start:stop], first, last)
+                    # Subtract the one-hot before rounding to the matmul dtype, as _CompletionLogps does.
+                    grad_logits = softmax.scatter_add_(-1, where, -inside.to(dtype)[:, None]).mul_(minus_grads[start:stop])
+                    if logit_softcap is not None:
+                        grad_logits.mul_(1 - tanh.to(dtype).square())                  # d cap·tanh(f/cap) / df
+                    grad_logits = grad_logits.to(weight.dtype)
+                    grad_hidden[start:stop] += grad_logits @ weight[first:last]
+                    if ctx.needs_input_grad[1]:                 # not for a frozen head (LoRA)
+                        grad_weight[first:last] += grad_logits.T @ hidden[start:stop]
+            num_rows, length, width = ctx.hidden_shape
+            grad_policy_hidden = torch.zeros(num_rows * length, width, dtype=ctx.hidden_dtype, device=hidden.device)
+            grad_policy_hidden.index_copy_(0, gathered.hidden_index, grad_hidden.to(ctx.hidden_dtype))
+        grad_weight = grad_weight.to(policy_weight.dtype) if ctx.needs_input_grad[1] else None
+        return grad_policy_hidden.view(ctx.hidden_shape), grad_weight, None, None, None, None, None, None
+
+
+def _check_hidden(hidden, weight, input_ids, completion_mask, prefix):
+    if not (isinstance(hidden, torch.Tensor) and hidden.dim() == 3 and hidden.is_floating_point() and 0 not in hidden.shape):
+        raise ValueError(f"{prefix}_hidden must be a non-empty floating-point tensor of shape (N, T, H), got "
+                         f"{getattr(hidden, 'dtype', type(hidden).__name__)} {tuple(getattr(hidden, 'shape', ()))}")
+    if not (isinstance(weight, torch.Tensor) and weight.dim() == 2 and weight.is_floating_point() and 0 not in weight.shape
+            and weight.shape[1] == hidden.shape[2]):
+        raise ValueError(f"{prefix}_weight must be a non-empty floating-point tensor of shape (V, H) with H = "
+                         f"{hidden.shape[2]} as in {prefix}_hidden, got {tuple(getattr(weight, 'shape', ()))}")
+    _check_on(hidden, f"{prefix}_hidden", None)
+    _check_on(weight, f"{prefix}_weight", hidden.device)
+    # The checks of the logits path, on a stand-in of the logits' shape (N, T, V) that holds no memory.
+    logits_shape = hidden.new_zeros(()).expand(*hidden.shape[:2], weight.shape[0])
+    _check_sequences(logits_shape, input_ids, completion_mask, f"softcap({prefix}_hidden @ {prefix}_weight.T)")
+
+
+def epsilon_dpo_loss_from_hidden(policy_hidden, policy_weight, ref_hidden, ref_weight, input_ids, completion_mask,
+                                 beta, epsilon, logit_softcap=None):
+    """epsilon_dpo_loss from the last hidden states and the output layers' weights, never the full logits.
+
+    Shapes: policy_hidden and ref_hidden (2B, T, H), each model's last hidden states after its final norm,
+    the B chosen sequences followed by the B rejected ones; policy_weight and ref_weight (V, H), the
+    output layers' weights (bias-free heads; a tied weight is fine: its gradient adds to the embedding's);
+    input_ids and completion_mask (2B, T); beta the baseline β; 0 ≤ epsilon < 1; logit_softcap None or
+    Gemma-2's final_logit_softcapping. Returns the EpsilonDPOOutput of
+
+        epsilon_dpo_loss(softcap(policy_hidden @ policy_weight.T), softcap(ref_hidden @ ref_weight.T), ...)
+        softcap(f) = cap · tanh(f / cap)        (no soft-cap: softcap(f) = f)
+
+    within float32 rounding, with gradients for policy_hidden and policy_weight. Only the scored positions
+    are projected, a chunk at a time (CHUNK_POSITIONS above), in forward and again in backward, so the extra
+    memory is a few chunks of CHUNK_POSITIONS × V float32 logits whatever B and T. The products run in
+    the inputs' dtype (bf16 under a bf16 autocast, as the model's own head would), the soft-cap in that
+    dtype too, and the softmax, logsumexp and perturbation in float32, as in the logits path.
+    """
+    _check_hidden(policy_hidden, policy_weight, input_ids, completion_mask, "policy")
+    _check_hidden(ref_hidden, ref_weight, input_ids, completion_mask, "ref")
+    if ref_weight.shape[0] != policy_weight.shape[0]:
+        raise ValueError(f"ref_weight {tuple(ref_weight.shape)} and policy_weight {tuple(policy_weight.shape)} must have "
+                         f"the same vocabulary")
+    if policy_hidden.shape[0] % 2:
+        raise ValueError(f"expected an even number of rows (B chosen, then B rejected), got {policy_hidden.shape[0]}")
+    if isinstance(beta, torch.Tensor):
+        raise ValueError("beta must be a number (the baseline β), not a tensor")
+    beta, epsilon = _check_beta(beta), _check_epsilon(epsilon)
+    if logit_softcap is not None and (isinstance(logit_softcap, bool) or not isinstance(logit_softcap, numbers.Real)
+                                      or not 0 < logit_softcap < float("inf")):
+        raise ValueError(f"logit_softcap must be None or a finite number > 0, got {logit_softcap!r}")
+    (num_rows, length, _), vocab_size = policy_hidden.shape, policy_weight.shape[0]
+    positions = _scored_positions(input_ids, completion_mask, vocab_size, 4)
+    _check_every_pair_scored(positions)
+    gathered = _gathered_positions(positions, num_rows, length, vocab_size, policy_hidden.device)
+
+    policy_logps, ref_logps, weaker_logps, stronger_logps = _LogpsFromHidden.apply(
+        policy_hidden, policy_weight, ref_hidden, ref_weight, positions, gathered, logit_softcap, epsilon)
+    steps = _criterion(policy_logps, weaker_logps, stronger_logps)
+    return _epsilon_dpo_output(policy_logps, ref_logps, steps, beta, epsilon)

@@ -19,6 +19,9 @@ from torch.distributed.tensor import DTensor
 
 from data import ReportedError
 
+# The ε-DPO loss from the last hidden states (epsdpo.epsilon_dpo_loss_from_hidden) wherever the output layer is a
+# plain linear map. False: from the full logits everywhere (the tests set it to compare the two).
+FROM_HIDDEN_STATES = True
 
 def pick_device(name):
     if name == "auto":
@@ -192,6 +195,7 @@ class AdaptersOff:
 
     def __init__(self, policy):
         self.policy = policy                                            # the peft model, never its DDP wrapper
+        self.config, self.get_output_embeddings = policy.config, policy.get_output_embeddings   # the base's head
 
     def __call__(self, **inputs):
         with torch.no_grad(), self.policy.disable_adapter():
@@ -279,13 +283,63 @@ def gathered_state_dict(model):
 
 def held_bytes(policy, optimizer, reference):
     """Bytes this rank holds of the policy's weights, their gradients, AdamW's state and the reference's
-    weights: its shards under FSDP, everything otherwise."""
+    weights: its shards under FSDP, everything otherwise (a LoRA reference is the policy's own weights)."""
     def size(tensors):
         return sum(local(t).numel() * local(t).element_size() for t in tensors if torch.is_tensor(t))
 
     return {"parameters": size(policy.parameters()), "gradients": size(p.grad for p in policy.parameters()),
             "optimizer": size(value for state in optimizer.state.values() for value in state.values()),
-            "reference": size(reference.parameters())}
+            "reference": size(reference.parameters()) if isinstance(reference, torch.nn.Module) else 0}   # LoRA: the policy's
+
+
+@dataclass
+class LinearHead:
+    """A model whose logits are softcap(last hidden state @ weight.T), weight its output layer's (V, H)."""
+
+    logit_softcap: float = None    # Gemma-2's final_logit_softcapping; None: no soft-cap
+
+
+def last_hidden_states(model, inputs):
+    """(the last hidden states (N, T, H) after the final norm, the output layer's weight (V, H)).
+
+    model is a transformers causal LM or its DDP wrapper, called as usual (so that DDP sees the forward pass
+    and reduces the head's gradient with the others), but asked for the logits of the last position only."""
+    outputs = model(**inputs, output_hidden_states=True, logits_to_keep=1)
+    unwrapped = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+    return outputs.hidden_states[-1], unwrapped.get_output_embeddings().weight
+
+
+def completion_logits(model, inputs, completion_mask, head):
+    """For each sequence of inputs, the logits (m, V) at the m positions that predict its completion tokens:
+    one sequence at a time from the last hidden states when head is a LinearHead, else from the full logits."""
+    scored = completion_mask[:, 1:].bool()                                                       # (N, T-1)
+    if head is None:
+        return [row[mask] for row, mask in zip(model(**inputs).logits[:, :-1], scored)]
+    hidden, weight = last_hidden_states(model, inputs)
+    cap = head.logit_softcap
+    return ((logits if cap is None else torch.tanh(logits / cap) * cap)
+            for logits in (row[mask] @ weight.T for row, mask in zip(hidden[:, :-1], scored)))
+
+
+def linear_head(model, input_ids):
+    """(LinearHead, "") when the model's logits are softcap(last hidden state @ weight.T), as checked on
+    input_ids (1, T); (None, why not) otherwise: a head with a bias, scaled logits (Cohere, Granite), ..."""
+    head, softcap = model.get_output_embeddings(), getattr(model.config, "final_logit_softcapping", None)
+    if not FROM_HIDDEN_STATES:
+        return None, "models.FROM_HIDDEN_STATES is False"
+    if type(head) is not torch.nn.Linear or head.bias is not None:
+        return None, f"its output layer is a {type(head).__name__}{' with a bias' if getattr(head, 'bias', None) is not None else ''}"
+    with torch.no_grad():
+        try:
+            hidden, weight = last_hidden_states(model, dict(input_ids=input_ids))
+        except Exception as error:                                      # no logits_to_keep, no hidden states, ...
+            return None, f"its forward pass gives no last hidden states ({type(error).__name__})"
+        logits = hidden @ weight.T
+        logits = logits if softcap is None else torch.tanh(logits / softcap) * softcap
+        expected, tolerance = model(input_ids=input_ids).logits, 1e-4 if logits.dtype == torch.float32 else 1e-2
+        if hidden.shape[:2] != input_ids.shape or not torch.allclose(logits.float(), expected.float(), rtol=tolerance, atol=tolerance / 10):
+            return None, "its logits are not softcap(last hidden state @ output weight.T)"
+    return LinearHead(softcap), ""
 
 
 @dataclass
@@ -296,6 +350,8 @@ class Models:
     trained: torch.nn.Module       # what the training step calls: the policy (sharded in place by FSDP), or DDP's wrapper
     reference: object              # frozen, in eval mode, called under no_grad: a model (sharded under FSDP), or AdaptersOff(policy)
     layers: list                   # the policy's layers recomputed in backward (--gradient-checkpointing)
+    head: LinearHead               # both models' logits from their last hidden states; None: from full logits
+    head_note: str                 # why head is None, for the one line train.py prints
 
     def no_sync(self, last_micro_batch):
         """Under DDP, gradients are averaged across ranks once per optimizer step, at the last micro-batch.
@@ -334,6 +390,13 @@ def setup_models(args, device, world_size, mixed_precision, tokenizer, pairs, ch
         reference = load_model(args.ref_model or args.model, loaded_on, args.trust_remote_code,
                                mixed_precision and not args.fsdp).requires_grad_(False)
     check_models(policy, reference or policy, tokenizer, pairs, args, from_checkpoint)
+    head, note = None, "with --fsdp the output layer's weight is sharded"
+    if not args.fsdp:
+        sample = torch.tensor([(pairs[0]["prompt_ids"] + pairs[0]["chosen_ids"])[:16]], device=device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=mixed_precision):    # as the models will run
+            (head, note), (ref_head, ref_note) = linear_head(policy, sample), linear_head(reference or AdaptersOff(policy), sample)
+        if head is not None and head != ref_head:
+            head, note = None, f"the reference: {ref_note}" if ref_head is None else "the reference's soft-cap differs"
     layers = checkpointed_layers(policy) if args.gradient_checkpointing else []
     if args.fsdp:
         # Under FSDP's mixed precision the policy computes wholly in bf16, so the reference is stored wholly in
@@ -344,9 +407,9 @@ def setup_models(args, device, world_size, mixed_precision, tokenizer, pairs, ch
         for weight in reference.parameters() if param_dtype else ():      # not the buffers, as FSDP's casts:
             weight.data = weight.data.to(param_dtype)                   # rotary frequencies stay float32
         reference = shard(reference, param_dtype, reshard_after_forward=True)
-        return Models(policy, policy, reference, layers)
+        return Models(policy, policy, reference, layers, head, note)
     # DDP averages the gradients over the ranks. Its buffers (rotary inv_freq) are constants: broadcasting
     # them from rank 0 before every forward pass would be one more collective per micro-batch.
     trained = policy if world_size == 1 else torch.nn.parallel.DistributedDataParallel(
         policy, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
-    return Models(policy, trained, reference or AdaptersOff(policy), layers)
+    return Models(policy, trained, reference or AdaptersOff(policy), layers, head, note)

@@ -847,3 +847,119 @@ def test_the_beta_update_under_nccl_reduces_on_the_device_of_the_steps_never_the
     assert reduced_on == [torch.device("cuda:3"), torch.device("cuda:2")]
     with pytest.raises(ValueError, match=r"^under nccl the counts must be on this rank's GPU"):
         epsdpo.BaselineBeta(0.1, 0.1).step()                            # on the CPU: refused, not moved to GPU 0
+
+
+# ----------------------------------------------------------------------------------------------------
+# 7. The loss from hidden states: the logits path's results, without its (2B, T, V) tensors
+
+
+def softcapped(logits, cap):
+    return logits if cap is None else torch.tanh(logits / cap) * cap
+
+
+def hidden_state_batch(vocab=300, width=16, length=40, seed=0):
+    """A tied model in miniature: hidden states computed from the output weight itself (as an input embedding
+    shares it), a reference a little away from it, and rows of different completion lengths (one with a gap)."""
+    generator = torch.Generator().manual_seed(seed)
+    weight = torch.randn(vocab, width, generator=generator).requires_grad_()
+    mixing = torch.randn(width, width, generator=generator) / width**0.5
+    input_ids = torch.randint(0, vocab, (6, length), generator=generator)
+    ref_weight = weight.detach() + 0.1 * torch.randn(vocab, width, generator=generator)
+    completion_mask = torch.zeros(6, length, dtype=torch.long)
+    for row, (first, stop) in enumerate([(5, length), (3, 29), (length - 2, length), (2, length), (9, 20), (1, length)]):
+        completion_mask[row, first:stop] = 1
+    completion_mask[4, 12:14] = 0
+    ref_hidden = torch.tanh(ref_weight[input_ids] @ mixing)
+    return weight, mixing, ref_weight, ref_hidden, input_ids, completion_mask
+
+
+@pytest.mark.parametrize("cap", [None, 3.0])
+@pytest.mark.parametrize("precision", ["float32", "bf16 autocast", "bf16 tensors"])
+def test_the_loss_from_hidden_states_equals_the_loss_from_their_logits(precision, cap):
+    weight, mixing, ref_weight, ref_hidden, input_ids, completion_mask = hidden_state_batch()
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16 autocast")
+    if precision == "bf16 tensors":
+        weight, ref_weight, ref_hidden = (t.detach().bfloat16().requires_grad_(t.requires_grad)
+                                          for t in (weight, ref_weight, ref_hidden))
+
+    def loss_and_gradient(from_hidden):
+        with autocast:
+            hidden = torch.tanh(weight[input_ids] @ mixing.to(weight.dtype))    # the tied weight, used twice
+            if from_hidden:
+                out = epsdpo.epsilon_dpo_loss_from_hidden(hidden, weight, ref_hidden, ref_weight, input_ids,
+                                                          completion_mask, 0.5, 0.3, cap)
+            else:
+                out = epsdpo.epsilon_dpo_loss(softcapped(hidden @ weight.T, cap), softcapped(ref_hidden @ ref_weight.T, cap),
+                                              input_ids, completion_mask, 0.5, 0.3)
+        (gradient,) = torch.autograd.grad(out.loss, weight)
+        return out, gradient
+
+    (out, gradient), (expected, expected_gradient) = loss_and_gradient(True), loss_and_gradient(False)
+    assert out.steps.abs().sum() > 0                                            # the criterion has something to do
+    for name in ("steps", "pair_betas", "losses", "chosen_logps", "rejected_logps", "ref_chosen_logps",
+                 "ref_rejected_logps", "chosen_rewards", "rejected_rewards", "loss"):
+        torch.testing.assert_close(getattr(out, name), getattr(expected, name), rtol=1e-5, atol=1e-5)
+    assert gradient.dtype == weight.dtype
+    # float32: the same up to float32 rounding; bf16: the gradients of the logits are rounded to bf16 in both,
+    # at different places, before the matrix products.
+    tolerance = 1e-5 if precision == "float32" else 2e-2
+    torch.testing.assert_close(gradient.float(), expected_gradient.float(), rtol=0, atol=tolerance * expected_gradient.abs().max().item())
+
+
+def test_hidden_state_chunks_of_a_few_positions_and_words_give_what_one_chunk_gives(monkeypatch):
+    weight, mixing, ref_weight, ref_hidden, input_ids, completion_mask = hidden_state_batch(vocab=50, length=12)
+    hidden = (weight.detach()[input_ids] @ mixing).requires_grad_()
+
+    def everything():
+        out = epsdpo.epsilon_dpo_loss_from_hidden(hidden, weight, ref_hidden, ref_weight, input_ids, completion_mask,
+                                                  0.5, 0.3, 5.0)
+        return out.losses, out.chosen_logps, out.ref_rejected_logps, *torch.autograd.grad(out.loss, (hidden, weight))
+
+    whole = everything()
+    monkeypatch.setattr(epsdpo, "CHUNK_POSITIONS", 2)        # groups of 7 positions × 4 slices of the vocabulary
+    monkeypatch.setattr(epsdpo, "GROUP_POSITIONS", 7)
+    positions = epsdpo._scored_positions(input_ids, completion_mask, 50, 4)
+    chunks = epsdpo._gathered_positions(positions, 6, 12, 50, torch.device("cpu")).chunks
+    assert len(chunks) > 3 and max(len(slices) for _, _, slices in chunks) == 4
+    for chunked, expected in zip(everything(), whole):
+        torch.testing.assert_close(chunked, expected)
+
+
+def operations_from_hidden_states(vocab, completion_tokens=128, num_pairs=2, width=8):
+    """Torch operations one epsilon_dpo_loss_from_hidden forward + backward dispatches."""
+    generator = torch.Generator().manual_seed(0)
+    length = 44 + completion_tokens
+    ref_hidden = torch.randn(2 * num_pairs, length, width, generator=generator)
+    hidden = (ref_hidden + 0.1 * torch.randn(ref_hidden.shape, generator=generator)).requires_grad_()
+    weight = torch.randn(vocab, width, generator=generator).requires_grad_()
+    input_ids = torch.randint(0, vocab, (2 * num_pairs, length), generator=generator)
+    completion_mask = torch.zeros(2 * num_pairs, length, dtype=torch.long)
+    completion_mask[:, 44:] = 1
+    with _CountOperations() as counter:
+        epsdpo.epsilon_dpo_loss_from_hidden(hidden, weight, ref_hidden, weight.detach(), input_ids, completion_mask,
+                                            0.1, 0.01).loss.backward()
+    return counter.count
+
+
+def test_the_number_of_operations_from_hidden_states_follows_the_positions_not_the_vocabulary():
+    operations = operations_from_hidden_states(64)                         # 512 positions: 8 chunks
+    assert operations_from_hidden_states(4096) == operations               # vocabulary × 64
+    assert operations_from_hidden_states(64, completion_tokens=256) > operations   # positions: more chunks
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(policy_hidden=torch.zeros(4, 6)), "policy_hidden must be a non-empty floating-point tensor of shape (N, T, H)"),
+    (dict(policy_weight=torch.zeros(5, 3)), "policy_weight must be a non-empty floating-point tensor of shape (V, H) with H = 4"),
+    (dict(ref_weight=torch.zeros(7, 4)), "ref_weight (7, 4) and policy_weight (5, 4) must have the same vocabulary"),
+    (dict(ref_hidden=torch.zeros(4, 5, 4)), "input_ids (4, 6) and completion_mask (4, 6) must both have the shape"),
+    (dict(logit_softcap=0.0), "logit_softcap must be None or a finite number > 0"),
+    (dict(logit_softcap=True), "logit_softcap must be None or a finite number > 0"),
+    (dict(epsilon=1.0), "epsilon must be a number in [0, 1)"),
+])
+def test_bad_input_to_the_loss_from_hidden_states_is_rejected_naming_it(change, message):
+    arguments = dict(policy_hidden=torch.zeros(4, 6, 4), policy_weight=torch.zeros(5, 4), ref_hidden=torch.zeros(4, 6, 4),
+                     ref_weight=torch.zeros(5, 4), input_ids=torch.zeros(4, 6, dtype=torch.long),
+                     completion_mask=torch.tensor([[0, 0, 1, 1, 1, 1]] * 4), beta=0.1, epsilon=0.1)
+    with pytest.raises(ValueError) as error:
+        epsdpo.epsilon_dpo_loss_from_hidden(**{**arguments, **change})
+    assert message in str(error.value)

@@ -2,6 +2,7 @@
 made here, and bench.py --quick."""
 
 import argparse
+import copy
 import json
 import math
 import os
@@ -124,6 +125,7 @@ def plain_dpo(policy_logits, ref_logits, input_ids, completion_mask, beta, epsil
 
 
 def test_epsilon_zero_is_a_dpo_run_bit_for_bit(tmp_path, monkeypatch, small_data):
+    monkeypatch.setattr(models, "FROM_HIDDEN_STATES", False)            # both from logits: plain_dpo takes logits
     arguments = ["--max-steps", "3", "--eval-every", "3", "--epsilon", "0", "--lr", "1e-3", *small_data]
     train.main(["--output-dir", str(tmp_path / "epsilon-zero"), *arguments])
     monkeypatch.setattr(epsdpo, "epsilon_dpo_loss", plain_dpo)
@@ -299,6 +301,7 @@ def test_a_non_empty_output_dir_is_refused_and_left_untouched(tmp_path):
 
 def test_a_non_finite_loss_stops_the_run_naming_the_step_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
     calls, real_loss = [], epsdpo.epsilon_dpo_loss
+    monkeypatch.setattr(models, "FROM_HIDDEN_STATES", False)            # the loss from logits, which this wraps
 
     def loss_that_breaks_at_the_third_step(*args):
         out = real_loss(*args)
@@ -687,12 +690,15 @@ def test_ctrl_c_mid_accumulation_drops_the_step_at_once_and_resumes_to_the_same_
     assert all(torch.equal(whole[name], resumed[name]) for name in whole)
 
 
-def tiny_model_folder(folder, vocab_size=60, tokenizer_changes=None):
-    """A small Llama with the tiny_data tokenizer, saved to a folder: vocabulary and tokenizer as asked."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+def tiny_model_folder(folder, vocab_size=60, tokenizer_changes=None, kind="llama", **config):
+    """A small model of the kind's configuration (Llama unless asked) with the tiny_data tokenizer, saved to a
+    folder: vocabulary, configuration and tokenizer as asked."""
+    from transformers import AutoConfig
 
-    LlamaForCausalLM(LlamaConfig(vocab_size=vocab_size, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                 num_attention_heads=2, num_key_value_heads=2)).save_pretrained(folder)
+    config = AutoConfig.for_model(kind, vocab_size=vocab_size, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                  num_attention_heads=2, num_key_value_heads=2, **config)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
     tokenizer = AutoTokenizer.from_pretrained(train.TINY_MODEL)
     for name, value in (tokenizer_changes or {}).items():
         setattr(tokenizer, name, value)
@@ -845,7 +851,9 @@ def test_the_kl_along_samples_is_unbiased_never_negative_and_steadier_than_the_l
     probabilities = logps.exp()
     assert probabilities.sum().item() == pytest.approx(1.0, abs=1e-9)             # every completion, once
     exact_kl = (probabilities * (logps - ref_logps)).sum()
-    estimates = train.sequence_kl(policy_logits, ref_logits, completion_mask).double()
+    scored = completion_mask[:, 1:].bool()
+    estimates = train.sequence_kl(policy_logits[:, :-1][scored].split(scored.sum(1).tolist()),
+                                  ref_logits[:, :-1][scored].split(scored.sum(1).tolist())).double()
     assert (estimates >= 0).all()
     assert (probabilities * estimates).sum().item() == pytest.approx(exact_kl.item(), rel=1e-5)
     log_ratio_variance = (probabilities * (logps - ref_logps - exact_kl) ** 2).sum()
@@ -889,7 +897,7 @@ def test_the_quick_benchmark_runs_and_reports_every_figure(tmp_path):
     report = json.loads(report_path.read_text())
     assert [run["shape"] for run in report["runs"]] == ["tiny_data", "realistic-small"]
     for run in report["runs"]:
-        assert set(run["variants"]) == {"dpo", "epsilon-dpo", "naive", "dpo-precomputed"}
+        assert set(run["variants"]) == {"dpo", "epsilon-dpo", "hidden", "backbone", "naive", "dpo-precomputed"}
         for figures in run["variants"].values():
             assert figures["median_s"] > 0 and math.isfinite(figures["peak_mib"]) and len(figures["times_s"]) >= 3
         assert len(run["extra_times_s"]) == 3                            # --quick: three rounds
@@ -899,6 +907,8 @@ def test_the_quick_benchmark_runs_and_reports_every_figure(tmp_path):
     realistic = report["runs"][1]["variants"]
     # Keeping the perturbed full-vocabulary tensors in the graph costs memory that epsdpo.py does not spend.
     assert realistic["naive"]["peak_mib"] > 1.5 * realistic["epsilon-dpo"]["peak_mib"]
+    # And the loss from hidden states adds less to the step's peak than the loss from logits.
+    assert realistic["hidden"]["peak_mib"] < realistic["epsilon-dpo"]["peak_mib"]
     assert "extra_time_over_inherent_work" in result.stdout
 
 
@@ -1404,3 +1414,86 @@ def test_lora_on_two_ranks_under_torchrun_matches_one_process(lora_run, tmp_path
     one_adapter, two_adapter = (load_file(run / "adapter_model.safetensors") for run in (one, two))
     for name in one_adapter:
         torch.testing.assert_close(two_adapter[name], one_adapter[name], rtol=0, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The loss from the last hidden states: what the logits path gives, on the output layers of three families
+
+
+FAMILIES = [("llama", {"tie_word_embeddings": False}), ("qwen2", {"tie_word_embeddings": True}),
+            ("gemma2", {"final_logit_softcapping": 0.02, "head_dim": 8})]     # Gemma-2's soft-cap made small enough to bite
+
+
+@pytest.mark.parametrize("kind, config", FAMILIES)
+def test_a_step_from_hidden_states_gives_the_loss_and_gradients_of_a_step_from_logits(kind, config):
+    """train.forward on tiny models of three families: the loss, every output and every gradient as from
+    the logits, to float32 rounding; and the KL along samples from hidden states as from the logits."""
+    from transformers import AutoConfig
+
+    torch.manual_seed(0)
+    policy = AutoModelForCausalLM.from_config(AutoConfig.for_model(
+        kind, vocab_size=60, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=2, **config)).eval()
+    reference = copy.deepcopy(policy).requires_grad_(False)
+    with torch.no_grad():
+        for parameter in policy.parameters():
+            parameter.add_(0.1 * torch.randn_like(parameter))
+    head, _ = models.linear_head(policy, torch.tensor([[1, 5, 7]]))
+    assert head == models.LinearHead(config.get("final_logit_softcapping"))
+    tokenizer = AutoTokenizer.from_pretrained(train.TINY_MODEL)
+    batch = data.collate([data.tokenize_pair(row, tokenizer, 64, 32) for row in good_rows(4)], tokenizer.pad_token_id,
+                         torch.device("cpu"))
+
+    def step(head):
+        out = train.forward(policy, reference, batch, 0.5, 0.3, head)
+        return out, torch.autograd.grad(out.loss, list(policy.parameters()))
+
+    (out, gradients), (expected, expected_gradients) = step(head), step(None)
+    assert out.steps.abs().sum() > 0
+    for name in ("loss", "losses", "steps", "chosen_logps", "rejected_logps", "ref_chosen_logps", "ref_rejected_logps"):
+        torch.testing.assert_close(getattr(out, name), getattr(expected, name), rtol=1e-5, atol=1e-5)
+    for gradient, expected_gradient in zip(gradients, expected_gradients):
+        torch.testing.assert_close(gradient, expected_gradient, rtol=1e-4, atol=1e-6)
+    inputs = dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+    with torch.no_grad():
+        kls = [train.sequence_kl(*(models.completion_logits(m, inputs, batch.completion_mask, h) for m in (policy, reference)))
+               for h in (head, None)]
+    assert (kls[1] > 0).all()
+    torch.testing.assert_close(*kls)
+
+
+def test_the_loss_from_hidden_states_trains_as_the_loss_from_logits(tmp_path, monkeypatch, capsys):
+    """Two steps of train.py on a tiny soft-capped Gemma-2: the same metrics, the KL along samples included, to
+    float32 rounding; and the logits path says once that it is used."""
+    kind, config = FAMILIES[2]
+    model = tiny_model_folder(tmp_path / "model", kind=kind, **config)
+    # tiny_data's tokenizer (transformers would pick Gemma's tokenizer class for a Gemma-2 folder).
+    monkeypatch.setattr(train, "load_tokenizer", lambda name, trust, _real=train.load_tokenizer: _real(str(train.TINY_MODEL), trust))
+    dataset = write_jsonl(tmp_path / "pairs.jsonl", good_rows(10))
+    arguments = ["--model", model, "--dataset", str(dataset), "--eval-fraction", "0.2", "--batch-size", "4", "--max-steps", "2",
+                 "--epsilon", "0.3", "--lr", "1e-2", "--gold-reward", str(train.TINY_GOLD_REWARD), "--max-new-tokens", "4"]
+    train.main(["--output-dir", str(tmp_path / "hidden"), *arguments])
+    assert "the loss from full" not in capsys.readouterr().out
+    monkeypatch.setattr(models, "FROM_HIDDEN_STATES", False)
+    train.main(["--output-dir", str(tmp_path / "logits"), *arguments])
+    assert capsys.readouterr().out.count("the loss from full (2B, T, V) logits: models.FROM_HIDDEN_STATES is False") == 1
+    hidden, logits = read_metrics(tmp_path / "hidden"), read_metrics(tmp_path / "logits")
+    assert [(r["split"], r["step"]) for r in hidden] == [(r["split"], r["step"]) for r in logits] and len(hidden) == 4
+    assert any(r["rewards/margins"] != 0 for r in hidden) and any(r["kl"] > 0 for r in hidden if r["split"] == "eval")
+    for hidden_row, logits_row in zip(hidden, logits):
+        assert hidden_row.keys() == logits_row.keys()
+        for name, value in logits_row.items():
+            assert hidden_row[name] == (value if isinstance(value, str) else pytest.approx(value, rel=1e-4, abs=1e-6)), name
+
+
+def test_heads_that_are_not_a_plain_linear_map_use_the_logits_path():
+    from transformers import CohereConfig, CohereForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    sizes = dict(vocab_size=60, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                 num_key_value_heads=2)
+    input_ids = torch.tensor([[1, 5, 7, 9]])
+    cohere = CohereForCausalLM(CohereConfig(logit_scale=0.5, **sizes)).eval()                    # scaled logits
+    assert models.linear_head(cohere, input_ids) == (None, "its logits are not softcap(last hidden state @ output weight.T)")
+    with_bias = LlamaForCausalLM(LlamaConfig(tie_word_embeddings=False, **sizes)).eval()
+    with_bias.lm_head = torch.nn.Linear(16, 60)
+    assert models.linear_head(with_bias, input_ids) == (None, "its output layer is a Linear with a bias")

@@ -26,7 +26,8 @@ import torch
 import torch.distributed as dist
 
 import epsdpo
-from models import gathered_state_dict, held_bytes, init_distributed, local, precision, setup_models, sharded, tokenizer_name, training_mode
+from models import (completion_logits, gathered_state_dict, held_bytes, init_distributed, last_hidden_states, local, precision,
+                    setup_models, sharded, tokenizer_name, training_mode)
 from data import (NOISE_CODES, ReportedError, collate, collate_prompts, gold_score, load_gold_reward, load_splits,
                   load_tokenizer, micro_batches, tokenize_rows)
 from outputs import (StopNow, check_only_ours_replaced, claim_output_dir, frontier_points, load_checkpoint, our_checkpoints,
@@ -143,9 +144,16 @@ def parse_args(argv=None, report=False):
 # The loss of one micro-batch
 
 
-def forward(policy, reference, batch, beta, epsilon):
-    """One concatenated forward pass of chosen and rejected per model, then the ε-DPO loss."""
+def forward(policy, reference, batch, beta, epsilon, head=None):
+    """One concatenated forward pass of chosen and rejected per model, then the ε-DPO loss: from the last hidden
+    states when the output layer is a plain linear map (head, see models.linear_head), else from the logits."""
     inputs = dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+    if head:                                                            # never a (2B, T, V) tensor
+        hidden, weight = last_hidden_states(policy, inputs)                                         # (2B, T, H), (V, H)
+        with torch.no_grad():
+            ref_hidden, ref_weight = last_hidden_states(reference, inputs)
+        return epsdpo.epsilon_dpo_loss_from_hidden(hidden, weight, ref_hidden, ref_weight, batch.input_ids,
+                                                   batch.completion_mask, beta, epsilon, head.logit_softcap)
     logits = policy(**inputs).logits                                                                # (2B, T, V)
     with torch.no_grad():
         ref_logits = reference(**inputs).logits
@@ -188,8 +196,9 @@ def means(totals):
     return {name: (totals[i] / totals[0]).item() for i, name in enumerate(SUMS) if i}
 
 
-def sequence_kl(policy_logits, ref_logits, completion_mask):
+def sequence_kl(policy_logits, ref_logits):
     """Σ over the completion positions t of KL(π_θ(·|x, y<t) ‖ π_ref(·|x, y<t)), per sequence: (N,).
+    Takes, per sequence, the logits (m, V) at the positions that predict its completion (models.completion_logits).
 
     Along a completion y sampled from π_θ, this is an unbiased estimate of KL(π_θ(·|x) ‖ π_ref(·|x)) by
     the chain rule, like the sampled log-ratio log π_θ(y|x) − log π_ref(y|x); but it is never negative,
@@ -197,14 +206,14 @@ def sequence_kl(policy_logits, ref_logits, completion_mask):
     removes that token's share of the noise (not the share of which completion was drawn).
     """
     kls = []
-    for policy_row, ref_row, scored in zip(policy_logits[:, :-1], ref_logits[:, :-1], completion_mask[:, 1:].bool()):
-        log_p, log_q = policy_row[scored].float().log_softmax(-1), ref_row[scored].float().log_softmax(-1)
+    for policy_row, ref_row in zip(policy_logits, ref_logits):
+        log_p, log_q = policy_row.float().log_softmax(-1), ref_row.float().log_softmax(-1)
         kls.append((log_p.exp() * (log_p - log_q)).sum())
     return torch.stack(kls)
 
 
 @torch.no_grad()
-def sample_and_score(policy, reference, tokenizer, pairs, gold_reward, args, device):
+def sample_and_score(policy, reference, tokenizer, pairs, gold_reward, args, device, head=None):
     """One completion per prompt, sampled from the policy: [gold reward of each], [KL estimate of each]."""
     from transformers import GenerationConfig
 
@@ -230,14 +239,15 @@ def sample_and_score(policy, reference, tokenizer, pairs, gold_reward, args, dev
                     rewards.append(gold_score(gold_reward, pair["prompt"], tokenizer.decode(new, skip_special_tokens=True)))
                 batch = collate(samples, tokenizer.pad_token_id, device)   # scored right-padded, as in training
                 inputs = dict(input_ids=batch.input_ids[: len(samples)], attention_mask=batch.attention_mask[: len(samples)])
-                kls += sequence_kl(policy(**inputs).logits, reference(**inputs).logits, batch.completion_mask[: len(samples)]).tolist()
+                scored = batch.completion_mask[: len(samples)]
+                kls += sequence_kl(*(completion_logits(model, inputs, scored, head) for model in (policy, reference))).tolist()
     finally:
         policy.generation_config = model_defaults                      # saved with the model as it was
     return rewards, kls
 
 
 @torch.no_grad()
-def evaluate(policy, reference, tokenizer, eval_pairs, beta, gold_reward, args, device):
+def evaluate(policy, reference, tokenizer, eval_pairs, beta, gold_reward, args, device, head=None):
     """Metrics over the whole held-out split, with the current β (evaluation never moves β). Each rank
     takes its share of the pairs; the metrics are over all of them."""
     rank, ranks = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
@@ -248,8 +258,8 @@ def evaluate(policy, reference, tokenizer, eval_pairs, beta, gold_reward, args, 
     sums = torch.zeros(len(SUMS) + len(NOISE), dtype=torch.float64, device=device)
     for i in range(0, len(padded), args.eval_batch_size):
         batch = collate(padded[i : i + args.eval_batch_size], tokenizer.pad_token_id, device)
-        sums += pair_sums(forward(policy, reference, batch, beta, args.epsilon), batch.noise, pairs=len(shard) - i)
-    rewards, kls = sample_and_score(policy, reference, tokenizer, padded, gold_reward, args, device) if gold_reward else ([], [])
+        sums += pair_sums(forward(policy, reference, batch, beta, args.epsilon, head), batch.noise, pairs=len(shard) - i)
+    rewards, kls = sample_and_score(policy, reference, tokenizer, padded, gold_reward, args, device, head) if gold_reward else ([], [])
     rewards, kls = rewards[: len(shard)], kls[: len(shard)]
     sample_sums = torch.tensor([sum(rewards), sum(kls), len(rewards)], dtype=torch.float64, device=device)
     totals = across_ranks(torch.cat([sums[: len(SUMS)], sample_sums])).sum(0)
@@ -336,7 +346,8 @@ def train(args, label="ε-DPO", checkpoint=None):
             print(((f"resuming from {checkpoint[0]} at step {first_step}\n" if first_step <= total_steps else
                     f"{checkpoint[0]} is the run's last step; its final save did not complete: saving it\n") if checkpoint else "") +
                   f"{label}: {len(train_pairs)} train pairs, {len(eval_pairs)} held out, {total_steps} steps of "
-                  f"{pairs_per_step} pairs on {world_size} × {device}, β = {args.beta}, ε = {args.epsilon}{lora}")
+                  f"{pairs_per_step} pairs on {world_size} × {device}, β = {args.beta}, ε = {args.epsilon}{lora}" +
+                  ("" if models.head else f"\nthe loss from full (2B, T, V) logits: {models.head_note}"))
 
         def log(row):
             if rank == 0:
@@ -346,7 +357,7 @@ def train(args, label="ε-DPO", checkpoint=None):
 
         def log_evaluation(step):
             with autocast:
-                metrics = evaluate(policy, models.reference, tokenizer, eval_pairs, baseline_beta.value, gold_reward, args, device)
+                metrics = evaluate(policy, models.reference, tokenizer, eval_pairs, baseline_beta.value, gold_reward, args, device, models.head)
             log({"step": step, "split": "eval", "beta": baseline_beta.value, "lr": learning_rate(step + 1), **metrics})
 
         def save_checkpoint(step):
@@ -381,7 +392,7 @@ def train(args, label="ε-DPO", checkpoint=None):
                     batch = collate(next(batches), tokenizer.pad_token_id, device)
                     with models.no_sync(last_micro_batch=micro_batch == args.grad_accum - 1):
                         with autocast, training_mode(models.layers):
-                            out = forward(models.trained, models.reference, batch, beta, args.epsilon)
+                            out = forward(models.trained, models.reference, batch, beta, args.epsilon, models.head)
                         (out.loss / args.grad_accum).backward()
                     if not args.fixed_baseline_beta:
                         baseline_beta.observe(out.steps)

@@ -23,10 +23,9 @@ import epsdpo
 import models
 import train
 
-METRIC_KEYS = {"step", "split", "loss", "beta", "beta/pairs_mean", "steps/lower_beta", "steps/higher_beta",
-               "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
-               "logps/rejected", "lr"}
-QUICK = ["--batch-size", "4", "--eval-batch-size", "32", "--max-new-tokens", "8"]
+METRIC_KEYS = {"step", "split", "loss", "beta", "beta/pairs_mean", "s/weaker", "s/stronger", "rewards/chosen",
+               "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected", "h", "lr"}
+QUICK = ["--batch-size", "4", "--eval-batch-size", "32", "--max-new-tokens", "8", "--criterion-pairs", "0"]
 
 
 def read_metrics(output_dir):
@@ -54,7 +53,7 @@ def tiny_run(tmp_path_factory):
     """Three steps of ε-DPO on tiny_data with two micro-batches per step and a large ε, so β moves."""
     output_dir = tmp_path_factory.mktemp("tiny")
     train.main(["--output-dir", str(output_dir), "--max-steps", "3", "--eval-every", "2", "--grad-accum", "2",
-                "--epsilon", "0.3", "--lr", "1e-3", *QUICK])
+                "--epsilon", "0.3", "--lr", "1e-3", *QUICK, "--criterion-pairs", "64"])
     return output_dir
 
 
@@ -67,16 +66,21 @@ def test_the_demo_writes_every_metric_finite_for_every_step(tiny_run):
         assert all(math.isfinite(v) for v in row.values() if isinstance(v, float))
         if row["split"] == "eval":
             assert {"gold_reward", "kl"} <= row.keys()          # tiny_data has a gold reward
+        else:                                                   # tiny_data marks its noisy pairs: s by kind, per step
+            assert {"s/weaker/clean", "s/stronger/clean"} <= row.keys()
     assert rows[0]["kl"] == 0.0 and rows[0]["rewards/accuracies"] == 0.5   # the policy starts as the reference
 
 
 def test_the_demo_writes_a_summary_a_figure_and_a_model_that_reloads(tiny_run):
     summary = json.loads((tiny_run / "summary.json").read_text())
     assert summary["args"]["epsilon"] == 0.3 and summary["args"]["beta"] == 0.1 and summary["steps"] == 3
-    assert set(summary["steps_by_noise"]) == {"clean", "noisy"}
-    assert sum(group["pairs"] for group in summary["steps_by_noise"].values()) == 3 * 2 * 4
+    assert set(summary["s_by_noise"]) == {"clean", "noisy"}
+    assert sum(group["pairs"] for group in summary["s_by_noise"].values()) == 3 * 2 * 4
     assert summary["final"]["step"] == 3 and "gold_reward" in summary["final"]
-    assert (tiny_run / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for figure in ("curves.png", "criterion.png"):
+        assert (tiny_run / figure).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    criterion = summary["criterion"]                            # s on the final policy, against sign(h − ΔK) and sign(h)
+    assert criterion["pairs"] == 64 and all(0 <= criterion[key] <= 1 for key in ("s = sign(h − ΔK)", "s = sign(h)"))
 
     model = AutoModelForCausalLM.from_pretrained(tiny_run)
     tokenizer = AutoTokenizer.from_pretrained(tiny_run)
@@ -92,9 +96,9 @@ def test_beta_in_the_metrics_follows_method_section_5(tiny_run):
     epsilon = 0.3
     assert train_rows[0]["beta"] == 0.1
     for row, next_row in zip(train_rows, train_rows[1:] + [None]):
-        lower, higher = row["steps/lower_beta"], row["steps/higher_beta"]
+        weaker, stronger = row["s/weaker"], row["s/stronger"]
         # The mean β̃ over the 8 pairs of the step's two micro-batches.
-        mean_pair_beta = row["beta"] * (lower / (1 + epsilon) + higher / (1 - epsilon) + (1 - lower - higher))
+        mean_pair_beta = row["beta"] * (weaker / (1 + epsilon) + stronger / (1 - epsilon) + (1 - weaker - stronger))
         assert row["beta/pairs_mean"] == pytest.approx(mean_pair_beta, rel=1e-6)
         if next_row is not None:
             assert next_row["beta"] == row["beta/pairs_mean"]      # the next step uses it
@@ -110,7 +114,7 @@ def plain_dpo(policy_logits, ref_logits, input_ids, completion_mask, beta, epsil
     losses, chosen_rewards, rejected_rewards = epsdpo.dpo_loss(logps[:half], logps[half:], ref_logps[:half],
                                                                ref_logps[half:], beta)
     return epsdpo.EpsilonDPOOutput(
-        loss=losses.mean(), losses=losses, pair_betas=torch.full((half,), beta), steps=torch.zeros(half, dtype=torch.long),
+        loss=losses.mean(), losses=losses, pair_betas=torch.full((half,), beta), s=torch.zeros(half, dtype=torch.long),
         chosen_rewards=chosen_rewards, rejected_rewards=rejected_rewards, chosen_logps=logps[:half],
         rejected_logps=logps[half:], ref_chosen_logps=ref_logps[:half], ref_rejected_logps=ref_logps[half:],
     )
@@ -159,7 +163,7 @@ def test_standard_jsonl_from_a_local_model_folder(tmp_path, local_model):
     summary = json.loads((output_dir / "summary.json").read_text())
     assert (summary["train_pairs"], summary["eval_pairs"]) == (32, 8)   # no test split: 20 % held out
     assert "gold_reward" not in summary["final"]                       # no gold reward for other data
-    assert summary["steps_by_noise"].keys() == {"all"}
+    assert summary["s_by_noise"].keys() == {"all"}
     assert AutoModelForCausalLM.from_pretrained(output_dir) is not None
 
 
@@ -644,7 +648,7 @@ def test_bf16_is_mixed_precision_so_a_small_learning_rate_moves_the_weights_as_i
     float32_rows, bfloat16_rows = (read_metrics(tmp_path / run) for run in ("float32", "bfloat16"))
     # At the start the bf16 reference computes the policy's logits bit for bit: a tie, every s 0 (METHOD §6).
     start = bfloat16_rows[0]
-    assert (start["rewards/margins"], start["steps/lower_beta"], start["steps/higher_beta"], start["loss"]) == \
+    assert (start["rewards/margins"], start["s/weaker"], start["s/stronger"], start["loss"]) == \
         (0.0, 0.0, 0.0, float32_rows[0]["loss"])
     for float32_row, bfloat16_row in zip(float32_rows[1:], bfloat16_rows[1:]):              # the training steps
         assert bfloat16_row["loss"] == pytest.approx(float32_row["loss"], abs=2**-8)      # within bf16's rounding
@@ -1128,4 +1132,4 @@ def test_the_bf16_reference_holds_every_product_weight_in_bf16_and_starts_bit_fo
             logits, ref_logits = policy(input_ids).logits, reference(input_ids).logits
         assert torch.equal(logits, ref_logits), name
         out = epsdpo.epsilon_dpo_loss(logits, ref_logits, input_ids, completion_mask, 0.1, 0.5)
-        assert (out.steps == 0).all() and torch.equal(out.losses, -torch.nn.functional.logsigmoid(torch.zeros(2))), name
+        assert (out.s == 0).all() and torch.equal(out.losses, -torch.nn.functional.logsigmoid(torch.zeros(2))), name

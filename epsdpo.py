@@ -48,7 +48,7 @@ runs as written from the repository's root (tiny_data/model is the demo's 60-wor
                 ref_logits = reference(ids, attention_mask=attention).logits
             out = epsilon_dpo_loss(logits, ref_logits, ids, completion, baseline_beta)   # β and ε from it
             (out.loss / len(micro_batches)).backward()
-            baseline_beta.observe(out.s)        # every micro-batch: its s count towards this step's β
+            baseline_beta.observe(out.s)        # every micro-batch; under DDP each rank observes its own pairs
         optimizer.step()
         optimizer.zero_grad()
         baseline_beta.step()                    # after every optimizer step; under DDP on every rank, every

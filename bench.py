@@ -113,10 +113,10 @@ def naive_epsilon_dpo_loss(logits, ref_logits, input_ids, completion_mask, basel
     weaker_logps = naive_logps(ref_logits + (1 + EPSILON) * (logits - ref_logits), input_ids, completion_mask)
     stronger_logps = naive_logps(ref_logits + (1 - EPSILON) * (logits - ref_logits), input_ids, completion_mask)
     z_theta, z_weaker, z_stronger = (x[:half] - x[half:] for x in (logps, weaker_logps, stronger_logps))
-    steps = ((z_weaker > z_theta) & (z_theta > z_stronger)).long() - ((z_weaker < z_theta) & (z_theta < z_stronger)).long()
-    baseline_beta.observe(steps)
+    s = ((z_weaker > z_theta) & (z_theta > z_stronger)).long() - ((z_weaker < z_theta) & (z_theta < z_stronger)).long()
+    baseline_beta.observe(s)
     margins = z_theta - (ref_logps[:half] - ref_logps[half:])
-    return -F.logsigmoid(baseline_beta.value / (1 + EPSILON * steps) * margins).mean()
+    return -F.logsigmoid(baseline_beta.value / (1 + EPSILON * s) * margins).mean()
 
 
 def make_step(variant, policy, reference, input_ids, attention_mask, completion_mask):
@@ -142,7 +142,7 @@ def make_step(variant, policy, reference, input_ids, attention_mask, completion_
                 return (hidden * 0).sum()
             out = epsdpo.epsilon_dpo_loss_from_hidden(hidden, weight, ref_hidden, ref_weight, input_ids, completion_mask,
                                                       baseline_beta.value, EPSILON)
-            baseline_beta.observe(out.steps)
+            baseline_beta.observe(out.s)
             return out.loss
         logits = policy(**model_inputs).logits
         if variant == "dpo-precomputed":
@@ -154,7 +154,7 @@ def make_step(variant, policy, reference, input_ids, attention_mask, completion_
                                  epsdpo.sequence_logps(ref_logits, input_ids, completion_mask))
         if variant == "epsilon-dpo":
             out = epsdpo.epsilon_dpo_loss(logits, ref_logits, input_ids, completion_mask, baseline_beta.value, EPSILON)
-            baseline_beta.observe(out.steps)
+            baseline_beta.observe(out.s)
             return out.loss
         return naive_epsilon_dpo_loss(logits, ref_logits, input_ids, completion_mask, baseline_beta)
 
@@ -274,7 +274,7 @@ def measure_extra_work(shape, device, warmup, repeats):
     del policy_rows, ref_rows, weaker_rows, stronger_rows
 
     # What epsdpo.py adds to a DPO step, alone and so without the noise of a whole step: the decision
-    # (epsilon_steps, given the policy's log-probabilities the step has already computed).
+    # (criterion, given the policy's log-probabilities the step has already computed).
     with torch.no_grad(), models.precision("auto", device) or contextlib.nullcontext():
         logits = policy(input_ids=input_ids, attention_mask=attention_mask).logits
         ref_logits = reference(input_ids=input_ids, attention_mask=attention_mask).logits
@@ -283,7 +283,7 @@ def measure_extra_work(shape, device, warmup, repeats):
     for _ in range(warmup + repeats):
         _synchronize(device)
         start = time.perf_counter()
-        epsdpo.epsilon_steps(logits, ref_logits, input_ids, completion_mask, EPSILON, logps)
+        epsdpo.criterion(logits, ref_logits, input_ids, completion_mask, EPSILON, logps)
         _synchronize(device)
         times.append(time.perf_counter() - start)
 
@@ -366,7 +366,7 @@ def print_run(run_report):
     for variant, figures in run_report["variants"].items():
         print(f"{variant:18}{figures['median_s'] * 1000:>11.1f} ms{figures['peak_mib']:>10.0f} MiB")
     print(f"{'inherent extra':18}{inherent['median_s'] * 1000:>11.1f} ms   (one subtraction, two logsumexps)")
-    print(f"{'ε-DPO decision':18}{inherent['decision_s'] * 1000:>11.1f} ms   (epsdpo.epsilon_steps alone)")
+    print(f"{'ε-DPO decision':18}{inherent['decision_s'] * 1000:>11.1f} ms   (epsdpo.criterion alone)")
     low, high = run_report["extra_time_middle_half_s"]
     print(f"{'ε-DPO − DPO step':18}{run_report['extra_time_s'] * 1000:>11.1f} ms   "
           f"(median over rounds; middle half {low * 1000:.0f} to {high * 1000:.0f} ms)")

@@ -3,28 +3,65 @@
 Reference: Lee et al., "KL Penalty Control via Perturbation for Direct Preference Optimization"
 (arXiv 2502.13177, NeurIPS 2025), built on Rafailov et al., "Direct Preference Optimization" (2023).
 
-The module reads top to bottom in the order of the method:
+For each pair (prompt x, chosen y_w, rejected y_l), with z = log π(y_w|x) − log π(y_l|x):
+
+    z_θ, γ      z of the policy and of the reference;  h = z_θ − γ, the margin;  DPO's loss is −log σ(β h)
+    z⁻, z⁺      z of the policies estimated for the weaker penalty β/(1+ε) and the stronger β/(1−ε),
+                from the logits f_λ = f_ref + λ (f_θ − f_ref) with λ = 1+ε and λ = 1−ε
+    s           +1 if z⁻ > z_θ > z⁺ (z grows as β shrinks), −1 if z⁻ < z_θ < z⁺, 0 otherwise
+    β̃ = β/(1 + ε s), the pair's β;  the loss is −log σ(β̃ h);  after each optimizer step β ← mean β̃
+
+plain_epsilon_dpo_loss, first below, is all of it in 20 lines of plain torch. Sections 1 to 6 then
+compute the same thing at scale, in the order of the method (tests check them equal to it):
   1. sequence_logps      log π(y|x), summed over completion tokens only
   2. dpo_loss            −log σ(β h) and the implicit rewards
   3. perturbed_logps     log π̂_λ(y|x) for λ = 1 ± ε, estimated from the logits alone
-  4. epsilon_steps       the criterion s ∈ {−1, 0, +1};  pair_betas: β̃ = β / (1 + ε s)
+  4. criterion           s ∈ {−1, 0, +1};  pair_betas: β̃ = β / (1 + ε s)
   5. BaselineBeta        β ← mean of β̃ over every pair of an optimizer step
   6. epsilon_dpo_loss    one whole step: all of the above in one call
   7. epsilon_dpo_loss_from_hidden   the same step from the last hidden states, at 128k–256k vocabularies:
                          never a (2B, T, V) logits tensor
 
-It depends on torch alone and takes plain tensors, so it can be copied into any training loop:
+It depends on torch alone and takes plain tensors, so it can be copied into any training loop. This
+runs as written from the repository's root (tiny_data/model is the demo's 60-word model):
 
-    logits = policy(input_ids).logits                      # (2B, T, V): B chosen rows, then B rejected
-    with torch.no_grad():
-        ref_logits = reference(input_ids).logits
-    out = epsilon_dpo_loss(logits, ref_logits, input_ids, completion_mask, baseline.value, epsilon)
-    out.loss.backward()
-    baseline.observe(out.steps)                            # once per micro-batch
-    optimizer.step(); baseline.step()                      # once per optimizer step
+    import torch
+    from transformers import AutoModelForCausalLM
+    from epsdpo import BaselineBeta, epsilon_dpo_loss
 
-Each public function checks its input and raises ValueError saying what is wrong; the computation it
-describes is in the private function below it, which epsilon_dpo_loss calls without checking twice.
+    policy = AutoModelForCausalLM.from_pretrained("tiny_data/model").eval()        # eval(): dropout off
+    reference = AutoModelForCausalLM.from_pretrained("tiny_data/model").eval().requires_grad_(False)
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-3)
+    baseline_beta = BaselineBeta(beta=0.1, epsilon=0.01)
+
+    # One pair (B = 1), as the tiny tokenizer writes it: row 0 is prompt + chosen, row B = 1 prompt + rejected.
+    prompt, chosen, rejected = [1, 4, 5, 6, 11, 7], [6, 24, 9, 10, 38, 8, 2], [6, 24, 9, 46, 8, 2]
+    #   <s> review of the kettle :     the price is very great . </s>   the price is awful . </s>
+    input_ids = torch.tensor([prompt + chosen, prompt + rejected + [0]])       # right-padded with the pad id 0
+    attention_mask = torch.tensor([[1] * 13, [1] * 12 + [0]])
+    completion_mask = torch.tensor([[0] * 6 + [1] * 7,                         # not shifted: 1 on each completion
+                                    [0] * 6 + [1] * 6 + [0]])                  # token, EOS included
+    micro_batches = [(input_ids, attention_mask, completion_mask)] * 2    # gradient accumulation over 2
+
+    for step in range(3):
+        for ids, attention, completion in micro_batches:
+            logits = policy(ids, attention_mask=attention).logits                    # (2B, T, V)
+            with torch.no_grad():
+                ref_logits = reference(ids, attention_mask=attention).logits
+            out = epsilon_dpo_loss(logits, ref_logits, ids, completion, baseline_beta)   # β and ε from it
+            (out.loss / len(micro_batches)).backward()
+            baseline_beta.observe(out.s)        # every micro-batch; under DDP each rank observes its own pairs
+        optimizer.step()
+        optimizer.zero_grad()
+        baseline_beta.step()                    # after every optimizer step; under DDP on every rank, every
+                                                # step: it is a collective (all-reduce), a rank that skips it hangs
+
+Conventions: the B chosen rows come first, then the B rejected ones, in the same order; rows are right-
+padded; completion_mask is aligned with input_ids (not shifted) and is 1 on every completion token,
+EOS included; both models run without dropout (in train mode the two forward passes differ by noise,
+and s is no longer 0 at the start nor a function of the policy). Each public function checks its input
+and raises ValueError saying what is wrong; the computation it describes is in the private function
+below it, which epsilon_dpo_loss calls without checking twice.
 """
 
 import numbers
@@ -33,6 +70,49 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+
+
+# ----------------------------------------------------------------------------------------------------
+# The method in plain torch
+
+
+def plain_epsilon_dpo_loss(policy_logits, ref_logits, input_ids, completion_mask, beta, epsilon):
+    """ε-DPO on full logits, in plain torch: the whole method, to read first.
+
+    Shapes: policy_logits and ref_logits (2B, T, V), the B chosen sequences then the B rejected ones;
+    input_ids and completion_mask (2B, T); beta the baseline β > 0; 0 ≤ epsilon < 1.
+    Returns (loss, s, pair_betas): the mean loss (a scalar), s (B,) in {−1, 0, +1} and β̃ (B,).
+
+    It checks nothing and makes float32 copies of the whole (2B, T, V) logits: epsilon_dpo_loss (section
+    6) computes the same loss, s and gradients from the completion positions alone, one row at a time.
+    """
+    num_pairs = policy_logits.shape[0] // 2
+    dtype = torch.promote_types(policy_logits.dtype, torch.float32)  # float32 at least: bf16 would lose ε (f_θ − f_ref)
+    policy, ref = policy_logits.to(dtype), ref_logits.to(dtype)
+    next_tokens, scored = input_ids[:, 1:, None], completion_mask[:, 1:] == 1   # the logits at t predict token t + 1
+
+    def log_ratio(logits):   # z = log π(y_w|x) − log π(y_l|x), with log π(y|x) = Σ_completion log softmax(f)[y]: (B,)
+        token_logps = logits[:, :-1].log_softmax(-1).gather(-1, next_tokens).squeeze(-1)      # (2B, T-1)
+        logps = torch.where(scored, token_logps, 0).sum(-1)                                     # (2B,)
+        return logps[:num_pairs] - logps[num_pairs:]
+
+    z_theta, gamma = log_ratio(policy), log_ratio(ref)
+    h = z_theta - gamma                                               # the margin: DPO's loss is −log σ(β h)
+    with torch.no_grad():                                             # no gradient flows through the decision
+        z_weaker = log_ratio(torch.lerp(ref, policy, 1 + epsilon))    # z⁻: f_ref + (1+ε)(f_θ − f_ref), for β/(1+ε)
+        z_stronger = log_ratio(torch.lerp(ref, policy, 1 - epsilon))  # z⁺: f_ref + (1−ε)(f_θ − f_ref), for β/(1−ε)
+        weaker = (z_weaker > z_theta) & (z_theta > z_stronger)        # z grows as β shrinks: the weaker penalty
+        stronger = (z_weaker < z_theta) & (z_theta < z_stronger)      # z grows as β grows: the stronger penalty
+        s = weaker.long() - stronger.long()                           # ties and non-monotone cases: 0
+    pair_betas = beta / (1 + epsilon * s)                             # β̃: β/(1+ε), β/(1−ε) or β
+    loss = -F.logsigmoid(pair_betas * h).mean()
+    return loss, s, pair_betas
+
+
+# ----------------------------------------------------------------------------------------------------
+# The same method at scale: sections 1 to 6 compute what plain_epsilon_dpo_loss computes, without ever
+# holding a float32 copy of the (2B, T, V) logits, with one host synchronization per call, and with a
+# number of torch operations that follows the rows of the batch, not the vocabulary.
 
 # The full-vocabulary work (log-softmax normalizers, perturbed logits) runs over one row's completion
 # positions at a time, split only where a row holds more than this many bytes of float32 logits
@@ -111,6 +191,28 @@ def _check_pairs(policy_logits, ref_logits, input_ids, completion_mask):
 # 1. Sequence log-probabilities
 
 
+def sequence_logps(logits, input_ids, completion_mask):
+    """Sum of the log-probabilities of the completion tokens of each sequence.
+
+    Shapes: logits (N, T, V), the model's outputs for input_ids (N, T); completion_mask (N, T), 1 on the
+    completion tokens of input_ids, 0 elsewhere. Returns (N,), float32 (float64 for float64 logits).
+
+        log π(y|x) = Σ_i log softmax(f(x, y_<i))[y_i]      i over the completion tokens only
+
+    What plain_epsilon_dpo_loss computes with a log-softmax and a gather, without its float32 (N, T, V)
+    copy: the log-normalizers are taken one row's completion at a time (CHUNK_BYTES), and backward
+    rebuilds the softmax the same way.
+    A sum, not a mean: DPO's β is defined for the sum. Positions off the mask (prompt, padding) never
+    reach the result, whatever their tokens or logits; a row with no completion token gives 0.
+    """
+    _check_sequences(logits, input_ids, completion_mask)
+    positions = _scored_positions(input_ids, completion_mask, logits.shape[-1], _compute_dtype(logits).itemsize)
+    return _CompletionLogps.apply(logits, positions)
+
+
+# How sequence_logps does it: find the scored positions once, then work a row's completion at a time.
+
+
 @dataclass
 class _Positions:
     """Where the logits score a completion token, found once per batch.
@@ -144,14 +246,14 @@ def _scored_positions(input_ids, completion_mask, vocab_size, itemsize):
     mask_on = completion_mask != 0
     scored, next_tokens = mask_on[:, 1:], input_ids[:, 1:]                     # (N, T-1)
     token_position = torch.arange(length, device=input_ids.device)
-    facts = torch.cat([
-        torch.stack([(mask_on & (completion_mask != 1)).any(),                 # a mask value not 0 or 1
-                     mask_on[:, 0].any(),                                       # a completion at position 0
-                     (scored & ((next_tokens < 0) | (next_tokens >= vocab_size))).any()]).long(),
-        torch.where(mask_on, token_position, length).amin(-1) - 1,             # first scored position (T-1: none)
-        torch.where(mask_on, token_position, 0).amax(-1) - 1,                  # last scored position (−1: none)
-    ]).tolist()
-    bad_values, first_token_scored, bad_ids = facts[:3]
+    problems = torch.stack([(mask_on & (completion_mask != 1)).any(),            # a mask value not 0 or 1
+                            mask_on[:, 0].any(),                                  # a completion at position 0
+                            (scored & ((next_tokens < 0) | (next_tokens >= vocab_size))).any()])
+    first_scored = torch.where(mask_on, token_position, length).amin(-1) - 1      # (N,) T-1 for a row without any
+    last_scored = torch.where(mask_on, token_position, 0).amax(-1) - 1           # (N,) −1 for a row without any
+    # All the host needs, in one tensor: one .tolist(), one wait for the device.
+    on_host = torch.cat([problems.long(), first_scored, last_scored]).tolist()
+    (bad_values, first_token_scored, bad_ids), firsts, lasts = on_host[:3], on_host[3 : 3 + num_rows], on_host[3 + num_rows :]
     if bad_values:
         raise ValueError(f"completion_mask must hold only 0 and 1, got {completion_mask.unique().tolist()[:8]}")
     if first_token_scored:
@@ -162,10 +264,9 @@ def _scored_positions(input_ids, completion_mask, vocab_size, itemsize):
         raise ValueError(f"input_ids must be in [0, {vocab_size}) wherever completion_mask is 1, got {wrong.tolist()[:8]}")
 
     longest = max(1, CHUNK_BYTES // (vocab_size * itemsize))
-    bounds = list(zip(facts[3 : 3 + num_rows], facts[3 + num_rows :]))                 # (first, last) per row
-    spans = [(row, first, last + 1) for row, (first, last) in enumerate(bounds) if first <= last]
+    spans = [(row, first, last + 1) for row, (first, last) in enumerate(zip(firsts, lasts)) if first <= last]
     chunks = [(row, start, min(start + longest, stop)) for row, first, stop in spans for start in range(first, stop, longest)]
-    empty_rows = [row for row, (first, last) in enumerate(bounds) if last < first]
+    empty_rows = [row for row, (first, last) in enumerate(zip(firsts, lasts)) if last < first]
     return _Positions(scored, torch.where(scored, next_tokens, 0).long(), chunks, empty_rows, spans)    # int32 ids too
 
 
@@ -231,29 +332,6 @@ class _CompletionLogps(torch.autograd.Function):
             softmax_minus_onehot = softmax.scatter_(-1, target_rows[row][start:stop], -1.0, reduce="add")
             grad_rows[row][start:stop] = softmax_minus_onehot.mul_(minus_grad_rows[row][start:stop])
         return grad_logits, None
-
-
-def sequence_logps(logits, input_ids, completion_mask):
-    """Sum of the log-probabilities of the completion tokens of each sequence.
-
-    Shapes: logits (N, T, V), the model's outputs for input_ids (N, T); completion_mask (N, T), 1 on the
-    completion tokens of input_ids, 0 elsewhere. Returns (N,), float32 (float64 for float64 logits).
-
-        log π(y|x) = Σ_i log softmax(f(x, y_<i))[y_i]      i over the completion tokens only
-
-    In plain torch, with the shift by one (the logits at t predict the token at t + 1):
-
-        token_logps = logits[:, :-1].float().log_softmax(-1).gather(-1, input_ids[:, 1:, None]).squeeze(-1)
-        logps = (token_logps * completion_mask[:, 1:]).sum(-1)
-
-    which is what this computes, without that float32 (N, T, V) log-softmax: the normalizers are taken
-    one row's completion at a time (CHUNK_BYTES), and backward rebuilds the softmax the same way.
-    A sum, not a mean: DPO's β is defined for the sum. Positions off the mask (prompt, padding) never
-    reach the result, whatever their tokens or logits; a row with no completion token gives 0.
-    """
-    _check_sequences(logits, input_ids, completion_mask)
-    positions = _scored_positions(input_ids, completion_mask, logits.shape[-1], _compute_dtype(logits).itemsize)
-    return _CompletionLogps.apply(logits, positions)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -350,21 +428,23 @@ def _perturbed_logps(policy_logits, ref_logits, positions, epsilon):
 # 4. The criterion and the per-pair β (paper Eq. 5)
 
 
-def epsilon_steps(policy_logits, ref_logits, input_ids, completion_mask, epsilon, policy_logps=None):
-    """The direction s ∈ {−1, 0, +1} in which each pair's β moves.
+def criterion(policy_logits, ref_logits, input_ids, completion_mask, epsilon, policy_logps=None):
+    """The criterion s ∈ {−1, 0, +1} of each pair: +1 asks for the weaker penalty, −1 for the stronger.
 
     Shapes: policy_logits and ref_logits (2B, T, V); input_ids and completion_mask (2B, T), the B chosen
     sequences followed by the B rejected ones (one concatenated forward pass). Returns a LongTensor (B,).
     policy_logps (2B,), optional: the policy's own sequence log-probabilities, if the caller has them.
 
         z_θ = log π_θ(y_w) − log π_θ(y_l),   z⁻, z⁺ the same under λ = 1+ε and λ = 1−ε
-        s = +1   if z⁻ > z_θ > z⁺   the preference logit grows as β shrinks: use β/(1+ε)
-        s = −1   if z⁻ < z_θ < z⁺   the preference logit grows as β grows:   use β/(1−ε)
+        s = +1   if z⁻ > z_θ > z⁺   z grows as β shrinks: the weaker penalty β/(1+ε)
+        s = −1   if z⁻ < z_θ < z⁺   z grows as β grows:   the stronger penalty β/(1−ε)
         s =  0   otherwise          ties and non-monotone cases keep β
 
     The reference's log-ratio γ and the factor β would shift or scale all three alike, so the raw
     policy log-ratios are compared. No gradient flows through the decision. A pair whose chosen or
     rejected sequence has no completion token is refused (ValueError naming the pair and the row).
+    To first order in ε, s = sign(h − (K_w − K_l)), with K the KL(π_θ‖π_ref) summed along a completion
+    (README: "Why it works").
     """
     _check_pairs(policy_logits, ref_logits, input_ids, completion_mask)
     epsilon = _check_epsilon(epsilon)
@@ -379,17 +459,17 @@ def epsilon_steps(policy_logits, ref_logits, input_ids, completion_mask, epsilon
     if policy_logps is None:
         with torch.no_grad():
             policy_logps = _CompletionLogps.apply(policy_logits, positions)
-    return _epsilon_steps(policy_logits, ref_logits, positions, epsilon, policy_logps)
+    return _criterion(policy_logits, ref_logits, positions, epsilon, policy_logps)
 
 
 @torch.no_grad()
-def _epsilon_steps(policy_logits, ref_logits, positions, epsilon, policy_logps):
+def _criterion(policy_logits, ref_logits, positions, epsilon, policy_logps):
     weaker_logps, stronger_logps = _perturbed_logps(policy_logits, ref_logits, positions, epsilon)
-    return _criterion(policy_logps, weaker_logps, stronger_logps)
+    return _criterion_from_logps(policy_logps, weaker_logps, stronger_logps)
 
 
 @torch.no_grad()
-def _criterion(policy_logps, weaker_logps, stronger_logps):
+def _criterion_from_logps(policy_logps, weaker_logps, stronger_logps):
     """s (B,) from the sequence log-probabilities (2B,) of the policy and of the two perturbed policies."""
     num_pairs = policy_logps.shape[0] // 2
 
@@ -399,29 +479,29 @@ def _criterion(policy_logps, weaker_logps, stronger_logps):
     z_theta = log_ratios(policy_logps.detach().to(weaker_logps.dtype))
     z_weaker, z_stronger = log_ratios(weaker_logps), log_ratios(stronger_logps)
 
-    relax = (z_weaker > z_theta) & (z_theta > z_stronger)                 # s = +1
-    tighten = (z_weaker < z_theta) & (z_theta < z_stronger)               # s = −1
-    return relax.long() - tighten.long()
+    weaker = (z_weaker > z_theta) & (z_theta > z_stronger)                # s = +1
+    stronger = (z_weaker < z_theta) & (z_theta < z_stronger)              # s = −1
+    return weaker.long() - stronger.long()
 
 
-def pair_betas(beta, steps, epsilon):
+def pair_betas(beta, s, epsilon):
     """The β of each pair: β̃ = β / (1 + ε s).
 
-    Shapes: beta a number (the baseline β), steps (B,) in {−1, 0, +1}. Returns (B,) float32.
+    Shapes: beta a number (the baseline β), s (B,) in {−1, 0, +1}. Returns (B,) float32.
     s = +1 gives β/(1+ε), s = −1 gives β/(1−ε), s = 0 gives β.
     """
     beta, epsilon = _check_beta(beta), _check_epsilon(epsilon)
     if isinstance(beta, torch.Tensor) and beta.dim() != 0:
         raise ValueError(f"beta must be one number (the baseline β), got shape {tuple(beta.shape)}")
-    if isinstance(steps, torch.Tensor):
-        _check_on(steps, "steps", None)
-    if not isinstance(steps, torch.Tensor) or steps.is_floating_point() or ((steps < -1) | (steps > 1)).any():
-        raise ValueError(f"steps must be an integer tensor of -1, 0 and +1, got {steps!r}"[:200])
-    return _pair_betas(beta, steps, epsilon)
+    if isinstance(s, torch.Tensor):
+        _check_on(s, "s", None)
+    if not isinstance(s, torch.Tensor) or s.is_floating_point() or ((s < -1) | (s > 1)).any():
+        raise ValueError(f"s must be an integer tensor of -1, 0 and +1, got {s!r}"[:200])
+    return _pair_betas(beta, s, epsilon)
 
 
-def _pair_betas(beta, steps, epsilon):
-    return beta / (1 + epsilon * steps.to(torch.float32))
+def _pair_betas(beta, s, epsilon):
+    return beta / (1 + epsilon * s.to(torch.float32))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -433,13 +513,14 @@ class BaselineBeta:
 
         β ← mean_i β̃_i = β · mean_i 1 / (1 + ε s_i)
 
-    over every pair of the step: call observe(steps) for each micro-batch of gradient accumulation, then
+    over every pair of the step: call observe(s) for each micro-batch of gradient accumulation, then
     step() once after optimizer.step(). When torch.distributed is initialized, step() sums the counts over
-    all ranks (one all-reduce), so every rank gets the same β. Evaluation must not call observe().
+    all ranks (one all-reduce), so every rank gets the same β: it is a collective, which every rank must
+    call after every optimizer step, or the others wait for it forever. Evaluation must not call observe().
 
     Why count s instead of averaging β̃: since all β̃ of one step are β/(1+ε), β or β/(1−ε), the mean is
     exact from three integer counts, which add exactly across micro-batches and ranks; at ε = 0 β stays
-    bit for bit what it was. The counts stay on the device of the steps until step(), so observe() never
+    bit for bit what it was. The counts stay on the device of s until step(), so observe() never
     waits for the GPU; under NCCL, step() reduces them there. device: where the counts are before the first
     observe() (a loop that calls step() without observe() under NCCL gives this rank's GPU). (The authors'
     released trainer uses β / (1 + ε mean_i s_i) instead; the two agree to first order in ε.)
@@ -452,34 +533,34 @@ class BaselineBeta:
         self.counts = torch.zeros(3, dtype=torch.int64, device=device)    # pairs seen with s = +1, 0, −1 since the last step
         self.seen = 0                                                     # pairs observed since the last step
 
-    def observe(self, steps):
-        """Record the steps s (B,) of one micro-batch; step() checks that each was −1, 0 or +1."""
-        if not (isinstance(steps, torch.Tensor) and not steps.is_floating_point() and steps.dtype != torch.bool):
-            raise ValueError(f"steps must be an integer tensor of -1, 0 and +1, got {getattr(steps, 'dtype', type(steps).__name__)}")
-        _check_on(steps, "steps", None)
-        steps = steps.detach()
-        self.counts = self.counts.to(steps.device) + torch.stack([(steps == s).sum() for s in (1, 0, -1)])
-        self.seen += steps.numel()
+    def observe(self, s):
+        """Record the criterion s (B,) of one micro-batch; step() checks that each was −1, 0 or +1."""
+        if not (isinstance(s, torch.Tensor) and not s.is_floating_point() and s.dtype != torch.bool):
+            raise ValueError(f"s must be an integer tensor of -1, 0 and +1, got {getattr(s, 'dtype', type(s).__name__)}")
+        _check_on(s, "s", None)
+        s = s.detach()
+        self.counts = self.counts.to(s.device) + torch.stack([(s == value).sum() for value in (1, 0, -1)])
+        self.seen += s.numel()
 
     def step(self):
         """Move β to the mean β̃ of everything observed since the last step; returns the new β."""
         counts = torch.cat([self.counts, torch.tensor([self.seen], device=self.counts.device)])
         if dist.is_available() and dist.is_initialized():
-            # Gloo and MPI reduce on the host; NCCL on the GPU the counts are on (the steps'), never on
+            # Gloo and MPI reduce on the host; NCCL on the GPU the counts are on (those of s), never on
             # torch.cuda.current_device(): in a loop that never calls set_device, that is GPU 0 on every rank.
             backend = dist.get_backend()
             if backend in ("gloo", "mpi"):
                 counts = counts.cpu()
             elif counts.device.type == "cpu" and "gloo" not in backend:
-                raise ValueError(f"under {backend} the counts must be on this rank's GPU: observe() the steps there, "
+                raise ValueError(f"under {backend} the counts must be on this rank's GPU: observe() s there, "
                                  f"or create BaselineBeta(beta, epsilon, device=...) for a step() with nothing observed")
             dist.all_reduce(counts)                                          # sum over ranks, exactly
-        relaxed, kept, tightened, seen = counts.tolist()
-        if relaxed + kept + tightened != seen:
-            raise ValueError(f"steps must all be -1, 0 or +1: {seen - relaxed - kept - tightened} of the {seen} "
+        weaker, kept, stronger, seen = counts.tolist()
+        if weaker + kept + stronger != seen:
+            raise ValueError(f"s must all be -1, 0 or +1: {seen - weaker - kept - stronger} of the {seen} "
                              f"observed since the last step were not")
         if seen:                                                             # no pair seen: β stays
-            mean_factor = (relaxed / (1 + self.epsilon) + kept + tightened / (1 - self.epsilon)) / seen
+            mean_factor = (weaker / (1 + self.epsilon) + kept + stronger / (1 - self.epsilon)) / seen
             self.value = self.value * mean_factor
         self.counts, self.seen = torch.zeros_like(self.counts), 0
         return self.value
@@ -502,6 +583,18 @@ class BaselineBeta:
         self.counts, self.seen = torch.tensor(counts, dtype=torch.int64, device=self.counts.device), sum(counts)
 
 
+def _beta_and_epsilon(beta, epsilon):
+    """(β, ε) from a BaselineBeta, refusing an ε that is not its own; or as given."""
+    if isinstance(beta, BaselineBeta):
+        if epsilon is not None and epsilon != beta.epsilon:
+            raise ValueError(f"epsilon {epsilon!r} differs from the BaselineBeta's {beta.epsilon}: "
+                             f"pass the BaselineBeta alone, and it gives both")
+        return beta.value, beta.epsilon
+    if epsilon is None:
+        raise ValueError("epsilon is required when beta is a number (or pass the BaselineBeta as beta)")
+    return beta, epsilon
+
+
 # ----------------------------------------------------------------------------------------------------
 # 6. One whole step
 
@@ -513,7 +606,7 @@ class EpsilonDPOOutput:
     loss: torch.Tensor               # mean of losses: call .backward() on it
     losses: torch.Tensor             # −log σ(β̃ h) per pair
     pair_betas: torch.Tensor         # β̃ = β / (1 + ε s), held constant in the loss
-    steps: torch.Tensor              # s ∈ {−1, 0, +1}
+    s: torch.Tensor                  # the criterion, ∈ {−1, 0, +1}
     chosen_rewards: torch.Tensor     # β̃ (log π_θ(y_w) − log π_ref(y_w)), detached
     rejected_rewards: torch.Tensor   # β̃ (log π_θ(y_l) − log π_ref(y_l)), detached
     chosen_logps: torch.Tensor       # log π_θ(y_w), differentiable
@@ -522,22 +615,24 @@ class EpsilonDPOOutput:
     ref_rejected_logps: torch.Tensor # log π_ref(y_l)
 
 
-def epsilon_dpo_loss(policy_logits, ref_logits, input_ids, completion_mask, beta, epsilon):
+def epsilon_dpo_loss(policy_logits, ref_logits, input_ids, completion_mask, beta, epsilon=None):
     """The ε-DPO loss of a batch of pairs, from the logits of one concatenated forward pass per model.
 
     Shapes: policy_logits and ref_logits (2B, T, V), the B chosen sequences followed by the B rejected
-    ones; input_ids and completion_mask (2B, T); beta the baseline β (a number); 0 ≤ epsilon < 1.
+    ones; input_ids and completion_mask (2B, T). beta: a BaselineBeta, whose β and ε are used (an epsilon
+    given too must equal its own), or the baseline β as a number with 0 ≤ epsilon < 1.
     Returns an EpsilonDPOOutput.
 
-        s_i  = epsilon_steps(...)                   the criterion, from the logits alone
+        s_i  = criterion(...)                       from the logits alone
         β̃_i  = β / (1 + ε s_i)                      constant: no gradient flows through the decision
         loss = mean_i −log σ(β̃_i h_i)
 
-    At ε = 0 every s is 0 and this is DPO's loss and gradient, bit for bit. A pair with an empty chosen or
-    rejected completion is refused, naming it (its log-probability would be 0). One host synchronization
-    (finding the completion positions), and a number of torch operations that follows the rows of the
-    batch, not its vocabulary.
+    The same values, s and gradients as plain_epsilon_dpo_loss (tested). At ε = 0 every s is 0 and this
+    is DPO's loss and gradient, bit for bit. A pair with an empty chosen or rejected completion is refused,
+    naming it (its log-probability would be 0). One host synchronization (finding the completion
+    positions), and a number of torch operations that follows the rows of the batch, not its vocabulary.
     """
+    beta, epsilon = _beta_and_epsilon(beta, epsilon)
     _check_pairs(policy_logits, ref_logits, input_ids, completion_mask)
     if isinstance(beta, torch.Tensor):
         raise ValueError("beta must be a number (the baseline β), not a tensor")
@@ -549,14 +644,14 @@ def epsilon_dpo_loss(policy_logits, ref_logits, input_ids, completion_mask, beta
     policy_logps = _CompletionLogps.apply(policy_logits, positions)                      # (2B,), with grad
     with torch.no_grad():
         ref_logps = _CompletionLogps.apply(ref_logits.detach(), positions)               # (2B,)
-    steps = _epsilon_steps(policy_logits.detach(), ref_logits, positions, epsilon, policy_logps)
-    return _epsilon_dpo_output(policy_logps, ref_logps, steps, beta, epsilon)
+    s = _criterion(policy_logits.detach(), ref_logits, positions, epsilon, policy_logps)
+    return _epsilon_dpo_output(policy_logps, ref_logps, s, beta, epsilon)
 
 
-def _epsilon_dpo_output(policy_logps, ref_logps, steps, beta, epsilon):
-    """The per-pair β and the DPO loss with it, from the sequence log-probabilities (2B,) and the steps (B,)."""
+def _epsilon_dpo_output(policy_logps, ref_logps, s, beta, epsilon):
+    """The per-pair β and the DPO loss with it, from the sequence log-probabilities (2B,) and s (B,)."""
     num_pairs = policy_logps.shape[0] // 2
-    betas = _pair_betas(beta, steps, epsilon)                                            # (B,)
+    betas = _pair_betas(beta, s, epsilon)                                            # (B,)
     losses, chosen_rewards, rejected_rewards = _dpo_loss(
         policy_logps[:num_pairs], policy_logps[num_pairs:], ref_logps[:num_pairs], ref_logps[num_pairs:], betas
     )
@@ -564,7 +659,7 @@ def _epsilon_dpo_output(policy_logps, ref_logps, steps, beta, epsilon):
         loss=losses.mean(),
         losses=losses,
         pair_betas=betas,
-        steps=steps,
+        s=s,
         chosen_rewards=chosen_rewards,
         rejected_rewards=rejected_rewards,
         chosen_logps=policy_logps[:num_pairs],
@@ -737,7 +832,7 @@ def _check_hidden(hidden, weight, input_ids, completion_mask, prefix):
 
 
 def epsilon_dpo_loss_from_hidden(policy_hidden, policy_weight, ref_hidden, ref_weight, input_ids, completion_mask,
-                                 beta, epsilon, logit_softcap=None):
+                                 beta, epsilon=None, logit_softcap=None):
     """epsilon_dpo_loss from the last hidden states and the output layers' weights, never the full logits.
 
     Shapes: policy_hidden and ref_hidden (2B, T, H), each model's last hidden states after its final norm,
@@ -755,6 +850,7 @@ def epsilon_dpo_loss_from_hidden(policy_hidden, policy_weight, ref_hidden, ref_w
     the inputs' dtype (bf16 under a bf16 autocast, as the model's own head would), the soft-cap in that
     dtype too, and the softmax, logsumexp and perturbation in float32, as in the logits path.
     """
+    beta, epsilon = _beta_and_epsilon(beta, epsilon)
     _check_hidden(policy_hidden, policy_weight, input_ids, completion_mask, "policy")
     _check_hidden(ref_hidden, ref_weight, input_ids, completion_mask, "ref")
     if ref_weight.shape[0] != policy_weight.shape[0]:
@@ -775,5 +871,5 @@ def epsilon_dpo_loss_from_hidden(policy_hidden, policy_weight, ref_hidden, ref_w
 
     policy_logps, ref_logps, weaker_logps, stronger_logps = _LogpsFromHidden.apply(
         policy_hidden, policy_weight, ref_hidden, ref_weight, positions, gathered, logit_softcap, epsilon)
-    steps = _criterion(policy_logps, weaker_logps, stronger_logps)
-    return _epsilon_dpo_output(policy_logps, ref_logps, steps, beta, epsilon)
+    s = _criterion_from_logps(policy_logps, weaker_logps, stronger_logps)
+    return _epsilon_dpo_output(policy_logps, ref_logps, s, beta, epsilon)

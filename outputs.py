@@ -3,7 +3,7 @@ resumes from bit for bit, and the figures and tables of a run, a comparison and 
 
 The rule all of it follows: the project changes only what it wrote itself. Its checkpoints are the folders
 named exactly checkpoint-STEP that hold its trainer_state.pt; its files are metrics.jsonl, summary.json,
-curves.png and those the model's save_pretrained wrote (listed in summary.json). Pruning, --overwrite and
+curves.png, criterion.png and those the model's save_pretrained wrote (listed in summary.json). Pruning, --overwrite and
 --resume act on those alone: anything else a user put in the folder stays as it was.
 """
 
@@ -22,13 +22,15 @@ import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.api import CheckpointException
 
+import epsdpo
 import models
-from data import ReportedError
+from data import ReportedError, collate
 
 LOCK = ".train.lock"                                        # held (flock) while a run writes to the folder
-RUN_FILES = ("metrics.jsonl", "summary.json", "curves.png")
+RUN_FILES = ("metrics.jsonl", "summary.json", "curves.png", "criterion.png")
 # What a resumed run may change (--resume DIR --max-steps 500); any other flag that differs is refused.
-RESUMABLE = {"max_steps", "eval_every", "save_every", "keep_checkpoints", "eval_batch_size", "max_new_tokens", "device"}
+RESUMABLE = {"max_steps", "eval_every", "save_every", "keep_checkpoints", "eval_batch_size", "max_new_tokens", "device",
+             "criterion_pairs"}
 # What runs code: never taken from a checkpoint, only from the command line that resumes it.
 RUNS_CODE = {"trust_remote_code", "gold_reward"}
 # What a run reads: a folder holding one of them is never its output folder.
@@ -332,11 +334,9 @@ def _check_state(state, folder):
             and isinstance(state.get("args"), dict) and (isinstance(state.get("optimizer"), dict) or _whole_shards(folder))
             and isinstance(state.get("rng"), dict)
             and isinstance(state["rng"].get("torch"), torch.Tensor) and isinstance(state["rng"].get("python"), tuple)
-            and isinstance(state.get("steps_by_noise"), list) and len(state["steps_by_noise"]) == 9
-            and all(isinstance(count, int) for count in state["steps_by_noise"])):
+            and isinstance(state.get("s_by_noise"), list) and len(state["s_by_noise"]) == 9
+            and all(isinstance(count, int) for count in state["s_by_noise"])):
         raise ValueError("trainer_state.pt lacks what a train.py checkpoint holds")
-    import epsdpo
-
     epsdpo.BaselineBeta(1.0, 0.0).load_state_dict(state.get("baseline_beta"))   # raises if malformed
 
 
@@ -479,15 +479,15 @@ def print_data_report(notes, skipped, boundary_moved):
               f"tokens across the prompt/completion boundary; the prompt is the part both sequences share")
 
 
-def step_fractions(steps_by_noise):
-    """Fractions of s = +1 and s = −1 over training, for clean and noisy pairs separately (if marked).
+def s_fractions(s_by_noise):
+    """Fractions of s = +1 (the weaker penalty) and s = −1 (the stronger), for clean and noisy pairs separately.
 
-    steps_by_noise: counts of pairs with (flag, s) for flag in (absent, clean, noisy), s in (+1, 0, −1)."""
+    s_by_noise: counts of pairs with (flag, s) for flag in (absent, clean, noisy), s in (+1, 0, −1)."""
     groups = {}
-    for name, (relaxed, kept, tightened) in zip(("all", "clean", "noisy"), zip(*[iter(steps_by_noise)] * 3)):
-        if relaxed + kept + tightened:
-            groups[name] = {"pairs": relaxed + kept + tightened, "lower_beta": relaxed / (relaxed + kept + tightened),
-                            "higher_beta": tightened / (relaxed + kept + tightened)}
+    for name, (weaker, kept, stronger) in zip(("all", "clean", "noisy"), zip(*[iter(s_by_noise)] * 3)):
+        if weaker + kept + stronger:
+            groups[name] = {"pairs": weaker + kept + stronger, "weaker": weaker / (weaker + kept + stronger),
+                            "stronger": stronger / (weaker + kept + stronger)}
     return dict(sorted(groups.items()))
 
 
@@ -509,32 +509,122 @@ def _save_figure(figure, path):
     _pyplot().close(figure)
 
 
+def _rolling_mean(points, window=10):
+    """(steps, values) -> (steps, the mean of each value with the window - 1 before it)."""
+    steps, values = zip(*points)
+    return steps, [sum(values[max(0, i - window + 1) : i + 1]) / min(i + 1, window) for i in range(len(values))]
+
+
 def plot_curves(runs, path):
-    """One panel per quantity; each run (label -> metric rows) a colour, training thin, evaluation dotted."""
+    """One panel per quantity; each run (label -> metric rows) a colour, training a thin line, evaluations dots.
+    The fractions of s: a mean over 10 steps, clean pairs solid and mislabelled ones dashed where marked."""
     plt = _pyplot()
-    panels = [("loss", "loss"), ("rewards/accuracies", "reward accuracy"), ("rewards/margins", "reward margin"),
-              ("beta", "baseline β"), ("steps/lower_beta", "fraction s = +1 (β/(1+ε))"),
-              ("steps/higher_beta", "fraction s = −1 (β/(1−ε))"), ("gold_reward", "gold reward of samples"),
-              ("kl", "KL(π_θ ‖ π_ref) along samples")]
-    if not any("gold_reward" in row for rows in runs.values() for row in rows):
+    every_row = [row for rows in runs.values() for row in rows]
+
+    def s_keys(kind):
+        marked = [f"s/{kind}/clean", f"s/{kind}/noisy"]
+        return marked if any(marked[0] in row for row in every_row) else [f"s/{kind}"]
+
+    panels = [("loss −log σ(β̃ h)", ["loss"]), ("reward accuracy: how often h > 0", ["rewards/accuracies"]),
+              ("margin h = z_θ − γ", ["h"]), ("baseline β", ["beta"]),
+              ("fraction s = +1: weaker penalty β/(1+ε)", s_keys("weaker")),
+              ("fraction s = −1: stronger penalty β/(1−ε)", s_keys("stronger")),
+              ("gold reward of samples", ["gold_reward"]), ("KL(π_θ ‖ π_ref) along samples", ["kl"])]
+    if not any("gold_reward" in row for row in every_row):
         panels = panels[:6]
     figure, axes = plt.subplots(2, len(panels) // 2, figsize=(4 * len(panels) // 2, 6.5), squeeze=False)
-    for (key, title), axis in zip(panels, axes.flat):
+    for (title, keys), axis in zip(panels, axes.flat):
         for color, (label, rows) in zip(("tab:blue", "tab:red", "tab:green"), runs.items()):
-            for split, style in (("train", dict(linewidth=0.8, alpha=0.6)), ("eval", dict(marker="o", linestyle=":"))):
-                points = [(r["step"], r[key]) for r in rows if r["split"] == split and key in r]
-                if points:
-                    axis.plot(*zip(*points), color=color, label=f"{label} {split}", **style)
-        axis.set_title(title)
+            for key, linestyle in zip(keys, ("-", "--")):
+                kind = {"clean": ", clean pairs", "noisy": ", mislabelled pairs"}.get(key.split("/")[-1], "")
+                train = [(r["step"], r[key]) for r in rows if r["split"] == "train" and key in r]
+                evals = [(r["step"], r[key]) for r in rows if r["split"] == "eval" and key in r]
+                if train:
+                    axis.plot(*(_rolling_mean(train) if key.startswith("s/") else zip(*train)), color=color,
+                              linestyle=linestyle, linewidth=0.8, alpha=0.7, label=f"{label} train{kind}")
+                if evals:
+                    axis.plot(*zip(*evals), color=color, marker="o", linestyle=":", label=f"{label} held-out")
+        axis.set_title(title, fontsize=10)
         axis.set_xlabel("optimizer step")
     axes.flat[0].legend(fontsize=7)
+    axes.flat[4].legend(fontsize=7)
     figure.tight_layout()
     _save_figure(figure, path)
 
 
+@torch.no_grad()
+def criterion_figure(policy, reference, pairs, pad_token_id, epsilon, sequence_kl, autocast, path, batch_size=64):
+    """What the criterion measures on the final policy: how often s = sign(h − ΔK) and s = sign(h) over the
+    pairs, and criterion.png at path (if not None). Returns those fractions; None at ε = 0 or without pairs.
+
+    ΔK = K_w − K_l, with K the KL(π_θ‖π_ref) summed along a completion. To first order in ε,
+    z(1 ± ε) − z(1) = ± ε dz/dλ with dz/dλ = h − ΔK, so s = sign(h − ΔK) where that is clear of zero.
+    """
+    if epsilon == 0 or not pairs:
+        return None
+    device = next(policy.parameters()).device
+
+    def logits_of(chunk):
+        batch = collate(chunk, pad_token_id, device)
+        with autocast:
+            logits, ref_logits = (model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+                                  for model in (policy, reference))
+        return batch, logits.float(), ref_logits.float()
+
+    columns = []                                            # per pair: h, ΔK, s, noise flag
+    for start in range(0, len(pairs), batch_size):
+        batch, logits, ref_logits = logits_of(pairs[start : start + batch_size])
+        out = epsdpo.epsilon_dpo_loss(logits, ref_logits, batch.input_ids, batch.completion_mask, 1.0, epsilon)
+        kls, half = sequence_kl(logits, ref_logits, batch.completion_mask), len(out.s)
+        h = (out.chosen_logps - out.ref_chosen_logps) - (out.rejected_logps - out.ref_rejected_logps)
+        columns.append(torch.stack([v.double() for v in (h, kls[:half] - kls[half:], out.s, batch.noise)]).cpu())
+    h, delta_k, s, noise = torch.cat(columns, dim=1)
+    agreement = {"pairs": len(s), "s = sign(h − ΔK)": (s == torch.sign(h - delta_k)).double().mean().item(),
+                 "s = sign(h)": (s == torch.sign(h)).double().mean().item()}
+    if path is None:
+        return agreement
+
+    # A few pairs' z(λ) from λ = 0 (the reference) to 2: three clean and three mislabelled where marked.
+    marked = [i for flag in (1, 2) for i in (noise == flag).nonzero().flatten().tolist()[:3]]
+    examples = marked if len(marked) > 3 else list(range(min(6, len(s))))
+    lambdas = [step / 10 for step in range(21)]
+    plt = _pyplot()
+    figure, (left, right) = plt.subplots(1, 2, figsize=(12, 4.8))
+    colors = {1.0: "tab:blue", -1.0: "tab:red", 0.0: "tab:gray"}
+    left.axvspan(1 - epsilon, 1 + epsilon, color="gold", alpha=0.6, label=f"[1 − ε, 1 + ε], ε = {epsilon:g}")
+    for i in examples:
+        batch, logits, ref_logits = logits_of([pairs[i]])
+        z = [(lambda logps: (logps[0] - logps[1]).item())(epsdpo.sequence_logps(
+             torch.lerp(ref_logits, logits, lam), batch.input_ids, batch.completion_mask)) for lam in lambdas]
+        z_at_1 = z[lambdas.index(1.0)]
+        left.plot(lambdas, [value - z_at_1 for value in z], color=colors[s[i].item()],
+                  linestyle="--" if noise[i] == 2 else "-", label=f"pair {i}{', mislabelled' if noise[i] == 2 else ''}: s = {s[i]:+.0f}")
+        left.plot([0.7, 1.3], [-0.3 * (h[i] - delta_k[i]), 0.3 * (h[i] - delta_k[i])], color="black", linewidth=0.6, linestyle=":")
+    left.axhline(0, color="black", linewidth=0.5)
+    left.set_xlabel("λ: the policy estimated for β/λ (λ = 0: the reference, 1: the policy)")
+    left.set_ylabel("z(λ) − z(1)")
+    left.set_title("z(λ) of a few train pairs; dotted: slope h − ΔK at λ = 1", fontsize=10)
+    left.legend(fontsize=7)
+    for value, name in ((1.0, "s = +1"), (-1.0, "s = −1"), (0.0, "s = 0")):
+        for flag, marker, kind in ((1, "o", "clean"), (0, "o", ""), (2, "x", "mislabelled")):
+            chosen = (s == value) & (noise == flag)
+            if chosen.any():
+                right.scatter(delta_k[chosen], h[chosen], s=10, marker=marker, color=colors[value], label=f"{name} {kind}".strip())
+    low, high = min(h.min(), delta_k.min()).item(), max(h.max(), delta_k.max()).item()
+    right.plot([low, high], [low, high], color="black", linewidth=0.8, label="h = K_w − K_l")
+    right.set_xlabel("K_w − K_l: KL(π_θ‖π_ref) along the chosen minus along the rejected")
+    right.set_ylabel("margin h = z_θ − γ")
+    right.set_title(f"{len(s)} train pairs: s = sign(h − ΔK) for {agreement['s = sign(h − ΔK)']:.1%}, "
+                    f"s = sign(h) for {agreement['s = sign(h)']:.1%}", fontsize=10)
+    right.legend(fontsize=7)
+    figure.tight_layout()
+    _save_figure(figure, path)
+    return agreement
+
+
 def print_summary(summaries):
     """A table of the held-out numbers at the start and the end of each run."""
-    rows = [("held-out reward accuracy", "rewards/accuracies", "{:.3f}"), ("held-out reward margin", "rewards/margins", "{:.3f}"),
+    rows = [("held-out reward accuracy", "rewards/accuracies", "{:.3f}"), ("held-out margin h", "h", "{:.3f}"),
             ("held-out loss", "loss", "{:.4f}"), ("gold reward of samples", "gold_reward", "{:+.3f}"),
             ("KL(π_θ‖π_ref) along samples", "kl", "{:.3f}")]
     header = f"{'':28}" + "".join(f"{'start':>10}{s['label'] + ' end':>16}" for s in summaries[:1]) + "".join(
@@ -546,8 +636,12 @@ def print_summary(summaries):
             print(f"{name:28}{cells[0]:>10}" + "".join(f"{c:>16}" for c in cells[1:]))
     print(f"{'baseline β':28}{summaries[0]['args']['beta']:>10.4f}" + "".join(f"{s['final_beta']:>16.4f}" for s in summaries))
     for s in summaries:
-        for group, f in s["steps_by_noise"].items():
-            print(f"{s['label']}, {group} train pairs ({f['pairs']} seen): s = +1 {f['lower_beta']:.1%}, s = −1 {f['higher_beta']:.1%}")
+        for group, f in s["s_by_noise"].items():
+            print(f"{s['label']}, {group} train pairs ({f['pairs']} seen): s = +1 {f['weaker']:.1%}, s = −1 {f['stronger']:.1%}")
+        if s.get("criterion"):
+            c = s["criterion"]
+            print(f"{s['label']}, final policy, {c['pairs']} train pairs: s = sign(h − ΔK) for {c['s = sign(h − ΔK)']:.1%}, "
+                  f"s = sign(h) for {c['s = sign(h)']:.1%}")
         print(f"{s['label']}: {s['seconds']} s, written to {s['args']['output_dir']}")
 
 
@@ -555,13 +649,13 @@ def frontier_points(summaries):
     """One point per run of a frontier: what frontier.json holds."""
     points = []
     for s in summaries:
-        steps = s["steps_by_noise"].values()
-        pairs = sum(group["pairs"] for group in steps)
+        groups = s["s_by_noise"].values()
+        pairs = sum(group["pairs"] for group in groups)
         points.append({"method": s["label"], "beta": s["args"]["beta"], "epsilon": s["args"]["epsilon"],
                        "fixed_baseline_beta": s["args"]["fixed_baseline_beta"], "seed": s["args"]["seed"],
                        "gold_reward": s["final"]["gold_reward"], "kl": s["final"]["kl"],
                        "rewards/accuracies": s["final"]["rewards/accuracies"], "final_beta": s["final_beta"],
-                       "mean_s": sum(g["pairs"] * (g["lower_beta"] - g["higher_beta"]) for g in steps) / pairs,
+                       "mean_s": sum(g["pairs"] * (g["weaker"] - g["stronger"]) for g in groups) / pairs,
                        "output_dir": s["args"]["output_dir"]})
     return points
 
@@ -575,25 +669,35 @@ def _by_method_and_beta(points):
 
 
 def plot_frontier(points, path):
-    """Gold reward against KL, one line per method through its β values: the mean over seeds, with bars
-    from the lowest to the highest seed on both axes."""
+    """Gold reward against KL: per method and β the mean over seeds (a dot), with bars from the lowest to the
+    highest seed; a line joins each method's frontier, its means that no other mean of it beats with less KL.
+    The KL axis ends a little past the largest mean; a bar beyond it is cut there and labelled with its end,
+    so that one seed far out does not squeeze every other point."""
     plt = _pyplot()
-    figure, axis = plt.subplots(figsize=(7, 5))
-    for color, (method, by_beta) in zip(("tab:blue", "tab:red", "tab:green"), _by_method_and_beta(points).items()):
-        xs, ys = [], []
-        for beta, runs in sorted(by_beta.items()):
-            kls, golds = [p["kl"] for p in runs], [p["gold_reward"] for p in runs]
-            x, y = sum(kls) / len(kls), sum(golds) / len(golds)
-            axis.errorbar(x, y, xerr=[[x - min(kls)], [max(kls) - x]], yerr=[[y - min(golds)], [max(golds) - y]],
-                          color=color, capsize=3, linewidth=0.8)
+    figure, axis = plt.subplots(figsize=(8, 5.5))
+    grouped = _by_method_and_beta(points)
+    means = {(method, beta): (sum(p["kl"] for p in runs) / len(runs), sum(p["gold_reward"] for p in runs) / len(runs))
+             for method, by_beta in grouped.items() for beta, runs in by_beta.items()}
+    kl_end = 1.15 * max(x for x, _ in means.values())
+    for color, (method, by_beta) in zip(("tab:blue", "tab:red", "tab:green"), grouped.items()):
+        for beta, runs in by_beta.items():
+            (x, y), kls, golds = means[method, beta], [p["kl"] for p in runs], [p["gold_reward"] for p in runs]
+            axis.errorbar(x, y, xerr=[[x - min(kls)], [min(max(kls), kl_end) - x]], yerr=[[y - min(golds)], [max(golds) - y]],
+                          color=color, capsize=3, linewidth=0.7, alpha=0.45, marker="o", markersize=6, markeredgewidth=0)
+            if max(kls) > kl_end:
+                axis.annotate(f"{max(kls):.1f} →", (kl_end, y), xytext=(-34, 3), textcoords="offset points", fontsize=7, color=color)
             axis.annotate(f"β={beta:g}", (x, y), textcoords="offset points", xytext=(4, -10), fontsize=7, color=color)
-            xs.append(x)
-            ys.append(y)
-        axis.plot(xs, ys, marker="o", color=color, label=method)
-    seeds = max(len(runs) for by_beta in _by_method_and_beta(points).values() for runs in by_beta.values())
+        frontier = []
+        for x, y in sorted(means[method, beta] for beta in by_beta):
+            if not frontier or y > frontier[-1][1]:
+                frontier.append((x, y))
+        axis.plot(*zip(*frontier), marker="o", color=color, label=method)
+    seeds = max(len(runs) for by_beta in grouped.values() for runs in by_beta.values())
+    axis.set_xlim(0, kl_end)
     axis.set_xlabel("KL(π_θ ‖ π_ref) along samples (nats per review)")
     axis.set_ylabel("gold reward of samples")
-    axis.set_title(f"reward–KL frontier: mean of {seeds} seed(s), bars from the lowest to the highest seed", fontsize=9)
+    axis.set_title(f"reward–KL frontier, mean of {seeds} seed(s); bars: lowest to highest seed; "
+                   f"lines: each method's best gold reward at a KL", fontsize=9)
     axis.legend(fontsize=8)
     figure.tight_layout()
     _save_figure(figure, path)

@@ -10,6 +10,7 @@ import io
 import math
 import os
 import pathlib
+import textwrap
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the tests never download anything
 
@@ -60,17 +61,17 @@ def slow_log_ratios(policy_logits, ref_logits, input_ids, completion_mask, epsil
     )
 
 
-def slow_steps(z_weaker, z_theta, z_stronger):
+def slow_s(z_weaker, z_theta, z_stronger):
     """The criterion (paper Eq. 5), one pair at a time."""
-    steps = []
+    s_values = []
     for weaker, theta, stronger in zip(z_weaker.tolist(), z_theta.tolist(), z_stronger.tolist()):
         if weaker > theta > stronger:
-            steps.append(1)
+            s_values.append(1)
         elif weaker < theta < stronger:
-            steps.append(-1)
+            s_values.append(-1)
         else:
-            steps.append(0)
-    return torch.tensor(steps)
+            s_values.append(0)
+    return torch.tensor(s_values)
 
 
 def separation(z_weaker, z_theta, z_stronger):
@@ -106,6 +107,77 @@ def batches(draw, dtype=torch.float64):
 
 epsilons = st.floats(0.01, 0.95)
 betas = st.floats(1e-3, 10)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The method in plain torch, and what the criterion measures
+
+
+@given(batches(), betas, epsilons)
+def test_the_fast_code_gives_the_plain_methods_loss_s_and_gradients(batch, beta, epsilon):
+    policy_logits, ref_logits, input_ids, completion_mask = batch
+    half = policy_logits.shape[0] // 2
+    logps = [epsdpo.sequence_logps(policy_logits, input_ids, completion_mask),
+             *epsdpo.perturbed_logps(policy_logits, ref_logits, input_ids, completion_mask, epsilon)]
+    z_theta, z_weaker, z_stronger = (x[:half] - x[half:] for x in logps)
+    assume(separation(z_weaker, z_theta, z_stronger) > 1e-9)   # no tie that rounding could break either way
+    plain_logits, fast_logits = policy_logits.clone().requires_grad_(), policy_logits.clone().requires_grad_()
+    loss, s, pair_betas = epsdpo.plain_epsilon_dpo_loss(plain_logits, ref_logits, input_ids, completion_mask, beta, epsilon)
+    loss.backward()
+    out = epsdpo.epsilon_dpo_loss(fast_logits, ref_logits, input_ids, completion_mask, beta, epsilon)
+    out.loss.backward()
+    assert torch.equal(out.s, s) and torch.equal(out.pair_betas, pair_betas)
+    assert torch.equal(epsdpo.criterion(policy_logits, ref_logits, input_ids, completion_mask, epsilon), s)
+    torch.testing.assert_close(out.loss, loss)
+    torch.testing.assert_close(fast_logits.grad, plain_logits.grad)
+
+
+def slow_completion_kls(policy_logits, ref_logits, completion_mask):
+    """K per sequence: Σ over its completion positions of KL(π_θ‖π_ref) of the next-token distributions."""
+    log_p, log_q = policy_logits[:, :-1].double().log_softmax(-1), ref_logits[:, :-1].double().log_softmax(-1)
+    return ((log_p.exp() * (log_p - log_q)).sum(-1) * completion_mask[:, 1:]).sum(-1)
+
+
+@given(batches(), st.sampled_from([1e-5, 1e-4, 1e-3]))
+def test_for_small_epsilon_s_is_the_sign_of_h_minus_the_kl_difference(batch, epsilon):
+    # METHOD §4: dz/dλ at λ = 1 is h − (K_w − K_l), so z(1 ± ε) − z(1) = ± ε (h − ΔK) + O(ε²).
+    policy_logits, ref_logits, input_ids, completion_mask = batch
+    half = policy_logits.shape[0] // 2
+    logps, ref_logps = (slow_sequence_logps(logits, input_ids, completion_mask) for logits in (policy_logits, ref_logits))
+    kls = slow_completion_kls(policy_logits, ref_logits, completion_mask)
+    slope = (logps[:half] - logps[half:]) - (ref_logps[:half] - ref_logps[half:]) - (kls[:half] - kls[half:])
+    # d²z/dλ² is a difference of sums of the variances of f_θ − f_ref under π_λ, each at most (its range)² / 4
+    # (Popoviciu): the sign of z(1 ± ε) − z(1) is the slope's wherever |slope| > ε/2 · that bound.
+    differences = (policy_logits - ref_logits)[:, :-1].double()
+    curvature = ((differences.amax(-1) - differences.amin(-1)) ** 2 / 4 * completion_mask[:, 1:]).sum(-1)
+    clear = slope.abs() > epsilon * (curvature[:half] + curvature[half:]) + 1e-9 / epsilon
+    assume(clear.any())
+    s = epsdpo.criterion(policy_logits, ref_logits, input_ids, completion_mask, epsilon)
+    assert torch.equal(s[clear], torch.sign(slope[clear]).long())
+
+
+def test_the_module_docstring_example_runs_as_written(monkeypatch):
+    doc = epsdpo.__doc__
+    code = textwrap.dedent(doc[doc.index("    import torch") : doc.index("\nConventions:")])
+    monkeypatch.chdir(pathlib.Path(epsdpo.__file__).parent)
+    names = {}
+    exec(compile(code, "epsdpo.__doc__", "exec"), names)
+    trained, reference = names["policy"].state_dict(), names["reference"].state_dict()
+    assert any(not torch.equal(trained[key], reference[key]) for key in reference)   # it trained
+    assert names["out"].s.shape == (1,) and not names["policy"].training
+
+
+def test_epsilon_comes_from_the_baseline_beta_and_a_different_one_is_refused():
+    ref_logits, input_ids, completion_mask = _pairs()
+    policy_logits = ref_logits + torch.randn(ref_logits.shape)
+    baseline = epsdpo.BaselineBeta(0.2, 0.3)
+    out = epsdpo.epsilon_dpo_loss(policy_logits, ref_logits, input_ids, completion_mask, baseline)
+    same = epsdpo.epsilon_dpo_loss(policy_logits, ref_logits, input_ids, completion_mask, 0.2, 0.3)
+    assert torch.equal(out.losses, same.losses) and torch.equal(out.pair_betas, same.pair_betas)
+    with pytest.raises(ValueError, match="epsilon 0.01 differs from the BaselineBeta's 0.3"):
+        epsdpo.epsilon_dpo_loss(policy_logits, ref_logits, input_ids, completion_mask, baseline, 0.01)
+    with pytest.raises(ValueError, match="epsilon is required when beta is a number"):
+        epsdpo.epsilon_dpo_loss(policy_logits, ref_logits, input_ids, completion_mask, 0.2)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -229,8 +301,8 @@ def test_masked_positions_change_nothing(batch, seed, epsilon):
         epsdpo.sequence_logps(policy_logits, input_ids, completion_mask),
     )
     assert torch.equal(
-        epsdpo.epsilon_steps(other_policy, other_ref, other_ids, completion_mask, epsilon),
-        epsdpo.epsilon_steps(policy_logits, ref_logits, input_ids, completion_mask, epsilon),
+        epsdpo.criterion(other_policy, other_ref, other_ids, completion_mask, epsilon),
+        epsdpo.criterion(policy_logits, ref_logits, input_ids, completion_mask, epsilon),
     )
 
 
@@ -248,14 +320,14 @@ def test_an_all_masked_row_gives_zero_not_nan_and_a_pair_with_one_is_refused_nam
     with pytest.raises(ValueError, match=r"^pair 0: its chosen sequence \(row 0 of input_ids\) has no completion token"):
         epsdpo.epsilon_dpo_loss(logits, logits.detach() + 1, input_ids, completion_mask, 0.1, 0.5)
     with pytest.raises(ValueError, match=r"^pair 0: its chosen sequence \(row 0 of input_ids\) has no completion token"):
-        epsdpo.epsilon_steps(logits, logits.detach() + 1, input_ids, completion_mask, 0.5)
+        epsdpo.criterion(logits, logits.detach() + 1, input_ids, completion_mask, 0.5)
     with pytest.raises(ValueError, match=r"^pair 1: its rejected sequence \(row 3 of input_ids\)"):
-        epsdpo.epsilon_steps(logits.repeat(2, 1, 1), logits.repeat(2, 1, 1), input_ids.repeat(2, 1),
+        epsdpo.criterion(logits.repeat(2, 1, 1), logits.repeat(2, 1, 1), input_ids.repeat(2, 1),
                              torch.tensor([[0, 0, 1, 0, 0]] * 3 + [[0] * 5]), 0.5)
 
 
 @given(batches(), st.integers(0, 2**32 - 1), epsilons, st.sampled_from(["policy", "reference"]))
-def test_a_constant_per_position_changes_neither_logps_nor_steps(batch, seed, epsilon, which):
+def test_a_constant_per_position_changes_neither_logps_nor_s(batch, seed, epsilon, which):
     policy_logits, ref_logits, input_ids, completion_mask = batch
     z = slow_log_ratios(policy_logits, ref_logits, input_ids, completion_mask, epsilon)
     assume(separation(*z) > 1e-9)                                # float64 rounding cannot flip a decision
@@ -269,8 +341,8 @@ def test_a_constant_per_position_changes_neither_logps_nor_steps(batch, seed, ep
         epsdpo.sequence_logps(policy_logits, input_ids, completion_mask),
     )
     assert torch.equal(
-        epsdpo.epsilon_steps(shifted_policy, shifted_ref, input_ids, completion_mask, epsilon),
-        epsdpo.epsilon_steps(policy_logits, ref_logits, input_ids, completion_mask, epsilon),
+        epsdpo.criterion(shifted_policy, shifted_ref, input_ids, completion_mask, epsilon),
+        epsdpo.criterion(policy_logits, ref_logits, input_ids, completion_mask, epsilon),
     )
 
 
@@ -322,13 +394,13 @@ def test_perturbed_logps_equal_the_loop(batch, epsilon):
 
 
 @given(batches(), epsilons)
-def test_steps_equal_the_rule_computed_slowly(batch, epsilon):
+def test_s_equals_the_rule_computed_slowly(batch, epsilon):
     policy_logits, ref_logits, input_ids, completion_mask = batch
     z = slow_log_ratios(policy_logits, ref_logits, input_ids, completion_mask, epsilon)
     assume(separation(*z) > 1e-9)
-    steps = epsdpo.epsilon_steps(policy_logits, ref_logits, input_ids, completion_mask, epsilon)
-    assert steps.dtype == torch.long
-    assert torch.equal(steps, slow_steps(*z))
+    s = epsdpo.criterion(policy_logits, ref_logits, input_ids, completion_mask, epsilon)
+    assert s.dtype == torch.long
+    assert torch.equal(s, slow_s(*z))
 
 
 @given(batches(dtype=torch.float32), betas)
@@ -347,30 +419,30 @@ def test_epsilon_zero_is_dpo(batch, beta):
                                        ref_logps[num_pairs:], beta)
     dpo_losses.mean().backward()
 
-    assert out.steps.eq(0).all()
+    assert out.s.eq(0).all()
     assert torch.equal(out.losses, dpo_losses)                 # bit for bit
     assert torch.equal(eps_logits.grad, dpo_logits.grad)
 
 
 @given(batches(dtype=torch.float32), st.floats(0, 0.999), st.sampled_from([torch.float32, torch.bfloat16]))
-def test_policy_equal_to_reference_takes_no_steps(batch, epsilon, dtype):
+def test_policy_equal_to_reference_gives_s_zero(batch, epsilon, dtype):
     _, ref_logits, input_ids, completion_mask = batch
     ref_logits = ref_logits.to(dtype)
-    steps = epsdpo.epsilon_steps(ref_logits.clone(), ref_logits, input_ids, completion_mask, epsilon)
-    assert steps.eq(0).all()
+    s = epsdpo.criterion(ref_logits.clone(), ref_logits, input_ids, completion_mask, epsilon)
+    assert s.eq(0).all()
 
 
 @given(batches(), epsilons)
-def test_swapping_chosen_and_rejected_negates_steps(batch, epsilon):
+def test_swapping_chosen_and_rejected_negates_s(batch, epsilon):
     policy_logits, ref_logits, input_ids, completion_mask = batch
     half = policy_logits.shape[0] // 2
 
     def swap(x):
         return torch.cat([x[half:], x[:half]])
 
-    steps = epsdpo.epsilon_steps(policy_logits, ref_logits, input_ids, completion_mask, epsilon)
-    swapped = epsdpo.epsilon_steps(swap(policy_logits), swap(ref_logits), swap(input_ids), swap(completion_mask), epsilon)
-    assert torch.equal(swapped, -steps)
+    s = epsdpo.criterion(policy_logits, ref_logits, input_ids, completion_mask, epsilon)
+    swapped = epsdpo.criterion(swap(policy_logits), swap(ref_logits), swap(input_ids), swap(completion_mask), epsilon)
+    assert torch.equal(swapped, -s)
 
 
 def known_pair(chosen_offsets, epsilon=0.1):
@@ -396,11 +468,11 @@ def known_pair(chosen_offsets, epsilon=0.1):
     )
     z_theta = epsdpo.sequence_logps(policy_logits, input_ids, completion_mask)
     z_theta = z_theta[:1] - z_theta[1:]
-    steps = epsdpo.epsilon_steps(policy_logits, ref_logits, input_ids, completion_mask, epsilon)
-    return steps.item(), (z_weaker.item(), z_theta.item(), z_stronger.item())
+    s = epsdpo.criterion(policy_logits, ref_logits, input_ids, completion_mask, epsilon)
+    return s.item(), (z_weaker.item(), z_theta.item(), z_stronger.item())
 
 
-def test_constructed_cases_give_the_known_steps():
+def test_constructed_cases_give_the_known_s():
     # Policy made the chosen token likelier than the reference: z grows with λ, i.e. as β shrinks.
     step, (weaker, theta, stronger) = known_pair([(0.0, 1.0), (0.5, 2.0)])
     assert weaker > theta > stronger and step == +1
@@ -423,8 +495,8 @@ def test_bf16_inputs_give_the_float64_decision_on_well_separated_cases(batch, ep
     # The float64 answer for the very logits the bf16 tensors hold.
     z = slow_log_ratios(policy_bf16, ref_bf16, input_ids, completion_mask, epsilon)
     assume(separation(*z) > 1e-3 * (1 + max(v.abs().max().item() for v in z)))
-    steps = epsdpo.epsilon_steps(policy_bf16, ref_bf16, input_ids, completion_mask, epsilon)
-    assert torch.equal(steps, slow_steps(*z))
+    s = epsdpo.criterion(policy_bf16, ref_bf16, input_ids, completion_mask, epsilon)
+    assert torch.equal(s, slow_s(*z))
 
 
 @given(batches(), betas, epsilons)
@@ -443,14 +515,14 @@ def test_no_gradient_flows_through_the_decision(batch, beta, epsilon):
     fixed_betas = out.pair_betas.detach().double()
     (-F.logsigmoid(fixed_betas * margins)).mean().backward()
 
-    assert not out.pair_betas.requires_grad and not out.steps.requires_grad
+    assert not out.pair_betas.requires_grad and not out.s.requires_grad
     torch.testing.assert_close(grad, slow_logits.grad)
 
 
 @given(st.floats(1e-4, 10), epsilons, st.lists(st.integers(-1, 1), min_size=1, max_size=16))
-def test_pair_betas_are_beta_over_one_plus_epsilon_step(beta, epsilon, steps):
-    result = epsdpo.pair_betas(beta, torch.tensor(steps), epsilon)
-    expected = torch.tensor([beta / (1 + epsilon * s) for s in steps], dtype=torch.float64)
+def test_pair_betas_are_beta_over_one_plus_epsilon_s(beta, epsilon, s):
+    result = epsdpo.pair_betas(beta, torch.tensor(s), epsilon)
+    expected = torch.tensor([beta / (1 + epsilon * value) for value in s], dtype=torch.float64)
     torch.testing.assert_close(result.double(), expected, rtol=1e-6, atol=0)
 
 
@@ -464,33 +536,33 @@ micro_batches = st.lists(st.lists(st.integers(-1, 1), min_size=1, max_size=8), m
 def test_beta_update_is_the_mean_pair_beta_of_every_micro_batch(beta, epsilon, optimizer_steps):
     baseline = epsdpo.BaselineBeta(beta, epsilon)
     expected = beta
-    for micro_batch_steps in optimizer_steps:
+    for micro_batches_of_step in optimizer_steps:
         all_pair_betas = []
-        for steps in micro_batch_steps:
-            baseline.observe(torch.tensor(steps))
-            all_pair_betas += [expected / (1 + epsilon * s) for s in steps]
+        for s in micro_batches_of_step:
+            baseline.observe(torch.tensor(s))
+            all_pair_betas += [expected / (1 + epsilon * value) for value in s]
         expected = math.fsum(all_pair_betas) / len(all_pair_betas)
         assert baseline.step() == pytest.approx(expected, rel=1e-12)
         assert baseline.value > 0
 
 
 @given(betas, micro_batches)
-def test_beta_update_leaves_beta_unchanged_at_epsilon_zero(beta, micro_batch_steps):
+def test_beta_update_leaves_beta_unchanged_at_epsilon_zero(beta, micro_batches_of_step):
     baseline = epsdpo.BaselineBeta(beta, 0.0)
-    for steps in micro_batch_steps:
-        baseline.observe(torch.tensor(steps))
+    for s in micro_batches_of_step:
+        baseline.observe(torch.tensor(s))
     assert baseline.step() == beta                              # bit for bit
 
 
 def test_beta_update_stays_positive_and_moves_the_right_way():
-    relax = epsdpo.BaselineBeta(0.1, 0.5)
+    weaker = epsdpo.BaselineBeta(0.1, 0.5)
     for _ in range(200):
-        relax.observe(torch.ones(4, dtype=torch.long))
-        relax.step()
-    assert 0 < relax.value < 1e-30
-    tighten = epsdpo.BaselineBeta(0.1, 0.5)
-    tighten.observe(-torch.ones(4, dtype=torch.long))
-    assert tighten.step() == pytest.approx(0.2)
+        weaker.observe(torch.ones(4, dtype=torch.long))
+        weaker.step()
+    assert 0 < weaker.value < 1e-30
+    stronger = epsdpo.BaselineBeta(0.1, 0.5)
+    stronger.observe(-torch.ones(4, dtype=torch.long))
+    assert stronger.step() == pytest.approx(0.2)
     nothing_seen = epsdpo.BaselineBeta(0.1, 0.5)
     assert nothing_seen.step() == 0.1
 
@@ -516,12 +588,12 @@ def _saved(state):
     return buffer
 
 
-def _beta_on_one_rank(rank, world_size, init_file, steps_per_rank, results):
+def _beta_on_one_rank(rank, world_size, init_file, s_per_rank, results):
     import torch.distributed as dist
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
     baseline = epsdpo.BaselineBeta(0.1, 0.25)
-    baseline.observe(torch.tensor(steps_per_rank[rank]))
+    baseline.observe(torch.tensor(s_per_rank[rank]))
     results[rank] = baseline.step()
     dist.destroy_process_group()
 
@@ -529,9 +601,9 @@ def _beta_on_one_rank(rank, world_size, init_file, steps_per_rank, results):
 def test_beta_update_averages_over_every_rank(tmp_path):
     import torch.multiprocessing as mp
 
-    steps_per_rank = [[1, 1, 1], [-1, 0]]
+    s_per_rank = [[1, 1, 1], [-1, 0]]
     results = mp.Manager().dict()
-    mp.spawn(_beta_on_one_rank, args=(2, tmp_path / "rendezvous", steps_per_rank, results), nprocs=2)
+    mp.spawn(_beta_on_one_rank, args=(2, tmp_path / "rendezvous", s_per_rank, results), nprocs=2)
     expected = (3 * 0.1 / 1.25 + 0.1 / 0.75 + 0.1) / 5          # the mean β̃ over both ranks' pairs
     assert results[0] == results[1] == pytest.approx(expected, rel=1e-12)
 
@@ -566,7 +638,7 @@ def test_bad_beta_is_rejected(beta):
 def test_bad_epsilon_is_rejected(epsilon):
     logits, input_ids, completion_mask = _pairs()
     with pytest.raises(ValueError, match=r"epsilon must be a number in \[0, 1\)"):
-        epsdpo.epsilon_steps(logits, logits, input_ids, completion_mask, epsilon)
+        epsdpo.criterion(logits, logits, input_ids, completion_mask, epsilon)
     with pytest.raises(ValueError, match=r"epsilon must be a number in \[0, 1\)"):
         epsdpo.epsilon_dpo_loss(logits, logits, input_ids, completion_mask, 0.1, epsilon)
     with pytest.raises(ValueError, match=r"epsilon must be a number in \[0, 1\)"):
@@ -578,7 +650,7 @@ def test_bad_epsilon_is_rejected(epsilon):
 def test_an_odd_number_of_rows_is_rejected():
     logits, input_ids, completion_mask = _pairs(num_rows=3)
     with pytest.raises(ValueError, match="even number of rows.*got 3"):
-        epsdpo.epsilon_steps(logits, logits, input_ids, completion_mask, 0.1)
+        epsdpo.criterion(logits, logits, input_ids, completion_mask, 0.1)
     with pytest.raises(ValueError, match="even number of rows.*got 3"):
         epsdpo.epsilon_dpo_loss(logits, logits, input_ids, completion_mask, 0.1, 0.1)
 
@@ -592,13 +664,13 @@ def test_mismatched_shapes_are_rejected():
     with pytest.raises(ValueError, match=r"must be a floating-point tensor of shape \(N, T, V\), got torch.float32 \(4, 5\)"):
         epsdpo.sequence_logps(logits[0], input_ids, completion_mask)
     with pytest.raises(ValueError, match=r"ref_logits \(2, 4, 6\) must have the shape of policy_logits \(2, 4, 5\)"):
-        epsdpo.epsilon_steps(logits, torch.randn(2, 4, 6), input_ids, completion_mask, 0.1)
+        epsdpo.criterion(logits, torch.randn(2, 4, 6), input_ids, completion_mask, 0.1)
     with pytest.raises(ValueError, match=r"must all have the same shape \(B,\)"):
         epsdpo.dpo_loss(torch.zeros(2), torch.zeros(3), torch.zeros(2), torch.zeros(2), 0.1)
     with pytest.raises(ValueError, match=r"beta must be a number or have shape \(2,\)"):
         epsdpo.dpo_loss(torch.zeros(2), torch.zeros(2), torch.zeros(2), torch.zeros(2), torch.full((3,), 0.1))
     with pytest.raises(ValueError, match=r"policy_logps must have shape \(2,\)"):
-        epsdpo.epsilon_steps(logits, logits, input_ids, completion_mask, 0.1, policy_logps=torch.zeros(4))
+        epsdpo.criterion(logits, logits, input_ids, completion_mask, 0.1, policy_logps=torch.zeros(4))
 
 
 def test_a_completion_on_the_first_token_is_rejected():
@@ -608,14 +680,14 @@ def test_a_completion_on_the_first_token_is_rejected():
         epsdpo.sequence_logps(logits, input_ids, completion_mask)
 
 
-def test_steps_outside_minus_one_zero_one_are_rejected():
+def test_s_outside_minus_one_zero_one_is_rejected():
     baseline = epsdpo.BaselineBeta(0.1, 0.1)
     baseline.observe(torch.tensor([0, 1]))
     baseline.observe(torch.tensor([0, 2]))                      # observe() does not wait for the device ...
-    with pytest.raises(ValueError, match=r"steps must all be -1, 0 or \+1: 1 of the 4 observed since the last step"):
+    with pytest.raises(ValueError, match=r"s must all be -1, 0 or \+1: 1 of the 4 observed since the last step"):
         baseline.step()                                        # ... step() checks, before β moves
     assert baseline.value == 0.1
-    with pytest.raises(ValueError, match=r"steps must be an integer tensor of -1, 0 and \+1"):
+    with pytest.raises(ValueError, match=r"s must be an integer tensor of -1, 0 and \+1"):
         epsdpo.pair_betas(0.1, torch.tensor([1, -2]), 0.5)     # β/(1 − 2ε) would be negative
 
 
@@ -767,7 +839,7 @@ def test_tensors_without_values_or_on_two_devices_are_refused_naming_the_argumen
         with pytest.raises(ValueError, match=r"^input_ids is on cuda:0, the other tensors on cuda:1: put them on one device"):
             epsdpo.epsilon_dpo_loss(on_1, on_1, on_0, completion_mask.to("cuda:1"), 0.1, 0.1)
         with pytest.raises(ValueError, match=r"^completion_mask is on cpu, the other tensors on cuda:1"):
-            epsdpo.epsilon_steps(on_1, on_1, input_ids.to("cuda:1"), completion_mask, 0.1)
+            epsdpo.criterion(on_1, on_1, input_ids.to("cuda:1"), completion_mask, 0.1)
         with pytest.raises(ValueError, match=r"^rejected_logps is on cuda:0, the other tensors on cuda:1"):
             epsdpo.dpo_loss(torch.zeros(2).to("cuda:1"), torch.zeros(2).to("cuda:0"), *torch.zeros(2, 2).to("cuda:1"), 0.1)
 
@@ -787,7 +859,7 @@ def test_ids_that_are_not_an_integer_tensor_an_embedding_takes_are_refused_and_i
     for ids in (input_ids, input_ids.int()):
         out = epsdpo.epsilon_dpo_loss(policy_logits, logits + 0.5 * torch.randn(logits.shape, generator=torch.Generator().manual_seed(0)),
                                       ids, completion_mask, 0.1, 0.5)
-        results.append((out.loss.detach(), out.steps, torch.autograd.grad(out.loss, policy_logits)[0]))
+        results.append((out.loss.detach(), out.s, torch.autograd.grad(out.loss, policy_logits)[0]))
     assert all(torch.equal(int64, int32) for int64, int32 in zip(*results))
 
 
@@ -797,7 +869,7 @@ def test_log_probabilities_that_are_not_floating_point_tensors_are_refused_namin
         epsdpo.dpo_loss(logps, logps, torch.zeros(2, dtype=torch.long), logps, 0.1)
     with pytest.raises(ValueError, match=r"^chosen_logps must be a floating-point tensor"):
         epsdpo.dpo_loss(torch.zeros(2, dtype=torch.int32), *torch.zeros(3, 2), 0.1)
-    with pytest.raises(ValueError, match=r"^steps must be an integer tensor of -1, 0 and \+1, got list"):
+    with pytest.raises(ValueError, match=r"^s must be an integer tensor of -1, 0 and \+1, got list"):
         epsdpo.BaselineBeta(0.1, 0.1).observe([1, 0])
 
 
@@ -808,7 +880,7 @@ def test_a_fraction_is_a_number_like_any_other_for_beta_and_epsilon():
     reference = logits + torch.randn(logits.shape, generator=torch.Generator().manual_seed(1))
     as_floats = epsdpo.epsilon_dpo_loss(logits, reference, input_ids, completion_mask, 0.1, 0.5)
     as_fractions = epsdpo.epsilon_dpo_loss(logits, reference, input_ids, completion_mask, Fraction(1, 10), Fraction(1, 2))
-    assert all(torch.equal(getattr(as_floats, f), getattr(as_fractions, f)) for f in ("loss", "pair_betas", "steps"))
+    assert all(torch.equal(getattr(as_floats, f), getattr(as_fractions, f)) for f in ("loss", "pair_betas", "s"))
     assert torch.equal(epsdpo.pair_betas(Fraction(1, 10), torch.tensor([1, 0, -1]), Fraction(1, 2)),
                        epsdpo.pair_betas(0.1, torch.tensor([1, 0, -1]), 0.5))
     assert torch.equal(epsdpo.dpo_loss(*torch.ones(4, 2), Fraction(1, 10))[0], epsdpo.dpo_loss(*torch.ones(4, 2), 0.1)[0])
@@ -822,7 +894,7 @@ class _Reduced(Exception):
     """Raised by a fake all_reduce once it has seen the tensor it was given."""
 
 
-def test_the_beta_update_under_nccl_reduces_on_the_device_of_the_steps_never_the_current_cuda_device(monkeypatch):
+def test_the_beta_update_under_nccl_reduces_on_the_device_of_s_never_the_current_cuda_device(monkeypatch):
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     reduced_on = []
@@ -895,8 +967,8 @@ def test_the_loss_from_hidden_states_equals_the_loss_from_their_logits(precision
         return out, gradient
 
     (out, gradient), (expected, expected_gradient) = loss_and_gradient(True), loss_and_gradient(False)
-    assert out.steps.abs().sum() > 0                                            # the criterion has something to do
-    for name in ("steps", "pair_betas", "losses", "chosen_logps", "rejected_logps", "ref_chosen_logps",
+    assert out.s.abs().sum() > 0                                            # the criterion has something to do
+    for name in ("s", "pair_betas", "losses", "chosen_logps", "rejected_logps", "ref_chosen_logps",
                  "ref_rejected_logps", "chosen_rewards", "rejected_rewards", "loss"):
         torch.testing.assert_close(getattr(out, name), getattr(expected, name), rtol=1e-5, atol=1e-5)
     assert gradient.dtype == weight.dtype

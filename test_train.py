@@ -26,10 +26,9 @@ import models
 import outputs
 import train
 
-METRIC_KEYS = {"step", "split", "loss", "beta", "beta/pairs_mean", "steps/lower_beta", "steps/higher_beta",
-               "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
-               "logps/rejected", "lr"}
-QUICK = ["--batch-size", "4", "--eval-batch-size", "32", "--max-new-tokens", "8"]
+METRIC_KEYS = {"step", "split", "loss", "beta", "beta/pairs_mean", "s/weaker", "s/stronger", "rewards/chosen",
+               "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected", "h", "lr"}
+QUICK = ["--batch-size", "4", "--eval-batch-size", "32", "--max-new-tokens", "8", "--criterion-pairs", "0"]
 
 
 def read_metrics(output_dir):
@@ -62,7 +61,7 @@ def tiny_run(tmp_path_factory):
     """Three steps of ε-DPO on tiny_data with two micro-batches per step and a large ε, so β moves."""
     output_dir = tmp_path_factory.mktemp("tiny")
     train.main(["--output-dir", str(output_dir), "--max-steps", "3", "--eval-every", "2", "--grad-accum", "2",
-                "--epsilon", "0.3", "--lr", "1e-3", *QUICK])
+                "--epsilon", "0.3", "--lr", "1e-3", *QUICK, "--criterion-pairs", "64"])
     return output_dir
 
 
@@ -75,16 +74,21 @@ def test_the_demo_writes_every_metric_finite_for_every_step(tiny_run):
         assert all(math.isfinite(v) for v in row.values() if isinstance(v, float))
         if row["split"] == "eval":
             assert {"gold_reward", "kl"} <= row.keys()          # tiny_data has a gold reward
+        else:                                                   # tiny_data marks its noisy pairs: s by kind, per step
+            assert {"s/weaker/clean", "s/stronger/clean"} <= row.keys()
     assert rows[0]["kl"] == 0.0 and rows[0]["rewards/accuracies"] == 0.5   # the policy starts as the reference
 
 
 def test_the_demo_writes_a_summary_a_figure_and_a_model_that_reloads(tiny_run):
     summary = json.loads((tiny_run / "summary.json").read_text())
     assert summary["args"]["epsilon"] == 0.3 and summary["args"]["beta"] == 0.1 and summary["steps"] == 3
-    assert set(summary["steps_by_noise"]) == {"clean", "noisy"}
-    assert sum(group["pairs"] for group in summary["steps_by_noise"].values()) == 3 * 2 * 4
+    assert set(summary["s_by_noise"]) == {"clean", "noisy"}
+    assert sum(group["pairs"] for group in summary["s_by_noise"].values()) == 3 * 2 * 4
     assert summary["final"]["step"] == 3 and "gold_reward" in summary["final"]
-    assert (tiny_run / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for figure in ("curves.png", "criterion.png"):
+        assert (tiny_run / figure).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    criterion = summary["criterion"]                            # s on the final policy, against sign(h − ΔK) and sign(h)
+    assert criterion["pairs"] == 64 and all(0 <= criterion[key] <= 1 for key in ("s = sign(h − ΔK)", "s = sign(h)"))
 
     model = AutoModelForCausalLM.from_pretrained(tiny_run)
     tokenizer = AutoTokenizer.from_pretrained(tiny_run)
@@ -100,9 +104,9 @@ def test_beta_in_the_metrics_follows_method_section_5(tiny_run):
     epsilon = 0.3
     assert train_rows[0]["beta"] == 0.1
     for row, next_row in zip(train_rows, train_rows[1:] + [None]):
-        lower, higher = row["steps/lower_beta"], row["steps/higher_beta"]
+        weaker, stronger = row["s/weaker"], row["s/stronger"]
         # The mean β̃ over the 8 pairs of the step's two micro-batches.
-        mean_pair_beta = row["beta"] * (lower / (1 + epsilon) + higher / (1 - epsilon) + (1 - lower - higher))
+        mean_pair_beta = row["beta"] * (weaker / (1 + epsilon) + stronger / (1 - epsilon) + (1 - weaker - stronger))
         assert row["beta/pairs_mean"] == pytest.approx(mean_pair_beta, rel=1e-6)
         if next_row is not None:
             assert next_row["beta"] == row["beta/pairs_mean"]      # the next step uses it
@@ -118,7 +122,7 @@ def plain_dpo(policy_logits, ref_logits, input_ids, completion_mask, beta, epsil
     losses, chosen_rewards, rejected_rewards = epsdpo.dpo_loss(logps[:half], logps[half:], ref_logps[:half],
                                                                ref_logps[half:], beta)
     return epsdpo.EpsilonDPOOutput(
-        loss=losses.mean(), losses=losses, pair_betas=torch.full((half,), beta), steps=torch.zeros(half, dtype=torch.long),
+        loss=losses.mean(), losses=losses, pair_betas=torch.full((half,), beta), s=torch.zeros(half, dtype=torch.long),
         chosen_rewards=chosen_rewards, rejected_rewards=rejected_rewards, chosen_logps=logps[:half],
         rejected_logps=logps[half:], ref_chosen_logps=ref_logps[:half], ref_rejected_logps=ref_logps[half:],
     )
@@ -168,7 +172,7 @@ def test_standard_jsonl_from_a_local_model_folder(tmp_path, local_model):
     summary = json.loads((output_dir / "summary.json").read_text())
     assert (summary["train_pairs"], summary["eval_pairs"]) == (32, 8)   # no test split: 20 % held out
     assert "gold_reward" not in summary["final"]                       # no gold reward for other data
-    assert summary["steps_by_noise"].keys() == {"all"}
+    assert summary["s_by_noise"].keys() == {"all"}
     assert AutoModelForCausalLM.from_pretrained(output_dir) is not None
 
 
@@ -454,7 +458,7 @@ def test_fsdp_on_two_ranks_is_one_process_with_the_same_global_batch(two_ranks):
     one_rows, fsdp_rows = read_metrics(folder / "one"), read_metrics(folder / "fsdp-whole")
     assert [(r["split"], r["step"]) for r in fsdp_rows] == [(r["split"], r["step"]) for r in one_rows]
     for one_row, fsdp_row in zip(one_rows, fsdp_rows):
-        for key in ("beta", "beta/pairs_mean", "steps/lower_beta", "steps/higher_beta"):
+        for key in ("beta", "beta/pairs_mean", "s/weaker", "s/stronger"):
             assert fsdp_row[key] == one_row[key], (key, one_row["step"])
         if fsdp_row["split"] == "train":
             assert fsdp_row["beta/ranks"] == [one_row["beta"]] * 2
@@ -507,9 +511,9 @@ def test_fsdp_in_bf16_starts_exactly_at_the_reference_and_trains_with_gradient_c
     folder, _ = two_ranks
     bf16_rows, float32_rows = read_metrics(folder / "fsdp-bf16"), read_metrics(folder / "fsdp-whole")
     start, first_step = bf16_rows[0], bf16_rows[1]
-    assert (start["rewards/margins"], start["steps/lower_beta"], start["steps/higher_beta"]) == (0.0, 0.0, 0.0)
+    assert (start["rewards/margins"], start["s/weaker"], start["s/stronger"]) == (0.0, 0.0, 0.0)
     assert start["loss"] == float32_rows[0]["loss"] == float(torch.tensor(math.log(2)))
-    assert (first_step["split"], first_step["steps/lower_beta"], first_step["steps/higher_beta"]) == ("train", 0.0, 0.0)
+    assert (first_step["split"], first_step["s/weaker"], first_step["s/stronger"]) == ("train", 0.0, 0.0)
     for bf16_row, float32_row in zip(bf16_rows[1:4], float32_rows[1:4]):
         assert bf16_row["loss"] == pytest.approx(float32_row["loss"], abs=2**-7)
 
@@ -774,7 +778,7 @@ def test_bf16_is_mixed_precision_so_a_small_learning_rate_moves_the_weights_as_i
     float32_rows, bfloat16_rows = (read_metrics(tmp_path / run) for run in ("float32", "bfloat16"))
     # At the start the bf16 reference computes the policy's logits bit for bit: a tie, every s 0 (METHOD §6).
     start = bfloat16_rows[0]
-    assert (start["rewards/margins"], start["steps/lower_beta"], start["steps/higher_beta"], start["loss"]) == \
+    assert (start["rewards/margins"], start["s/weaker"], start["s/stronger"], start["loss"]) == \
         (0.0, 0.0, 0.0, float32_rows[0]["loss"])
     for float32_row, bfloat16_row in zip(float32_rows[1:], bfloat16_rows[1:]):              # the training steps
         assert bfloat16_row["loss"] == pytest.approx(float32_row["loss"], abs=2**-8)      # within bf16's rounding
@@ -1265,7 +1269,7 @@ def test_the_bf16_reference_holds_every_product_weight_in_bf16_and_starts_bit_fo
             logits, ref_logits = policy(input_ids).logits, reference(input_ids).logits
         assert torch.equal(logits, ref_logits), name
         out = epsdpo.epsilon_dpo_loss(logits, ref_logits, input_ids, completion_mask, 0.1, 0.5)
-        assert (out.steps == 0).all() and torch.equal(out.losses, -torch.nn.functional.logsigmoid(torch.zeros(2))), name
+        assert (out.s == 0).all() and torch.equal(out.losses, -torch.nn.functional.logsigmoid(torch.zeros(2))), name
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -1302,7 +1306,7 @@ def test_lora_reference_is_the_policy_with_its_adapters_off_so_the_first_loss_is
     with autocast:
         assert torch.equal(built.policy(**inputs).logits, built.reference(**inputs).logits)   # B = 0: bit for bit
         out = train.forward(built.trained, built.reference, batch, 0.1, 0.5)
-    assert torch.equal(out.steps, torch.zeros(8, dtype=torch.long))
+    assert torch.equal(out.s, torch.zeros(8, dtype=torch.long))
     log_2 = torch.tensor(math.log(2))                                   # in float32, as the loss
     assert torch.equal(out.losses, log_2.expand(8)) and torch.equal(out.loss, log_2)
     assert all(weight.requires_grad for weight in trained.values())    # the reference gave the adapters back
@@ -1449,8 +1453,8 @@ def test_a_step_from_hidden_states_gives_the_loss_and_gradients_of_a_step_from_l
         return out, torch.autograd.grad(out.loss, list(policy.parameters()))
 
     (out, gradients), (expected, expected_gradients) = step(head), step(None)
-    assert out.steps.abs().sum() > 0
-    for name in ("loss", "losses", "steps", "chosen_logps", "rejected_logps", "ref_chosen_logps", "ref_rejected_logps"):
+    assert out.s.abs().sum() > 0
+    for name in ("loss", "losses", "s", "chosen_logps", "rejected_logps", "ref_chosen_logps", "ref_rejected_logps"):
         torch.testing.assert_close(getattr(out, name), getattr(expected, name), rtol=1e-5, atol=1e-5)
     for gradient, expected_gradient in zip(gradients, expected_gradients):
         torch.testing.assert_close(gradient, expected_gradient, rtol=1e-4, atol=1e-6)

@@ -8,7 +8,7 @@
 
 One straight path, train() below: arguments, data, models, loop, evaluation, saving. Every default is in
 parse_args. Writes to --output-dir: metrics.jsonl (a row per optimizer step and per evaluation),
-summary.json, curves.png, checkpoint-STEP/ folders, and the trained model and tokenizer (save_pretrained).
+summary.json, curves.png, criterion.png, checkpoint-STEP/ folders, and the trained model and tokenizer (save_pretrained).
 """
 
 import argparse
@@ -30,9 +30,9 @@ from models import (completion_logits, gathered_state_dict, held_bytes, init_dis
                     setup_models, sharded, tokenizer_name, training_mode)
 from data import (NOISE_CODES, ReportedError, collate, collate_prompts, gold_score, load_gold_reward, load_splits,
                   load_tokenizer, micro_batches, tokenize_rows)
-from outputs import (StopNow, check_only_ours_replaced, claim_output_dir, frontier_points, load_checkpoint, our_checkpoints,
-                     plot_curves, plot_frontier, prepare_output_dir, print_data_report, print_frontier, print_summary, read_metrics,
-                     resumed_args, save_pretrained_atomically, step_fractions, stop_signals, write_atomically,
+from outputs import (StopNow, check_only_ours_replaced, claim_output_dir, criterion_figure, frontier_points, load_checkpoint,
+                     our_checkpoints, plot_curves, plot_frontier, prepare_output_dir, print_data_report, print_frontier,
+                     print_summary, read_metrics, resumed_args, s_fractions, save_pretrained_atomically, stop_signals, write_atomically,
                      write_checkpoint)
 
 HERE = pathlib.Path(__file__).resolve().parent
@@ -113,6 +113,7 @@ def parse_args(argv=None, report=False):
     add("--eval-every", type=count, default=25, help="optimizer steps between evaluations")
     add("--eval-batch-size", type=count, default=64, help="pairs (or prompts to sample from) per evaluation batch")
     add("--max-new-tokens", type=count, default=32, help="length of the completions sampled for the gold reward")
+    add("--criterion-pairs", type=_number(int, 0, low_open=False, what="must be >= 0"), default=1000, help="train pairs on which the final policy's s is compared with sign(h − ΔK) and sign(h), drawn in criterion.png; 0: none")
     add("--seed", type=_number(int, 0, low_open=False, high=2**32, what="must be in [0, 2**32)"), default=0, help="seeds the data order and the sampling")
     add("--device", default="auto", help="cuda, cuda:N, mps or cpu; auto: the first available")
     add("--skip-invalid", action="store_true", help="drop malformed rows (and report how many) instead of stopping at the first")
@@ -164,21 +165,23 @@ def forward(policy, reference, batch, beta, epsilon, head=None):
 # Metrics: sums kept on the device, gathered from every rank once per optimizer step or evaluation
 
 
-SUMS = ("pairs", "loss", "beta/pairs_mean", "steps/lower_beta", "steps/higher_beta", "rewards/chosen",
-        "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected")
+SUMS = ("pairs", "loss", "beta/pairs_mean", "s/weaker", "s/stronger", "rewards/chosen", "rewards/rejected",
+        "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected", "h")
 NOISE = [(noisy, s) for noisy in NOISE_CODES for s in (1, 0, -1)]       # pairs counted by noise flag and s
 
 
 def pair_sums(out, noise, pairs=None):
-    """The sums over one micro-batch's pairs (its first `pairs`), in the order of SUMS then NOISE: (20,)
+    """The sums over one micro-batch's pairs (its first `pairs`), in the order of SUMS then NOISE: (21,)
     float64, no host sync."""
-    chosen, rejected, steps = out.chosen_rewards, out.rejected_rewards, out.steps
+    chosen, rejected, s = out.chosen_rewards, out.rejected_rewards, out.s
     # A tie (h = 0, as at the first step) counts half: the reference model is right half the time.
     accuracies = (chosen > rejected).float() + 0.5 * (chosen == rejected).float()
-    sums = [torch.ones_like(chosen), out.losses.detach(), out.pair_betas, steps == 1, steps == -1, chosen, rejected,
-            accuracies, chosen - rejected, out.chosen_logps.detach(), out.rejected_logps.detach()]
+    # h = z_θ − γ, the margin: comparable across runs, unlike the rewards' β̃ h when β differs.
+    h = (out.chosen_logps - out.ref_chosen_logps) - (out.rejected_logps - out.ref_rejected_logps)
+    sums = [torch.ones_like(chosen), out.losses.detach(), out.pair_betas, s == 1, s == -1, chosen, rejected,
+            accuracies, chosen - rejected, out.chosen_logps.detach(), out.rejected_logps.detach(), h.detach()]
     sums = torch.stack([values[:pairs].double().sum() for values in sums])
-    codes = (noise * 3 + 1 - steps)[:pairs]                             # the index of (noisy, s) in NOISE
+    codes = (noise * 3 + 1 - s)[:pairs]                                 # the index of (noisy, s) in NOISE
     return torch.cat([sums, (codes[:, None] == torch.arange(len(NOISE), device=codes.device)).sum(0).double()])
 
 
@@ -328,14 +331,14 @@ def train(args, label="ε-DPO", checkpoint=None):
         # N ranks see the pairs one process with N times the batch size would see.
         batches = (pairs[rank * args.batch_size : (rank + 1) * args.batch_size]
                    for pairs in micro_batches(train_pairs, args.batch_size * world_size, args.seed))
-        steps_by_noise, first_step, held = [0] * len(NOISE), 1, None        # pairs by (noise flag, s), as NOISE
+        s_by_noise, first_step, held = [0] * len(NOISE), 1, None            # pairs by (noise flag, s), as NOISE
         if checkpoint:
             folder, state = checkpoint
             load_checkpoint(folder, state, policy, optimizer)               # AdamW's state (and FSDP's shards)
             baseline_beta.load_state_dict(state["baseline_beta"])
             for _ in range(state["step"] * args.grad_accum):                # the data order is a function of the seed
                 next(batches)
-            steps_by_noise = list(state["steps_by_noise"])
+            s_by_noise = list(state["s_by_noise"])
             torch.set_rng_state(state["rng"]["torch"])
             random.setstate(state["rng"]["python"])
             first_step = state["step"] + 1
@@ -361,7 +364,7 @@ def train(args, label="ε-DPO", checkpoint=None):
             log({"step": step, "split": "eval", "beta": baseline_beta.value, "lr": learning_rate(step + 1), **metrics})
 
         def save_checkpoint(step):
-            state = {"step": step, "baseline_beta": baseline_beta.state_dict(), "steps_by_noise": steps_by_noise, "args": vars(args),
+            state = {"step": step, "baseline_beta": baseline_beta.state_dict(), "s_by_noise": s_by_noise, "args": vars(args),
                      "rng": {"torch": torch.get_rng_state(), "python": random.getstate()}}
             write_checkpoint(output_dir, step, policy, optimizer, state, args.keep_checkpoints)
 
@@ -395,7 +398,7 @@ def train(args, label="ε-DPO", checkpoint=None):
                             out = forward(models.trained, models.reference, batch, beta, args.epsilon, models.head)
                         (out.loss / args.grad_accum).backward()
                     if not args.fixed_baseline_beta:
-                        baseline_beta.observe(out.steps)
+                        baseline_beta.observe(out.s)
                     sums += pair_sums(out, batch.noise)
                 grad_norm = local(torch.nn.utils.clip_grad_norm_(trained_weights, args.max_grad_norm))  # FSDP: over all shards
                 # What the step needs on the host, from every rank, in one collective: the sums, the gradient
@@ -416,9 +419,12 @@ def train(args, label="ε-DPO", checkpoint=None):
                     held = held_bytes(policy, optimizer, models.reference)
                 optimizer.zero_grad(set_to_none=True)
                 baseline_beta.step()                                        # β ← mean β̃ of this step's pairs
-                steps_by_noise = [seen + int(new) for seen, new in zip(steps_by_noise, totals[len(SUMS) : -3].tolist())]
+                step_counts = [int(count) for count in totals[len(SUMS) : -3].tolist()]
+                s_by_noise = [seen + new for seen, new in zip(s_by_noise, step_counts)]
 
-                row = {"step": step, "split": "train", "beta": beta, "lr": lr, **means(totals), "grad_norm": grad_norm}
+                row = {"step": step, "split": "train", "beta": beta, "lr": lr, **means(totals), "grad_norm": grad_norm,
+                       **{f"s/{kind}/{group}": f[kind] for group, f in s_fractions(step_counts).items() if group != "all"
+                          for kind in ("weaker", "stronger")}}
                 if not args.fixed_baseline_beta:
                     row["beta/pairs_mean"] = baseline_beta.value            # the same mean of β̃, in float64
                 if world_size > 1:
@@ -433,6 +439,10 @@ def train(args, label="ε-DPO", checkpoint=None):
                 if step % args.save_every == 0:
                     save_checkpoint(step)
 
+        # What the criterion measured on the final policy, and criterion.png (every rank computes, rank 0 draws)
+        criterion = criterion_figure(policy, models.reference, train_pairs[: args.criterion_pairs], tokenizer.pad_token_id,
+                                     args.epsilon, sequence_kl, autocast, output_dir / "criterion.png" if rank == 0 else None)
+
         # Saving (under FSDP, every rank first sends its shards to rank 0's CPU memory)
         state_dict = gathered_state_dict(policy)
         if rank != 0:
@@ -444,7 +454,7 @@ def train(args, label="ε-DPO", checkpoint=None):
             "skipped": {"train": train_skipped, "eval": eval_skipped},
             "boundary_moved": {"train": train_moved, "eval": eval_moved},
             "final_beta": baseline_beta.value, "start": evaluations[0], "final": evaluations[-1],
-            "steps_by_noise": step_fractions(steps_by_noise),
+            "s_by_noise": s_fractions(s_by_noise), "criterion": criterion,
             "seconds": round(time.time() - started, 1), "bytes_held_by_rank_0": held,
         }
         plot_curves({label: read_metrics(output_dir)}, output_dir / "curves.png")

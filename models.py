@@ -309,6 +309,22 @@ def last_hidden_states(model, inputs):
     return outputs.hidden_states[-1], unwrapped.get_output_embeddings().weight
 
 
+def sequence_kl(policy_logits, ref_logits):
+    """Σ over the completion positions t of KL(π_θ(·|x, y<t) ‖ π_ref(·|x, y<t)), per sequence: (N,).
+    Takes, per sequence, the logits (m, V) at the positions that predict its completion (models.completion_logits).
+
+    Along a completion y sampled from π_θ, this is an unbiased estimate of KL(π_θ(·|x) ‖ π_ref(·|x)) by
+    the chain rule, like the sampled log-ratio log π_θ(y|x) − log π_ref(y|x); but it is never negative,
+    and at each position it averages over every next token instead of taking the one sampled, which
+    removes that token's share of the noise (not the share of which completion was drawn).
+    """
+    kls = []
+    for policy_row, ref_row in zip(policy_logits, ref_logits):
+        log_p, log_q = policy_row.float().log_softmax(-1), ref_row.float().log_softmax(-1)
+        kls.append((log_p.exp() * (log_p - log_q)).sum())
+    return torch.stack(kls)
+
+
 def completion_logits(model, inputs, completion_mask, head):
     """For each sequence of inputs, the logits (m, V) at the m positions that predict its completion tokens:
     one sequence at a time from the last hidden states when head is a LinearHead, else from the full logits."""

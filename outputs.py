@@ -15,6 +15,7 @@ import pathlib
 import re
 import shutil
 import signal
+import sys
 import tempfile
 import time
 
@@ -118,6 +119,26 @@ def run_is_saved(output_dir, step):
         return False
     saved = _saved_files(output_dir)
     return steps == step and bool(saved) and all((pathlib.Path(output_dir) / name).is_file() for name in saved)
+
+
+@contextlib.contextmanager
+def claim_on_rank_zero(output_dir, args, rank, world_size, device):
+    """claim_output_dir on rank 0, whose verdict every rank learns: if it refuses, the others exit quietly."""
+    refusal, lock = None, contextlib.nullcontext()
+    if rank == 0:
+        try:
+            lock = claim_output_dir(output_dir, args)
+        except ReportedError as error:
+            refusal = error
+    if world_size > 1:
+        refused = torch.tensor([refusal is not None], dtype=torch.float32, device=device)
+        dist.broadcast(refused, src=0)
+        if refused.item() and rank != 0:
+            sys.exit(1)                                                 # rank 0 says why, once
+    if refusal:
+        raise refusal
+    with lock:
+        yield
 
 
 def _lock(output_dir):

@@ -856,7 +856,7 @@ def test_the_kl_along_samples_is_unbiased_never_negative_and_steadier_than_the_l
     assert probabilities.sum().item() == pytest.approx(1.0, abs=1e-9)             # every completion, once
     exact_kl = (probabilities * (logps - ref_logps)).sum()
     scored = completion_mask[:, 1:].bool()
-    estimates = train.sequence_kl(policy_logits[:, :-1][scored].split(scored.sum(1).tolist()),
+    estimates = models.sequence_kl(policy_logits[:, :-1][scored].split(scored.sum(1).tolist()),
                                   ref_logits[:, :-1][scored].split(scored.sum(1).tolist())).double()
     assert (estimates >= 0).all()
     assert (probabilities * estimates).sum().item() == pytest.approx(exact_kl.item(), rel=1e-5)
@@ -1160,11 +1160,11 @@ def test_under_torchrun_rank_zero_alone_reports_a_refusal_and_the_others_exit_qu
     verdicts = []
     monkeypatch.setattr(train.dist, "broadcast", lambda tensor, src: verdicts.append(tensor.item()) or tensor.fill_(1))
     with pytest.raises(SystemExit) as exit_info:                         # rank 1 learns that rank 0 refused
-        with train.claim_on_rank_zero(output_dir, args, 1, 2, torch.device("cpu")):
+        with outputs.claim_on_rank_zero(output_dir, args, 1, 2, torch.device("cpu")):
             pass
     assert exit_info.value.code == 1 and verdicts == [0]
     with pytest.raises(data_module().ReportedError, match="is not empty"):
-        with train.claim_on_rank_zero(output_dir, args, 0, 2, torch.device("cpu")):
+        with outputs.claim_on_rank_zero(output_dir, args, 0, 2, torch.device("cpu")):
             pass
     assert verdicts == [0, 1]
     monkeypatch.setenv("RANK", "1")                                      # and a rank other than 0 prints nothing
@@ -1460,7 +1460,7 @@ def test_a_step_from_hidden_states_gives_the_loss_and_gradients_of_a_step_from_l
         torch.testing.assert_close(gradient, expected_gradient, rtol=1e-4, atol=1e-6)
     inputs = dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
     with torch.no_grad():
-        kls = [train.sequence_kl(*(models.completion_logits(m, inputs, batch.completion_mask, h) for m in (policy, reference)))
+        kls = [models.sequence_kl(*(models.completion_logits(m, inputs, batch.completion_mask, h) for m in (policy, reference)))
                for h in (head, None)]
     assert (kls[1] > 0).all()
     torch.testing.assert_close(*kls)

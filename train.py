@@ -26,11 +26,11 @@ import torch
 import torch.distributed as dist
 
 import epsdpo
-from models import (completion_logits, gathered_state_dict, held_bytes, init_distributed, last_hidden_states, local, precision,
+from models import (completion_logits, sequence_kl, gathered_state_dict, held_bytes, init_distributed, last_hidden_states, local, precision,
                     setup_models, sharded, tokenizer_name, training_mode)
 from data import (NOISE_CODES, ReportedError, collate, collate_prompts, gold_score, load_gold_reward, load_splits,
                   load_tokenizer, micro_batches, tokenize_rows)
-from outputs import (StopNow, check_only_ours_replaced, claim_output_dir, criterion_figure, frontier_points, load_checkpoint,
+from outputs import (StopNow, check_only_ours_replaced, claim_on_rank_zero, claim_output_dir, criterion_figure, frontier_points, load_checkpoint,
                      our_checkpoints, plot_curves, plot_frontier, prepare_output_dir, print_data_report, print_frontier,
                      print_summary, read_metrics, resumed_args, s_fractions, save_pretrained_atomically, stop_signals, write_atomically,
                      write_checkpoint)
@@ -197,22 +197,6 @@ def across_ranks(values):
 def means(totals):
     """TRL's metric names, each the mean over the pairs of the summed totals (laid out as SUMS)."""
     return {name: (totals[i] / totals[0]).item() for i, name in enumerate(SUMS) if i}
-
-
-def sequence_kl(policy_logits, ref_logits):
-    """Σ over the completion positions t of KL(π_θ(·|x, y<t) ‖ π_ref(·|x, y<t)), per sequence: (N,).
-    Takes, per sequence, the logits (m, V) at the positions that predict its completion (models.completion_logits).
-
-    Along a completion y sampled from π_θ, this is an unbiased estimate of KL(π_θ(·|x) ‖ π_ref(·|x)) by
-    the chain rule, like the sampled log-ratio log π_θ(y|x) − log π_ref(y|x); but it is never negative,
-    and at each position it averages over every next token instead of taking the one sampled, which
-    removes that token's share of the noise (not the share of which completion was drawn).
-    """
-    kls = []
-    for policy_row, ref_row in zip(policy_logits, ref_logits):
-        log_p, log_q = policy_row.float().log_softmax(-1), ref_row.float().log_softmax(-1)
-        kls.append((log_p.exp() * (log_p - log_q)).sum())
-    return torch.stack(kls)
 
 
 @torch.no_grad()
@@ -469,26 +453,6 @@ def train(args, label="ε-DPO", checkpoint=None):
 
 METHODS = (("DPO", "dpo", {"epsilon": 0.0}), ("ε-DPO", "epsilon-dpo", {}),
            ("ε-DPO, fixed baseline β", "epsilon-dpo-fixed-beta", {"fixed_baseline_beta": True}))
-
-
-@contextlib.contextmanager
-def claim_on_rank_zero(output_dir, args, rank, world_size, device):
-    """claim_output_dir on rank 0, whose verdict every rank learns: if it refuses, the others exit quietly."""
-    refusal, lock = None, contextlib.nullcontext()
-    if rank == 0:
-        try:
-            lock = claim_output_dir(output_dir, args)
-        except ReportedError as error:
-            refusal = error
-    if world_size > 1:
-        refused = torch.tensor([refusal is not None], dtype=torch.float32, device=device)
-        dist.broadcast(refused, src=0)
-        if refused.item() and rank != 0:
-            sys.exit(1)                                                 # rank 0 says why, once
-    if refusal:
-        raise refusal
-    with lock:
-        yield
 
 
 def compare(args, given):

@@ -574,12 +574,14 @@ def plot_curves(runs, path):
 
 
 @torch.no_grad()
-def criterion_figure(policy, reference, pairs, pad_token_id, epsilon, sequence_kl, autocast, path, batch_size=64):
+def criterion_figure(policy, reference, pairs, pad_token_id, epsilon, forward, head, autocast, path, batch_size=64):
     """What the criterion measures on the final policy: how often s = sign(h − ΔK) and s = sign(h) over the
     pairs, and criterion.png at path (if not None). Returns those fractions; None at ε = 0 or without pairs.
 
     ΔK = K_w − K_l, with K the KL(π_θ‖π_ref) summed along a completion. To first order in ε,
     z(1 ± ε) − z(1) = ± ε dz/dλ with dz/dλ = h − ΔK, so s = sign(h − ΔK) where that is clear of zero.
+    forward and head: train.py's loss of a batch and the models' LinearHead (None: from full logits), so that
+    this holds no more memory than training does; only the few pairs drawn take full logits, one at a time.
     """
     if epsilon == 0 or not pairs:
         return None
@@ -594,9 +596,13 @@ def criterion_figure(policy, reference, pairs, pad_token_id, epsilon, sequence_k
 
     columns = []                                            # per pair: h, ΔK, s, noise flag
     for start in range(0, len(pairs), batch_size):
-        batch, logits, ref_logits = logits_of(pairs[start : start + batch_size])
-        out = epsdpo.epsilon_dpo_loss(logits, ref_logits, batch.input_ids, batch.completion_mask, 1.0, epsilon)
-        kls, half = sequence_kl(logits, ref_logits, batch.completion_mask), len(out.s)
+        batch = collate(pairs[start : start + batch_size], pad_token_id, device)
+        inputs = dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+        with autocast:
+            out = forward(policy, reference, batch, 1.0, epsilon, head)
+            kls = models.sequence_kl(*(models.completion_logits(model, inputs, batch.completion_mask, head)
+                                       for model in (policy, reference)))
+        half = len(out.s)
         h = (out.chosen_logps - out.ref_chosen_logps) - (out.rejected_logps - out.ref_rejected_logps)
         columns.append(torch.stack([v.double() for v in (h, kls[:half] - kls[half:], out.s, batch.noise)]).cpu())
     h, delta_k, s, noise = torch.cat(columns, dim=1)

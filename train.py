@@ -424,8 +424,8 @@ def train(args, label="ε-DPO", checkpoint=None):
                     save_checkpoint(step)
 
         # What the criterion measured on the final policy, and criterion.png (every rank computes, rank 0 draws)
-        criterion = criterion_figure(policy, models.reference, train_pairs[: args.criterion_pairs], tokenizer.pad_token_id,
-                                     args.epsilon, sequence_kl, autocast, output_dir / "criterion.png" if rank == 0 else None)
+        criterion = criterion_figure(policy, models.reference, train_pairs[: args.criterion_pairs], tokenizer.pad_token_id, args.epsilon,
+                                     forward, models.head, autocast, output_dir / "criterion.png" if rank == 0 else None, args.eval_batch_size)
 
         # Saving (under FSDP, every rank first sends its shards to rank 0's CPU memory)
         state_dict = gathered_state_dict(policy)

@@ -408,7 +408,7 @@ def two_ranks(tmp_path_factory):
     folder = tmp_path_factory.mktemp("two-ranks")
     arguments = ["--dataset", str(tiny_data_cut(folder / "data", 200, 33)), "--gold-reward", str(train.TINY_GOLD_REWARD),
                  "--max-new-tokens", "8", "--eval-batch-size", "16", "--max-steps", "15", "--eval-every", "1000",
-                 "--save-every", "1000", "--epsilon", "0.3", "--lr", "1e-3"]
+                 "--save-every", "1000", "--epsilon", "0.3", "--lr", "1e-3", "--criterion-pairs", "0"]
     train.main(["--output-dir", str(folder / "one"), *arguments, "--batch-size", "8"])
     ddp, fsdp = [*arguments, "--batch-size", "4"], [*arguments, "--fsdp", "--batch-size", "2", "--grad-accum", "2"]
     printed = {"ddp": stopped_by_a_signal(folder / "ddp", ddp, ctrl_c=True), "fsdp": stopped_by_a_signal(folder / "fsdp", fsdp, ctrl_c=False)}
@@ -1227,6 +1227,7 @@ def test_the_reference_is_converted_before_it_moves_and_ddp_broadcasts_no_buffer
     monkeypatch.setattr(models, "frozen_weights_in_bf16", lambda model: seen.append(
         {p.device.type for p in model.parameters()}) or real_convert(model))
     monkeypatch.setattr(torch.nn.parallel, "DistributedDataParallel", lambda model, **kwargs: wrapped.append(kwargs) or model)
+    monkeypatch.setattr(models, "linear_head", lambda model, sample: (None, "a meta device computes nothing to check"))
     args, _ = train.parse_args([])
     tokenizer = AutoTokenizer.from_pretrained(train.TINY_MODEL)
     pair = {"prompt_ids": [1, 5], "chosen_ids": [6, 2], "rejected_ids": [7, 2]}
@@ -1417,7 +1418,7 @@ def test_lora_on_two_ranks_under_torchrun_matches_one_process(lora_run, tmp_path
     assert [r["beta"] for r in two_rows] == [r["beta"] for r in one_rows]
     one_adapter, two_adapter = (load_file(run / "adapter_model.safetensors") for run in (one, two))
     for name in one_adapter:
-        torch.testing.assert_close(two_adapter[name], one_adapter[name], rtol=0, atol=1e-5)
+        torch.testing.assert_close(two_adapter[name], one_adapter[name], rtol=0, atol=1e-4)   # float32 order: a batch of 8 vs 4 + 4
 
 
 # ----------------------------------------------------------------------------------------------------

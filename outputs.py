@@ -608,21 +608,24 @@ def criterion_figure(policy, reference, pairs, pad_token_id, epsilon, forward, h
     h, delta_k, s, noise = torch.cat(columns, dim=1)
     agreement = {"pairs": len(s), "s = sign(h − ΔK)": (s == torch.sign(h - delta_k)).double().mean().item(),
                  "s = sign(h)": (s == torch.sign(h)).double().mean().item()}
-    if path is None:
-        return agreement
-
-    # A few pairs' z(λ) from λ = 0 (the reference) to 2: three clean and three mislabelled where marked.
+    # A few pairs' z(λ) from λ = 0 (the reference) to 2: three clean and three mislabelled where marked. On
+    # every rank: under FSDP each forward pass is a collective.
     marked = [i for flag in (1, 2) for i in (noise == flag).nonzero().flatten().tolist()[:3]]
     examples = marked if len(marked) > 3 else list(range(min(6, len(s))))
     lambdas = [step / 10 for step in range(21)]
+    curves = {}
+    for i in examples:
+        batch, logits, ref_logits = logits_of([pairs[i]])
+        curves[i] = [(lambda logps: (logps[0] - logps[1]).item())(epsdpo.sequence_logps(
+                     torch.lerp(ref_logits, logits, lam), batch.input_ids, batch.completion_mask)) for lam in lambdas]
+    if path is None:
+        return agreement
+
     plt = _pyplot()
     figure, (left, right) = plt.subplots(1, 2, figsize=(12, 4.8))
     colors = {1.0: "tab:blue", -1.0: "tab:red", 0.0: "tab:gray"}
     left.axvspan(1 - epsilon, 1 + epsilon, color="gold", alpha=0.6, label=f"[1 − ε, 1 + ε], ε = {epsilon:g}")
-    for i in examples:
-        batch, logits, ref_logits = logits_of([pairs[i]])
-        z = [(lambda logps: (logps[0] - logps[1]).item())(epsdpo.sequence_logps(
-             torch.lerp(ref_logits, logits, lam), batch.input_ids, batch.completion_mask)) for lam in lambdas]
+    for i, z in curves.items():
         z_at_1 = z[lambdas.index(1.0)]
         left.plot(lambdas, [value - z_at_1 for value in z], color=colors[s[i].item()],
                   linestyle="--" if noise[i] == 2 else "-", label=f"pair {i}{', mislabelled' if noise[i] == 2 else ''}: s = {s[i]:+.0f}")

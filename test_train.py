@@ -492,11 +492,11 @@ def test_under_fsdp_each_rank_holds_half_of_the_weights_gradients_optimizer_stat
     assert one["parameters"] == 86_080 * 4 and ddp == one                  # DDP: a whole copy on every rank
     for kind in ("parameters", "gradients", "optimizer", "reference"):
         assert fsdp[kind] == pytest.approx(one[kind] / 2, rel=0.01), kind
-    # memory.py's computed bytes are these measured ones (less AdamW's step counts, 4 bytes a tensor)
-    import memory
+    # bench.py --memory's computed bytes are these measured ones (less AdamW's step counts, 4 bytes a tensor)
+    import bench
 
     with torch.device("meta"):
-        computed = memory.bytes_per_gpu(AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(train.TINY_MODEL)), gpus=2)
+        computed = bench.bytes_per_gpu(AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(train.TINY_MODEL)), gpus=2)
     assert computed["ddp"]["policy"] == pytest.approx(one["parameters"] + one["gradients"] + one["optimizer"], abs=100)
     assert computed["fsdp"]["policy"] == pytest.approx(fsdp["parameters"] + fsdp["gradients"] + fsdp["optimizer"], abs=100)
     shards = [(folder / "fsdp-whole/checkpoint-15" / f"__{rank}_0.distcp").stat().st_size for rank in (0, 1)]

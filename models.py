@@ -358,6 +358,17 @@ def linear_head(model, input_ids):
     return LinearHead(softcap), ""
 
 
+def shared_linear_head(policy, reference, pair, device, mixed_precision):
+    """(LinearHead, "") when both models' logits are softcap(last hidden state @ weight.T) with the same soft-cap,
+    checked on the first tokens of a pair as the models will run (under autocast with bf16); else (None, why)."""
+    sample = torch.tensor([(pair["prompt_ids"] + pair["chosen_ids"])[:16]], device=device)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=mixed_precision):
+        (head, note), (ref_head, ref_note) = linear_head(policy, sample), linear_head(reference, sample)
+    if head is not None and head != ref_head:
+        head, note = None, f"the reference: {ref_note}" if ref_head is None else "the reference's soft-cap differs"
+    return head, note
+
+
 @dataclass
 class Models:
     """What train.py trains with."""
@@ -406,13 +417,8 @@ def setup_models(args, device, world_size, mixed_precision, tokenizer, pairs, ch
         reference = load_model(args.ref_model or args.model, loaded_on, args.trust_remote_code,
                                mixed_precision and not args.fsdp).requires_grad_(False)
     check_models(policy, reference or policy, tokenizer, pairs, args, from_checkpoint)
-    head, note = None, "with --fsdp the output layer's weight is sharded"
-    if not args.fsdp:
-        sample = torch.tensor([(pairs[0]["prompt_ids"] + pairs[0]["chosen_ids"])[:16]], device=device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=mixed_precision):    # as the models will run
-            (head, note), (ref_head, ref_note) = linear_head(policy, sample), linear_head(reference or AdaptersOff(policy), sample)
-        if head is not None and head != ref_head:
-            head, note = None, f"the reference: {ref_note}" if ref_head is None else "the reference's soft-cap differs"
+    head, note = (None, "with --fsdp the output layer's weight is sharded") if args.fsdp else \
+        shared_linear_head(policy, reference or AdaptersOff(policy), pairs[0], device, mixed_precision)
     layers = checkpointed_layers(policy) if args.gradient_checkpointing else []
     if args.fsdp:
         # Under FSDP's mixed precision the policy computes wholly in bf16, so the reference is stored wholly in

@@ -1227,7 +1227,7 @@ def test_the_reference_is_converted_before_it_moves_and_ddp_broadcasts_no_buffer
     monkeypatch.setattr(models, "frozen_weights_in_bf16", lambda model: seen.append(
         {p.device.type for p in model.parameters()}) or real_convert(model))
     monkeypatch.setattr(torch.nn.parallel, "DistributedDataParallel", lambda model, **kwargs: wrapped.append(kwargs) or model)
-    monkeypatch.setattr(models, "linear_head", lambda model, sample: (None, "a meta device computes nothing to check"))
+    monkeypatch.setattr(models, "shared_linear_head", lambda *args: (None, "a meta device computes nothing to check"))
     args, _ = train.parse_args([])
     tokenizer = AutoTokenizer.from_pretrained(train.TINY_MODEL)
     pair = {"prompt_ids": [1, 5], "chosen_ids": [6, 2], "rejected_ids": [7, 2]}
@@ -1306,7 +1306,8 @@ def test_lora_reference_is_the_policy_with_its_adapters_off_so_the_first_loss_is
     inputs = dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
     with autocast:
         assert torch.equal(built.policy(**inputs).logits, built.reference(**inputs).logits)   # B = 0: bit for bit
-        out = train.forward(built.trained, built.reference, batch, 0.1, 0.5)
+        out = train.forward(built.trained, built.reference, batch, 0.1, 0.5, built.head)   # as train.py: from hidden states
+    assert built.head is not None
     assert torch.equal(out.s, torch.zeros(8, dtype=torch.long))
     log_2 = torch.tensor(math.log(2))                                   # in float32, as the loss
     assert torch.equal(out.losses, log_2.expand(8)) and torch.equal(out.loss, log_2)

@@ -700,7 +700,12 @@ def main():
     parser.add_argument("--device", choices=("cpu", "cuda"), action="append",
                         help="measure on this device (default: cpu, and cuda when present)")
     parser.add_argument("--shape", choices=list(SHAPES), action="append", help="measure this shape only (default: all)")
-    parser.add_argument("--repeats", type=int, help="rounds measured after one round of warm-up (default: 15 after 3)")
+    def rounds(text):
+        if not text.isdigit() or int(text) < 2:
+            raise argparse.ArgumentTypeError(f"{text!r}: at least 2 rounds (the quartiles need two)")
+        return int(text)
+
+    parser.add_argument("--repeats", type=rounds, help="rounds measured after one round of warm-up (default: 15 after 3)")
     args = parser.parse_args()
     if args.memory:
         return print_memory(args.gpus)

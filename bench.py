@@ -585,7 +585,7 @@ def print_memory(gpus):
 # Measured: the peak memory of the loss from hidden states against the loss from logits (CPU)
 
 
-HIDDEN_RUN_VOCAB, HIDDEN_RUN_PAIRS, HIDDEN_RUN_LENGTH = 131_072, 2, 512
+HIDDEN_RUN_VOCAB, HIDDEN_RUN_PAIRS, HIDDEN_RUN_LENGTH = 131_072, 4, 512
 
 # One train.py run in a process of its own; it prints its peak and the resident memory before the first loss.
 HIDDEN_RUN_CHILD = """
@@ -622,7 +622,8 @@ def run_train_131k(folder, from_hidden):
     """Two steps of train.py on that model, in a process of its own: its peak RSS and its RSS before the first loss."""
     argv = ["--model", str(folder / "model"), "--dataset", str(folder / "pairs.jsonl"), "--eval-fraction", "0.2",
             "--batch-size", str(HIDDEN_RUN_PAIRS), "--max-steps", "2", "--eval-every", "1000",
-            "--max-length", str(HIDDEN_RUN_LENGTH), "--max-prompt-length", "16", "--output-dir", str(folder / f"out-{from_hidden}")]
+            "--max-length", str(HIDDEN_RUN_LENGTH), "--max-prompt-length", "16", "--output-dir", str(folder / f"out-{from_hidden}"),
+            "--criterion-pairs", "0"]       # the training's memory: criterion.png's example curves take one pair's full logits
     code = HIDDEN_RUN_CHILD.format(here=str(HERE), from_hidden=from_hidden, argv=argv)
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     lines = [line for line in result.stdout.splitlines() if line.startswith("RESULT ")]

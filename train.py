@@ -26,8 +26,8 @@ import torch
 import torch.distributed as dist
 
 import epsdpo
-from models import (completion_logits, sequence_kl, gathered_state_dict, held_bytes, init_distributed, last_hidden_states, local, precision,
-                    setup_models, sharded, tokenizer_name, training_mode)
+from models import (completion_logits, gathered_state_dict, held_bytes, init_distributed, last_hidden_states, local, precision,
+                    sequence_kl, setup_models, sharded, tokenizer_name, training_mode)
 from data import (NOISE_CODES, ReportedError, collate, collate_prompts, gold_score, load_gold_reward, load_splits,
                   load_tokenizer, micro_batches, tokenize_rows)
 from outputs import (StopNow, check_only_ours_replaced, claim_on_rank_zero, claim_output_dir, criterion_figure, frontier_points, load_checkpoint,

@@ -2,9 +2,10 @@
 resumes from bit for bit, and the figures and tables of a run, a comparison and a reward–KL frontier.
 
 The rule all of it follows: the project changes only what it wrote itself. Its checkpoints are the folders
-named exactly checkpoint-STEP that hold its trainer_state.pt; its files are metrics.jsonl, summary.json,
-curves.png, criterion.png and those the model's save_pretrained wrote (listed in summary.json). Pruning, --overwrite and
---resume act on those alone: anything else a user put in the folder stays as it was.
+named exactly checkpoint-STEP that hold its trainer_state.pt; its files are those listed in the folder's OURS
+file, where each name is added before the file is first written (write_atomically and
+save_pretrained_atomically refuse to replace any other). Pruning, --overwrite and --resume act on those
+alone: anything else a user put in the folder stays as it was, whatever its name.
 """
 
 import argparse
@@ -28,7 +29,9 @@ import models
 from data import ReportedError, collate
 
 LOCK = ".train.lock"                                        # held (flock) while a run writes to the folder
+OURS = ".train.files"                                       # the names of the files the project wrote there, one a line
 RUN_FILES = ("metrics.jsonl", "summary.json", "curves.png", "criterion.png")
+COMPARE_FILES, FRONTIER_FILES = ("compare.png",), ("frontier.json", "frontier.png")
 # What a resumed run may change (--resume DIR --max-steps 500); any other flag that differs is refused.
 RESUMABLE = {"max_steps", "eval_every", "save_every", "keep_checkpoints", "eval_batch_size", "max_new_tokens", "device",
              "criterion_pairs"}
@@ -39,9 +42,11 @@ INPUTS = ("model", "ref_model", "dataset", "gold_reward")
 # Temporaries of ours, by name: what a killed run leaves behind, removed by the next run in the folder.
 TEMPORARY = re.compile(r"\.saving-\w{8}|\.checkpoint-[0-9]+-\w{8}|\.(metrics\.jsonl|summary\.json|curves\.png|"
                        r"compare\.png|frontier\.json|frontier\.png)\.\w{8}")
-# The names of a model's files that save_pretrained writes (besides the tokenizer's).
+# The names of a model's files that save_pretrained writes (besides the tokenizer's), and of a peft adapter's
+# (its model card README.md among them).
 MODEL_FILES = re.compile(r"config\.json|generation_config\.json|model\.safetensors(\.index\.json)?|"
                          r"model-[0-9]+-of-[0-9]+\.safetensors")
+ADAPTER_FILES = re.compile(r"adapter_config\.json|adapter_model\.(safetensors|bin)|README\.md")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -83,22 +88,51 @@ def check_not_an_input(output_dir, args):
                                 f"writes where it reads; choose another --output-dir")
 
 
-def check_only_ours_replaced(output_dir, tokenizer):
-    """Refuse, before training, a run that would replace a file or take a name it did not write: a model or
-    tokenizer file that the final save writes, or a checkpoint-STEP that is not one of ours (a folder of
-    yours, a link: never followed)."""
+def ours(folder):
+    """The names of the files and checkpoint folders this project wrote in folder."""
+    folder = pathlib.Path(folder)
+    try:
+        names = set((folder / OURS).read_text().splitlines())
+    except OSError:
+        names = set()
+    return {n for n in names if n and n == pathlib.Path(n).name and n[:1] != "."} | {p.name for p in our_checkpoints(folder)}
+
+
+def _claim_names(folder, names):
+    """Before writing files of these names in folder: refuse if one is there and not ours, else list them as ours."""
+    folder, known = pathlib.Path(folder), ours(folder)
+    for name in names:
+        if name not in known and (os.path.lexists(folder / name)):
+            raise ReportedError(f"{folder} holds {name}, which this project did not write; it was not replaced. "
+                                f"Move it, or choose another --output-dir")
+    new = [name for name in names if name not in known]
+    if new:
+        with open(folder / OURS, "a") as listing:
+            listing.write("".join(name + "\n" for name in new))
+
+
+def check_only_ours_replaced(output_dir, will_write):
+    """Refuse, before training, a run that would replace a file or take a name it did not write: anything in
+    the folder whose name will_write(name) says the run writes (its model, adapter, tokenizer, metrics and
+    figures, checkpoint-STEP) and that is not ours (a file of yours, a link: never followed)."""
     output_dir = pathlib.Path(output_dir)
     if not output_dir.is_dir():
         return
+    known = ours(output_dir)
+    for path in sorted(output_dir.iterdir()):
+        if will_write(path.name) and path.name not in known:
+            raise ReportedError(f"--output-dir {output_dir} holds {path.name}, which this project did not write and its run "
+                                f"would replace; nothing was touched. Move it, or choose another --output-dir")
+
+
+def run_writes(tokenizer, lora):
+    """will_write for check_only_ours_replaced: the names a training run may write in its output folder."""
     with tempfile.TemporaryDirectory() as names_of:                    # which files the tokenizer writes
         tokenizer.save_pretrained(names_of)
         tokenizer_files = set(os.listdir(names_of))
-    ours = set(_saved_files(output_dir)) | {path.name for path in our_checkpoints(output_dir)}
-    for path in sorted(output_dir.iterdir()):
-        written = MODEL_FILES.fullmatch(path.name) or path.name in tokenizer_files or re.fullmatch(r"checkpoint-[0-9]+", path.name)
-        if written and path.name not in ours:
-            raise ReportedError(f"--output-dir {output_dir} holds {path.name}, which this project did not write and its run "
-                                f"would replace; nothing was touched. Move it, or choose another --output-dir")
+    model_files = ADAPTER_FILES if lora else MODEL_FILES
+    return lambda name: bool(name in RUN_FILES or name in tokenizer_files or model_files.fullmatch(name)
+                             or re.fullmatch(r"checkpoint-[0-9]+", name))
 
 
 def _saved_files(output_dir):
@@ -169,10 +203,18 @@ def prepare_output_dir(output_dir, resumed_step):
         rows = [row for row in read_metrics(output_dir) if row["step"] <= resumed_step]
         write_atomically(output_dir / "metrics.jsonl", "".join(json.dumps(row) + "\n" for row in rows))
         return
-    for name in [*RUN_FILES, *_saved_files(output_dir)]:
-        (output_dir / name).unlink(missing_ok=True)
     for checkpoint in our_checkpoints(output_dir):
         shutil.rmtree(checkpoint)
+    for name in ours(output_dir):                                      # files only: no folder is listed
+        (output_dir / name).unlink(missing_ok=True)
+    (output_dir / OURS).unlink(missing_ok=True)
+
+
+def append_metrics(output_dir, row):
+    """One row of metrics.jsonl, in one write() of a whole line: a crash cannot leave half of it."""
+    _claim_names(output_dir, ["metrics.jsonl"])
+    with open(pathlib.Path(output_dir) / "metrics.jsonl", "a") as metrics_file:
+        metrics_file.write(json.dumps(row) + "\n")
 
 
 def read_metrics(output_dir):
@@ -188,7 +230,10 @@ def read_metrics(output_dir):
 
 
 def write_atomically(path, content):
-    """Write to a temporary file beside it, then rename: the file is either the old one or the whole new one."""
+    """Write to a temporary file beside it, then rename: the file is either the old one or the whole new one.
+    A file of that name that the project did not write is never replaced (ReportedError)."""
+    path = pathlib.Path(path)
+    _claim_names(path.parent, [path.name])
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
         with os.fdopen(handle, "wb" if isinstance(content, bytes) else "w") as file:
@@ -234,6 +279,7 @@ def save_pretrained_atomically(output_dir, model, tokenizer, summary=None, state
         save_model(model, temporary, state_dict)
         tokenizer.save_pretrained(temporary)
         names = sorted(path.name for path in temporary.iterdir())
+        _claim_names(output_dir, names)
         if summary is not None:
             write_atomically(pathlib.Path(output_dir) / "summary.json", json.dumps({**summary, "saved": names}, indent=2) + "\n")
         for name in names:

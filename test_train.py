@@ -342,7 +342,9 @@ def test_checkpoints_keep_the_last_few(tmp_path):
     train.main(["--output-dir", str(output_dir), "--max-steps", "5", "--save-every", "1", "--keep-checkpoints", "2",
                 "--eval-every", "100", *QUICK])
     assert sorted(p.name for p in output_dir.glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-5"]
-    assert [p.name for p in output_dir.glob(".*")] == [".train.lock"]    # no temporary left behind
+    assert sorted(p.name for p in output_dir.glob(".*")) == [".train.files", ".train.lock"]   # no temporary left behind
+    assert set((output_dir / ".train.files").read_text().split()) == {
+        "metrics.jsonl", "curves.png", "summary.json", *(p.name for p in output_dir.iterdir() if not p.name.startswith((".", "checkpoint-")))}
 
 
 def test_an_interrupted_run_resumes_to_the_same_end_bit_for_bit(tmp_path, small_data):
@@ -663,7 +665,7 @@ def test_a_full_disk_during_a_checkpoint_leaves_the_last_one_intact(tmp_path, mo
                                  "--eval-every", "1000", *small_data])
     assert error == f"error: could not write checkpoint-2 ([Errno 28] No space left on device); the last checkpoint, " \
                     f"{output_dir / 'checkpoint-1'}, is intact"
-    assert sorted(p.name for p in output_dir.iterdir()) == [".train.lock", "checkpoint-1", "metrics.jsonl"]
+    assert sorted(p.name for p in output_dir.iterdir()) == [".train.files", ".train.lock", "checkpoint-1", "metrics.jsonl"]
     monkeypatch.undo()
     train.main(["--resume", str(output_dir)])
     assert [r["step"] for r in read_metrics(output_dir) if r["split"] == "train"] == [1, 2, 3]
@@ -990,6 +992,33 @@ def test_a_file_or_checkpoint_name_the_project_did_not_write_is_never_replaced(t
     assert (output_dir / "checkpoint-1").is_symlink() and (theirs / "trainer_state.pt").read_text() == "mine"
 
 
+@pytest.mark.parametrize("mode, flags, theirs", [
+    ("lora", ["--lora-r", "4"], ["README.md", "adapter_config.json", "adapter_model.safetensors"]),
+    ("full", [], ["metrics.jsonl", "curves.png", "summary.json", "model.safetensors"]),
+    ("compare", ["--compare"], ["compare.png"]),
+    ("frontier", ["--compare", "--betas", "0.1", "--seeds", "1"], ["frontier.json", "frontier.png"])])
+def test_overwrite_never_replaces_a_file_of_any_name_a_mode_writes_that_the_project_did_not_write(
+        tmp_path, small_data, mode, flags, theirs):
+    """--overwrite replaces the project's own files alone: a LoRA run's adapter and model card, a full run's
+    metrics and figures, --compare's and --betas' figures, if they are the user's, stop the run untouched."""
+    output_dir = tmp_path / "out"
+    output_dir.mkdir()
+    for name in theirs:
+        (output_dir / name).write_text(f"my {name}")
+    for name in theirs:
+        error = run_expecting_error(["--output-dir", str(output_dir), "--overwrite", "--max-steps", "1", *flags, *small_data])
+        assert "which this project did not write" in error and "\n" not in error, error
+        assert error.split(" holds ")[1].split(",")[0] in theirs
+        (output_dir / error.split(" holds ")[1].split(",")[0]).rename(tmp_path / "moved")
+        (tmp_path / "moved").unlink()
+    if mode == "lora":                 # the run's own files, README.md among them, are replaced by the next run
+        train.main(["--output-dir", str(output_dir), "--overwrite", "--max-steps", "1", "--eval-every", "1000", *flags, *small_data])
+        (output_dir / "notes.txt").write_text("mine")
+        train.main(["--output-dir", str(output_dir), "--overwrite", "--max-steps", "1", "--eval-every", "1000", *flags, *small_data])
+        assert (output_dir / "README.md").exists() and (output_dir / "notes.txt").read_text() == "mine"
+    assert sorted(p.name for p in output_dir.iterdir() if p.name in theirs and p.read_bytes().startswith(b"my ")) == []
+
+
 def test_paths_are_expanded_and_absolute_and_flags_for_compare_alone_are_refused(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
@@ -1051,7 +1080,7 @@ def test_a_run_killed_while_saving_is_completed_by_resume_and_its_temporaries_re
     train.main(["--resume", str(output_dir)])
     assert "its final save did not complete: saving it" in capsys.readouterr().out
     assert (output_dir / "model.safetensors").read_bytes() == saved_model
-    assert sorted(p.name for p in output_dir.glob(".*")) == [".saving", ".train.lock"]
+    assert sorted(p.name for p in output_dir.glob(".*")) == [".saving", ".train.files", ".train.lock"]
     assert [r["step"] for r in read_metrics(output_dir) if r["split"] == "train"] == [1, 2]
     assert run_expecting_error(["--resume", str(output_dir)]).endswith("checkpoint-2 is at or past --max-steps 2; "
                                                                        "give a larger --max-steps to train on")

@@ -30,9 +30,9 @@ from models import (completion_logits, gathered_state_dict, held_bytes, init_dis
                     sequence_kl, setup_models, sharded, tokenizer_name, training_mode)
 from data import (NOISE_CODES, ReportedError, collate, collate_prompts, gold_score, load_gold_reward, load_splits,
                   load_tokenizer, micro_batches, tokenize_rows)
-from outputs import (StopNow, check_only_ours_replaced, claim_on_rank_zero, claim_output_dir, criterion_figure, frontier_points, load_checkpoint,
+from outputs import (COMPARE_FILES, append_metrics, FRONTIER_FILES, StopNow, check_only_ours_replaced, claim_on_rank_zero, claim_output_dir, criterion_figure, frontier_points, load_checkpoint,
                      our_checkpoints, plot_curves, plot_frontier, prepare_output_dir, print_data_report, print_frontier,
-                     print_summary, read_metrics, resumed_args, s_fractions, save_pretrained_atomically, stop_signals, write_atomically,
+                     print_summary, read_metrics, resumed_args, run_writes, s_fractions, save_pretrained_atomically, stop_signals, write_atomically,
                      write_checkpoint)
 
 HERE = pathlib.Path(__file__).resolve().parent
@@ -283,7 +283,7 @@ def train(args, label="ε-DPO", checkpoint=None):
         # Data
         tokenizer = load_tokenizer(tokenizer_name(args.model), args.trust_remote_code)
         if rank == 0:
-            check_only_ours_replaced(output_dir, tokenizer)
+            check_only_ours_replaced(output_dir, run_writes(tokenizer, args.lora_r > 0))
         train_rows, eval_rows, notes = load_splits(args.dataset, args.train_split, args.eval_split, args.eval_fraction, args.seed)
         lengths = (tokenizer, args.max_length, args.max_prompt_length, args.skip_invalid)
         (train_pairs, train_skipped, train_moved), (eval_pairs, eval_skipped, eval_moved) = (
@@ -338,9 +338,7 @@ def train(args, label="ε-DPO", checkpoint=None):
 
         def log(row):
             if rank == 0:
-                # One write() of a whole line: a crash cannot leave half of it.
-                with open(output_dir / "metrics.jsonl", "a") as metrics_file:
-                    metrics_file.write(json.dumps(row) + "\n")
+                append_metrics(output_dir, row)
 
         def log_evaluation(step):
             with autocast:
@@ -472,6 +470,9 @@ def compare(args, given):
                                                    "betas": None, "eval_every": eval_every, "output_dir": str(where)}), label))
     rank, world_size, device = init_distributed(args.device)
     with claim_output_dir(output_dir, args) if rank == 0 else contextlib.nullcontext():
+        if rank == 0:                                                   # compare.png, or frontier.json and .png
+            names = FRONTIER_FILES if args.betas else COMPARE_FILES
+            check_only_ours_replaced(output_dir, lambda name: name in names)
         frontier_on_cpus = args.betas and world_size == 1 and device.type == "cpu"
         summaries = side_by_side(runs) if frontier_on_cpus else one_after_another(runs, rank)
         if summaries[0] is None:                                        # not rank 0

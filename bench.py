@@ -12,8 +12,8 @@
 
 The same training step (forward, loss, backward, AdamW step), on the same model, batch and seed, six ways:
   dpo              DPO through epsdpo.py, the reference's logits computed live (as ε-DPO needs them)
-  epsilon-dpo      ε-DPO through epsdpo.epsilon_dpo_loss
-  hidden           ε-DPO through epsdpo.epsilon_dpo_loss_from_hidden, as train.py runs it: never a (2B, T, V) tensor
+  epsilon-dpo      ε-DPO through epsdpo_chunked.epsilon_dpo_loss (from logits in chunks)
+  hidden           ε-DPO through epsdpo_chunked.epsilon_dpo_loss_from_hidden, as train.py runs it: never a (2B, T, V) tensor
   backbone         no loss at all: both models' last hidden states, a zero loss on them, backward through the policy;
                    what a step costs before any loss, so that peak − backbone's peak is what a loss adds
   naive            ε-DPO the way the authors' trainer does it: perturbed logits for the whole (2B, T, V)
@@ -50,6 +50,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Llama
 
 import data
 import epsdpo
+import epsdpo_chunked
 import models
 import train
 
@@ -134,7 +135,7 @@ def make_step(variant, policy, reference, input_ids, attention_mask, completion_
     half = input_ids.shape[0] // 2
     model_inputs = dict(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
     with torch.no_grad(), autocast:
-        precomputed_ref_logps = epsdpo.sequence_logps(reference(**model_inputs).logits, input_ids, completion_mask)
+        precomputed_ref_logps = epsdpo_chunked.sequence_logps(reference(**model_inputs).logits, input_ids, completion_mask)
 
     def mean_dpo_loss(logps, ref_logps):
         losses, _, _ = epsdpo.dpo_loss(logps[:half], logps[half:], ref_logps[:half], ref_logps[half:], BETA)
@@ -147,20 +148,20 @@ def make_step(variant, policy, reference, input_ids, attention_mask, completion_
                 ref_hidden, ref_weight = models.last_hidden_states(reference, model_inputs)
             if variant == "backbone":
                 return (hidden * 0).sum()
-            out = epsdpo.epsilon_dpo_loss_from_hidden(hidden, weight, ref_hidden, ref_weight, input_ids, completion_mask,
+            out = epsdpo_chunked.epsilon_dpo_loss_from_hidden(hidden, weight, ref_hidden, ref_weight, input_ids, completion_mask,
                                                       baseline_beta.value, EPSILON)
             baseline_beta.observe(out.s)
             return out.loss
         logits = policy(**model_inputs).logits
         if variant == "dpo-precomputed":
-            return mean_dpo_loss(epsdpo.sequence_logps(logits, input_ids, completion_mask), precomputed_ref_logps)
+            return mean_dpo_loss(epsdpo_chunked.sequence_logps(logits, input_ids, completion_mask), precomputed_ref_logps)
         with torch.no_grad():
             ref_logits = reference(**model_inputs).logits
         if variant == "dpo":
-            return mean_dpo_loss(epsdpo.sequence_logps(logits, input_ids, completion_mask),
-                                 epsdpo.sequence_logps(ref_logits, input_ids, completion_mask))
+            return mean_dpo_loss(epsdpo_chunked.sequence_logps(logits, input_ids, completion_mask),
+                                 epsdpo_chunked.sequence_logps(ref_logits, input_ids, completion_mask))
         if variant == "epsilon-dpo":
-            out = epsdpo.epsilon_dpo_loss(logits, ref_logits, input_ids, completion_mask, baseline_beta.value, EPSILON)
+            out = epsdpo_chunked.epsilon_dpo_loss(logits, ref_logits, input_ids, completion_mask, baseline_beta.value, EPSILON)
             baseline_beta.observe(out.s)
             return out.loss
         return naive_epsilon_dpo_loss(logits, ref_logits, input_ids, completion_mask, baseline_beta)
@@ -262,8 +263,8 @@ def measure_extra_work(shape, device, warmup, repeats):
     policy, reference, input_ids, attention_mask, completion_mask = make_models_and_batch(shape, device)
     positions, vocab = int(completion_mask[:, 1:].sum()), policy.config.vocab_size
     policy_rows, ref_rows, weaker_rows, stronger_rows = torch.randn(4, positions, vocab, device=device)
-    # Timed two ways, on the whole tensors and a chunk of epsdpo.CHUNK_BYTES at a time; the faster counts.
-    chunk = max(1, epsdpo.CHUNK_BYTES // (4 * vocab))
+    # Timed two ways, on the whole tensors and a chunk of epsdpo_chunked.CHUNK_BYTES at a time; the faster counts.
+    chunk = max(1, epsdpo_chunked.CHUNK_BYTES // (4 * vocab))
     ways = {"whole_s": [slice(None)], "chunked_s": [slice(i, i + chunk) for i in range(0, positions, chunk)]}
     medians = {}
     for way, parts in ways.items():
@@ -285,12 +286,12 @@ def measure_extra_work(shape, device, warmup, repeats):
     with torch.no_grad(), models.precision("auto", device) or contextlib.nullcontext():
         logits = policy(input_ids=input_ids, attention_mask=attention_mask).logits
         ref_logits = reference(input_ids=input_ids, attention_mask=attention_mask).logits
-        logps = epsdpo.sequence_logps(logits, input_ids, completion_mask)
+        logps = epsdpo_chunked.sequence_logps(logits, input_ids, completion_mask)
     times = []
     for _ in range(warmup + repeats):
         _synchronize(device)
         start = time.perf_counter()
-        epsdpo.criterion(logits, ref_logits, input_ids, completion_mask, EPSILON, logps)
+        epsdpo_chunked.criterion(logits, ref_logits, input_ids, completion_mask, EPSILON)
         _synchronize(device)
         times.append(time.perf_counter() - start)
 
@@ -373,7 +374,7 @@ def print_run(run_report):
     for variant, figures in run_report["variants"].items():
         print(f"{variant:18}{figures['median_s'] * 1000:>11.1f} ms{figures['peak_mib']:>10.0f} MiB")
     print(f"{'inherent extra':18}{inherent['median_s'] * 1000:>11.1f} ms   (one subtraction, two logsumexps)")
-    print(f"{'ε-DPO decision':18}{inherent['decision_s'] * 1000:>11.1f} ms   (epsdpo.criterion alone)")
+    print(f"{'ε-DPO decision':18}{inherent['decision_s'] * 1000:>11.1f} ms   (epsdpo_chunked.criterion alone)")
     low, high = run_report["extra_time_middle_half_s"]
     print(f"{'ε-DPO − DPO step':18}{run_report['extra_time_s'] * 1000:>11.1f} ms   "
           f"(median over rounds; middle half {low * 1000:.0f} to {high * 1000:.0f} ms)")
@@ -662,13 +663,13 @@ def loss_peak_memory_128k():
     mask[:, length - completion :] = 1
 
     def from_hidden():
-        return epsdpo.epsilon_dpo_loss_from_hidden(hidden, weight, ref_hidden, ref_weight, ids, mask, 0.1, 0.01).loss
+        return epsdpo_chunked.epsilon_dpo_loss_from_hidden(hidden, weight, ref_hidden, ref_weight, ids, mask, 0.1, 0.01).loss
 
     def from_logits():
         logits = hidden @ weight.T
         with torch.no_grad():
             ref_logits = ref_hidden @ ref_weight.T
-        return epsdpo.epsilon_dpo_loss(logits, ref_logits, ids, mask, 0.1, 0.01).loss
+        return epsdpo_chunked.epsilon_dpo_loss(logits, ref_logits, ids, mask, 0.1, 0.01).loss
 
     logits_mib = 2 * pairs * length * vocab * 4 / 2**20
     for name, loss in (("hidden", from_hidden), ("logits", from_logits)) * 2:

@@ -374,6 +374,22 @@ def tokenize_rows(rows, tokenizer, max_length, max_prompt_length, skip_invalid=F
     return pairs, skipped, boundary_moved
 
 
+def load_pairs(dataset, train_split, eval_split, eval_fraction, seed, tokenizer, max_length, max_prompt_length,
+               skip_invalid=False, least=1):
+    """The train and held-out pairs of a dataset, tokenized: {"pairs": {"train", "eval"}, "skipped", "boundary_moved",
+    "notes"}, the last three for the report of what was left out or changed. At least `least` train pairs and one
+    held-out pair, or ReportedError."""
+    train_rows, eval_rows, notes = load_splits(dataset, train_split, eval_split, eval_fraction, seed)
+    tokenized = {split: tokenize_rows(rows, tokenizer, max_length, max_prompt_length, skip_invalid)
+                 for split, rows in (("train", train_rows), ("eval", eval_rows))}
+    pairs = {split: pairs for split, (pairs, _, _) in tokenized.items()}
+    if len(pairs["train"]) < least or not pairs["eval"]:
+        raise ReportedError(f"--dataset {dataset}: {len(pairs['train'])} usable train pairs and {len(pairs['eval'])} "
+                            f"held-out pairs; need at least --batch-size × processes ({least}) and 1")
+    return {"pairs": pairs, "skipped": {split: skipped for split, (_, skipped, _) in tokenized.items()},
+            "boundary_moved": {split: moved for split, (_, _, moved) in tokenized.items()}, "notes": notes}
+
+
 # ----------------------------------------------------------------------------------------------------
 # The gold reward: a task's own score of a completion, which evaluation gives to samples of the policy
 

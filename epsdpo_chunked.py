@@ -1,119 +1,29 @@
-"""ε-DPO: Direct Preference Optimization with a KL penalty β chosen per preference pair.
+"""ε-DPO at 32k–256k-word vocabularies: the functions of epsdpo.py, computed in chunks.
 
-Reference: Lee et al., "KL Penalty Control via Perturbation for Direct Preference Optimization"
-(arXiv 2502.13177, NeurIPS 2025), built on Rafailov et al., "Direct Preference Optimization" (2023).
+epsdpo.py is the method, on full logits with float32 copies of them: (2B, T, V) float32 tensors several times
+over, 4 GB each for 4 pairs × 1,024 tokens at V = 128,256. This module computes the same values, s and gradients
+(tested equal to epsdpo.py) with the same arguments and outputs, without those copies:
 
-For each pair (prompt x, chosen y_w, rejected y_l), with z = log π(y_w|x) − log π(y_l|x):
+    sequence_logps, perturbed_logps, criterion, epsilon_dpo_loss     from the logits, a chunk of positions at a time:
+                                                                     never a float32 copy of the (2B, T, V) logits
+    epsilon_dpo_loss_from_hidden                                     from the last hidden states and the output
+                                                                     layer's weight: never the (2B, T, V) logits
 
-    z_θ, γ      z of the policy and of the reference;  h = z_θ − γ, the margin;  DPO's loss is −log σ(β h)
-    z⁻, z⁺      z of the policies estimated for the weaker penalty β/(1+ε) and the stronger β/(1−ε),
-                from the logits f_λ = f_ref + λ (f_θ − f_ref) with λ = 1+ε and λ = 1−ε
-    s           +1 if z⁻ > z_θ > z⁺ (z grows as β shrinks), −1 if z⁻ < z_θ < z⁺, 0 otherwise
-    β̃ = β/(1 + ε s), the pair's β;  the loss is −log σ(β̃ h);  after each optimizer step β ← mean β̃
-
-plain_epsilon_dpo_loss, first below, is all of it in 20 lines of plain torch. Sections 1 to 6 then
-compute the same thing at scale, in the order of the method (tests check them equal to it):
-  1. sequence_logps      log π(y|x), summed over completion tokens only
-  2. dpo_loss            −log σ(β h) and the implicit rewards
-  3. perturbed_logps     log π̂_λ(y|x) for λ = 1 ± ε, estimated from the logits alone
-  4. criterion           s ∈ {−1, 0, +1};  pair_betas: β̃ = β / (1 + ε s)
-  5. BaselineBeta        β ← mean of β̃ over every pair of an optimizer step
-  6. epsilon_dpo_loss    one whole step: all of the above in one call
-  7. epsilon_dpo_loss_from_hidden   the same step from the last hidden states, at 128k–256k vocabularies:
-                         never a (2B, T, V) logits tensor
-
-It depends on torch alone and takes plain tensors, so it can be copied into any training loop. This
-runs as written from the repository's root (tiny_data/model is the demo's 60-word model):
-
-    import torch
-    from transformers import AutoModelForCausalLM
-    from epsdpo import BaselineBeta, epsilon_dpo_loss
-
-    policy = AutoModelForCausalLM.from_pretrained("tiny_data/model").eval()        # eval(): dropout off
-    reference = AutoModelForCausalLM.from_pretrained("tiny_data/model").eval().requires_grad_(False)
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-3)
-    baseline_beta = BaselineBeta(beta=0.1, epsilon=0.01)
-
-    # One pair (B = 1), as the tiny tokenizer writes it: row 0 is prompt + chosen, row B = 1 prompt + rejected.
-    prompt, chosen, rejected = [1, 4, 5, 6, 11, 7], [6, 24, 9, 10, 38, 8, 2], [6, 24, 9, 46, 8, 2]
-    #   <s> review of the kettle :     the price is very great . </s>   the price is awful . </s>
-    input_ids = torch.tensor([prompt + chosen, prompt + rejected + [0]])       # right-padded with the pad id 0
-    attention_mask = torch.tensor([[1] * 13, [1] * 12 + [0]])
-    completion_mask = torch.tensor([[0] * 6 + [1] * 7,                         # not shifted: 1 on each completion
-                                    [0] * 6 + [1] * 6 + [0]])                  # token, EOS included
-    micro_batches = [(input_ids, attention_mask, completion_mask)] * 2    # gradient accumulation over 2
-
-    for step in range(3):
-        for ids, attention, completion in micro_batches:
-            logits = policy(ids, attention_mask=attention).logits                    # (2B, T, V)
-            with torch.no_grad():
-                ref_logits = reference(ids, attention_mask=attention).logits
-            out = epsilon_dpo_loss(logits, ref_logits, ids, completion, baseline_beta)   # β and ε from it
-            (out.loss / len(micro_batches)).backward()
-            baseline_beta.observe(out.s)        # every micro-batch; under DDP each rank observes its own pairs
-        optimizer.step()
-        optimizer.zero_grad()
-        baseline_beta.step()                    # after every optimizer step; under DDP on every rank, every
-                                                # step: it is a collective (all-reduce), a rank that skips it hangs
-
-Conventions: the B chosen rows come first, then the B rejected ones, in the same order; rows are right-
-padded; completion_mask is aligned with input_ids (not shifted) and is 1 on every completion token,
-EOS included; both models run without dropout (in train mode the two forward passes differ by noise,
-and s is no longer 0 at the start nor a function of the policy). Each public function checks its input
-and raises ValueError saying what is wrong; the computation it describes is in the private function
-below it, which epsilon_dpo_loss calls without checking twice.
+Everything else (dpo_loss, betas_from_s, BaselineBeta, EpsilonDPOOutput) is epsdpo.py's: copy both files.
 """
 
 import numbers
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
-import torch.nn.functional as F
 
-
-# ----------------------------------------------------------------------------------------------------
-# The method in plain torch
-
-
-def plain_epsilon_dpo_loss(policy_logits, ref_logits, input_ids, completion_mask, beta, epsilon):
-    """ε-DPO on full logits, in plain torch: the whole method, to read first.
-
-    Shapes: policy_logits and ref_logits (2B, T, V), the B chosen sequences then the B rejected ones;
-    input_ids and completion_mask (2B, T); beta the baseline β > 0; 0 ≤ epsilon < 1.
-    Returns (loss, s, pair_betas): the mean loss (a scalar), s (B,) in {−1, 0, +1} and β̃ (B,).
-
-    It checks nothing and makes float32 copies of the whole (2B, T, V) logits: epsilon_dpo_loss (section
-    6) computes the same loss, s and gradients from the completion positions alone, one row at a time.
-    """
-    num_pairs = policy_logits.shape[0] // 2
-    dtype = torch.promote_types(policy_logits.dtype, torch.float32)  # float32 at least: bf16 would lose ε (f_θ − f_ref)
-    policy, ref = policy_logits.to(dtype), ref_logits.to(dtype)
-    next_tokens, scored = input_ids[:, 1:, None], completion_mask[:, 1:] == 1   # the logits at t predict token t + 1
-
-    def log_ratio(logits):   # z = log π(y_w|x) − log π(y_l|x), with log π(y|x) = Σ_completion log softmax(f)[y]: (B,)
-        token_logps = logits[:, :-1].log_softmax(-1).gather(-1, next_tokens).squeeze(-1)      # (2B, T-1)
-        logps = torch.where(scored, token_logps, 0).sum(-1)                                     # (2B,)
-        return logps[:num_pairs] - logps[num_pairs:]
-
-    z_theta, gamma = log_ratio(policy), log_ratio(ref)
-    h = z_theta - gamma                                               # the margin: DPO's loss is −log σ(β h)
-    with torch.no_grad():                                             # no gradient flows through the decision
-        z_weaker = log_ratio(torch.lerp(ref, policy, 1 + epsilon))    # z⁻: f_ref + (1+ε)(f_θ − f_ref), for β/(1+ε)
-        z_stronger = log_ratio(torch.lerp(ref, policy, 1 - epsilon))  # z⁺: f_ref + (1−ε)(f_θ − f_ref), for β/(1−ε)
-        weaker = (z_weaker > z_theta) & (z_theta > z_stronger)        # z grows as β shrinks: the weaker penalty
-        stronger = (z_weaker < z_theta) & (z_theta < z_stronger)      # z grows as β grows: the stronger penalty
-        s = weaker.long() - stronger.long()                           # ties and non-monotone cases: 0
-    pair_betas = beta / (1 + epsilon * s)                             # β̃: β/(1+ε), β/(1−ε) or β
-    loss = -F.logsigmoid(pair_betas * h).mean()
-    return loss, s, pair_betas
-
+from epsdpo import (_check_batch, _check_logits, _check_tensor, _criterion, beta_and_epsilon,
+                    epsilon_dpo_output)
 
 # ----------------------------------------------------------------------------------------------------
-# The same method at scale: sections 1 to 6 compute what plain_epsilon_dpo_loss computes, without ever
-# holding a float32 copy of the (2B, T, V) logits, with one host synchronization per call, and with a
-# number of torch operations that follows the rows of the batch, not the vocabulary.
-
+# From the logits: what epsdpo.py computes, without ever holding a float32 copy of the (2B, T, V) logits, with
+# one host synchronization per call, and a number of torch operations that follows the rows, not the vocabulary.
+#
 # The full-vocabulary work (log-softmax normalizers, perturbed logits) runs over one row's completion
 # positions at a time, split only where a row holds more than this many bytes of float32 logits
 # (256 positions of a 256k vocabulary). On a GPU every torch operation costs a launch of some
@@ -121,74 +31,6 @@ def plain_epsilon_dpo_loss(policy_logits, ref_logits, input_ids, completion_mask
 # vocabulary or the sequence length; and the float32 copies alive at once stay a few rows' worth,
 # never a float32 copy of the whole (N, T, V) logits.
 CHUNK_BYTES = 256 * 2**20
-
-
-# ----------------------------------------------------------------------------------------------------
-# Checks shared by the public functions: bad input fails here, with a message, not deep inside torch.
-
-
-def _check_on(tensor, name, device):
-    """A tensor with values (not on the meta device) on the device of the others."""
-    if tensor.device.type == "meta":
-        raise ValueError(f"{name} is on the meta device: it has a shape but no values (load the model's weights)")
-    if device is not None and tensor.device != device:
-        raise ValueError(f"{name} is on {tensor.device}, the other tensors on {device}: put them on one device")
-
-
-def _check_beta(beta):
-    """beta as a float, or as the floating-point tensor it is; a Fraction or a NumPy float is a number too."""
-    if isinstance(beta, torch.Tensor):
-        _check_on(beta, "beta", None)
-        if not (beta.is_floating_point() and torch.isfinite(beta).all() and (beta > 0).all()):
-            raise ValueError(f"beta must be finite and > 0 for every pair, got {beta.tolist()}")
-        return beta
-    if isinstance(beta, bool) or not (isinstance(beta, numbers.Real) and 0 < beta < float("inf")):
-        raise ValueError(f"beta must be a finite number > 0, got {beta!r}")
-    return float(beta)
-
-
-def _check_epsilon(epsilon):
-    """epsilon as a float. At ε ≥ 1, β/(1−ε) is infinite or negative; NaN fails both comparisons too."""
-    if isinstance(epsilon, bool) or not (isinstance(epsilon, numbers.Real) and 0 <= epsilon < 1):
-        raise ValueError(f"epsilon must be a number in [0, 1), got {epsilon!r}")
-    return float(epsilon)
-
-
-def _check_sequences(logits, input_ids, completion_mask, name="logits"):
-    if not (isinstance(logits, torch.Tensor) and logits.dim() == 3 and logits.is_floating_point()):
-        raise ValueError(f"{name} must be a floating-point tensor of shape (N, T, V), got "
-                         f"{getattr(logits, 'dtype', type(logits).__name__)} {tuple(getattr(logits, 'shape', ()))}")
-    if 0 in logits.shape:
-        raise ValueError(f"{name} {tuple(logits.shape)} is empty: every batch needs rows, positions and a vocabulary")
-    for tensor_name, tensor in (("input_ids", input_ids), ("completion_mask", completion_mask)):
-        if not isinstance(tensor, torch.Tensor):
-            raise ValueError(f"{tensor_name} must be a tensor of shape (N, T), got {type(tensor).__name__}")
-    if input_ids.shape != logits.shape[:2] or completion_mask.shape != logits.shape[:2]:
-        raise ValueError(
-            f"input_ids {tuple(input_ids.shape)} and completion_mask {tuple(completion_mask.shape)} "
-            f"must both have the shape (N, T) = {tuple(logits.shape[:2])} of {name} {tuple(logits.shape)}"
-        )
-    if input_ids.dtype not in (torch.int64, torch.int32):                  # what an embedding layer takes
-        raise ValueError(f"input_ids must hold token ids as torch.int64 or torch.int32, got {input_ids.dtype}")
-    _check_on(logits, name, None)
-    _check_on(input_ids, "input_ids", logits.device)
-    _check_on(completion_mask, "completion_mask", logits.device)
-
-
-def _check_pairs(policy_logits, ref_logits, input_ids, completion_mask):
-    _check_sequences(policy_logits, input_ids, completion_mask, "policy_logits")
-    if not isinstance(ref_logits, torch.Tensor) or ref_logits.shape != policy_logits.shape:
-        raise ValueError(f"ref_logits {tuple(getattr(ref_logits, 'shape', ()))} must have the shape of "
-                         f"policy_logits {tuple(policy_logits.shape)}")
-    _check_sequences(ref_logits, input_ids, completion_mask, "ref_logits")
-    if policy_logits.shape[0] % 2:
-        raise ValueError(
-            f"expected an even number of rows (B chosen, then B rejected), got {policy_logits.shape[0]}"
-        )
-
-
-# ----------------------------------------------------------------------------------------------------
-# 1. Sequence log-probabilities
 
 
 def sequence_logps(logits, input_ids, completion_mask):
@@ -199,13 +41,14 @@ def sequence_logps(logits, input_ids, completion_mask):
 
         log π(y|x) = Σ_i log softmax(f(x, y_<i))[y_i]      i over the completion tokens only
 
-    What plain_epsilon_dpo_loss computes with a log-softmax and a gather, without its float32 (N, T, V)
+    What epsdpo.sequence_logps computes with a log-softmax and a gather, without its float32 (N, T, V)
     copy: the log-normalizers are taken one row's completion at a time (CHUNK_BYTES), and backward
     rebuilds the softmax the same way.
     A sum, not a mean: DPO's β is defined for the sum. Positions off the mask (prompt, padding) never
     reach the result, whatever their tokens or logits; a row with no completion token gives 0.
     """
-    _check_sequences(logits, input_ids, completion_mask)
+    _check_tensor(logits, "logits", "(N, T, V)")
+    _check_batch(input_ids, completion_mask, logits.shape, logits.device, "logits", pairs=False, values=False)
     positions = _scored_positions(input_ids, completion_mask, logits.shape[-1], _compute_dtype(logits).itemsize)
     return _CompletionLogps.apply(logits, positions)
 
@@ -334,53 +177,6 @@ class _CompletionLogps(torch.autograd.Function):
         return grad_logits, None
 
 
-# ----------------------------------------------------------------------------------------------------
-# 2. DPO
-
-
-def dpo_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, beta):
-    """The DPO loss of each pair and its implicit rewards.
-
-    Shapes: the four log-probabilities are (B,); beta is a number or a (B,) tensor (one β per pair).
-    Returns (losses, chosen_rewards, rejected_rewards), each (B,).
-
-        h    = (log π_θ(y_w) − log π_θ(y_l)) − (log π_ref(y_w) − log π_ref(y_l))     the margin
-        loss = −log σ(β h)
-        r_w  = β (log π_θ(y_w) − log π_ref(y_w)),   r_l = β (log π_θ(y_l) − log π_ref(y_l))
-
-    The rewards are detached: they are for logging, not for gradients.
-    """
-    named = {"chosen_logps": chosen_logps, "rejected_logps": rejected_logps, "ref_chosen_logps": ref_chosen_logps,
-             "ref_rejected_logps": ref_rejected_logps}
-    shapes = [tuple(getattr(t, "shape", ())) for t in named.values()]
-    if len(set(shapes)) != 1 or len(shapes[0]) != 1 or shapes[0][0] == 0:
-        raise ValueError("chosen_logps, rejected_logps, ref_chosen_logps and ref_rejected_logps must all have the "
-                         f"same shape (B,) with B ≥ 1, got {shapes}")
-    for name, logps in named.items():
-        if not (isinstance(logps, torch.Tensor) and logps.is_floating_point()):
-            raise ValueError(f"{name} must be a floating-point tensor (log-probabilities), got {getattr(logps, 'dtype', type(logps).__name__)}")
-        _check_on(logps, name, chosen_logps.device)
-    beta = _check_beta(beta)
-    if isinstance(beta, torch.Tensor) and beta.shape not in ((), chosen_logps.shape):
-        raise ValueError(f"beta must be a number or have shape {tuple(chosen_logps.shape)}, got {tuple(beta.shape)}")
-    return _dpo_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, beta)
-
-
-def _dpo_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, beta):
-    beta = torch.as_tensor(beta, dtype=chosen_logps.dtype, device=chosen_logps.device)
-    policy_log_ratios = chosen_logps - rejected_logps                      # z_θ
-    ref_log_ratios = ref_chosen_logps - ref_rejected_logps                 # γ
-    margins = policy_log_ratios - ref_log_ratios                           # h = z_θ − γ
-    losses = -F.logsigmoid(beta * margins)                                 # logsigmoid stays finite for any h
-    chosen_rewards = (beta * (chosen_logps - ref_chosen_logps)).detach()
-    rejected_rewards = (beta * (rejected_logps - ref_rejected_logps)).detach()
-    return losses, chosen_rewards, rejected_rewards
-
-
-# ----------------------------------------------------------------------------------------------------
-# 3. The perturbed policies (paper Eqs. 3 and 4)
-
-
 def perturbed_logps(policy_logits, ref_logits, input_ids, completion_mask, epsilon):
     """Sequence log-probabilities of the policies estimated for β/(1+ε) and β/(1−ε), without a forward pass.
 
@@ -396,8 +192,8 @@ def perturbed_logps(policy_logits, ref_logits, input_ids, completion_mask, epsil
     λ f_θ + (1−λ) f_ref is not in floating point. Why float32: in bf16, ε (f_θ − f_ref) is below the
     rounding step of the logits. Only completion positions are computed, a row at a time, under no_grad.
     """
-    _check_pairs(policy_logits, ref_logits, input_ids, completion_mask)
-    epsilon = _check_epsilon(epsilon)
+    _check_logits(policy_logits, ref_logits, input_ids, completion_mask, values=False)
+    epsilon = beta_and_epsilon(1.0, epsilon)[1]
     positions = _scored_positions(input_ids, completion_mask, policy_logits.shape[-1],
                                   _compute_dtype(policy_logits).itemsize)
     return _perturbed_logps(policy_logits, ref_logits, positions, epsilon)
@@ -424,253 +220,39 @@ def _perturbed_logps(policy_logits, ref_logits, positions, epsilon):
     return weaker_logps, stronger_logps
 
 
-# ----------------------------------------------------------------------------------------------------
-# 4. The criterion and the per-pair β (paper Eq. 5)
-
-
-def criterion(policy_logits, ref_logits, input_ids, completion_mask, epsilon, policy_logps=None):
-    """The criterion s ∈ {−1, 0, +1} of each pair: +1 asks for the weaker penalty, −1 for the stronger.
-
-    Shapes: policy_logits and ref_logits (2B, T, V); input_ids and completion_mask (2B, T), the B chosen
-    sequences followed by the B rejected ones (one concatenated forward pass). Returns a LongTensor (B,).
-    policy_logps (2B,), optional: the policy's own sequence log-probabilities, if the caller has them.
-
-        z_θ = log π_θ(y_w) − log π_θ(y_l),   z⁻, z⁺ the same under λ = 1+ε and λ = 1−ε
-        s = +1   if z⁻ > z_θ > z⁺   z grows as β shrinks: the weaker penalty β/(1+ε)
-        s = −1   if z⁻ < z_θ < z⁺   z grows as β grows:   the stronger penalty β/(1−ε)
-        s =  0   otherwise          ties and non-monotone cases keep β
-
-    The reference's log-ratio γ and the factor β would shift or scale all three alike, so the raw
-    policy log-ratios are compared. No gradient flows through the decision. A pair whose chosen or
-    rejected sequence has no completion token is refused (ValueError naming the pair and the row).
-    To first order in ε, s = sign(h − (K_w − K_l)), with K the KL(π_θ‖π_ref) summed along a completion
-    (README: "Why it works").
-    """
-    _check_pairs(policy_logits, ref_logits, input_ids, completion_mask)
-    epsilon = _check_epsilon(epsilon)
-    if policy_logps is not None and tuple(getattr(policy_logps, "shape", ())) != policy_logits.shape[:1]:
-        raise ValueError(f"policy_logps must have shape {tuple(policy_logits.shape[:1])}, "
-                         f"got {tuple(getattr(policy_logps, 'shape', ()))}")
-    if policy_logps is not None:
-        _check_on(policy_logps, "policy_logps", policy_logits.device)
+def criterion(policy_logits, ref_logits, input_ids, completion_mask, epsilon):
+    """epsdpo.criterion: s (B,) ∈ {−1, 0, +1}, from the completion positions a chunk at a time."""
+    _check_logits(policy_logits, ref_logits, input_ids, completion_mask, values=False)
+    epsilon = beta_and_epsilon(1.0, epsilon)[1]
     positions = _scored_positions(input_ids, completion_mask, policy_logits.shape[-1],
                                   _compute_dtype(policy_logits).itemsize)
     _check_every_pair_scored(positions)
-    if policy_logps is None:
-        with torch.no_grad():
-            policy_logps = _CompletionLogps.apply(policy_logits, positions)
-    return _criterion(policy_logits, ref_logits, positions, epsilon, policy_logps)
-
-
-@torch.no_grad()
-def _criterion(policy_logits, ref_logits, positions, epsilon, policy_logps):
-    weaker_logps, stronger_logps = _perturbed_logps(policy_logits, ref_logits, positions, epsilon)
-    return _criterion_from_logps(policy_logps, weaker_logps, stronger_logps)
-
-
-@torch.no_grad()
-def _criterion_from_logps(policy_logps, weaker_logps, stronger_logps):
-    """s (B,) from the sequence log-probabilities (2B,) of the policy and of the two perturbed policies."""
-    num_pairs = policy_logps.shape[0] // 2
-
-    def log_ratios(logps):                                                 # (2B,) -> (B,): chosen − rejected
-        return logps[:num_pairs] - logps[num_pairs:]
-
-    z_theta = log_ratios(policy_logps.detach().to(weaker_logps.dtype))
-    z_weaker, z_stronger = log_ratios(weaker_logps), log_ratios(stronger_logps)
-
-    weaker = (z_weaker > z_theta) & (z_theta > z_stronger)                # s = +1
-    stronger = (z_weaker < z_theta) & (z_theta < z_stronger)              # s = −1
-    return weaker.long() - stronger.long()
-
-
-def pair_betas(beta, s, epsilon):
-    """The β of each pair: β̃ = β / (1 + ε s).
-
-    Shapes: beta a number (the baseline β), s (B,) in {−1, 0, +1}. Returns (B,) float32.
-    s = +1 gives β/(1+ε), s = −1 gives β/(1−ε), s = 0 gives β.
-    """
-    beta, epsilon = _check_beta(beta), _check_epsilon(epsilon)
-    if isinstance(beta, torch.Tensor) and beta.dim() != 0:
-        raise ValueError(f"beta must be one number (the baseline β), got shape {tuple(beta.shape)}")
-    if isinstance(s, torch.Tensor):
-        _check_on(s, "s", None)
-    if not isinstance(s, torch.Tensor) or s.is_floating_point() or ((s < -1) | (s > 1)).any():
-        raise ValueError(f"s must be an integer tensor of -1, 0 and +1, got {s!r}"[:200])
-    return _pair_betas(beta, s, epsilon)
-
-
-def _pair_betas(beta, s, epsilon):
-    return beta / (1 + epsilon * s.to(torch.float32))
-
-
-# ----------------------------------------------------------------------------------------------------
-# 5. Updating β itself (paper Algorithm 1)
-
-
-class BaselineBeta:
-    """The baseline β, moved after every optimizer step to the mean β̃ of the pairs that made that step.
-
-        β ← mean_i β̃_i = β · mean_i 1 / (1 + ε s_i)
-
-    over every pair of the step: call observe(s) for each micro-batch of gradient accumulation, then
-    step() once after optimizer.step(). When torch.distributed is initialized, step() sums the counts over
-    all ranks (one all-reduce), so every rank gets the same β: it is a collective, which every rank must
-    call after every optimizer step, or the others wait for it forever. Evaluation must not call observe().
-
-    Why count s instead of averaging β̃: since all β̃ of one step are β/(1+ε), β or β/(1−ε), the mean is
-    exact from three integer counts, which add exactly across micro-batches and ranks; at ε = 0 β stays
-    bit for bit what it was. The counts stay on the device of s until step(), so observe() never
-    waits for the GPU; under NCCL, step() reduces them there. device: where the counts are before the first
-    observe() (a loop that calls step() without observe() under NCCL gives this rank's GPU). (The authors'
-    released trainer uses β / (1 + ε mean_i s_i) instead; the two agree to first order in ε.)
-    """
-
-    def __init__(self, beta, epsilon, device="cpu"):
-        if isinstance(beta, torch.Tensor):
-            raise ValueError("beta must be a number, not a tensor")
-        self.value, self.epsilon = _check_beta(beta), _check_epsilon(epsilon)
-        self.counts = torch.zeros(3, dtype=torch.int64, device=device)    # pairs seen with s = +1, 0, −1 since the last step
-        self.seen = 0                                                     # pairs observed since the last step
-
-    def observe(self, s):
-        """Record the criterion s (B,) of one micro-batch; step() checks that each was −1, 0 or +1."""
-        if not (isinstance(s, torch.Tensor) and not s.is_floating_point() and s.dtype != torch.bool):
-            raise ValueError(f"s must be an integer tensor of -1, 0 and +1, got {getattr(s, 'dtype', type(s).__name__)}")
-        _check_on(s, "s", None)
-        s = s.detach()
-        self.counts = self.counts.to(s.device) + torch.stack([(s == value).sum() for value in (1, 0, -1)])
-        self.seen += s.numel()
-
-    def step(self):
-        """Move β to the mean β̃ of everything observed since the last step; returns the new β."""
-        counts = torch.cat([self.counts, torch.tensor([self.seen], device=self.counts.device)])
-        if dist.is_available() and dist.is_initialized():
-            # Gloo and MPI reduce on the host; NCCL on the GPU the counts are on (those of s), never on
-            # torch.cuda.current_device(): in a loop that never calls set_device, that is GPU 0 on every rank.
-            backend = dist.get_backend()
-            if backend in ("gloo", "mpi"):
-                counts = counts.cpu()
-            elif counts.device.type == "cpu" and "gloo" not in backend:
-                raise ValueError(f"under {backend} the counts must be on this rank's GPU: observe() s there, "
-                                 f"or create BaselineBeta(beta, epsilon, device=...) for a step() with nothing observed")
-            dist.all_reduce(counts)                                          # sum over ranks, exactly
-        weaker, kept, stronger, seen = counts.tolist()
-        if weaker + kept + stronger != seen:
-            raise ValueError(f"s must all be -1, 0 or +1: {seen - weaker - kept - stronger} of the {seen} "
-                             f"observed since the last step were not")
-        if seen:                                                             # no pair seen: β stays
-            mean_factor = (weaker / (1 + self.epsilon) + kept + stronger / (1 - self.epsilon)) / seen
-            self.value = self.value * mean_factor
-        self.counts, self.seen = torch.zeros_like(self.counts), 0
-        return self.value
-
-    def state_dict(self):
-        """Everything a resumed run needs, including counts pending in a half-accumulated step."""
-        return {"beta": self.value, "epsilon": self.epsilon, "counts": self.counts.tolist()}
-
-    def load_state_dict(self, state):
-        if not (isinstance(state, dict) and {"beta", "epsilon", "counts"} <= state.keys()):
-            raise ValueError(f"a BaselineBeta state is a dict with beta, epsilon and counts, got {state!r}"[:200])
-        if isinstance(state["beta"], torch.Tensor):
-            raise ValueError("beta must be a number, not a tensor")
-        beta, epsilon, counts = _check_beta(state["beta"]), _check_epsilon(state["epsilon"]), state["counts"]
-        if not (isinstance(counts, (list, tuple)) and len(counts) == 3
-                and all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in counts) and sum(counts) < 2**63):
-            raise ValueError(f"counts must be three integers >= 0 whose sum fits in int64 (pairs seen with s = +1, 0, −1), "
-                             f"got {counts!r}"[:200])
-        self.value, self.epsilon = beta, epsilon
-        self.counts, self.seen = torch.tensor(counts, dtype=torch.int64, device=self.counts.device), sum(counts)
-
-
-def _beta_and_epsilon(beta, epsilon):
-    """(β, ε) from a BaselineBeta, refusing an ε that is not its own; or as given."""
-    if isinstance(beta, BaselineBeta):
-        if epsilon is not None and epsilon != beta.epsilon:
-            raise ValueError(f"epsilon {epsilon!r} differs from the BaselineBeta's {beta.epsilon}: "
-                             f"pass the BaselineBeta alone, and it gives both")
-        return beta.value, beta.epsilon
-    if epsilon is None:
-        raise ValueError("epsilon is required when beta is a number (or pass the BaselineBeta as beta)")
-    return beta, epsilon
-
-
-# ----------------------------------------------------------------------------------------------------
-# 6. One whole step
-
-
-@dataclass
-class EpsilonDPOOutput:
-    """What epsilon_dpo_loss returns. loss is a scalar, every other field is (B,)."""
-
-    loss: torch.Tensor               # mean of losses: call .backward() on it
-    losses: torch.Tensor             # −log σ(β̃ h) per pair
-    pair_betas: torch.Tensor         # β̃ = β / (1 + ε s), held constant in the loss
-    s: torch.Tensor                  # the criterion, ∈ {−1, 0, +1}
-    chosen_rewards: torch.Tensor     # β̃ (log π_θ(y_w) − log π_ref(y_w)), detached
-    rejected_rewards: torch.Tensor   # β̃ (log π_θ(y_l) − log π_ref(y_l)), detached
-    chosen_logps: torch.Tensor       # log π_θ(y_w), differentiable
-    rejected_logps: torch.Tensor     # log π_θ(y_l), differentiable
-    ref_chosen_logps: torch.Tensor   # log π_ref(y_w)
-    ref_rejected_logps: torch.Tensor # log π_ref(y_l)
+    with torch.no_grad():
+        policy_logps = _CompletionLogps.apply(policy_logits, positions)
+    return _criterion(policy_logps, *_perturbed_logps(policy_logits, ref_logits, positions, epsilon))
 
 
 def epsilon_dpo_loss(policy_logits, ref_logits, input_ids, completion_mask, beta, epsilon=None):
-    """The ε-DPO loss of a batch of pairs, from the logits of one concatenated forward pass per model.
+    """epsdpo.epsilon_dpo_loss, with the same arguments and EpsilonDPOOutput, from the completion positions a
+    chunk at a time: the same values, s and gradients (tested), without a float32 copy of the (2B, T, V) logits.
 
-    Shapes: policy_logits and ref_logits (2B, T, V), the B chosen sequences followed by the B rejected
-    ones; input_ids and completion_mask (2B, T). beta: a BaselineBeta, whose β and ε are used (an epsilon
-    given too must equal its own), or the baseline β as a number with 0 ≤ epsilon < 1.
-    Returns an EpsilonDPOOutput.
-
-        s_i  = criterion(...)                       from the logits alone
-        β̃_i  = β / (1 + ε s_i)                      constant: no gradient flows through the decision
-        loss = mean_i −log σ(β̃_i h_i)
-
-    The same values, s and gradients as plain_epsilon_dpo_loss (tested). At ε = 0 every s is 0 and this
-    is DPO's loss and gradient, bit for bit. A pair with an empty chosen or rejected completion is refused,
-    naming it (its log-probability would be 0). One host synchronization (finding the completion
-    positions), and a number of torch operations that follows the rows of the batch, not its vocabulary.
+    One host synchronization (finding the completion positions), and a number of torch operations that
+    follows the rows of the batch, not its vocabulary.
     """
-    beta, epsilon = _beta_and_epsilon(beta, epsilon)
-    _check_pairs(policy_logits, ref_logits, input_ids, completion_mask)
-    if isinstance(beta, torch.Tensor):
-        raise ValueError("beta must be a number (the baseline β), not a tensor")
-    beta, epsilon = _check_beta(beta), _check_epsilon(epsilon)
+    beta, epsilon = beta_and_epsilon(beta, epsilon)
+    _check_logits(policy_logits, ref_logits, input_ids, completion_mask, values=False)
     positions = _scored_positions(input_ids, completion_mask, policy_logits.shape[-1],
                                   _compute_dtype(policy_logits).itemsize)
     _check_every_pair_scored(positions)
-
     policy_logps = _CompletionLogps.apply(policy_logits, positions)                      # (2B,), with grad
     with torch.no_grad():
         ref_logps = _CompletionLogps.apply(ref_logits.detach(), positions)               # (2B,)
-    s = _criterion(policy_logits.detach(), ref_logits, positions, epsilon, policy_logps)
-    return _epsilon_dpo_output(policy_logps, ref_logps, s, beta, epsilon)
-
-
-def _epsilon_dpo_output(policy_logps, ref_logps, s, beta, epsilon):
-    """The per-pair β and the DPO loss with it, from the sequence log-probabilities (2B,) and s (B,)."""
-    num_pairs = policy_logps.shape[0] // 2
-    betas = _pair_betas(beta, s, epsilon)                                            # (B,)
-    losses, chosen_rewards, rejected_rewards = _dpo_loss(
-        policy_logps[:num_pairs], policy_logps[num_pairs:], ref_logps[:num_pairs], ref_logps[num_pairs:], betas
-    )
-    return EpsilonDPOOutput(
-        loss=losses.mean(),
-        losses=losses,
-        pair_betas=betas,
-        s=s,
-        chosen_rewards=chosen_rewards,
-        rejected_rewards=rejected_rewards,
-        chosen_logps=policy_logps[:num_pairs],
-        rejected_logps=policy_logps[num_pairs:],
-        ref_chosen_logps=ref_logps[:num_pairs],
-        ref_rejected_logps=ref_logps[num_pairs:],
-    )
+        s = _criterion(policy_logps, *_perturbed_logps(policy_logits.detach(), ref_logits, positions, epsilon))
+    return epsilon_dpo_output(policy_logps, ref_logps, s, beta, epsilon)
 
 
 # ----------------------------------------------------------------------------------------------------
-# 7. At scale: the loss from hidden states
+# From the hidden states
 #
 # The logits are the last hidden states times the output layer's weight, f = softcap(hidden @ W.T), and ε-DPO
 # reads them only at the completion positions. So nothing needs the (2B, T, V) logits tensors of section 6
@@ -816,19 +398,14 @@ class _LogpsFromHidden(torch.autograd.Function):
         return grad_policy_hidden.view(ctx.hidden_shape), grad_weight, None, None, None, None, None, None
 
 
-def _check_hidden(hidden, weight, input_ids, completion_mask, prefix):
-    if not (isinstance(hidden, torch.Tensor) and hidden.dim() == 3 and hidden.is_floating_point() and 0 not in hidden.shape):
-        raise ValueError(f"{prefix}_hidden must be a non-empty floating-point tensor of shape (N, T, H), got "
-                         f"{getattr(hidden, 'dtype', type(hidden).__name__)} {tuple(getattr(hidden, 'shape', ()))}")
-    if not (isinstance(weight, torch.Tensor) and weight.dim() == 2 and weight.is_floating_point() and 0 not in weight.shape
-            and weight.shape[1] == hidden.shape[2]):
-        raise ValueError(f"{prefix}_weight must be a non-empty floating-point tensor of shape (V, H) with H = "
-                         f"{hidden.shape[2]} as in {prefix}_hidden, got {tuple(getattr(weight, 'shape', ()))}")
-    _check_on(hidden, f"{prefix}_hidden", None)
-    _check_on(weight, f"{prefix}_weight", hidden.device)
-    # The checks of the logits path, on a stand-in of the logits' shape (N, T, V) that holds no memory.
-    logits_shape = hidden.new_zeros(()).expand(*hidden.shape[:2], weight.shape[0])
-    _check_sequences(logits_shape, input_ids, completion_mask, f"softcap({prefix}_hidden @ {prefix}_weight.T)")
+def _check_hidden(hidden, weight, input_ids, completion_mask, prefix, device=None):
+    _check_tensor(hidden, f"{prefix}_hidden", "(2B, T, H)", device)
+    _check_tensor(weight, f"{prefix}_weight", "(V, H)", hidden.device)
+    if weight.shape[1] != hidden.shape[2] or 0 in weight.shape:
+        raise ValueError(f"{prefix}_weight {tuple(weight.shape)} must have the shape (V, H) with V ≥ 1 and H = "
+                         f"{hidden.shape[2]} as in {prefix}_hidden")
+    _check_batch(input_ids, completion_mask, (*hidden.shape[:2], weight.shape[0]), hidden.device,
+                 f"softcap({prefix}_hidden @ {prefix}_weight.T)", values=False)
 
 
 def epsilon_dpo_loss_from_hidden(policy_hidden, policy_weight, ref_hidden, ref_weight, input_ids, completion_mask,
@@ -850,17 +427,12 @@ def epsilon_dpo_loss_from_hidden(policy_hidden, policy_weight, ref_hidden, ref_w
     the inputs' dtype (bf16 under a bf16 autocast, as the model's own head would), the soft-cap in that
     dtype too, and the softmax, logsumexp and perturbation in float32, as in the logits path.
     """
-    beta, epsilon = _beta_and_epsilon(beta, epsilon)
+    beta, epsilon = beta_and_epsilon(beta, epsilon)
     _check_hidden(policy_hidden, policy_weight, input_ids, completion_mask, "policy")
-    _check_hidden(ref_hidden, ref_weight, input_ids, completion_mask, "ref")
+    _check_hidden(ref_hidden, ref_weight, input_ids, completion_mask, "ref", policy_hidden.device)
     if ref_weight.shape[0] != policy_weight.shape[0]:
         raise ValueError(f"ref_weight {tuple(ref_weight.shape)} and policy_weight {tuple(policy_weight.shape)} must have "
                          f"the same vocabulary")
-    if policy_hidden.shape[0] % 2:
-        raise ValueError(f"expected an even number of rows (B chosen, then B rejected), got {policy_hidden.shape[0]}")
-    if isinstance(beta, torch.Tensor):
-        raise ValueError("beta must be a number (the baseline β), not a tensor")
-    beta, epsilon = _check_beta(beta), _check_epsilon(epsilon)
     if logit_softcap is not None and (isinstance(logit_softcap, bool) or not isinstance(logit_softcap, numbers.Real)
                                       or not 0 < logit_softcap < float("inf")):
         raise ValueError(f"logit_softcap must be None or a finite number > 0, got {logit_softcap!r}")
@@ -871,5 +443,5 @@ def epsilon_dpo_loss_from_hidden(policy_hidden, policy_weight, ref_hidden, ref_w
 
     policy_logps, ref_logps, weaker_logps, stronger_logps = _LogpsFromHidden.apply(
         policy_hidden, policy_weight, ref_hidden, ref_weight, positions, gathered, logit_softcap, epsilon)
-    s = _criterion_from_logps(policy_logps, weaker_logps, stronger_logps)
-    return _epsilon_dpo_output(policy_logps, ref_logps, s, beta, epsilon)
+    s = _criterion(policy_logps, weaker_logps, stronger_logps)
+    return epsilon_dpo_output(policy_logps, ref_logps, s, beta, epsilon)

@@ -296,6 +296,7 @@ def held_bytes(policy, optimizer, reference):
 class LinearHead:
     """A model whose logits are softcap(last hidden state @ weight.T), weight its output layer's (V, H)."""
 
+    vocab_size: int
     logit_softcap: float = None    # Gemma-2's final_logit_softcapping; None: no soft-cap
 
 
@@ -307,34 +308,6 @@ def last_hidden_states(model, inputs):
     outputs = model(**inputs, output_hidden_states=True, logits_to_keep=1)
     unwrapped = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
     return outputs.hidden_states[-1], unwrapped.get_output_embeddings().weight
-
-
-def sequence_kl(policy_logits, ref_logits):
-    """Σ over the completion positions t of KL(π_θ(·|x, y<t) ‖ π_ref(·|x, y<t)), per sequence: (N,).
-    Takes, per sequence, the logits (m, V) at the positions that predict its completion (models.completion_logits).
-
-    Along a completion y sampled from π_θ, this is an unbiased estimate of KL(π_θ(·|x) ‖ π_ref(·|x)) by
-    the chain rule, like the sampled log-ratio log π_θ(y|x) − log π_ref(y|x); but it is never negative,
-    and at each position it averages over every next token instead of taking the one sampled, which
-    removes that token's share of the noise (not the share of which completion was drawn).
-    """
-    kls = []
-    for policy_row, ref_row in zip(policy_logits, ref_logits):
-        log_p, log_q = policy_row.float().log_softmax(-1), ref_row.float().log_softmax(-1)
-        kls.append((log_p.exp() * (log_p - log_q)).sum())
-    return torch.stack(kls)
-
-
-def completion_logits(model, inputs, completion_mask, head):
-    """For each sequence of inputs, the logits (m, V) at the m positions that predict its completion tokens:
-    one sequence at a time from the last hidden states when head is a LinearHead, else from the full logits."""
-    scored = completion_mask[:, 1:].bool()                                                       # (N, T-1)
-    if head is None:
-        return [row[mask] for row, mask in zip(model(**inputs).logits[:, :-1], scored)]
-    hidden, weight = last_hidden_states(model, inputs)
-    cap = head.logit_softcap
-    return ((logits if cap is None else torch.tanh(logits / cap) * cap)
-            for logits in (row[mask] @ weight.T for row, mask in zip(hidden[:, :-1], scored)))
 
 
 def linear_head(model, input_ids):
@@ -355,7 +328,7 @@ def linear_head(model, input_ids):
         expected, tolerance = model(input_ids=input_ids).logits, 1e-4 if logits.dtype == torch.float32 else 1e-2
         if hidden.shape[:2] != input_ids.shape or not torch.allclose(logits.float(), expected.float(), rtol=tolerance, atol=tolerance / 10):
             return None, "its logits are not softcap(last hidden state @ output weight.T)"
-    return LinearHead(softcap), ""
+    return LinearHead(weight.shape[0], softcap), ""
 
 
 def shared_linear_head(policy, reference, pair, device, mixed_precision):
@@ -378,7 +351,7 @@ class Models:
     reference: object              # frozen, in eval mode, called under no_grad: a model (sharded under FSDP), or AdaptersOff(policy)
     layers: list                   # the policy's layers recomputed in backward (--gradient-checkpointing)
     head: LinearHead               # both models' logits from their last hidden states; None: from full logits
-    head_note: str                 # why head is None, for the one line train.py prints
+    loss_note: str                 # which loss runs at scale, and why, for the line train.py starts with
 
     def no_sync(self, last_micro_batch):
         """Under DDP, gradients are averaged across ranks once per optimizer step, at the last micro-batch.

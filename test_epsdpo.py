@@ -21,6 +21,10 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 import epsdpo
+import epsdpo_chunked
+
+# Each fact of the method holds for both implementations: the plain one, and the one in chunks at scale.
+IMPLEMENTATIONS = [pytest.param(epsdpo, id="plain"), pytest.param(epsdpo_chunked, id="chunked")]
 
 # CI runs the same examples every time; a developer's run explores new ones (HYPOTHESIS_PROFILE=thorough: many more).
 settings.register_profile("dev", deadline=None, max_examples=60)
@@ -114,22 +118,23 @@ betas = st.floats(1e-3, 10)
 
 
 @given(batches(), betas, epsilons)
-def test_the_fast_code_gives_the_plain_methods_loss_s_and_gradients(batch, beta, epsilon):
+def test_the_chunked_code_gives_the_plain_methods_loss_s_and_gradients(batch, beta, epsilon):
     policy_logits, ref_logits, input_ids, completion_mask = batch
     half = policy_logits.shape[0] // 2
     logps = [epsdpo.sequence_logps(policy_logits, input_ids, completion_mask),
              *epsdpo.perturbed_logps(policy_logits, ref_logits, input_ids, completion_mask, epsilon)]
     z_theta, z_weaker, z_stronger = (x[:half] - x[half:] for x in logps)
     assume(separation(z_weaker, z_theta, z_stronger) > 1e-9)   # no tie that rounding could break either way
-    plain_logits, fast_logits = policy_logits.clone().requires_grad_(), policy_logits.clone().requires_grad_()
-    loss, s, pair_betas = epsdpo.plain_epsilon_dpo_loss(plain_logits, ref_logits, input_ids, completion_mask, beta, epsilon)
-    loss.backward()
-    out = epsdpo.epsilon_dpo_loss(fast_logits, ref_logits, input_ids, completion_mask, beta, epsilon)
-    out.loss.backward()
-    assert torch.equal(out.s, s) and torch.equal(out.pair_betas, pair_betas)
-    assert torch.equal(epsdpo.criterion(policy_logits, ref_logits, input_ids, completion_mask, epsilon), s)
-    torch.testing.assert_close(out.loss, loss)
-    torch.testing.assert_close(fast_logits.grad, plain_logits.grad)
+    plain_logits, chunked_logits = policy_logits.clone().requires_grad_(), policy_logits.clone().requires_grad_()
+    plain = epsdpo.epsilon_dpo_loss(plain_logits, ref_logits, input_ids, completion_mask, beta, epsilon)
+    plain.loss.backward()
+    chunked = epsdpo_chunked.epsilon_dpo_loss(chunked_logits, ref_logits, input_ids, completion_mask, beta, epsilon)
+    chunked.loss.backward()
+    assert type(chunked) is type(plain) and torch.equal(chunked.s, plain.s) and torch.equal(chunked.pair_betas, plain.pair_betas)
+    for field in ("loss", "losses", "h", "chosen_rewards", "rejected_rewards", "chosen_logps", "ref_rejected_logps"):
+        torch.testing.assert_close(getattr(chunked, field), getattr(plain, field))
+    torch.testing.assert_close(chunked_logits.grad, plain_logits.grad)
+    torch.testing.assert_close(plain.h, (plain.chosen_logps - plain.rejected_logps - plain.ref_chosen_logps + plain.ref_rejected_logps).detach())
 
 
 def slow_completion_kls(policy_logits, ref_logits, completion_mask):
@@ -138,8 +143,9 @@ def slow_completion_kls(policy_logits, ref_logits, completion_mask):
     return ((log_p.exp() * (log_p - log_q)).sum(-1) * completion_mask[:, 1:]).sum(-1)
 
 
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
 @given(batches(), st.sampled_from([1e-5, 1e-4, 1e-3]))
-def test_for_small_epsilon_s_is_the_sign_of_h_minus_the_kl_difference(batch, epsilon):
+def test_for_small_epsilon_s_is_the_sign_of_h_minus_the_kl_difference(impl, batch, epsilon):
     # METHOD §4: dz/dλ at λ = 1 is h − (K_w − K_l), so z(1 ± ε) − z(1) = ± ε (h − ΔK) + O(ε²).
     policy_logits, ref_logits, input_ids, completion_mask = batch
     half = policy_logits.shape[0] // 2
@@ -152,13 +158,13 @@ def test_for_small_epsilon_s_is_the_sign_of_h_minus_the_kl_difference(batch, eps
     curvature = ((differences.amax(-1) - differences.amin(-1)) ** 2 / 4 * completion_mask[:, 1:]).sum(-1)
     clear = slope.abs() > epsilon * (curvature[:half] + curvature[half:]) + 1e-9 / epsilon
     assume(clear.any())
-    s = epsdpo.criterion(policy_logits, ref_logits, input_ids, completion_mask, epsilon)
+    s = impl.criterion(policy_logits, ref_logits, input_ids, completion_mask, epsilon)
     assert torch.equal(s[clear], torch.sign(slope[clear]).long())
 
 
 def test_the_module_docstring_example_runs_as_written(monkeypatch):
     doc = epsdpo.__doc__
-    code = textwrap.dedent(doc[doc.index("    import torch") : doc.index("\nConventions:")])
+    code = textwrap.dedent(doc[doc.index("    import torch") :])
     monkeypatch.chdir(pathlib.Path(epsdpo.__file__).parent)
     names = {}
     exec(compile(code, "epsdpo.__doc__", "exec"), names)
@@ -167,44 +173,48 @@ def test_the_module_docstring_example_runs_as_written(monkeypatch):
     assert names["out"].s.shape == (1,) and not names["policy"].training
 
 
-def test_epsilon_comes_from_the_baseline_beta_and_a_different_one_is_refused():
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+def test_epsilon_comes_from_the_baseline_beta_and_a_different_one_is_refused(impl):
     ref_logits, input_ids, completion_mask = _pairs()
     policy_logits = ref_logits + torch.randn(ref_logits.shape)
     baseline = epsdpo.BaselineBeta(0.2, 0.3)
-    out = epsdpo.epsilon_dpo_loss(policy_logits, ref_logits, input_ids, completion_mask, baseline)
-    same = epsdpo.epsilon_dpo_loss(policy_logits, ref_logits, input_ids, completion_mask, 0.2, 0.3)
+    out = impl.epsilon_dpo_loss(policy_logits, ref_logits, input_ids, completion_mask, baseline)
+    same = impl.epsilon_dpo_loss(policy_logits, ref_logits, input_ids, completion_mask, 0.2, 0.3)
     assert torch.equal(out.losses, same.losses) and torch.equal(out.pair_betas, same.pair_betas)
     with pytest.raises(ValueError, match="epsilon 0.01 differs from the BaselineBeta's 0.3"):
-        epsdpo.epsilon_dpo_loss(policy_logits, ref_logits, input_ids, completion_mask, baseline, 0.01)
+        impl.epsilon_dpo_loss(policy_logits, ref_logits, input_ids, completion_mask, baseline, 0.01)
     with pytest.raises(ValueError, match="epsilon is required when beta is a number"):
-        epsdpo.epsilon_dpo_loss(policy_logits, ref_logits, input_ids, completion_mask, 0.2)
+        impl.epsilon_dpo_loss(policy_logits, ref_logits, input_ids, completion_mask, 0.2)
 
 
 # ----------------------------------------------------------------------------------------------------
 # 1. Sequence log-probabilities
 
 
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
 @given(batches(dtype=torch.float32))
-def test_sequence_logps_equals_a_per_token_loop(batch):
+def test_sequence_logps_equals_a_per_token_loop(impl, batch):
     logits, _, input_ids, completion_mask = batch
-    logps = epsdpo.sequence_logps(logits, input_ids, completion_mask)
+    logps = impl.sequence_logps(logits, input_ids, completion_mask)
     assert logps.dtype == torch.float32
     expected = slow_sequence_logps(logits, input_ids, completion_mask)
     torch.testing.assert_close(logps.double(), expected, rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
 @given(batches(), st.integers(0, 2**32 - 1))
-def test_sequence_logps_gradient_equals_the_loops(batch, seed):
+def test_sequence_logps_gradient_equals_the_loops(impl, batch, seed):
     logits, _, input_ids, completion_mask = batch
     weights = torch.randn(logits.shape[0], generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
     fast_logits = logits.clone().requires_grad_()
     slow_logits = logits.clone().requires_grad_()
-    (weights * epsdpo.sequence_logps(fast_logits, input_ids, completion_mask)).sum().backward()
+    (weights * impl.sequence_logps(fast_logits, input_ids, completion_mask)).sum().backward()
     (weights * slow_sequence_logps(slow_logits, input_ids, completion_mask)).sum().backward()
     torch.testing.assert_close(fast_logits.grad, slow_logits.grad)
 
 
-def test_sequence_logps_gradient_in_bf16_is_the_float64_gradient_rounded_once():
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+def test_sequence_logps_gradient_in_bf16_is_the_float64_gradient_rounded_once(impl):
     # A confident model: the target's probability is near 1, so its gradient g (1 − p) is small. Subtracting
     # the one-hot after rounding g p to bf16 would leave an error larger than the value itself.
     logits = torch.zeros(2, 3, 5, dtype=torch.float64)
@@ -212,22 +222,24 @@ def test_sequence_logps_gradient_in_bf16_is_the_float64_gradient_rounded_once():
     input_ids = torch.zeros(2, 3, dtype=torch.long)
     completion_mask = torch.tensor([[0, 1, 1], [0, 1, 1]])
     bf16_logits = logits.to(torch.bfloat16).requires_grad_()
-    epsdpo.sequence_logps(bf16_logits, input_ids, completion_mask).sum().backward()
+    impl.sequence_logps(bf16_logits, input_ids, completion_mask).sum().backward()
     exact_logits = bf16_logits.detach().double().requires_grad_()
     slow_sequence_logps(exact_logits, input_ids, completion_mask).sum().backward()
     assert bf16_logits.grad.dtype == torch.bfloat16
     torch.testing.assert_close(bf16_logits.grad.double(), exact_logits.grad, rtol=2**-7, atol=0)
 
 
-def test_sequence_logps_passes_gradcheck():
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+def test_sequence_logps_passes_gradcheck(impl):
     generator = torch.Generator().manual_seed(0)
     logits = torch.randn(4, 6, 5, generator=generator, dtype=torch.float64, requires_grad=True)
     input_ids = torch.randint(0, 5, (4, 6), generator=generator)
     completion_mask = torch.tensor([[0, 0, 1, 1, 1, 0], [0, 1, 1, 1, 1, 1], [0, 0, 0, 0, 0, 0], [0, 0, 0, 1, 0, 1]])
-    assert torch.autograd.gradcheck(lambda x: epsdpo.sequence_logps(x, input_ids, completion_mask), (logits,))
+    assert torch.autograd.gradcheck(lambda x: impl.sequence_logps(x, input_ids, completion_mask), (logits,))
 
 
 def test_chunks_of_a_few_positions_give_what_whole_rows_give(monkeypatch):
+    impl = epsdpo_chunked
     generator = torch.Generator().manual_seed(1)
     policy_logits = torch.randn(4, 12, 7, generator=generator, requires_grad=True)
     ref_logits = torch.randn(4, 12, 7, generator=generator)
@@ -235,13 +247,13 @@ def test_chunks_of_a_few_positions_give_what_whole_rows_give(monkeypatch):
     completion_mask = torch.tensor([[0] * 3 + [1] * 9, [0] * 5 + [1] * 6 + [0], [0] * 12, [0, 1, 0, 1, 1, 0, 0, 1, 1, 1, 1, 1]])
 
     def everything():
-        logps = epsdpo.sequence_logps(policy_logits, input_ids, completion_mask)
+        logps = impl.sequence_logps(policy_logits, input_ids, completion_mask)
         (grad,) = torch.autograd.grad((logps * torch.arange(1.0, 5.0)).sum(), policy_logits)
-        return logps, grad, *epsdpo.perturbed_logps(policy_logits, ref_logits, input_ids, completion_mask, 0.3)
+        return logps, grad, *impl.perturbed_logps(policy_logits, ref_logits, input_ids, completion_mask, 0.3)
 
     whole = everything()
-    monkeypatch.setattr(epsdpo, "CHUNK_BYTES", 3 * 7 * 4)   # three float32 positions per chunk
-    assert len(epsdpo._scored_positions(input_ids, completion_mask, 7, 4).chunks) == 3 + 2 + 0 + 4
+    monkeypatch.setattr(epsdpo_chunked, "CHUNK_BYTES", 3 * 7 * 4)   # three float32 positions per chunk
+    assert len(epsdpo_chunked._scored_positions(input_ids, completion_mask, 7, 4).chunks) == 3 + 2 + 0 + 4
     for chunked, expected in zip(everything(), whole):
         torch.testing.assert_close(chunked, expected)
 
@@ -263,9 +275,10 @@ def tiny_causal_lm(vocab_size):
     return _causal_lm_cache[vocab_size]
 
 
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
 @settings(max_examples=15, suppress_health_check=[HealthCheck.too_slow])
 @given(st.integers(0, 2**32 - 1), st.integers(2, 12), st.integers(1, 11))
-def test_sequence_logps_equals_transformers_cross_entropy(seed, length, prompt_length):
+def test_sequence_logps_equals_transformers_cross_entropy(impl, seed, length, prompt_length):
     assume(prompt_length < length)
     model = tiny_causal_lm(vocab_size=50)
     generator = torch.Generator().manual_seed(seed)
@@ -274,7 +287,7 @@ def test_sequence_logps_equals_transformers_cross_entropy(seed, length, prompt_l
     completion_mask[:, prompt_length:] = 1
     with torch.no_grad():
         logits = model(input_ids).logits
-        logps = epsdpo.sequence_logps(logits, input_ids, completion_mask)
+        logps = impl.sequence_logps(logits, input_ids, completion_mask)
         for row in range(3):
             # transformers shifts the labels itself and averages the cross-entropy over tokens not at -100.
             labels = input_ids[row : row + 1].masked_fill(completion_mask[row : row + 1] == 0, -100)
@@ -283,8 +296,9 @@ def test_sequence_logps_equals_transformers_cross_entropy(seed, length, prompt_l
             torch.testing.assert_close(logps[row], -mean_cross_entropy * num_tokens, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
 @given(batches(), st.integers(0, 2**32 - 1), epsilons)
-def test_masked_positions_change_nothing(batch, seed, epsilon):
+def test_masked_positions_change_nothing(impl, batch, seed, epsilon):
     policy_logits, ref_logits, input_ids, completion_mask = batch
     generator = torch.Generator().manual_seed(seed)
     # Logits at t score the token at t + 1: these are the positions whose logits score nothing.
@@ -297,20 +311,21 @@ def test_masked_positions_change_nothing(batch, seed, epsilon):
     other_ids = torch.where(completion_mask.bool(), input_ids, garbage_ids)
 
     assert torch.equal(
-        epsdpo.sequence_logps(other_policy, other_ids, completion_mask),
-        epsdpo.sequence_logps(policy_logits, input_ids, completion_mask),
+        impl.sequence_logps(other_policy, other_ids, completion_mask),
+        impl.sequence_logps(policy_logits, input_ids, completion_mask),
     )
     assert torch.equal(
-        epsdpo.criterion(other_policy, other_ref, other_ids, completion_mask, epsilon),
-        epsdpo.criterion(policy_logits, ref_logits, input_ids, completion_mask, epsilon),
+        impl.criterion(other_policy, other_ref, other_ids, completion_mask, epsilon),
+        impl.criterion(policy_logits, ref_logits, input_ids, completion_mask, epsilon),
     )
 
 
-def test_an_all_masked_row_gives_zero_not_nan_and_a_pair_with_one_is_refused_naming_it():
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+def test_an_all_masked_row_gives_zero_not_nan_and_a_pair_with_one_is_refused_naming_it(impl):
     logits = torch.randn(2, 5, 4, requires_grad=True)
     input_ids = torch.randint(0, 4, (2, 5))
     completion_mask = torch.tensor([[0, 0, 0, 0, 0], [0, 0, 1, 1, 0]])
-    logps = epsdpo.sequence_logps(logits, input_ids, completion_mask)
+    logps = impl.sequence_logps(logits, input_ids, completion_mask)
     assert logps[0].item() == 0.0
     logps.sum().backward()
     assert torch.isfinite(logps).all() and torch.isfinite(logits.grad).all()
@@ -318,16 +333,17 @@ def test_an_all_masked_row_gives_zero_not_nan_and_a_pair_with_one_is_refused_nam
 
     # As a pair (row 0 chosen, row 1 rejected), it has no preference to learn: refused, naming the pair.
     with pytest.raises(ValueError, match=r"^pair 0: its chosen sequence \(row 0 of input_ids\) has no completion token"):
-        epsdpo.epsilon_dpo_loss(logits, logits.detach() + 1, input_ids, completion_mask, 0.1, 0.5)
+        impl.epsilon_dpo_loss(logits, logits.detach() + 1, input_ids, completion_mask, 0.1, 0.5)
     with pytest.raises(ValueError, match=r"^pair 0: its chosen sequence \(row 0 of input_ids\) has no completion token"):
-        epsdpo.criterion(logits, logits.detach() + 1, input_ids, completion_mask, 0.5)
+        impl.criterion(logits, logits.detach() + 1, input_ids, completion_mask, 0.5)
     with pytest.raises(ValueError, match=r"^pair 1: its rejected sequence \(row 3 of input_ids\)"):
-        epsdpo.criterion(logits.repeat(2, 1, 1), logits.repeat(2, 1, 1), input_ids.repeat(2, 1),
+        impl.criterion(logits.repeat(2, 1, 1), logits.repeat(2, 1, 1), input_ids.repeat(2, 1),
                              torch.tensor([[0, 0, 1, 0, 0]] * 3 + [[0] * 5]), 0.5)
 
 
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
 @given(batches(), st.integers(0, 2**32 - 1), epsilons, st.sampled_from(["policy", "reference"]))
-def test_a_constant_per_position_changes_neither_logps_nor_s(batch, seed, epsilon, which):
+def test_a_constant_per_position_changes_neither_logps_nor_s(impl, batch, seed, epsilon, which):
     policy_logits, ref_logits, input_ids, completion_mask = batch
     z = slow_log_ratios(policy_logits, ref_logits, input_ids, completion_mask, epsilon)
     assume(separation(*z) > 1e-9)                                # float64 rounding cannot flip a decision
@@ -337,12 +353,12 @@ def test_a_constant_per_position_changes_neither_logps_nor_s(batch, seed, epsilo
     shifted_ref = ref_logits + shifts if which == "reference" else ref_logits
 
     torch.testing.assert_close(
-        epsdpo.sequence_logps(shifted_policy, input_ids, completion_mask),
-        epsdpo.sequence_logps(policy_logits, input_ids, completion_mask),
+        impl.sequence_logps(shifted_policy, input_ids, completion_mask),
+        impl.sequence_logps(policy_logits, input_ids, completion_mask),
     )
     assert torch.equal(
-        epsdpo.criterion(shifted_policy, shifted_ref, input_ids, completion_mask, epsilon),
-        epsdpo.criterion(policy_logits, ref_logits, input_ids, completion_mask, epsilon),
+        impl.criterion(shifted_policy, shifted_ref, input_ids, completion_mask, epsilon),
+        impl.criterion(policy_logits, ref_logits, input_ids, completion_mask, epsilon),
     )
 
 
@@ -384,37 +400,40 @@ def test_dpo_loss_uses_each_pairs_own_beta():
 # 3 and 4. Perturbed policies, criterion, per-pair β
 
 
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
 @given(batches(), epsilons)
-def test_perturbed_logps_equal_the_loop(batch, epsilon):
+def test_perturbed_logps_equal_the_loop(impl, batch, epsilon):
     policy_logits, ref_logits, input_ids, completion_mask = batch
-    weaker, stronger = epsdpo.perturbed_logps(policy_logits, ref_logits, input_ids, completion_mask, epsilon)
+    weaker, stronger = impl.perturbed_logps(policy_logits, ref_logits, input_ids, completion_mask, epsilon)
     for logps, lam in ((weaker, 1 + epsilon), (stronger, 1 - epsilon)):
         expected = slow_sequence_logps(ref_logits + lam * (policy_logits - ref_logits), input_ids, completion_mask)
         torch.testing.assert_close(logps, expected)
 
 
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
 @given(batches(), epsilons)
-def test_s_equals_the_rule_computed_slowly(batch, epsilon):
+def test_s_equals_the_rule_computed_slowly(impl, batch, epsilon):
     policy_logits, ref_logits, input_ids, completion_mask = batch
     z = slow_log_ratios(policy_logits, ref_logits, input_ids, completion_mask, epsilon)
     assume(separation(*z) > 1e-9)
-    s = epsdpo.criterion(policy_logits, ref_logits, input_ids, completion_mask, epsilon)
+    s = impl.criterion(policy_logits, ref_logits, input_ids, completion_mask, epsilon)
     assert s.dtype == torch.long
     assert torch.equal(s, slow_s(*z))
 
 
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
 @given(batches(dtype=torch.float32), betas)
-def test_epsilon_zero_is_dpo(batch, beta):
+def test_epsilon_zero_is_dpo(impl, batch, beta):
     policy_logits, ref_logits, input_ids, completion_mask = batch
     num_pairs = policy_logits.shape[0] // 2
 
     eps_logits = policy_logits.clone().requires_grad_()
-    out = epsdpo.epsilon_dpo_loss(eps_logits, ref_logits, input_ids, completion_mask, beta, 0.0)
+    out = impl.epsilon_dpo_loss(eps_logits, ref_logits, input_ids, completion_mask, beta, 0.0)
     out.loss.backward()
 
     dpo_logits = policy_logits.clone().requires_grad_()
-    logps = epsdpo.sequence_logps(dpo_logits, input_ids, completion_mask)
-    ref_logps = epsdpo.sequence_logps(ref_logits, input_ids, completion_mask)
+    logps = impl.sequence_logps(dpo_logits, input_ids, completion_mask)
+    ref_logps = impl.sequence_logps(ref_logits, input_ids, completion_mask)
     dpo_losses, _, _ = epsdpo.dpo_loss(logps[:num_pairs], logps[num_pairs:], ref_logps[:num_pairs],
                                        ref_logps[num_pairs:], beta)
     dpo_losses.mean().backward()
@@ -424,28 +443,30 @@ def test_epsilon_zero_is_dpo(batch, beta):
     assert torch.equal(eps_logits.grad, dpo_logits.grad)
 
 
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
 @given(batches(dtype=torch.float32), st.floats(0, 0.999), st.sampled_from([torch.float32, torch.bfloat16]))
-def test_policy_equal_to_reference_gives_s_zero(batch, epsilon, dtype):
+def test_policy_equal_to_reference_gives_s_zero(impl, batch, epsilon, dtype):
     _, ref_logits, input_ids, completion_mask = batch
     ref_logits = ref_logits.to(dtype)
-    s = epsdpo.criterion(ref_logits.clone(), ref_logits, input_ids, completion_mask, epsilon)
+    s = impl.criterion(ref_logits.clone(), ref_logits, input_ids, completion_mask, epsilon)
     assert s.eq(0).all()
 
 
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
 @given(batches(), epsilons)
-def test_swapping_chosen_and_rejected_negates_s(batch, epsilon):
+def test_swapping_chosen_and_rejected_negates_s(impl, batch, epsilon):
     policy_logits, ref_logits, input_ids, completion_mask = batch
     half = policy_logits.shape[0] // 2
 
     def swap(x):
         return torch.cat([x[half:], x[:half]])
 
-    s = epsdpo.criterion(policy_logits, ref_logits, input_ids, completion_mask, epsilon)
-    swapped = epsdpo.criterion(swap(policy_logits), swap(ref_logits), swap(input_ids), swap(completion_mask), epsilon)
+    s = impl.criterion(policy_logits, ref_logits, input_ids, completion_mask, epsilon)
+    swapped = impl.criterion(swap(policy_logits), swap(ref_logits), swap(input_ids), swap(completion_mask), epsilon)
     assert torch.equal(swapped, -s)
 
 
-def known_pair(chosen_offsets, epsilon=0.1):
+def known_pair(chosen_offsets, epsilon=0.1, impl=epsdpo):
     """A pair whose log-ratio z(λ) is known in closed form.
 
     Vocabulary {0, 1}; every token is 0. At each completion position the logit of token 0 is
@@ -464,47 +485,50 @@ def known_pair(chosen_offsets, epsilon=0.1):
     completion_mask[:, 0] = 0
     z_weaker, z_stronger = (
         log_ratio[:1] - log_ratio[1:]
-        for log_ratio in epsdpo.perturbed_logps(policy_logits, ref_logits, input_ids, completion_mask, epsilon)
+        for log_ratio in impl.perturbed_logps(policy_logits, ref_logits, input_ids, completion_mask, epsilon)
     )
-    z_theta = epsdpo.sequence_logps(policy_logits, input_ids, completion_mask)
+    z_theta = impl.sequence_logps(policy_logits, input_ids, completion_mask)
     z_theta = z_theta[:1] - z_theta[1:]
-    s = epsdpo.criterion(policy_logits, ref_logits, input_ids, completion_mask, epsilon)
+    s = impl.criterion(policy_logits, ref_logits, input_ids, completion_mask, epsilon)
     return s.item(), (z_weaker.item(), z_theta.item(), z_stronger.item())
 
 
-def test_constructed_cases_give_the_known_s():
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+def test_constructed_cases_give_the_known_s(impl):
     # Policy made the chosen token likelier than the reference: z grows with λ, i.e. as β shrinks.
-    step, (weaker, theta, stronger) = known_pair([(0.0, 1.0), (0.5, 2.0)])
+    step, (weaker, theta, stronger) = known_pair([(0.0, 1.0), (0.5, 2.0)], impl=impl)
     assert weaker > theta > stronger and step == +1
     # Policy made it less likely: z shrinks with λ, so it grows as β grows.
-    step, (weaker, theta, stronger) = known_pair([(0.0, -1.0), (0.5, -2.0)])
+    step, (weaker, theta, stronger) = known_pair([(0.0, -1.0), (0.5, -2.0)], impl=impl)
     assert weaker < theta < stronger and step == -1
     # Policy equals the reference: a tie.
-    step, (weaker, theta, stronger) = known_pair([(0.3, 0.0), (-0.5, 0.0)])
+    step, (weaker, theta, stronger) = known_pair([(0.3, 0.0), (-0.5, 0.0)], impl=impl)
     assert weaker == theta == stronger and step == 0
     # Two tokens pulling opposite ways, balanced at λ = 1: z(λ) peaks at λ = 1, not monotone.
-    step, (weaker, theta, stronger) = known_pair([(-3.0, 3.0), (3.0, -3.0)])
+    step, (weaker, theta, stronger) = known_pair([(-3.0, 3.0), (3.0, -3.0)], impl=impl)
     assert weaker < theta and stronger < theta and step == 0
 
 
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
 @settings(max_examples=100)
 @given(batches(), epsilons)
-def test_bf16_inputs_give_the_float64_decision_on_well_separated_cases(batch, epsilon):
+def test_bf16_inputs_give_the_float64_decision_on_well_separated_cases(impl, batch, epsilon):
     policy_logits, ref_logits, input_ids, completion_mask = batch
     policy_bf16, ref_bf16 = policy_logits.to(torch.bfloat16), ref_logits.to(torch.bfloat16)
     # The float64 answer for the very logits the bf16 tensors hold.
     z = slow_log_ratios(policy_bf16, ref_bf16, input_ids, completion_mask, epsilon)
     assume(separation(*z) > 1e-3 * (1 + max(v.abs().max().item() for v in z)))
-    s = epsdpo.criterion(policy_bf16, ref_bf16, input_ids, completion_mask, epsilon)
+    s = impl.criterion(policy_bf16, ref_bf16, input_ids, completion_mask, epsilon)
     assert torch.equal(s, slow_s(*z))
 
 
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
 @given(batches(), betas, epsilons)
-def test_no_gradient_flows_through_the_decision(batch, beta, epsilon):
+def test_no_gradient_flows_through_the_decision(impl, batch, beta, epsilon):
     policy_logits, ref_logits, input_ids, completion_mask = batch
     half = policy_logits.shape[0] // 2
     logits = policy_logits.clone().requires_grad_()
-    out = epsdpo.epsilon_dpo_loss(logits, ref_logits, input_ids, completion_mask, beta, epsilon)
+    out = impl.epsilon_dpo_loss(logits, ref_logits, input_ids, completion_mask, beta, epsilon)
     (grad,) = torch.autograd.grad(out.loss, logits)
 
     # −log σ(β̃ h) with the same β̃ held as a constant, computed the slow way.
@@ -521,7 +545,7 @@ def test_no_gradient_flows_through_the_decision(batch, beta, epsilon):
 
 @given(st.floats(1e-4, 10), epsilons, st.lists(st.integers(-1, 1), min_size=1, max_size=16))
 def test_pair_betas_are_beta_over_one_plus_epsilon_s(beta, epsilon, s):
-    result = epsdpo.pair_betas(beta, torch.tensor(s), epsilon)
+    result = epsdpo.betas_from_s(beta, torch.tensor(s), epsilon)
     expected = torch.tensor([beta / (1 + epsilon * value) for value in s], dtype=torch.float64)
     torch.testing.assert_close(result.double(), expected, rtol=1e-6, atol=0)
 
@@ -619,65 +643,68 @@ def _pairs(num_rows=2, length=4, vocab=5):
     return logits, input_ids, completion_mask
 
 
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
 @pytest.mark.parametrize("beta", [0.0, -0.1, float("nan"), float("inf"), torch.tensor([0.1, -0.1])])
-def test_bad_beta_is_rejected(beta):
+def test_bad_beta_is_rejected(impl, beta):
     logits, input_ids, completion_mask = _pairs()
     logps = torch.zeros(2)
     with pytest.raises(ValueError, match="beta must be"):
         epsdpo.dpo_loss(logps, logps, logps, logps, beta)
     with pytest.raises(ValueError, match="beta must be"):
-        epsdpo.pair_betas(beta, torch.zeros(2, dtype=torch.long), 0.1)
+        epsdpo.betas_from_s(beta, torch.zeros(2, dtype=torch.long), 0.1)
     if not isinstance(beta, torch.Tensor):
         with pytest.raises(ValueError, match="beta must be"):
-            epsdpo.epsilon_dpo_loss(logits, logits, input_ids, completion_mask, beta, 0.1)
+            impl.epsilon_dpo_loss(logits, logits, input_ids, completion_mask, beta, 0.1)
         with pytest.raises(ValueError, match="beta must be"):
             epsdpo.BaselineBeta(beta, 0.1)
 
 
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
 @pytest.mark.parametrize("epsilon", [-0.01, 1.0, 1.5, float("nan")])
-def test_bad_epsilon_is_rejected(epsilon):
+def test_bad_epsilon_is_rejected(impl, epsilon):
     logits, input_ids, completion_mask = _pairs()
     with pytest.raises(ValueError, match=r"epsilon must be a number in \[0, 1\)"):
-        epsdpo.criterion(logits, logits, input_ids, completion_mask, epsilon)
+        impl.criterion(logits, logits, input_ids, completion_mask, epsilon)
     with pytest.raises(ValueError, match=r"epsilon must be a number in \[0, 1\)"):
-        epsdpo.epsilon_dpo_loss(logits, logits, input_ids, completion_mask, 0.1, epsilon)
+        impl.epsilon_dpo_loss(logits, logits, input_ids, completion_mask, 0.1, epsilon)
     with pytest.raises(ValueError, match=r"epsilon must be a number in \[0, 1\)"):
-        epsdpo.pair_betas(0.1, torch.zeros(1, dtype=torch.long), epsilon)
+        epsdpo.betas_from_s(0.1, torch.zeros(1, dtype=torch.long), epsilon)
     with pytest.raises(ValueError, match=r"epsilon must be a number in \[0, 1\)"):
         epsdpo.BaselineBeta(0.1, epsilon)
 
 
-def test_an_odd_number_of_rows_is_rejected():
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+def test_an_odd_number_of_rows_is_rejected(impl):
     logits, input_ids, completion_mask = _pairs(num_rows=3)
     with pytest.raises(ValueError, match="even number of rows.*got 3"):
-        epsdpo.criterion(logits, logits, input_ids, completion_mask, 0.1)
+        impl.criterion(logits, logits, input_ids, completion_mask, 0.1)
     with pytest.raises(ValueError, match="even number of rows.*got 3"):
-        epsdpo.epsilon_dpo_loss(logits, logits, input_ids, completion_mask, 0.1, 0.1)
+        impl.epsilon_dpo_loss(logits, logits, input_ids, completion_mask, 0.1, 0.1)
 
 
-def test_mismatched_shapes_are_rejected():
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+def test_mismatched_shapes_are_rejected(impl):
     logits, input_ids, completion_mask = _pairs()
     with pytest.raises(ValueError, match=r"must both have the shape \(N, T\) = \(2, 4\)"):
-        epsdpo.sequence_logps(logits, input_ids[:, :3], completion_mask)
+        impl.sequence_logps(logits, input_ids[:, :3], completion_mask)
     with pytest.raises(ValueError, match=r"must both have the shape"):
-        epsdpo.sequence_logps(logits, input_ids, completion_mask[:1])
+        impl.sequence_logps(logits, input_ids, completion_mask[:1])
     with pytest.raises(ValueError, match=r"must be a floating-point tensor of shape \(N, T, V\), got torch.float32 \(4, 5\)"):
-        epsdpo.sequence_logps(logits[0], input_ids, completion_mask)
+        impl.sequence_logps(logits[0], input_ids, completion_mask)
     with pytest.raises(ValueError, match=r"ref_logits \(2, 4, 6\) must have the shape of policy_logits \(2, 4, 5\)"):
-        epsdpo.criterion(logits, torch.randn(2, 4, 6), input_ids, completion_mask, 0.1)
+        impl.criterion(logits, torch.randn(2, 4, 6), input_ids, completion_mask, 0.1)
     with pytest.raises(ValueError, match=r"must all have the same shape \(B,\)"):
         epsdpo.dpo_loss(torch.zeros(2), torch.zeros(3), torch.zeros(2), torch.zeros(2), 0.1)
-    with pytest.raises(ValueError, match=r"beta must be a number or have shape \(2,\)"):
+    with pytest.raises(ValueError, match=r"and beta be a number or \(B,\), got \[\(2,\), \(2,\), \(2,\), \(2,\)\] and beta \(3,\)"):
         epsdpo.dpo_loss(torch.zeros(2), torch.zeros(2), torch.zeros(2), torch.zeros(2), torch.full((3,), 0.1))
-    with pytest.raises(ValueError, match=r"policy_logps must have shape \(2,\)"):
-        epsdpo.criterion(logits, logits, input_ids, completion_mask, 0.1, policy_logps=torch.zeros(4))
 
 
-def test_a_completion_on_the_first_token_is_rejected():
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+def test_a_completion_on_the_first_token_is_rejected(impl):
     logits, input_ids, completion_mask = _pairs()
     completion_mask[:, 0] = 1
     with pytest.raises(ValueError, match=r"completion_mask\[:, 0\] must be 0"):
-        epsdpo.sequence_logps(logits, input_ids, completion_mask)
+        impl.sequence_logps(logits, input_ids, completion_mask)
 
 
 def test_s_outside_minus_one_zero_one_is_rejected():
@@ -688,58 +715,63 @@ def test_s_outside_minus_one_zero_one_is_rejected():
         baseline.step()                                        # ... step() checks, before β moves
     assert baseline.value == 0.1
     with pytest.raises(ValueError, match=r"s must be an integer tensor of -1, 0 and \+1"):
-        epsdpo.pair_betas(0.1, torch.tensor([1, -2]), 0.5)     # β/(1 − 2ε) would be negative
+        epsdpo.betas_from_s(0.1, torch.tensor([1, -2]), 0.5)     # β/(1 − 2ε) would be negative
 
 
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
 @pytest.mark.parametrize("mask_value", [2, -1, 0.5])
-def test_a_mask_value_other_than_zero_or_one_is_rejected(mask_value):
+def test_a_mask_value_other_than_zero_or_one_is_rejected(impl, mask_value):
     logits, input_ids, completion_mask = _pairs()
     completion_mask = completion_mask.to(torch.float32)
     completion_mask[1, 2] = mask_value
     with pytest.raises(ValueError, match=r"completion_mask must hold only 0 and 1"):
-        epsdpo.sequence_logps(logits, input_ids, completion_mask)
+        impl.sequence_logps(logits, input_ids, completion_mask)
     with pytest.raises(ValueError, match=r"completion_mask must hold only 0 and 1"):
-        epsdpo.epsilon_dpo_loss(logits, logits, input_ids, completion_mask, 0.1, 0.1)
+        impl.epsilon_dpo_loss(logits, logits, input_ids, completion_mask, 0.1, 0.1)
 
 
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
 @pytest.mark.parametrize("token_id", [-1, 5, 10**6])
-def test_a_scored_token_id_outside_the_vocabulary_is_rejected(token_id):
+def test_a_scored_token_id_outside_the_vocabulary_is_rejected(impl, token_id):
     logits, input_ids, completion_mask = _pairs(vocab=5)      # completion_mask is on at positions 2 and 3
     input_ids[0, 3] = token_id
     with pytest.raises(ValueError, match=rf"input_ids must be in \[0, 5\) wherever completion_mask is 1, got \[{token_id}\]"):
-        epsdpo.sequence_logps(logits, input_ids, completion_mask)
+        impl.sequence_logps(logits, input_ids, completion_mask)
     input_ids[0, 3], input_ids[0, 1] = 0, token_id             # off the mask: never read, so allowed
-    epsdpo.sequence_logps(logits, input_ids, completion_mask)
+    impl.sequence_logps(logits, input_ids, completion_mask)
 
 
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
 @pytest.mark.parametrize("dtype", [torch.long, torch.int32, torch.bool])
-def test_logits_that_are_not_floating_point_are_rejected(dtype):
+def test_logits_that_are_not_floating_point_are_rejected(impl, dtype):
     logits, input_ids, completion_mask = _pairs()
     with pytest.raises(ValueError, match=r"logits must be a floating-point tensor"):
-        epsdpo.sequence_logps(logits.to(dtype), input_ids, completion_mask)
+        impl.sequence_logps(logits.to(dtype), input_ids, completion_mask)
     with pytest.raises(ValueError, match=r"ref_logits must be a floating-point tensor"):
-        epsdpo.epsilon_dpo_loss(logits, logits.to(dtype), input_ids, completion_mask, 0.1, 0.1)
+        impl.epsilon_dpo_loss(logits, logits.to(dtype), input_ids, completion_mask, 0.1, 0.1)
 
 
-def test_an_empty_batch_is_rejected():
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+def test_an_empty_batch_is_rejected(impl):
     logits, input_ids, completion_mask = _pairs()
-    with pytest.raises(ValueError, match=r"policy_logits \(0, 4, 5\) is empty"):
-        epsdpo.epsilon_dpo_loss(logits[:0], logits[:0], input_ids[:0], completion_mask[:0], 0.1, 0.1)
+    with pytest.raises(ValueError, match=r"policy_logits \(0, 4, 5\): expected positions, words and an even number of rows"):
+        impl.epsilon_dpo_loss(logits[:0], logits[:0], input_ids[:0], completion_mask[:0], 0.1, 0.1)
     with pytest.raises(ValueError, match=r"with B ≥ 1"):
         epsdpo.dpo_loss(*torch.zeros(4, 0), 0.1)
 
 
-def test_beta_must_be_a_real_number_and_may_be_a_numpy_float():
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+def test_beta_must_be_a_real_number_and_may_be_a_numpy_float(impl):
     import numpy
 
     logits, input_ids, completion_mask = _pairs()
     for beta in (True, "0.1", None):
         with pytest.raises(ValueError, match="beta must be a finite number > 0"):
-            epsdpo.epsilon_dpo_loss(logits, logits, input_ids, completion_mask, beta, 0.1)
+            impl.epsilon_dpo_loss(logits, logits, input_ids, completion_mask, beta, 0.1)
     with pytest.raises(ValueError, match="epsilon must be a number in"):
         epsdpo.BaselineBeta(0.1, True)
     for beta in (numpy.float32(0.1), numpy.float64(0.1)):
-        out = epsdpo.epsilon_dpo_loss(logits, logits, input_ids, completion_mask, beta, numpy.float32(0.1))
+        out = impl.epsilon_dpo_loss(logits, logits, input_ids, completion_mask, beta, numpy.float32(0.1))
         assert out.loss.item() == pytest.approx(math.log(2))
         assert epsdpo.BaselineBeta(beta, 0.1).value == pytest.approx(0.1)
 
@@ -776,7 +808,7 @@ class _CountOperations(torch.utils._python_dispatch.TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def operations_of_a_step(vocab, dtype, completion_tokens=256, num_pairs=4):
+def operations_of_a_step(vocab, dtype, completion_tokens=256, num_pairs=4, impl=epsdpo_chunked):
     """Torch operations one epsilon_dpo_loss forward + backward dispatches for a batch of pairs."""
     generator = torch.Generator().manual_seed(0)
     length = 44 + completion_tokens
@@ -786,7 +818,7 @@ def operations_of_a_step(vocab, dtype, completion_tokens=256, num_pairs=4):
     completion_mask = torch.zeros(2 * num_pairs, length, dtype=torch.long)
     completion_mask[:, 44:] = 1
     with _CountOperations() as counter:
-        epsdpo.epsilon_dpo_loss(policy_logits, ref_logits, input_ids, completion_mask, 0.1, 0.01).loss.backward()
+        impl.epsilon_dpo_loss(policy_logits, ref_logits, input_ids, completion_mask, 0.1, 0.01).loss.backward()
     return counter.count
 
 
@@ -802,8 +834,16 @@ def test_the_number_of_operations_follows_the_rows_not_the_vocabulary_or_the_len
     completion_mask = torch.zeros(8, 300, dtype=torch.long)
     completion_mask[:, 44:] = 1
     input_ids = torch.zeros(8, 300, dtype=torch.long)
-    assert len(epsdpo._scored_positions(input_ids, completion_mask, 262_144, 4).chunks) == 8
-    assert len(epsdpo._scored_positions(input_ids, completion_mask, 262_145, 4).chunks) == 16
+    assert len(epsdpo_chunked._scored_positions(input_ids, completion_mask, 262_144, 4).chunks) == 8
+    assert len(epsdpo_chunked._scored_positions(input_ids, completion_mask, 262_145, 4).chunks) == 16
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_plain_loss_is_a_few_operations_whatever_the_batch(dtype):
+    operations = operations_of_a_step(16, dtype, impl=epsdpo)
+    assert operations <= 160
+    for shape in (dict(vocab=2048), dict(vocab=16, completion_tokens=512), dict(vocab=16, num_pairs=8)):
+        assert operations_of_a_step(dtype=dtype, impl=epsdpo, **shape) == operations
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -823,41 +863,43 @@ def test_epsdpo_imports_torch_and_the_standard_library_only():
 # Trust: the library (issue 15)
 
 
-def test_tensors_without_values_or_on_two_devices_are_refused_naming_the_argument():
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+def test_tensors_without_values_or_on_two_devices_are_refused_naming_the_argument(impl):
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     logits, input_ids, completion_mask = _pairs()
     meta = logits.to("meta")
     with pytest.raises(ValueError, match=r"^policy_logits is on the meta device: it has a shape but no values"):
-        epsdpo.epsilon_dpo_loss(meta, meta, input_ids.to("meta"), completion_mask.to("meta"), 0.1, 0.1)
+        impl.epsilon_dpo_loss(meta, meta, input_ids.to("meta"), completion_mask.to("meta"), 0.1, 0.1)
     with pytest.raises(ValueError, match=r"^input_ids is on the meta device"):
-        epsdpo.sequence_logps(logits, input_ids.to("meta"), completion_mask)
-    with pytest.raises(ValueError, match=r"^chosen_logps is on the meta device"):
+        impl.sequence_logps(logits, input_ids.to("meta"), completion_mask)
+    with pytest.raises(ValueError, match=r"^chosen_logps \(log-probabilities\) is on the meta device"):
         epsdpo.dpo_loss(*torch.zeros(4, 2, device="meta"), 0.1)
     with FakeTensorMode(allow_non_fake_inputs=True):                     # two GPUs, without a GPU
         on_1, on_0 = logits.to("cuda:1"), input_ids.to("cuda:0")
         with pytest.raises(ValueError, match=r"^input_ids is on cuda:0, the other tensors on cuda:1: put them on one device"):
-            epsdpo.epsilon_dpo_loss(on_1, on_1, on_0, completion_mask.to("cuda:1"), 0.1, 0.1)
+            impl.epsilon_dpo_loss(on_1, on_1, on_0, completion_mask.to("cuda:1"), 0.1, 0.1)
         with pytest.raises(ValueError, match=r"^completion_mask is on cpu, the other tensors on cuda:1"):
-            epsdpo.criterion(on_1, on_1, input_ids.to("cuda:1"), completion_mask, 0.1)
-        with pytest.raises(ValueError, match=r"^rejected_logps is on cuda:0, the other tensors on cuda:1"):
+            impl.criterion(on_1, on_1, input_ids.to("cuda:1"), completion_mask, 0.1)
+        with pytest.raises(ValueError, match=r"^rejected_logps \(log-probabilities\) is on cuda:0, the other tensors on cuda:1"):
             epsdpo.dpo_loss(torch.zeros(2).to("cuda:1"), torch.zeros(2).to("cuda:0"), *torch.zeros(2, 2).to("cuda:1"), 0.1)
 
 
-def test_ids_that_are_not_an_integer_tensor_an_embedding_takes_are_refused_and_int32_ids_are_int64s():
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+def test_ids_that_are_not_an_integer_tensor_an_embedding_takes_are_refused_and_int32_ids_are_int64s(impl):
     logits, input_ids, completion_mask = _pairs()
     for ids, got in ((input_ids.tolist(), "list"), (None, "NoneType")):
         with pytest.raises(ValueError, match=rf"^input_ids must be a tensor of shape \(N, T\), got {got}"):
-            epsdpo.epsilon_dpo_loss(logits, logits, ids, completion_mask, 0.1, 0.1)
+            impl.epsilon_dpo_loss(logits, logits, ids, completion_mask, 0.1, 0.1)
     with pytest.raises(ValueError, match=r"^completion_mask must be a tensor of shape \(N, T\), got list"):
-        epsdpo.sequence_logps(logits, input_ids, completion_mask.tolist())
+        impl.sequence_logps(logits, input_ids, completion_mask.tolist())
     for dtype in (torch.uint8, torch.int16, torch.bool, torch.float32):
         with pytest.raises(ValueError, match=rf"^input_ids must hold token ids as torch.int64 or torch.int32, got {dtype}"):
-            epsdpo.epsilon_dpo_loss(logits, logits, input_ids.to(dtype), completion_mask, 0.1, 0.1)
+            impl.epsilon_dpo_loss(logits, logits, input_ids.to(dtype), completion_mask, 0.1, 0.1)
     policy_logits = logits.clone().requires_grad_()
     results = []
     for ids in (input_ids, input_ids.int()):
-        out = epsdpo.epsilon_dpo_loss(policy_logits, logits + 0.5 * torch.randn(logits.shape, generator=torch.Generator().manual_seed(0)),
+        out = impl.epsilon_dpo_loss(policy_logits, logits + 0.5 * torch.randn(logits.shape, generator=torch.Generator().manual_seed(0)),
                                       ids, completion_mask, 0.1, 0.5)
         results.append((out.loss.detach(), out.s, torch.autograd.grad(out.loss, policy_logits)[0]))
     assert all(torch.equal(int64, int32) for int64, int32 in zip(*results))
@@ -865,24 +907,25 @@ def test_ids_that_are_not_an_integer_tensor_an_embedding_takes_are_refused_and_i
 
 def test_log_probabilities_that_are_not_floating_point_tensors_are_refused_naming_which():
     logps = torch.zeros(2)
-    with pytest.raises(ValueError, match=r"^ref_chosen_logps must be a floating-point tensor \(log-probabilities\), got torch.int64"):
+    with pytest.raises(ValueError, match=r"^ref_chosen_logps \(log-probabilities\) must be a floating-point tensor of shape \(B,\), got torch.int64"):
         epsdpo.dpo_loss(logps, logps, torch.zeros(2, dtype=torch.long), logps, 0.1)
-    with pytest.raises(ValueError, match=r"^chosen_logps must be a floating-point tensor"):
+    with pytest.raises(ValueError, match=r"^chosen_logps \(log-probabilities\) must be a floating-point tensor"):
         epsdpo.dpo_loss(torch.zeros(2, dtype=torch.int32), *torch.zeros(3, 2), 0.1)
     with pytest.raises(ValueError, match=r"^s must be an integer tensor of -1, 0 and \+1, got list"):
         epsdpo.BaselineBeta(0.1, 0.1).observe([1, 0])
 
 
-def test_a_fraction_is_a_number_like_any_other_for_beta_and_epsilon():
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+def test_a_fraction_is_a_number_like_any_other_for_beta_and_epsilon(impl):
     from fractions import Fraction
 
     logits, input_ids, completion_mask = _pairs()
     reference = logits + torch.randn(logits.shape, generator=torch.Generator().manual_seed(1))
-    as_floats = epsdpo.epsilon_dpo_loss(logits, reference, input_ids, completion_mask, 0.1, 0.5)
-    as_fractions = epsdpo.epsilon_dpo_loss(logits, reference, input_ids, completion_mask, Fraction(1, 10), Fraction(1, 2))
+    as_floats = impl.epsilon_dpo_loss(logits, reference, input_ids, completion_mask, 0.1, 0.5)
+    as_fractions = impl.epsilon_dpo_loss(logits, reference, input_ids, completion_mask, Fraction(1, 10), Fraction(1, 2))
     assert all(torch.equal(getattr(as_floats, f), getattr(as_fractions, f)) for f in ("loss", "pair_betas", "s"))
-    assert torch.equal(epsdpo.pair_betas(Fraction(1, 10), torch.tensor([1, 0, -1]), Fraction(1, 2)),
-                       epsdpo.pair_betas(0.1, torch.tensor([1, 0, -1]), 0.5))
+    assert torch.equal(epsdpo.betas_from_s(Fraction(1, 10), torch.tensor([1, 0, -1]), Fraction(1, 2)),
+                       epsdpo.betas_from_s(0.1, torch.tensor([1, 0, -1]), 0.5))
     assert torch.equal(epsdpo.dpo_loss(*torch.ones(4, 2), Fraction(1, 10))[0], epsdpo.dpo_loss(*torch.ones(4, 2), 0.1)[0])
     baselines = epsdpo.BaselineBeta(Fraction(1, 10), Fraction(1, 2)), epsdpo.BaselineBeta(0.1, 0.5)
     for baseline, (beta, epsilon) in zip(baselines, ((Fraction(1, 5), Fraction(1, 4)), (0.2, 0.25))):
@@ -958,10 +1001,10 @@ def test_the_loss_from_hidden_states_equals_the_loss_from_their_logits(precision
         with autocast:
             hidden = torch.tanh(weight[input_ids] @ mixing.to(weight.dtype))    # the tied weight, used twice
             if from_hidden:
-                out = epsdpo.epsilon_dpo_loss_from_hidden(hidden, weight, ref_hidden, ref_weight, input_ids,
+                out = epsdpo_chunked.epsilon_dpo_loss_from_hidden(hidden, weight, ref_hidden, ref_weight, input_ids,
                                                           completion_mask, 0.5, 0.3, cap)
             else:
-                out = epsdpo.epsilon_dpo_loss(softcapped(hidden @ weight.T, cap), softcapped(ref_hidden @ ref_weight.T, cap),
+                out = epsdpo_chunked.epsilon_dpo_loss(softcapped(hidden @ weight.T, cap), softcapped(ref_hidden @ ref_weight.T, cap),
                                               input_ids, completion_mask, 0.5, 0.3)
         (gradient,) = torch.autograd.grad(out.loss, weight)
         return out, gradient
@@ -983,15 +1026,15 @@ def test_hidden_state_chunks_of_a_few_positions_and_words_give_what_one_chunk_gi
     hidden = (weight.detach()[input_ids] @ mixing).requires_grad_()
 
     def everything():
-        out = epsdpo.epsilon_dpo_loss_from_hidden(hidden, weight, ref_hidden, ref_weight, input_ids, completion_mask,
+        out = epsdpo_chunked.epsilon_dpo_loss_from_hidden(hidden, weight, ref_hidden, ref_weight, input_ids, completion_mask,
                                                   0.5, 0.3, 5.0)
         return out.losses, out.chosen_logps, out.ref_rejected_logps, *torch.autograd.grad(out.loss, (hidden, weight))
 
     whole = everything()
-    monkeypatch.setattr(epsdpo, "CHUNK_POSITIONS", 2)        # groups of 7 positions × 4 slices of the vocabulary
-    monkeypatch.setattr(epsdpo, "GROUP_POSITIONS", 7)
-    positions = epsdpo._scored_positions(input_ids, completion_mask, 50, 4)
-    chunks = epsdpo._gathered_positions(positions, 6, 12, 50, torch.device("cpu")).chunks
+    monkeypatch.setattr(epsdpo_chunked, "CHUNK_POSITIONS", 2)        # groups of 7 positions × 4 slices of the vocabulary
+    monkeypatch.setattr(epsdpo_chunked, "GROUP_POSITIONS", 7)
+    positions = epsdpo_chunked._scored_positions(input_ids, completion_mask, 50, 4)
+    chunks = epsdpo_chunked._gathered_positions(positions, 6, 12, 50, torch.device("cpu")).chunks
     assert len(chunks) > 3 and max(len(slices) for _, _, slices in chunks) == 4
     for chunked, expected in zip(everything(), whole):
         torch.testing.assert_close(chunked, expected)
@@ -1008,7 +1051,7 @@ def operations_from_hidden_states(vocab, completion_tokens=128, num_pairs=2, wid
     completion_mask = torch.zeros(2 * num_pairs, length, dtype=torch.long)
     completion_mask[:, 44:] = 1
     with _CountOperations() as counter:
-        epsdpo.epsilon_dpo_loss_from_hidden(hidden, weight, ref_hidden, weight.detach(), input_ids, completion_mask,
+        epsdpo_chunked.epsilon_dpo_loss_from_hidden(hidden, weight, ref_hidden, weight.detach(), input_ids, completion_mask,
                                             0.1, 0.01).loss.backward()
     return counter.count
 
@@ -1020,8 +1063,8 @@ def test_the_number_of_operations_from_hidden_states_follows_the_positions_not_t
 
 
 @pytest.mark.parametrize("change, message", [
-    (dict(policy_hidden=torch.zeros(4, 6)), "policy_hidden must be a non-empty floating-point tensor of shape (N, T, H)"),
-    (dict(policy_weight=torch.zeros(5, 3)), "policy_weight must be a non-empty floating-point tensor of shape (V, H) with H = 4"),
+    (dict(policy_hidden=torch.zeros(4, 6)), "policy_hidden must be a floating-point tensor of shape (2B, T, H), got torch.float32 (4, 6)"),
+    (dict(policy_weight=torch.zeros(5, 3)), "policy_weight (5, 3) must have the shape (V, H) with V ≥ 1 and H = 4 as in policy_hidden"),
     (dict(ref_weight=torch.zeros(7, 4)), "ref_weight (7, 4) and policy_weight (5, 4) must have the same vocabulary"),
     (dict(ref_hidden=torch.zeros(4, 5, 4)), "input_ids (4, 6) and completion_mask (4, 6) must both have the shape"),
     (dict(logit_softcap=0.0), "logit_softcap must be None or a finite number > 0"),
@@ -1033,5 +1076,5 @@ def test_bad_input_to_the_loss_from_hidden_states_is_rejected_naming_it(change, 
                      ref_weight=torch.zeros(5, 4), input_ids=torch.zeros(4, 6, dtype=torch.long),
                      completion_mask=torch.tensor([[0, 0, 1, 1, 1, 1]] * 4), beta=0.1, epsilon=0.1)
     with pytest.raises(ValueError) as error:
-        epsdpo.epsilon_dpo_loss_from_hidden(**{**arguments, **change})
+        epsdpo_chunked.epsilon_dpo_loss_from_hidden(**{**arguments, **change})
     assert message in str(error.value)

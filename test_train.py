@@ -20,10 +20,14 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+import checkpoints
+import compare
 import data
 import epsdpo
+import evaluation
 import models
-import outputs
+import output_folder
+import signals
 import train
 
 METRIC_KEYS = {"step", "split", "loss", "beta", "beta/pairs_mean", "s/weaker", "s/stronger", "rewards/chosen",
@@ -123,6 +127,7 @@ def plain_dpo(policy_logits, ref_logits, input_ids, completion_mask, beta, epsil
                                                                ref_logps[half:], beta)
     return epsdpo.EpsilonDPOOutput(
         loss=losses.mean(), losses=losses, pair_betas=torch.full((half,), beta), s=torch.zeros(half, dtype=torch.long),
+        h=(logps[:half] - logps[half:] - ref_logps[:half] + ref_logps[half:]).detach(),
         chosen_rewards=chosen_rewards, rejected_rewards=rejected_rewards, chosen_logps=logps[:half],
         rejected_logps=logps[half:], ref_chosen_logps=ref_logps[:half], ref_rejected_logps=ref_logps[half:],
     )
@@ -187,7 +192,7 @@ def test_conversational_jsonl_is_rendered_with_the_chat_template(tmp_path, local
 
 
 def test_compare_trains_dpo_and_epsilon_dpo_side_by_side(tmp_path, capsys, small_data):
-    train.main(["--compare", "--output-dir", str(tmp_path), "--max-steps", "2", "--epsilon", "0.3", *small_data])
+    compare.main(["--output-dir", str(tmp_path), "--max-steps", "2", "--epsilon", "0.3", *small_data])
     dpo = json.loads((tmp_path / "dpo/summary.json").read_text())
     epsilon_dpo = json.loads((tmp_path / "epsilon-dpo/summary.json").read_text())
     assert (dpo["args"]["epsilon"], epsilon_dpo["args"]["epsilon"]) == (0.0, 0.3)
@@ -225,10 +230,10 @@ def test_the_command_line_runs_offline_from_a_fresh_process(tmp_path):
 # Bad input gets a clear message; output is never lost; an interrupted run resumes as if never stopped
 
 
-def run_expecting_error(arguments):
-    """train.main's message when it stops on bad input (it exits with the message, no traceback)."""
+def run_expecting_error(arguments, main=train.main):
+    """train.main's (or compare.main's) message when it stops on bad input (it exits with the message, no traceback)."""
     with pytest.raises(SystemExit) as exit_info:
-        train.main(arguments)
+        main(arguments)
     assert isinstance(exit_info.value.code, str), exit_info.value.code
     return exit_info.value.code
 
@@ -521,12 +526,10 @@ def test_fsdp_in_bf16_starts_exactly_at_the_reference_and_trains_with_gradient_c
 
 
 def test_a_cut_shard_makes_the_sharded_checkpoint_before_it_the_one_resumed(two_ranks, tmp_path, capsys):
-    import outputs
-
     output_dir = copy_of(two_ranks[0] / "fsdp-whole", tmp_path)
     shard = output_dir / "checkpoint-15/__1_0.distcp"
     shard.write_bytes(shard.read_bytes()[:1000])
-    folder, state = outputs.latest_checkpoint(output_dir)
+    folder, state = checkpoints.latest_checkpoint(output_dir)
     assert (folder, state["step"]) == (output_dir / "checkpoint-10", 10)
     assert f"note: {output_dir / 'checkpoint-15'} cannot be resumed from (ValueError: __1_0.distcp is cut short)" in capsys.readouterr().out
 
@@ -829,9 +832,9 @@ def test_a_step_makes_the_same_few_collective_calls_whatever_the_gradient_accumu
             if dist.is_initialized():
                 dist.destroy_process_group()
         per_run[grad_accum] = list(calls)
-    # Per optimizer step: one all_gather (metrics, gradient norm, β, stop flag) and BaselineBeta's all_reduce;
-    # per evaluation (two here): one all_gather.
-    assert per_run[1] == per_run[4] and sorted(per_run[1]) == ["all_gather"] * (3 + 2) + ["all_reduce"] * 3
+    # Per optimizer step: one all_gather (metrics with the s counts, gradient norm, β, stop flag); per evaluation
+    # (two here): one all_gather.
+    assert per_run[1] == per_run[4] and sorted(per_run[1]) == ["all_gather"] * (3 + 2)
 
 
 def test_the_kl_along_samples_is_unbiased_never_negative_and_steadier_than_the_log_ratio():
@@ -858,7 +861,7 @@ def test_the_kl_along_samples_is_unbiased_never_negative_and_steadier_than_the_l
     assert probabilities.sum().item() == pytest.approx(1.0, abs=1e-9)             # every completion, once
     exact_kl = (probabilities * (logps - ref_logps)).sum()
     scored = completion_mask[:, 1:].bool()
-    estimates = models.sequence_kl(policy_logits[:, :-1][scored].split(scored.sum(1).tolist()),
+    estimates = evaluation.sequence_kl(policy_logits[:, :-1][scored].split(scored.sum(1).tolist()),
                                   ref_logits[:, :-1][scored].split(scored.sum(1).tolist())).double()
     assert (estimates >= 0).all()
     assert (probabilities * estimates).sum().item() == pytest.approx(exact_kl.item(), rel=1e-5)
@@ -870,7 +873,7 @@ def test_the_kl_along_samples_is_unbiased_never_negative_and_steadier_than_the_l
 def test_compare_with_betas_draws_the_frontier_of_three_methods_with_lora_too(tmp_path, capsys, small_data):
     """Its runs train LoRA adapters, as every run of a comparison takes the --lora-* arguments (the full
     fine-tuning of a comparison is tested above)."""
-    train.main(["--compare", "--betas", "0.1", "0.3", "--seeds", "2", "--output-dir", str(tmp_path), "--max-steps", "2",
+    compare.main(["--betas", "0.1", "0.3", "--seeds", "2", "--output-dir", str(tmp_path), "--max-steps", "2",
                 "--epsilon", "0.3", "--lora-r", "4", *small_data])
     points = json.loads((tmp_path / "frontier.json").read_text())
     assert [(p["method"], p["beta"], p["seed"]) for p in points] == [
@@ -950,7 +953,7 @@ def test_evaluation_samples_from_the_policy_alone_whatever_the_models_generation
     tokenizer = AutoTokenizer.from_pretrained(folder)
     pairs = [{"prompt_ids": tokenizer("Review of the lamp:")["input_ids"], "prompt": "Review of the lamp:"}] * 3
     args = argparse.Namespace(max_new_tokens=6, eval_batch_size=2, seed=0)
-    rewards, kls = train.sample_and_score(policy, policy, tokenizer, pairs, lambda prompt, completion: 0.0, args, torch.device("cpu"))
+    rewards, kls = evaluation.sample_and_score(policy, policy, tokenizer, pairs, lambda prompt, completion: 0.0, args, torch.device("cpu"))
     assert len(rewards) == len(kls) == 3 and len(built) == 2 and built == [[], []]     # no processor and no warper
     assert policy.generation_config.to_diff_dict() == GenerationConfig.from_pretrained(folder).to_diff_dict()
 
@@ -995,8 +998,8 @@ def test_a_file_or_checkpoint_name_the_project_did_not_write_is_never_replaced(t
 @pytest.mark.parametrize("mode, flags, theirs", [
     ("lora", ["--lora-r", "4"], ["README.md", "adapter_config.json", "adapter_model.safetensors"]),
     ("full", [], ["metrics.jsonl", "curves.png", "summary.json", "model.safetensors"]),
-    ("compare", ["--compare"], ["compare.png"]),
-    ("frontier", ["--compare", "--betas", "0.1", "--seeds", "1"], ["frontier.json", "frontier.png"])])
+    ("compare", [], ["compare.png"]),
+    ("frontier", ["--betas", "0.1", "--seeds", "1"], ["frontier.json", "frontier.png"])])
 def test_overwrite_never_replaces_a_file_of_any_name_a_mode_writes_that_the_project_did_not_write(
         tmp_path, small_data, mode, flags, theirs):
     """--overwrite replaces the project's own files alone: a LoRA run's adapter and model card, a full run's
@@ -1006,7 +1009,8 @@ def test_overwrite_never_replaces_a_file_of_any_name_a_mode_writes_that_the_proj
     for name in theirs:
         (output_dir / name).write_text(f"my {name}")
     for name in theirs:
-        error = run_expecting_error(["--output-dir", str(output_dir), "--overwrite", "--max-steps", "1", *flags, *small_data])
+        error = run_expecting_error(["--output-dir", str(output_dir), "--overwrite", "--max-steps", "1", *flags, *small_data],
+                                    compare.main if mode in ("compare", "frontier") else train.main)
         assert "which this project did not write" in error and "\n" not in error, error
         assert error.split(" holds ")[1].split(",")[0] in theirs
         (output_dir / error.split(" holds ")[1].split(",")[0]).rename(tmp_path / "moved")
@@ -1019,7 +1023,7 @@ def test_overwrite_never_replaces_a_file_of_any_name_a_mode_writes_that_the_proj
     assert sorted(p.name for p in output_dir.iterdir() if p.name in theirs and p.read_bytes().startswith(b"my ")) == []
 
 
-def test_paths_are_expanded_and_absolute_and_flags_for_compare_alone_are_refused(tmp_path, monkeypatch, capsys):
+def test_paths_are_expanded_and_absolute_and_flags_of_compare_py_are_refused(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     (tmp_path / "data").mkdir()
@@ -1031,7 +1035,7 @@ def test_paths_are_expanded_and_absolute_and_flags_for_compare_alone_are_refused
     for flags in (["--betas", "0.1"], ["--seeds", "2"]):
         with pytest.raises(SystemExit):
             train.parse_args(flags)
-        assert f"{flags[0]} is for --compare, which was not given" in capsys.readouterr().err
+        assert f"unrecognized arguments: {' '.join(flags)}" in capsys.readouterr().err
 
 
 def test_a_resumed_run_reads_what_the_run_read_from_anywhere_and_its_schedule_follows_max_steps(tmp_path, monkeypatch):
@@ -1090,19 +1094,17 @@ def test_a_full_disk_in_torch_save_or_safetensors_gives_one_line_and_leaves_noth
     """Real write failures of torch.save and safetensors (a file-size limit: EFBIG, as a full disk's ENOSPC)."""
     import resource
 
-    import outputs
-
     model = AutoModelForCausalLM.from_pretrained(train.TINY_MODEL)                   # 344 KB of safetensors
     tokenizer = AutoTokenizer.from_pretrained(train.TINY_MODEL)
     limits, previous_handler = resource.getrlimit(resource.RLIMIT_FSIZE), signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     try:
         resource.setrlimit(resource.RLIMIT_FSIZE, (500_000, limits[1]))
         with pytest.raises(data_module().ReportedError, match=r"^could not write checkpoint-1 \(RuntimeError: \[enforce fail"):
-            outputs.write_checkpoint(tmp_path, 1, model, torch.optim.AdamW(model.parameters()), {"step": 1, "big": torch.zeros(250_000)}, keep=2)
+            checkpoints.write_checkpoint(tmp_path, 1, model, torch.optim.AdamW(model.parameters()), {"step": 1, "big": torch.zeros(250_000)}, keep=2)
         resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, limits[1]))
         with pytest.raises(data_module().ReportedError, match=r"^could not save the model to .*\(SafetensorError: .*"
                                                               r"the checkpoints are intact$"):
-            outputs.save_pretrained_atomically(tmp_path, model, tokenizer)
+            checkpoints.save_pretrained_atomically(tmp_path, model, tokenizer)
     finally:
         resource.setrlimit(resource.RLIMIT_FSIZE, limits)
         signal.signal(signal.SIGXFSZ, previous_handler)
@@ -1116,8 +1118,6 @@ def data_module():
 
 
 def test_a_first_signal_before_training_stops_cleanly_and_a_burst_of_signals_is_one(tmp_path, monkeypatch, capsys):
-    import outputs
-
     real_load_tokenizer = train.load_tokenizer
 
     def ctrl_c_while_loading(*args):
@@ -1132,8 +1132,8 @@ def test_a_first_signal_before_training_stops_cleanly_and_a_burst_of_signals_is_
     assert [p.name for p in (tmp_path / "out").iterdir()] == [".train.lock"]
 
     # torchrun delivers one Ctrl-C two or three times within milliseconds: one stop; a later signal stops at once.
-    stop = outputs.StopOnSignal()
-    monkeypatch.setattr(outputs.StopOnSignal, "WINDOW", 0.5)
+    stop = signals.StopOnSignal()
+    monkeypatch.setattr(signals.StopOnSignal, "WINDOW", 0.5)
     with stop, stop.training():
         for number in (signal.SIGINT, signal.SIGINT, signal.SIGTERM):
             os.kill(os.getpid(), number)
@@ -1154,7 +1154,7 @@ def test_ctrl_c_stops_a_sequential_comparison_with_a_checkpoint_and_says_so(tmp_
 
     monkeypatch.setattr(train, "forward", forward_then_ctrl_c)
     with pytest.raises(SystemExit) as exit_info:
-        train.main(["--compare", "--output-dir", str(tmp_path), "--max-steps", "3", "--eval-every", "1000", *small_data])
+        compare.main(["--output-dir", str(tmp_path), "--max-steps", "3", "--eval-every", "1000", *small_data])
     assert exit_info.value.code == 128 + signal.SIGINT
     assert [p.name for p in (tmp_path / "dpo").glob("checkpoint-*")] == ["checkpoint-1"]
     assert not (tmp_path / "epsilon-dpo").exists()
@@ -1163,7 +1163,7 @@ def test_ctrl_c_stops_a_sequential_comparison_with_a_checkpoint_and_says_so(tmp_
 
 def test_ctrl_c_stops_every_run_of_a_frontier_within_seconds_each_with_its_checkpoint(tmp_path, small_data):
     """3 runs on 2 worker processes: the two under way checkpoint and stop, the queued one never starts."""
-    process = subprocess.Popen([sys.executable, "train.py", "--compare", "--betas", "0.1", "--seeds", "1", "--output-dir",
+    process = subprocess.Popen([sys.executable, "compare.py", "--betas", "0.1", "--seeds", "1", "--output-dir",
                                 str(tmp_path), "--max-steps", "500", "--eval-every", "1000", *small_data], cwd=train.HERE,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
                                env={**os.environ, "HF_HUB_OFFLINE": "1"})
@@ -1187,13 +1187,13 @@ def test_under_torchrun_rank_zero_alone_reports_a_refusal_and_the_others_exit_qu
     (output_dir / "notes.txt").write_text("mine")
     args, _ = train.parse_args(["--output-dir", str(output_dir)])
     verdicts = []
-    monkeypatch.setattr(train.dist, "broadcast", lambda tensor, src: verdicts.append(tensor.item()) or tensor.fill_(1))
+    monkeypatch.setattr(output_folder.dist, "broadcast", lambda tensor, src: verdicts.append(tensor.item()) or tensor.fill_(1))
     with pytest.raises(SystemExit) as exit_info:                         # rank 1 learns that rank 0 refused
-        with outputs.claim_on_rank_zero(output_dir, args, 1, 2, torch.device("cpu")):
+        with output_folder.claim_on_rank_zero(output_dir, args, 1, 2, torch.device("cpu")):
             pass
     assert exit_info.value.code == 1 and verdicts == [0]
     with pytest.raises(data_module().ReportedError, match="is not empty"):
-        with outputs.claim_on_rank_zero(output_dir, args, 0, 2, torch.device("cpu")):
+        with output_folder.claim_on_rank_zero(output_dir, args, 0, 2, torch.device("cpu")):
             pass
     assert verdicts == [0, 1]
     monkeypatch.setenv("RANK", "1")                                      # and a rank other than 0 prints nothing
@@ -1384,7 +1384,7 @@ def test_an_sft_adapter_as_model_is_merged_so_the_reference_is_the_sft_model(tmp
     assert torch.equal(reference_logits, sft_model(**inputs).logits) and not torch.allclose(reference_logits, base_logits)
     with torch.no_grad():
         assert torch.equal(built.policy(**inputs).logits, reference_logits)   # a fresh adapter on top: B = 0
-    outputs.save_model(built.policy, tmp_path / "out")
+    checkpoints.save_model(built.policy, tmp_path / "out")
     assert json.loads((tmp_path / "out/adapter_config.json").read_text())["base_model_name_or_path"] == str(sft.resolve())
     AutoTokenizer.from_pretrained(train.TINY_MODEL).save_pretrained(sft)
     assert models.tokenizer_name(str(sft)) == str(sft)                  # an adapter with a tokenizer gives its own
@@ -1460,7 +1460,7 @@ FAMILIES = [("llama", {"tie_word_embeddings": False}), ("qwen2", {"tie_word_embe
 
 
 @pytest.mark.parametrize("kind, config", FAMILIES)
-def test_a_step_from_hidden_states_gives_the_loss_and_gradients_of_a_step_from_logits(kind, config):
+def test_a_step_from_hidden_states_gives_the_loss_and_gradients_of_a_step_from_logits(kind, config, monkeypatch):
     """train.forward on tiny models of three families: the loss, every output and every gradient as from
     the logits, to float32 rounding; and the KL along samples from hidden states as from the logits."""
     from transformers import AutoConfig
@@ -1474,10 +1474,12 @@ def test_a_step_from_hidden_states_gives_the_loss_and_gradients_of_a_step_from_l
         for parameter in policy.parameters():
             parameter.add_(0.1 * torch.randn_like(parameter))
     head, _ = models.linear_head(policy, torch.tensor([[1, 5, 7]]))
-    assert head == models.LinearHead(config.get("final_logit_softcapping"))
+    assert head == models.LinearHead(60, config.get("final_logit_softcapping"))
     tokenizer = AutoTokenizer.from_pretrained(train.TINY_MODEL)
     batch = data.collate([data.tokenize_pair(row, tokenizer, 64, 32) for row in good_rows(4)], tokenizer.pad_token_id,
                          torch.device("cpu"))
+
+    monkeypatch.setattr(train, "PLAIN_LOSS_BYTES", 0)                  # the paths at scale, on a tiny model
 
     def step(head):
         out = train.forward(policy, reference, batch, 0.5, 0.3, head)
@@ -1491,7 +1493,7 @@ def test_a_step_from_hidden_states_gives_the_loss_and_gradients_of_a_step_from_l
         torch.testing.assert_close(gradient, expected_gradient, rtol=1e-4, atol=1e-6)
     inputs = dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
     with torch.no_grad():
-        kls = [models.sequence_kl(*(models.completion_logits(m, inputs, batch.completion_mask, h) for m in (policy, reference)))
+        kls = [evaluation.sequence_kl(*(evaluation.completion_logits(m, inputs, batch.completion_mask, h) for m in (policy, reference)))
                for h in (head, None)]
     assert (kls[1] > 0).all()
     torch.testing.assert_close(*kls)

@@ -1,0 +1,273 @@
+"""Checkpoints, resuming, and the final save of a run.
+
+A checkpoint is OUTPUT_DIR/checkpoint-STEP/: the policy (or its LoRA adapter) and trainer_state.pt (the optimizer's
+state, the baseline β with any pending counts, the s counts, the RNG states, the run's arguments), or under FSDP
+every rank's shards (torch.distributed.checkpoint). A resumed run reads what the run read, with its arguments, and
+ends where an uninterrupted run ends, bit for bit.
+"""
+
+import argparse
+import json
+import os
+import pathlib
+import random
+import shutil
+import tempfile
+
+import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint.api import CheckpointException
+
+import epsdpo
+import models
+from data import ReportedError
+from output_folder import INPUTS, _claim_names, _first_line, _write_errors, our_checkpoints, write_atomically
+
+# What a resumed run may change (--resume DIR --max-steps 500); any other flag that differs is refused.
+RESUMABLE = {"max_steps", "eval_every", "save_every", "keep_checkpoints", "eval_batch_size", "max_new_tokens", "device",
+             "criterion_pairs"}
+# What runs code: never taken from a checkpoint, only from the command line that resumes it.
+RUNS_CODE = {"trust_remote_code", "gold_reward"}
+
+def _saved_files(output_dir):
+    """The files the model's save_pretrained wrote, as summary.json lists them."""
+    try:
+        saved = json.loads((pathlib.Path(output_dir) / "summary.json").read_text()).get("saved", [])
+    except (OSError, ValueError, AttributeError):
+        saved = []
+    return [n for n in saved if isinstance(n, str) and n == pathlib.Path(n).name and n[:1] != "."]
+
+
+def run_is_saved(output_dir, step):
+    """The run in output_dir ended at `step` and its final save completed: summary.json says so, and every
+    file it lists is there (summary.json is written just before the model's files are moved in)."""
+    try:
+        steps = json.loads((pathlib.Path(output_dir) / "summary.json").read_text()).get("steps")
+    except (OSError, ValueError, AttributeError):
+        return False
+    saved = _saved_files(output_dir)
+    return steps == step and bool(saved) and all((pathlib.Path(output_dir) / name).is_file() for name in saved)
+
+
+def save_model(model, folder, state_dict=None):
+    """save_pretrained: a model's weights (a sharded one's as gathered_state_dict gave them), or a peft model's
+    adapter. The adapter leaves the embeddings out without looking up its base (on the Hub, if it is an id) to
+    see whether they were resized: they never are."""
+    if hasattr(model, "peft_config"):
+        model.save_pretrained(folder, save_embedding_layers=False)
+    else:
+        model.save_pretrained(folder, state_dict=state_dict)
+
+
+def save_pretrained_atomically(output_dir, model, tokenizer, summary=None, state_dict=None):
+    """The model (in float32; a sharded one's state_dict as gathered_state_dict gave it) and tokenizer, each
+    file written whole; returns the names of the files written.
+
+    With a summary, summary.json (listing those names under "saved") is written just before the files are
+    moved in: a run killed in between is known by it to be unsaved (run_is_saved), and its files to be ours."""
+    temporary = pathlib.Path(tempfile.mkdtemp(prefix=".saving-", dir=output_dir))
+    try:
+        save_model(model, temporary, state_dict)
+        tokenizer.save_pretrained(temporary)
+        names = sorted(path.name for path in temporary.iterdir())
+        _claim_names(output_dir, names)
+        if summary is not None:
+            write_atomically(pathlib.Path(output_dir) / "summary.json", json.dumps({**summary, "saved": names}, indent=2) + "\n")
+        for name in names:
+            os.replace(temporary / name, output_dir / name)
+    except _write_errors() as error:
+        raise ReportedError(f"could not save the model to {output_dir} ({_first_line(error)}); the checkpoints are "
+                            f"intact") from None
+    finally:
+        shutil.rmtree(temporary, ignore_errors=True)
+    return names
+
+
+# ----------------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def save_checkpoint(output_dir, step, policy, optimizer, baseline_beta, s_by_noise, args):
+    """checkpoint-STEP of a train.py run: what write_checkpoint writes, with the run's state. Called on every rank."""
+    state = {"step": step, "baseline_beta": baseline_beta.state_dict(), "s_by_noise": s_by_noise, "args": vars(args),
+             "rng": {"torch": torch.get_rng_state(), "python": random.getstate()}}
+    write_checkpoint(output_dir, step, policy, optimizer, state, args.keep_checkpoints)
+
+
+def restore_checkpoint(checkpoint, policy, optimizer, baseline_beta):
+    """The state of checkpoint (folder, state) put back: the weights under FSDP (otherwise loaded with the model),
+    AdamW's state, the baseline β and the RNGs. Returns (the step to go on from, the s counts so far)."""
+    folder, state = checkpoint
+    load_checkpoint(folder, state, policy, optimizer)
+    baseline_beta.load_state_dict(state["baseline_beta"])
+    torch.set_rng_state(state["rng"]["torch"])
+    random.setstate(state["rng"]["python"])
+    return state["step"] + 1, list(state["s_by_noise"])
+
+
+def write_checkpoint(output_dir, step, policy, optimizer, state, keep):
+    """OUTPUT_DIR/checkpoint-STEP/: the policy and AdamW's state, and trainer_state.pt; keeps the last `keep`.
+    Called on every rank.
+
+    One process or DDP: rank 0 writes the policy (safetensors) and the optimizer's state into
+    trainer_state.pt. FSDP: every rank writes its own shard of both with torch.distributed.checkpoint
+    (__RANK_0.distcp, and .metadata from rank 0): no rank ever gathers the whole state.
+    The folder appears whole or not at all: written beside, then renamed by rank 0 once every rank has
+    written. A failed write (a full disk) leaves nothing behind and stops the run with a message; the
+    previous checkpoints stay as they were.
+    """
+    output_dir, rank = pathlib.Path(output_dir), dist.get_rank() if dist.is_initialized() else 0
+    shards = models.sharded(policy)
+    if rank != 0 and not shards:
+        return
+    temporary = [tempfile.mkdtemp(prefix=f".checkpoint-{step}-", dir=output_dir) if rank == 0 else None]
+    if shards:
+        dist.broadcast_object_list(temporary)                          # one folder, rank 0's
+    temporary = pathlib.Path(temporary[0])
+    try:
+        if shards:
+            import torch.distributed.checkpoint as dcp
+            from torch.distributed.checkpoint.state_dict import get_state_dict
+
+            model_state, optimizer_state = get_state_dict(policy, optimizer)
+            # Returns on every rank once rank 0 has every rank's result and has written .metadata.
+            dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=temporary)
+        elif rank == 0:
+            save_model(policy, temporary)
+            state = {**state, "optimizer": optimizer.state_dict()}
+        if rank == 0:
+            torch.save(state, temporary / "trainer_state.pt")
+            temporary.chmod(0o755)
+            final = output_dir / f"checkpoint-{step}"
+            if final in our_checkpoints(output_dir):
+                shutil.rmtree(final)
+            os.replace(temporary, final)
+    except (*_write_errors(), CheckpointException) as error:        # a rank's failed write reaches every rank
+        if rank == 0:
+            shutil.rmtree(temporary, ignore_errors=True)
+        previous = our_checkpoints(output_dir)[-1:]
+        error = next(iter(error.failures.values()), error) if isinstance(error, CheckpointException) else error
+        raise ReportedError(f"could not write checkpoint-{step} ({_first_line(error)}); " + (
+            f"the last checkpoint, {previous[0]}, is intact" if previous else "no checkpoint was written")) from None
+    if rank == 0:
+        for old in our_checkpoints(output_dir)[:-keep]:
+            shutil.rmtree(old)
+    if shards:
+        dist.barrier()                                                 # no rank goes on (or exits) before it is whole
+
+
+def load_checkpoint(folder, state, policy, optimizer):
+    """AdamW's state from a checkpoint, and under FSDP the policy's weights with it (each rank reads its
+    shards; a run on another number of processes gets them resharded)."""
+    if "optimizer" in state:
+        saved = state["optimizer"]["state"]
+        weights = [p for group in optimizer.param_groups for p in group["params"]]     # the weights it trains
+        if any(i in saved and saved[i]["exp_avg"].shape != p.shape for i, p in enumerate(weights)):
+            raise ReportedError(f"{folder}: its optimizer state is for another model than {folder / 'model.safetensors'}")
+        optimizer.load_state_dict(state["optimizer"])
+        return
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model_state, optimizer_state = get_state_dict(policy, optimizer)
+    try:
+        dcp.load({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=folder)
+    except (CheckpointException, RuntimeError, ValueError) as error:
+        first = error if not isinstance(error, CheckpointException) else next(iter(error.failures.values()), error)
+        raise ReportedError(f"{folder}: its shards do not load into this model ({type(first).__name__}: "
+                            f"{(str(first).splitlines() or [''])[0][:200]})") from None
+    set_state_dict(policy, optimizer, model_state_dict=model_state, optim_state_dict=optimizer_state)
+
+
+def latest_checkpoint(output_dir):
+    """(folder, state) of the newest checkpoint of this script's in output_dir whose state loads.
+
+    One that does not (torn, garbage, written by something else) is named and passed over for the one
+    before. Loaded with weights_only=True: nothing in it is unpickled blindly.
+    """
+    for folder in reversed(our_checkpoints(output_dir)):
+        try:
+            state = torch.load(folder / "trainer_state.pt", map_location="cpu", weights_only=True)
+            _check_state(state, folder)
+            return folder, state
+        except Exception as error:
+            print(f"note: {folder} cannot be resumed from ({type(error).__name__}: {(str(error).splitlines() or [''])[0][:120]})")
+    raise ReportedError(f"--resume {output_dir}: no checkpoint-STEP folder of a train.py run that can be resumed from")
+
+
+def _check_state(state, folder):
+    if not (isinstance(state, dict) and isinstance(state.get("step"), int) and state["step"] >= 1
+            and isinstance(state.get("args"), dict) and (isinstance(state.get("optimizer"), dict) or _whole_shards(folder))
+            and isinstance(state.get("rng"), dict)
+            and isinstance(state["rng"].get("torch"), torch.Tensor) and isinstance(state["rng"].get("python"), tuple)
+            and isinstance(state.get("s_by_noise"), list) and len(state["s_by_noise"]) == 9
+            and all(isinstance(count, int) for count in state["s_by_noise"])):
+        raise ValueError("trainer_state.pt lacks what a train.py checkpoint holds")
+    epsdpo.BaselineBeta(1.0, 0.0).load_state_dict(state.get("baseline_beta"))   # raises if malformed
+
+
+def _whole_shards(folder):
+    """A sharded checkpoint's .metadata reads, and every shard file holds the bytes it names."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    sizes = {}
+    for item in FileSystemReader(folder).read_metadata().storage_data.values():
+        if item.relative_path not in sizes:
+            sizes[item.relative_path] = (folder / item.relative_path).stat().st_size
+        if item.offset + item.length > sizes[item.relative_path]:
+            raise ValueError(f"{item.relative_path} is cut short")
+    return True
+
+
+def resumed_args(args, given, parse):
+    """The arguments of the run in --resume DIR and the checkpoint to go on from.
+
+    args: the command line's arguments, given: the names it gave, parse: train.py's parse_args for a list of
+    arguments, raising ReportedError. The saved arguments decide the run; they are checked by the same
+    parsers as the command line, and the files they name must still be there (they were stored as absolute
+    paths): a resumed run reads what the run read, or refuses. A flag given again may change only what
+    RESUMABLE lists, and any other that differs is refused. --trust-remote-code and --gold-reward run code,
+    so a checkpoint never turns them on: they apply only when given on the command line that resumes.
+    """
+    output_dir = pathlib.Path(args.resume)
+    checkpoint = latest_checkpoint(output_dir)
+    defaults = vars(parse([]))
+    saved = {**defaults, **{k: v for k, v in checkpoint[1]["args"].items() if k in defaults}}
+    wrong = sorted(k for k, v in saved.items() if None not in (v, defaults[k]) and type(v) is not type(defaults[k]))
+    if wrong:
+        raise ReportedError(f"{checkpoint[0]}: its arguments {', '.join(wrong)} are not of the types train.py writes")
+    command_line = []
+    for name, value in saved.items():                              # the saved values as a command line
+        if value != defaults[name] and name not in RUNS_CODE | {"resume", "overwrite"}:
+            flag = "--" + name.replace("_", "-")
+            command_line += [flag] if value is True else [flag, *map(str, value if isinstance(value, list) else [value])]
+    try:
+        checked = vars(parse(command_line))
+    except ReportedError as error:
+        raise ReportedError(f"{checkpoint[0]}: its saved arguments are not valid ({error})") from None
+    for name in sorted(set(INPUTS) - RUNS_CODE):
+        value, flag = saved[name], "--" + name.replace("_", "-")
+        if value != checked[name]:                                  # relative, or a Hub id now a folder here
+            raise ReportedError(f"--resume {output_dir}: the run's {flag} {value} would now read {checked[name]}; "
+                                f"a resumed run reads what the run read")
+        if value and os.path.isabs(value) and not os.path.exists(value):
+            raise ReportedError(f"--resume {output_dir}: the run read {flag} {value}, which is no longer there")
+    for name in sorted(given - RESUMABLE - RUNS_CODE - {"resume"}):
+        if name == "output_dir" and pathlib.Path(args.output_dir).resolve() == output_dir.resolve():
+            continue
+        if getattr(args, name) != saved[name]:
+            flag = "--" + name.replace("_", "-")
+            raise ReportedError(f"--resume {output_dir}: {flag} {getattr(args, name)} differs from the run's {saved[name]}; "
+                                f"a resumed run keeps its arguments, and may change only "
+                                f"{', '.join('--' + n.replace('_', '-') for n in sorted(RESUMABLE))}")
+    for name in sorted(RUNS_CODE - given):
+        if saved[name]:
+            print(f"note: the run had --{name.replace('_', '-')}; it runs code, so it applies only when given again with --resume")
+    resumed = argparse.Namespace(**{**saved, **{name: getattr(args, name) for name in given & RESUMABLE | RUNS_CODE},
+                                    "resume": str(output_dir), "output_dir": str(output_dir), "overwrite": False})
+    step = checkpoint[1]["step"]
+    # At --max-steps with its final save incomplete (killed while saving): the resumed run only saves.
+    if resumed.max_steps is not None and (resumed.max_steps < step or resumed.max_steps == step and run_is_saved(output_dir, step)):
+        raise ReportedError(f"--resume {output_dir}: {checkpoint[0].name} is at or past --max-steps {resumed.max_steps}; "
+                            f"give a larger --max-steps to train on")
+    return resumed, checkpoint

@@ -1,0 +1,225 @@
+"""What a run measures: the sums a training step or an evaluation gathers from every rank at once (TRL's metric
+names), held-out evaluation, samples of the policy scored by the gold reward and by their KL from the reference,
+and what the criterion measures on the final policy.
+
+forward, passed in by train.py, is the ε-DPO loss of a micro-batch (train.forward): evaluation computes what
+training computes, with the same memory.
+"""
+
+import torch
+import torch.distributed as dist
+
+import epsdpo
+from data import NOISE_CODES, collate, collate_prompts, gold_score
+from models import last_hidden_states, sharded
+
+# ----------------------------------------------------------------------------------------------------
+# Metrics: sums kept on the device, gathered from every rank once per optimizer step or evaluation
+
+
+SUMS = ("pairs", "loss", "beta/pairs_mean", "s/weaker", "s/stronger", "rewards/chosen", "rewards/rejected",
+        "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected", "h")
+NOISE = [(noisy, s) for noisy in NOISE_CODES for s in (1, 0, -1)]       # pairs counted by noise flag and s
+
+
+def pair_sums(out, noise, pairs=None):
+    """The sums over one micro-batch's pairs (its first `pairs`), in the order of SUMS then NOISE: (21,)
+    float64, no host sync."""
+    chosen, rejected, s = out.chosen_rewards, out.rejected_rewards, out.s
+    # A tie (h = 0, as at the first step) counts half: the reference model is right half the time.
+    accuracies = (chosen > rejected).float() + 0.5 * (chosen == rejected).float()
+    # h = z_θ − γ, the margin: comparable across runs, unlike the rewards' β̃ h when β differs.
+    h = (out.chosen_logps - out.ref_chosen_logps) - (out.rejected_logps - out.ref_rejected_logps)
+    sums = [torch.ones_like(chosen), out.losses.detach(), out.pair_betas, s == 1, s == -1, chosen, rejected,
+            accuracies, chosen - rejected, out.chosen_logps.detach(), out.rejected_logps.detach(), h.detach()]
+    sums = torch.stack([values[:pairs].double().sum() for values in sums])
+    codes = (noise * 3 + 1 - s)[:pairs]                                 # the index of (noisy, s) in NOISE
+    return torch.cat([sums, (codes[:, None] == torch.arange(len(NOISE), device=codes.device)).sum(0).double()])
+
+
+def across_ranks(values):
+    """(world size, K) on the host: every rank's vector of K values. One collective, one host sync."""
+    if dist.is_available() and dist.is_initialized():
+        parts = [torch.empty_like(values) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, values)
+        values = torch.stack(parts)
+    return values.reshape(-1, values.shape[-1]).cpu()
+
+
+def means(totals):
+    """TRL's metric names, each the mean over the pairs of the summed totals (laid out as SUMS)."""
+    return {name: (totals[i] / totals[0]).item() for i, name in enumerate(SUMS) if i}
+
+
+def s_fractions(s_by_noise):
+    """Fractions of s = +1 (the weaker penalty) and s = −1 (the stronger), for clean and noisy pairs separately.
+
+    s_by_noise: counts of pairs with (flag, s) for flag in (absent, clean, noisy), s in (+1, 0, −1)."""
+    groups = {}
+    for name, (weaker, kept, stronger) in zip(("all", "clean", "noisy"), zip(*[iter(s_by_noise)] * 3)):
+        if weaker + kept + stronger:
+            groups[name] = {"pairs": weaker + kept + stronger, "weaker": weaker / (weaker + kept + stronger),
+                            "stronger": stronger / (weaker + kept + stronger)}
+    return dict(sorted(groups.items()))
+
+
+def s_counts(totals):
+    """(pairs with s = +1, 0, −1) from the step's totals, laid out as SUMS: what BaselineBeta.step takes."""
+    pairs, weaker, stronger = (int(totals[SUMS.index(name)]) for name in ("pairs", "s/weaker", "s/stronger"))
+    return weaker, pairs - weaker - stronger, stronger
+
+
+def train_row(step, beta, lr, ranks, grad_norm, next_beta):
+    """The metrics.jsonl row of an optimizer step, from every rank's sums (ranks, as across_ranks gave them, with the
+    gradient norm, the β and the stop flag last); and the step's counts by (noise flag, s), as NOISE.
+
+    next_beta: the baseline β after the step (the mean β̃ of its pairs), None when it does not move."""
+    totals = ranks.sum(0)
+    step_counts = [int(count) for count in totals[len(SUMS) : len(SUMS) + len(NOISE)].tolist()]
+    row = {"step": step, "split": "train", "beta": beta, "lr": lr, **means(totals), "grad_norm": grad_norm}
+    if next_beta is not None:
+        row["beta/pairs_mean"] = next_beta                              # the same mean of β̃, in float64
+    fractions = s_fractions(step_counts)
+    row.update({f"s/{kind}/{group}": f[kind] for group, f in fractions.items() if group != "all" for kind in ("weaker", "stronger")})
+    if len(ranks) > 1:
+        row["beta/ranks"] = ranks[:, -2].tolist()                       # the β each rank used: all the same
+    return row, step_counts
+
+
+@torch.no_grad()
+def sample_and_score(policy, reference, tokenizer, pairs, gold_reward, args, device, head=None):
+    """One completion per prompt, sampled from the policy: [gold reward of each], [KL estimate of each]."""
+    from transformers import GenerationConfig
+
+    # Pure ancestral sampling: the KL estimate is only unbiased for samples of π_θ itself. generate() fills
+    # every field left unset here from the model's own generation_config.json (repetition_penalty, top_k,
+    # no_repeat_ngram_size, ...), so while sampling the model's defaults are a bare GenerationConfig.
+    sampling = GenerationConfig(do_sample=True, top_k=0, top_p=1.0, temperature=1.0, max_new_tokens=args.max_new_tokens,
+                                pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    rewards, kls, model_defaults = [], [], policy.generation_config
+    policy.generation_config = GenerationConfig()
+    try:
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(args.seed)                                    # the same prompts get the same noise
+            for start in range(0, len(pairs), args.eval_batch_size):
+                chunk = pairs[start : start + args.eval_batch_size]
+                prompt_ids, attention_mask = collate_prompts(chunk, tokenizer.pad_token_id, device)
+                generated = policy.generate(input_ids=prompt_ids, attention_mask=attention_mask, generation_config=sampling,
+                                            synced_gpus=sharded(policy))[:, prompt_ids.shape[1] :].tolist()
+                samples = []
+                for pair, new in zip(chunk, generated):
+                    new = new[: new.index(tokenizer.eos_token_id) + 1] if tokenizer.eos_token_id in new else new
+                    samples.append({"prompt_ids": pair["prompt_ids"], "chosen_ids": new, "rejected_ids": new})
+                    rewards.append(gold_score(gold_reward, pair["prompt"], tokenizer.decode(new, skip_special_tokens=True)))
+                batch = collate(samples, tokenizer.pad_token_id, device)   # scored right-padded, as in training
+                inputs = dict(input_ids=batch.input_ids[: len(samples)], attention_mask=batch.attention_mask[: len(samples)])
+                scored = batch.completion_mask[: len(samples)]
+                kls += sequence_kl(*(completion_logits(model, inputs, scored, head) for model in (policy, reference))).tolist()
+    finally:
+        policy.generation_config = model_defaults                      # saved with the model as it was
+    return rewards, kls
+
+
+@torch.no_grad()
+def evaluate(forward, models, tokenizer, eval_pairs, beta, gold_reward, args, device):
+    """Metrics over the whole held-out split, with the current β (evaluation never moves β). Each rank
+    takes its share of the pairs; the metrics are over all of them."""
+    policy, reference, head = models.policy, models.reference, models.head
+    rank, ranks = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
+    shard = eval_pairs[rank::ranks]
+    # Under FSDP every rank runs each forward pass (each gathers weights from all): a shorter share is
+    # padded to the longest with a pair that is computed and counted nowhere.
+    padded = shard + eval_pairs[:1] * (-(-len(eval_pairs) // ranks) - len(shard))
+    sums = torch.zeros(len(SUMS) + len(NOISE), dtype=torch.float64, device=device)
+    for i in range(0, len(padded), args.eval_batch_size):
+        batch = collate(padded[i : i + args.eval_batch_size], tokenizer.pad_token_id, device)
+        sums += pair_sums(forward(policy, reference, batch, beta, args.epsilon, head), batch.noise, pairs=len(shard) - i)
+    rewards, kls = sample_and_score(policy, reference, tokenizer, padded, gold_reward, args, device, head) if gold_reward else ([], [])
+    rewards, kls = rewards[: len(shard)], kls[: len(shard)]
+    sample_sums = torch.tensor([sum(rewards), sum(kls), len(rewards)], dtype=torch.float64, device=device)
+    totals = across_ranks(torch.cat([sums[: len(SUMS)], sample_sums])).sum(0)
+    metrics = means(totals)
+    if gold_reward:
+        metrics["gold_reward"], metrics["kl"] = (totals[-3] / totals[-1]).item(), (totals[-2] / totals[-1]).item()
+    return metrics
+
+
+# ----------------------------------------------------------------------------------------------------
+# The KL along samples, and what the criterion measures
+
+
+def sequence_kl(policy_logits, ref_logits):
+    """Σ over the completion positions t of KL(π_θ(·|x, y<t) ‖ π_ref(·|x, y<t)), per sequence: (N,).
+    Takes, per sequence, the logits (m, V) at the positions that predict its completion (models.completion_logits).
+
+    Along a completion y sampled from π_θ, this is an unbiased estimate of KL(π_θ(·|x) ‖ π_ref(·|x)) by
+    the chain rule, like the sampled log-ratio log π_θ(y|x) − log π_ref(y|x); but it is never negative,
+    and at each position it averages over every next token instead of taking the one sampled, which
+    removes that token's share of the noise (not the share of which completion was drawn).
+    """
+    kls = []
+    for policy_row, ref_row in zip(policy_logits, ref_logits):
+        log_p, log_q = policy_row.float().log_softmax(-1), ref_row.float().log_softmax(-1)
+        kls.append((log_p.exp() * (log_p - log_q)).sum())
+    return torch.stack(kls)
+
+
+def completion_logits(model, inputs, completion_mask, head):
+    """For each sequence of inputs, the logits (m, V) at the m positions that predict its completion tokens:
+    one sequence at a time from the last hidden states when head is a LinearHead, else from the full logits."""
+    scored = completion_mask[:, 1:].bool()                                                       # (N, T-1)
+    if head is None:
+        return [row[mask] for row, mask in zip(model(**inputs).logits[:, :-1], scored)]
+    hidden, weight = last_hidden_states(model, inputs)
+    cap = head.logit_softcap
+    return ((logits if cap is None else torch.tanh(logits / cap) * cap)
+            for logits in (row[mask] @ weight.T for row, mask in zip(hidden[:, :-1], scored)))
+
+
+@torch.no_grad()
+def criterion_measures(policy, reference, pairs, pad_token_id, epsilon, forward, head, autocast, batch_size=64):
+    """What the criterion measures on the final policy, for reports.plot_criterion: per pair h, ΔK, s and the noise
+    flag; how often s = sign(h − ΔK) and s = sign(h) ("agreement"); and z(λ) of a few pairs ("curves" at "lambdas").
+    None at ε = 0 or without pairs. Called on every rank (under FSDP each forward pass is a collective).
+
+    ΔK = K_w − K_l, with K the KL(π_θ‖π_ref) summed along a completion. To first order in ε,
+    z(1 ± ε) − z(1) = ± ε dz/dλ with dz/dλ = h − ΔK, so s = sign(h − ΔK) where that is clear of zero.
+    forward and head: train.py's loss of a batch and the models' LinearHead (None: from full logits), so that
+    this holds no more memory than training does; only the few pairs drawn take full logits, one at a time.
+    """
+    if epsilon == 0 or not pairs:
+        return None
+    device = next(policy.parameters()).device
+
+    def logits_of(chunk):
+        batch = collate(chunk, pad_token_id, device)
+        with autocast:
+            logits, ref_logits = (model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+                                  for model in (policy, reference))
+        return batch, logits.float(), ref_logits.float()
+
+    columns = []                                            # per pair: h, ΔK, s, noise flag
+    for start in range(0, len(pairs), batch_size):
+        batch = collate(pairs[start : start + batch_size], pad_token_id, device)
+        inputs = dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+        with autocast:
+            out = forward(policy, reference, batch, 1.0, epsilon, head)
+            kls = sequence_kl(*(completion_logits(model, inputs, batch.completion_mask, head)
+                                       for model in (policy, reference)))
+        half = len(out.s)
+        h = (out.chosen_logps - out.ref_chosen_logps) - (out.rejected_logps - out.ref_rejected_logps)
+        columns.append(torch.stack([v.double() for v in (h, kls[:half] - kls[half:], out.s, batch.noise)]).cpu())
+    h, delta_k, s, noise = torch.cat(columns, dim=1)
+    agreement = {"pairs": len(s), "s = sign(h − ΔK)": (s == torch.sign(h - delta_k)).double().mean().item(),
+                 "s = sign(h)": (s == torch.sign(h)).double().mean().item()}
+    # A few pairs' z(λ) from λ = 0 (the reference) to 2: three clean and three mislabelled where marked. On
+    # every rank: under FSDP each forward pass is a collective.
+    marked = [i for flag in (1, 2) for i in (noise == flag).nonzero().flatten().tolist()[:3]]
+    examples = marked if len(marked) > 3 else list(range(min(6, len(s))))
+    lambdas = [step / 10 for step in range(21)]
+    curves = {}
+    for i in examples:
+        batch, logits, ref_logits = logits_of([pairs[i]])
+        curves[i] = [(lambda logps: (logps[0] - logps[1]).item())(epsdpo.sequence_logps(
+                     torch.lerp(ref_logits, logits, lam), batch.input_ids, batch.completion_mask)) for lam in lambdas]
+    return {"h": h, "delta_k": delta_k, "s": s, "noise": noise, "agreement": agreement, "curves": curves, "lambdas": lambdas}

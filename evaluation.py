@@ -216,7 +216,8 @@ def criterion_measures(policy, reference, pairs, pad_token_id, epsilon, forward,
     # every rank: under FSDP each forward pass is a collective.
     marked = [i for flag in (1, 2) for i in (noise == flag).nonzero().flatten().tolist()[:3]]
     examples = marked if len(marked) > 3 else list(range(min(6, len(s))))
-    lambdas = [step / 10 for step in range(21)]
+    # λ from 0 to 2, and finely across [1 − 2ε, 1 + 2ε], where the criterion compares z(1 − ε), z(1), z(1 + ε).
+    lambdas = sorted({step / 10 for step in range(21)} | {1 + k * epsilon / 2 for k in range(-4, 5) if 0 <= 1 + k * epsilon / 2 <= 2})
     curves = {}
     for i in examples:
         batch, logits, ref_logits = logits_of([pairs[i]])

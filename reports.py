@@ -63,7 +63,11 @@ def _rolling_mean(points, window=10):
 
 def plot_curves(runs, path):
     """One panel per quantity; each run (label -> metric rows) a colour, training a thin line, evaluations dots.
-    The fractions of s: a mean over 10 steps, clean pairs solid and mislabelled ones dashed where marked."""
+
+    Every panel holds quantities that mean the same in every run: no loss, since −log σ(β̃ h) moves with β, which
+    differs between runs and drifts within one (compare runs by h). The log-probabilities and the fractions of s in
+    training: a mean over 10 steps; for s, clean pairs solid and mislabelled ones dashed where marked, and a run
+    whose s is 0 throughout (DPO, ε = 0) is left out."""
     plt = _pyplot()
     every_row = [row for rows in runs.values() for row in rows]
 
@@ -71,8 +75,12 @@ def plot_curves(runs, path):
         marked = [f"s/{kind}/clean", f"s/{kind}/noisy"]
         return marked if any(marked[0] in row for row in every_row) else [f"s/{kind}"]
 
-    panels = [("loss −log σ(β̃ h)", ["loss"]), ("reward accuracy: how often h > 0", ["rewards/accuracies"]),
-              ("margin h = z_θ − γ", ["h"]), ("baseline β", ["beta"]),
+    s_is_zero = {label for label, rows in runs.items()
+                 if not any(value for row in rows for key, value in row.items() if key.startswith(("s/weaker", "s/stronger")))}
+    marked = "solid: clean pairs, dashed: mislabelled" if s_keys("weaker")[0].endswith("clean") else ""
+    panels = [("log π_θ(y|x): solid chosen y_w, dashed rejected y_l", ["logps/chosen", "logps/rejected"]),
+              ("reward accuracy: how often h > 0", ["rewards/accuracies"]), ("margin h = z_θ − γ", ["h"]),
+              ("baseline β (the β of each step)", ["beta"]),
               ("fraction s = +1: weaker penalty β/(1+ε)", s_keys("weaker")),
               ("fraction s = −1: stronger penalty β/(1−ε)", s_keys("stronger")),
               ("gold reward of samples", ["gold_reward"]), ("KL(π_θ ‖ π_ref) along samples", ["kl"])]
@@ -80,42 +88,66 @@ def plot_curves(runs, path):
         panels = panels[:6]
     figure, axes = plt.subplots(2, len(panels) // 2, figsize=(4 * len(panels) // 2, 6.5), squeeze=False)
     for (title, keys), axis in zip(panels, axes.flat):
+        s_panel, smoothed = keys[0].startswith("s/"), keys[0].startswith(("s/", "logps/"))
         for color, (label, rows) in zip(("tab:blue", "tab:red", "tab:green"), runs.items()):
+            if s_panel and label in s_is_zero:
+                continue
             for key, linestyle in zip(keys, ("-", "--")):
-                kind = {"clean": ", clean pairs", "noisy": ", mislabelled pairs"}.get(key.split("/")[-1], "")
                 train = [(r["step"], r[key]) for r in rows if r["split"] == "train" and key in r]
                 evals = [(r["step"], r[key]) for r in rows if r["split"] == "eval" and key in r]
+                first = key == keys[0]                                  # one legend entry per run and kind
                 if train:
-                    axis.plot(*(_rolling_mean(train) if key.startswith("s/") else zip(*train)), color=color,
-                              linestyle=linestyle, linewidth=0.8, alpha=0.7, label=f"{label} train{kind}")
+                    axis.plot(*(_rolling_mean(train) if smoothed else zip(*train)), color=color, linestyle=linestyle,
+                              linewidth=0.8, alpha=0.7, label=f"{label} train" if first else None)
                 if evals:
-                    axis.plot(*zip(*evals), color=color, marker="o", linestyle=":", label=f"{label} held-out")
-        axis.set_title(title, fontsize=10)
+                    axis.plot(*zip(*evals), color=color, marker="o", linestyle=":" if first else (0, (1, 3)),
+                              markerfacecolor=color if first else "white", label=f"{label} held-out" if first else None)
+        if s_panel:
+            notes = [marked] + [f"{', '.join(sorted(s_is_zero))}: s = 0 throughout, not drawn"] * bool(s_is_zero)
+            axis.set_title(title + "".join(f"\n{note}" for note in notes if note), fontsize=9)
+        else:
+            axis.set_title(title, fontsize=9 if len(title) > 45 else 10)
         axis.set_xlabel("optimizer step")
     axes.flat[0].legend(fontsize=7)
-    axes.flat[4].legend(fontsize=7)
     figure.tight_layout()
     _save_figure(figure, path)
 
 
 def plot_criterion(measured, epsilon, path):
-    """criterion.png: what s measures on the final policy (evaluation.criterion_measures gave `measured`)."""
+    """criterion.png: what s measures on the final policy (evaluation.criterion_measures gave `measured`).
+
+    Left: z(λ) − z(1) of a few train pairs over λ ∈ [0, 2]. Middle: the same, zoomed on [1 − 2ε, 1 + 2ε], with the
+    three points the criterion compares (z⁺ at 1 − ε, z_θ at 1, z⁻ at 1 + ε). Right: h against ΔK for every pair."""
     h, delta_k, s, noise = (measured[key] for key in ("h", "delta_k", "s", "noise"))
     curves, lambdas, agreement = measured["curves"], measured["lambdas"], measured["agreement"]
     plt = _pyplot()
-    figure, (left, right) = plt.subplots(1, 2, figsize=(12, 4.8))
+    figure, (left, middle, right) = plt.subplots(1, 3, figsize=(17, 5), gridspec_kw={"width_ratios": [1.1, 1, 1.1]})
     colors = {1.0: "tab:blue", -1.0: "tab:red", 0.0: "tab:gray"}
-    left.axvspan(1 - epsilon, 1 + epsilon, color="gold", alpha=0.6, label=f"[1 − ε, 1 + ε], ε = {epsilon:g}")
+    zoom = [i for i, lam in enumerate(lambdas) if abs(lam - 1) <= 2 * epsilon * (1 + 1e-9)]
+    compared = [min(range(len(lambdas)), key=lambda i: abs(lambdas[i] - lam)) for lam in (1 - epsilon, 1.0, 1 + epsilon)]
+    for axis in (left, middle):
+        axis.axvspan(1 - epsilon, 1 + epsilon, color="gold", alpha=0.35, label=f"[1 − ε, 1 + ε], ε = {epsilon:g}")
     for i, z in curves.items():
-        z_at_1 = z[lambdas.index(1.0)]
-        left.plot(lambdas, [value - z_at_1 for value in z], color=colors[s[i].item()],
-                  linestyle="--" if noise[i] == 2 else "-", label=f"pair {i}{', mislabelled' if noise[i] == 2 else ''}: s = {s[i]:+.0f}")
-        left.plot([0.7, 1.3], [-0.3 * (h[i] - delta_k[i]), 0.3 * (h[i] - delta_k[i])], color="black", linewidth=0.6, linestyle=":")
-    left.axhline(0, color="black", linewidth=0.5)
+        z_at_1, color = z[lambdas.index(1.0)], colors[s[i].item()]
+        linestyle = "--" if noise[i] == 2 else "-"
+        relative = [value - z_at_1 for value in z]
+        left.plot(lambdas, relative, color=color, linestyle=linestyle,
+                  label=f"pair {i}{', mislabelled' if noise[i] == 2 else ''}: s = {s[i]:+.0f}")
+        middle.plot([lambdas[j] for j in zoom], [relative[j] for j in zoom], color=color, linestyle=linestyle)
+        middle.plot([lambdas[j] for j in compared], [relative[j] for j in compared], color=color, marker="o", linestyle="none")
+        slope = (h[i] - delta_k[i]).item()                              # the first-order line, dz/dλ = h − ΔK
+        middle.plot([1 - 2 * epsilon, 1 + 2 * epsilon], [-2 * epsilon * slope, 2 * epsilon * slope], color="black",
+                    linewidth=0.6, linestyle=":")
+    for axis in (left, middle):
+        axis.axhline(0, color="black", linewidth=0.5)
+        axis.set_ylabel("z(λ) − z(1)")
     left.set_xlabel("λ: the policy estimated for β/λ (λ = 0: the reference, 1: the policy)")
-    left.set_ylabel("z(λ) − z(1)")
-    left.set_title("z(λ) of a few train pairs; dotted: slope h − ΔK at λ = 1", fontsize=10)
+    left.set_title("z(λ) of a few train pairs, λ from 0 to 2 (the gold band: zoomed in the middle)", fontsize=10)
     left.legend(fontsize=7)
+    middle.set_xlim(1 - 2 * epsilon, 1 + 2 * epsilon)
+    middle.set_xlabel("λ near 1; dots: z⁺ at 1 − ε, z_θ at 1, z⁻ at 1 + ε")
+    middle.set_title("zoomed on [1 − 2ε, 1 + 2ε]: s compares the three dots of a pair\n(dotted, under the curves: "
+                     "slope h − ΔK, the first-order estimate)", fontsize=10)
     for value, name in ((1.0, "s = +1"), (-1.0, "s = −1"), (0.0, "s = 0")):
         for flag, marker, kind in ((1, "o", "clean"), (0, "o", ""), (2, "x", "mislabelled")):
             chosen = (s == value) & (noise == flag)
@@ -125,7 +157,7 @@ def plot_criterion(measured, epsilon, path):
     right.plot([low, high], [low, high], color="black", linewidth=0.8, label="h = K_w − K_l")
     right.set_xlabel("K_w − K_l: KL(π_θ‖π_ref) along the chosen minus along the rejected")
     right.set_ylabel("margin h = z_θ − γ")
-    right.set_title(f"{len(s)} train pairs: s = sign(h − ΔK) for {agreement['s = sign(h − ΔK)']:.1%}, "
+    right.set_title(f"{len(s)} train pairs: s = sign(h − ΔK) for {agreement['s = sign(h − ΔK)']:.1%},\n"
                     f"s = sign(h) for {agreement['s = sign(h)']:.1%}", fontsize=10)
     right.legend(fontsize=7)
     figure.tight_layout()
@@ -200,14 +232,15 @@ def plot_frontier(points, path):
     means = {(method, beta): (sum(p["kl"] for p in runs) / len(runs), sum(p["gold_reward"] for p in runs) / len(runs))
              for method, by_beta in grouped.items() for beta, runs in by_beta.items()}
     kl_end = 1.15 * max(x for x, _ in means.values())
-    for color, (method, by_beta) in zip(("tab:blue", "tab:red", "tab:green"), grouped.items()):
+    for index, (color, (method, by_beta)) in enumerate(zip(("tab:blue", "tab:red", "tab:green"), grouped.items())):
         for beta, runs in by_beta.items():
             (x, y), kls, golds = means[method, beta], [p["kl"] for p in runs], [p["gold_reward"] for p in runs]
             axis.errorbar(x, y, xerr=[[x - min(kls)], [min(max(kls), kl_end) - x]], yerr=[[y - min(golds)], [max(golds) - y]],
                           color=color, capsize=3, linewidth=0.7, alpha=0.45, marker="o", markersize=6, markeredgewidth=0)
             if max(kls) > kl_end:
                 axis.annotate(f"{max(kls):.1f} →", (kl_end, y), xytext=(-34, 3), textcoords="offset points", fontsize=7, color=color)
-            axis.annotate(f"β={beta:g}", (x, y), textcoords="offset points", xytext=(4, -10), fontsize=7, color=color)
+            axis.annotate(f"β={beta:g}", (x, y), textcoords="offset points", xytext=(4, -10 - 8 * index), fontsize=7,
+                          color=color)                                  # one method's labels under another's
         frontier = []
         for x, y in sorted(means[method, beta] for beta in by_beta):
             if not frontier or y > frontier[-1][1]:

@@ -202,6 +202,44 @@ def test_compare_trains_dpo_and_epsilon_dpo_side_by_side(tmp_path, capsys, small
     assert "DPO end" in printed and "ε-DPO end" in printed
 
 
+def test_every_panel_compares_like_with_like(tiny_run, tmp_path, monkeypatch):
+    """compare.png has no loss (it moves with β) and leaves DPO, whose s is 0 throughout, out of the s panels;
+    criterion.png zooms on [1 − 2ε, 1 + 2ε], where z(1 − ε), z(1), z(1 + ε) of each pair are the dots s compares."""
+    import contextlib
+    import reports
+
+    figures = []
+    monkeypatch.setattr(reports, "_save_figure", lambda figure, path: figures.append(figure))
+    row = dict(split="train", beta=0.1, h=1.0, loss=0.6, **{"rewards/accuracies": 0.5, "logps/chosen": -9.0,
+                                                            "logps/rejected": -9.5, "gold_reward": 0.0, "kl": 0.0})
+    s = lambda weaker, stronger: {"s/weaker/clean": weaker, "s/stronger/clean": stronger, "s/weaker/noisy": stronger,
+                                  "s/stronger/noisy": weaker}
+    runs = {"DPO": [dict(row, step=step, **s(0.0, 0.0)) for step in (1, 2)],
+            "ε-DPO": [dict(row, step=step, **s(0.75, 0.25)) for step in (1, 2)]}
+    reports.plot_curves(runs, tmp_path / "compare.png")
+    titles = {axis.get_title(): axis for axis in figures[0].axes}
+    assert not any("loss" in title for title in titles)
+    s_panels = [axis for title, axis in titles.items() if title.startswith("fraction s")]
+    assert len(s_panels) == 2 and all("DPO: s = 0 throughout, not drawn" in axis.get_title() for axis in s_panels)
+    assert {line.get_color() for axis in s_panels for line in axis.lines} == {"tab:red"}      # ε-DPO's colour only
+
+    folder = tiny_data_cut(tmp_path / "data", 8, 2)
+    tokenizer = data.load_tokenizer(str(train.TINY_MODEL))
+    pairs = data.load_pairs(str(folder), "train", None, 0.05, 0, tokenizer, 512, 256)["pairs"]["train"][:4]
+    policy, reference = (AutoModelForCausalLM.from_pretrained(path).eval() for path in (tiny_run, train.TINY_MODEL))
+    epsilon = 0.01
+    measured = evaluation.criterion_measures(policy, reference, pairs, tokenizer.pad_token_id, epsilon, train.forward,
+                                             None, contextlib.nullcontext())
+    assert {1 - epsilon, 1.0, 1 + epsilon} <= set(measured["lambdas"])
+    reports.plot_criterion(measured, epsilon, tmp_path / "criterion.png")
+    left, middle, right = figures[1].axes[:3]
+    assert middle.get_xlim() == pytest.approx((1 - 2 * epsilon, 1 + 2 * epsilon))
+    dots = [line for line in middle.lines if line.get_marker() == "o"]
+    assert len(dots) == len(measured["curves"])
+    for line in dots:
+        assert list(line.get_xdata()) == [1 - epsilon, 1.0, 1 + epsilon] and line.get_ydata()[1] == 0
+
+
 @pytest.mark.parametrize("flag, value, message", [
     ("--beta", "0", "beta must be in (0, 1e6)"), ("--beta", "1.7e308", "beta must be in (0, 1e6)"),
     ("--seed", "100000000000000000000000", "must be in [0, 2**32)"), ("--epsilon", "1", "epsilon must be in [0, 1)"),

@@ -9,18 +9,17 @@ preference logit log π(y_w|x) − log π(y_l|x) under a model π:
     s         +1 if z⁻ > z_θ > z⁺ (z grows as β shrinks), −1 if z⁻ < z_θ < z⁺, 0 otherwise
     β̃         β/(1 + ε s), the pair's β: its loss is −log σ(β̃ h); after each optimizer step β ← mean β̃
 
-Sections 1–6 follow the method (epsilon_dpo_loss is a whole step), then the input checks. This module works on
-full logits, with float32 copies of them; epsdpo_chunked.py computes the same at 32k–256k-word vocabularies, in
-chunks of positions or from the last hidden states. A batch of B pairs is 2B rows, the B chosen sequences then the
-B rejected ones, right-padded; completion_mask (2B, T), of any dtype, is aligned with input_ids (not shifted): 1 on
-every completion token, EOS included, 0 elsewhere. Both models run without dropout (.eval()). From the
-repository's root, as written (tiny_data/model is the demo's 60-word model):
+Sections 1–6 follow the method (epsilon_dpo_loss is a whole step), then the input checks. This module works on full
+logits, with float32 copies of them; epsdpo_chunked.py computes the same at 32k–256k-word vocabularies, in chunks of
+positions or from the last hidden states. A batch of B pairs is 2B rows, the B chosen sequences then the B rejected
+ones, right-padded; completion_mask (2B, T), 0 and 1 in any dtype, is aligned with input_ids (not shifted): 1 on every
+completion token, EOS included. Both models run without dropout (.eval()). From the repository's root, as written:
 
     import torch
     from transformers import AutoModelForCausalLM
     from epsdpo import BaselineBeta, epsilon_dpo_loss
 
-    policy, reference = (AutoModelForCausalLM.from_pretrained("tiny_data/model").eval() for _ in range(2))
+    policy, reference = (AutoModelForCausalLM.from_pretrained("tiny_data/model").eval() for _ in range(2))  # 60 words
     optimizer, baseline_beta = torch.optim.AdamW(policy.parameters(), lr=1e-3), BaselineBeta(beta=0.1, epsilon=0.01)
     prompt, chosen, rejected = [1, 4, 5, 6, 11, 7], [6, 24, 9, 10, 38, 8, 2], [6, 24, 9, 46, 8, 2]   # B = 1 pair
     input_ids = torch.tensor([prompt + chosen, prompt + rejected + [0]])        # right-padded with the pad id 0
@@ -161,14 +160,14 @@ class BaselineBeta:
     """The baseline β, moved after every optimizer step to the mean β̃ of the pairs that made that step:
 
         β ← mean_i β̃_i = β · mean_i 1 / (1 + ε s_i)        (the paper's Algorithm 1; the authors' released trainer
-                                                         uses β / (1 + ε mean_i s_i), equal to first order in ε)
+                                                         uses β / (1 + ε mean_i s_i): never higher, at least 1 − ε²
+                                                         times it a step; for the demo's s, 2 % lower at step 250)
 
-    Neither rule has a floor: when every pair gets s = +1, β falls as β/(1+ε)^t; min_beta and max_beta, if given,
-    bound it. A step trains with .value before step(). Call observe(out.s) after every micro-batch of training,
-    step() after optimizer.step(). Under torch.distributed step() all-reduces the counts and reads them (a host
-    sync): a collective every rank must call at every step. Or pass the step's numbers of s = +1, 0, −1 over
-    every micro-batch and rank, step(counts), with no observe(), collective or sync. Counts add exactly: the mean
-    is exact across micro-batches and ranks, and at ε = 0 β stays bit for bit.
+    Neither rule has a floor: if every pair gets s = +1, β falls as β/(1+ε)^t; min_beta, max_beta clamp it. Log .value
+    before step(): the β the step trained with. observe(out.s) after every micro-batch of training (not evaluation),
+    step() after optimizer.step(): under torch.distributed it all-reduces the counts and reads them (a host sync), a
+    collective every rank must call at every step; or step(counts), the step's numbers of s = +1, 0, −1 over every
+    micro-batch and rank, with no observe(), collective or sync. Counts add exactly, so at ε = 0 β stays bit for bit.
     """
 
     def __init__(self, beta, epsilon, device="cpu", min_beta=0.0, max_beta=math.inf):
@@ -250,9 +249,10 @@ class EpsilonDPOOutput:
 def epsilon_dpo_loss(policy_logits, ref_logits, input_ids, completion_mask, beta, epsilon=None):
     """The ε-DPO loss of a batch of pairs, from the logits of one forward pass per model.
 
-    Shapes: policy_logits and ref_logits (2B, T, V), the reference's under no_grad; input_ids and completion_mask
-    (2B, T). beta: the BaselineBeta (its β and ε), or the baseline β, a number, with 0 ≤ epsilon < 1 (evaluation:
-    baseline_beta.value, .epsilon). Returns an EpsilonDPOOutput; in training, observe(out.s).
+    Shapes: policy_logits and ref_logits (2B, T, V), any float dtype, the reference's under no_grad; input_ids (2B, T);
+    completion_mask (2B, T), 0 and 1 in any dtype. beta: the BaselineBeta (its β and ε), or the baseline β, a number,
+    with 0 ≤ epsilon < 1. Returns an EpsilonDPOOutput (out.loss to backward, out.h the margins). It changes nothing:
+    a training loop calls observe(out.s) and logs baseline_beta.value before step(); evaluation calls neither.
 
         s_i = criterion(...), from the logits alone;   β̃_i = β / (1 + ε s_i), a constant;   loss = mean_i −log σ(β̃_i h_i)
 

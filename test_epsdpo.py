@@ -591,6 +591,36 @@ def test_beta_update_stays_positive_and_moves_the_right_way():
     assert nothing_seen.step() == 0.1
 
 
+def test_without_a_floor_beta_falls_as_beta_over_one_plus_epsilon_to_the_t_and_min_beta_stops_it():
+    unbounded, floored = epsdpo.BaselineBeta(0.1, 0.01), epsdpo.BaselineBeta(0.1, 0.01, min_beta=0.08, max_beta=0.1)
+    for step in range(1, 50):                                   # every pair of every step gets s = +1
+        for baseline in (unbounded, floored):
+            baseline.observe(torch.ones(4, dtype=torch.long))
+            baseline.step()
+        assert unbounded.value == pytest.approx(0.1 / 1.01**step, rel=1e-12)
+    assert unbounded.value == pytest.approx(0.0614, abs=5e-5)  # the β of step 50: 0.1 / 1.01**49
+    assert floored.value == 0.08
+    floored.observe(-torch.ones(4, dtype=torch.long))
+    assert floored.step() == pytest.approx(0.08 / 0.99) and floored.step() == pytest.approx(0.08 / 0.99)
+    for _ in range(30):
+        floored.observe(-torch.ones(4, dtype=torch.long))
+        floored.step()
+    assert floored.value == 0.1                                 # max_beta bounds it from above
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+@pytest.mark.parametrize("mask_dtype", [torch.bool, torch.uint8, torch.int32, torch.float32, torch.bfloat16])
+def test_a_mask_of_zeros_and_ones_in_any_dtype_gives_what_an_int64_mask_gives(impl, mask_dtype):
+    generator = torch.Generator().manual_seed(0)
+    ref_logits = torch.randn(4, 6, 9, generator=generator)
+    policy_logits = ref_logits + 0.5 * torch.randn(4, 6, 9, generator=generator)
+    input_ids = torch.randint(0, 9, (4, 6), generator=generator)
+    completion_mask = torch.tensor([[0, 0, 1, 1, 1, 0], [0, 1, 1, 0, 0, 0], [0, 0, 0, 1, 1, 1], [0, 1, 1, 1, 0, 0]])
+    expected = impl.epsilon_dpo_loss(policy_logits, ref_logits, input_ids, completion_mask, 0.1, 0.3)
+    out = impl.epsilon_dpo_loss(policy_logits, ref_logits, input_ids, completion_mask.to(mask_dtype), 0.1, 0.3)
+    assert torch.equal(out.loss, expected.loss) and torch.equal(out.s, expected.s) and torch.equal(out.h, expected.h)
+
+
 def test_beta_state_round_trips_mid_accumulation():
     original = epsdpo.BaselineBeta(0.05, 0.2)
     original.observe(torch.tensor([1, 1, 0]))

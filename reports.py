@@ -239,8 +239,8 @@ def plot_frontier(points, path):
                           color=color, capsize=3, linewidth=0.7, alpha=0.45, marker="o", markersize=6, markeredgewidth=0)
             if max(kls) > kl_end:
                 axis.annotate(f"{max(kls):.1f} →", (kl_end, y), xytext=(-34, 3), textcoords="offset points", fontsize=7, color=color)
-            axis.annotate(f"β={beta:g}", (x, y), textcoords="offset points", xytext=(4, -10 - 8 * index), fontsize=7,
-                          color=color)                                  # one method's labels under another's
+            axis.annotate(f"β={beta:g}", (x, y), textcoords="offset points", fontsize=7, color=color,
+                          xytext=((4, -12), (-34, 6), (4, 6))[index % 3])   # each method its side: labels apart
         frontier = []
         for x, y in sorted(means[method, beta] for beta in by_beta):
             if not frontier or y > frontier[-1][1]:

@@ -89,7 +89,7 @@ def frozen_weights_in_bf16(model):
     Those are the weights and biases of its linear layers (the output layer among them) and the experts of
     a mixture (3-D parameters) where transformers multiplies them with F.linear ("eager" experts). Rounding
     to bf16 once here or at every product gives the same bf16 numbers, so under autocast the reference
-    computes the policy's logits bit for bit at the start and every s is 0 (METHOD §6). The rest stays in
+    computes the policy's logits bit for bit at the start and every s is 0. The rest stays in
     float32, as autocast leaves it: embeddings (a lookup is not cast; a tied output layer is the input
     embedding), norms, and experts multiplied by grouped_mm (transformers' default), which autocast does
     not cast: the policy multiplies those in float32 too."""

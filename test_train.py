@@ -819,7 +819,7 @@ def test_bf16_is_mixed_precision_so_a_small_learning_rate_moves_the_weights_as_i
     assert bfloat16_changed >= 0.99 * float32_changed                   # pure bf16 weights would keep ~1 % of them
     assert float32_dtypes == bfloat16_dtypes == {torch.float32}         # the saved model keeps float32 weights
     float32_rows, bfloat16_rows = (read_metrics(tmp_path / run) for run in ("float32", "bfloat16"))
-    # At the start the bf16 reference computes the policy's logits bit for bit: a tie, every s 0 (METHOD §6).
+    # At the start the bf16 reference computes the policy's logits bit for bit: a tie, every s 0.
     start = bfloat16_rows[0]
     assert (start["rewards/margins"], start["s/weaker"], start["s/stronger"], start["loss"]) == \
         (0.0, 0.0, 0.0, float32_rows[0]["loss"])

@@ -12,6 +12,7 @@ so a 128k-word vocabulary costs nothing to count; and a FakeTensor cannot be rea
 never reads a device value on the host. bench.py prints these figures; the tests bound them.
 """
 
+import ctypes
 import inspect
 import pathlib
 import sys
@@ -166,3 +167,66 @@ class HostSyncs(TorchDispatchMode):
         for name, method in self._methods.items():
             setattr(torch.Tensor, name, method)
         return super().__exit__(*exc)
+
+
+def cpu_memory_kib(field):
+    """VmRSS (resident memory now) or VmHWM (its peak) of this process, in KiB, from /proc/self/status (Linux)."""
+    for line in open("/proc/self/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def glibc_malloc_option(option, value):
+    """Set a glibc malloc option in this process (no-op where there is no glibc)."""
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(option, value)
+    except OSError:
+        pass
+
+
+# ----------------------------------------------------------------------------------------------------
+# The two ε-DPO losses at scale, as train.py runs them on a GPU in bf16 mixed precision
+
+
+def loss_costs(path, pairs=4, length=1024, completion=768, vocab=128_256, width=256, fake=True):
+    """What one forward + backward of an ε-DPO loss at scale costs, input_ids and completion_mask on the host:
+
+        {"operations": torch operations dispatched,
+         "extra_peak": most bytes allocated inside and alive at once, leaving out the gradients it returns
+                       (of the logits; of the hidden states and the output weight), which any loss returns,
+         "extra_peak_with_gradients": the same with them,
+         "logits": bytes of one float32 (2B, T, V) logits tensor}
+
+    path "hidden": epsdpo_chunked.epsilon_dpo_loss_from_hidden on bf16 hidden states (2B, T, width), the policy's
+    float32 output weight and the reference's stored in bf16, under a bf16 autocast; path "logits":
+    epsdpo_chunked.epsilon_dpo_loss on both models' bf16 logits (2B, T, V). fake: on FakeTensors (no memory,
+    no values: a 128k vocabulary costs nothing, and no value of the device's is ever read on the host).
+    """
+    import contextlib
+
+    import epsdpo_chunked
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    generator = torch.Generator().manual_seed(0)
+    input_ids = torch.randint(0, vocab, (2 * pairs, length), generator=generator)
+    completion_mask = torch.zeros(2 * pairs, length, dtype=torch.long)
+    completion_mask[:, length - completion :] = 1
+    with FakeTensorMode(allow_non_fake_inputs=True) if fake else contextlib.nullcontext():
+        if path == "hidden":
+            ref_hidden, hidden = torch.randn(2, 2 * pairs, length, width, generator=None if fake else generator).bfloat16()
+            weight = torch.randn(vocab, width, generator=None if fake else generator)
+            inputs, ref_inputs = (hidden.requires_grad_(), weight.requires_grad_()), (ref_hidden, (weight.detach() + 0.1).bfloat16())
+        else:
+            ref_logits, logits = torch.randn(2, 2 * pairs, length, vocab, generator=None if fake else generator).bfloat16()
+            inputs, ref_inputs = (logits.requires_grad_(),), (ref_logits,)
+    with Operations() as operations, PeakBytes() as memory:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            if path == "hidden":
+                out = epsdpo_chunked.epsilon_dpo_loss_from_hidden(inputs[0], inputs[1], *ref_inputs, input_ids, completion_mask,
+                                                                  0.1, 0.01)
+            else:
+                out = epsdpo_chunked.epsilon_dpo_loss(inputs[0], *ref_inputs, input_ids, completion_mask, 0.1, 0.01)
+        out.loss.backward()
+    return {"operations": operations.count, "extra_peak": memory.peak(leave_out=[tensor.grad for tensor in inputs]),
+            "extra_peak_with_gradients": memory.peak(), "logits": 2 * pairs * length * vocab * 4}

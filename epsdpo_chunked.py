@@ -12,9 +12,9 @@ over, 4 GB each for 4 pairs × 1,024 tokens at V = 128,256. This module computes
 
 Everything else (dpo_loss, betas_from_s, BaselineBeta, EpsilonDPOOutput) is epsdpo.py's: copy both files.
 
-Host synchronizations: none, when input_ids and completion_mask are given on the CPU (as a training loop has them
-before it copies them to the GPU): the positions are found and checked there, and reach the device in a copy that
-does not wait for it. One per call when they are on the device (their copy to the host). epsdpo.py waits once.
+Host synchronizations: none with input_ids and completion_mask on the CPU (where a training loop has them before
+it copies them to the GPU): the positions are found and checked there, and reach the device without waiting. One
+per call with them on the device. epsdpo.py waits once.
 """
 
 import numbers
@@ -54,8 +54,6 @@ def sequence_logps(logits, input_ids, completion_mask):
 
 
 # How sequence_logps does it: find the scored positions once, then work a row's completion at a time.
-
-
 def _batch_device(input_ids, device):
     """Where input_ids and completion_mask may be: on the CPU, or with the logits or hidden states on `device`."""
     return input_ids.device if isinstance(input_ids, torch.Tensor) and input_ids.device.type == "cpu" else device
@@ -340,10 +338,10 @@ def _forward_chunk(hidden, ref_hidden, weight_t, ref_weight_t, targets, weaker, 
             policy.gather(-1, targets), ref.gather(-1, targets))
 
 
-def _backward_chunk(hidden, weight, weight_t, log_normalizers, targets, minus_grads, logit_softcap, dtype, weight_grad):
-    """The gradient of Σ_p g_p log softmax(f_p)[y_p] over one chunk for its hidden states (m, H) and, if weight_grad,
-    the weight (V, H), from minus_grads −g (m, 1) and forward's log_normalizers (m, 1); the logits again, then
-        ∂/∂f = g (onehot(y) − softmax(f)) · (1 − tanh²(f / cap) with a soft-cap);  ∂/∂hidden = ∂/∂f @ W;  ∂/∂W = ∂/∂f.T @ hidden"""
+def _backward_chunk(hidden, weight, weight_t, log_normalizers, targets, minus_grads, logit_softcap, dtype):
+    """(∂/∂hidden (m, H), ∂/∂f (m, V)) of Σ_p g_p log softmax(f_p)[y_p] over one chunk, from minus_grads −g (m, 1)
+    and forward's log_normalizers (m, 1): the logits again, then
+        ∂/∂f = g (onehot(y) − softmax(f)) · (1 − tanh²(f / cap) with a soft-cap);  ∂/∂hidden = ∂/∂f @ W"""
     logits = hidden @ weight_t                                                              # (m, V)
     tanh = None if logit_softcap is None else torch.tanh(logits / logit_softcap)
     logits = logits if tanh is None else tanh * logit_softcap
@@ -354,10 +352,10 @@ def _backward_chunk(hidden, weight, weight_t, log_normalizers, targets, minus_gr
     if tanh is not None:
         grad_logits.mul_(1 - tanh.to(dtype).square())                       # d cap·tanh(f/cap) / df
     grad_logits = grad_logits.to(weight.dtype)
-    return grad_logits @ weight, (grad_logits.T @ hidden if weight_grad else None)
+    return grad_logits @ weight, grad_logits
 
 
-_compiled = {}
+_compiled = {}                                          # backend: (forward, backward), compiled
 
 
 def _chunk_bodies(device):
@@ -400,22 +398,26 @@ class _LogpsFromHidden(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_logps, *_):
-        hidden, policy_weight, log_normalizers = ctx.saved_tensors
-        positions, dtype, weight_grad = ctx.positions, log_normalizers.dtype, ctx.needs_input_grad[1]   # not for a frozen head (LoRA)
+        (hidden, policy_weight, log_normalizers), positions = ctx.saved_tensors, ctx.positions
+        dtype, weight_grad = log_normalizers.dtype, ctx.needs_input_grad[1]
         _, backward_chunk = _chunk_bodies(hidden.device)
         with torch.autocast(hidden.device.type, enabled=False):
-            weight = policy_weight.to(ctx.policy_dtype)
-            weight_t = weight.T
+            weight_t = (weight := policy_weight.to(ctx.policy_dtype)).T
             # −g of the sequence of each position (0 for padding, whose row is N).
             minus_grads = torch.nn.functional.pad(-grad_logps.to(dtype), (0, 1))[positions.rows]       # (P',)
             size, grad_weight, grad_hidden = positions.chunk_size, None, []
             for chunk, *parts in zip(hidden.split(size), log_normalizers[:, None].split(size), positions.targets.split(size),
                                      minus_grads[:, None].split(size)):
-                grad_chunk, grad_weight_part = backward_chunk(chunk, weight, weight_t, *parts, ctx.logit_softcap, dtype, weight_grad)
+                grad_chunk, grad_logits = backward_chunk(chunk, weight, weight_t, *parts, ctx.logit_softcap, dtype)
                 grad_hidden.append(grad_chunk)
-                if weight_grad:                       # summed in float32 (float64 for float64 inputs)
-                    grad_weight = grad_weight_part.to(dtype) if grad_weight is None else grad_weight.add_(grad_weight_part)
-                del grad_weight_part                  # before the next chunk makes its own: one (V, H) part at a time
+                # ∂/∂W += ∂/∂f.T @ hidden in float32 (float64 inputs: float64), in place when the products are; else one (V, H)
+                # product at a time, in their dtype. None for a frozen head (LoRA).
+                if weight_grad and grad_weight is None:
+                    grad_weight = (grad_logits.T @ chunk).to(dtype)
+                elif weight_grad and grad_weight.dtype == grad_logits.dtype:
+                    grad_weight.addmm_(grad_logits.T, chunk)
+                elif weight_grad:
+                    grad_weight.add_(grad_logits.T @ chunk)
             num_rows, length, width = ctx.hidden_shape
             grad_policy_hidden = torch.zeros(num_rows * length, width, dtype=ctx.hidden_dtype, device=hidden.device)
             grad_policy_hidden.index_copy_(0, positions.hidden_index[: positions.num_positions],

@@ -187,7 +187,8 @@ def completion_measures(policy, reference, batch, head, lambdas=(), rows=None, m
         logps.append(torch.stack([epsdpo.sequence_logps(torch.lerp(ref_logits, logits, lam), input_ids[part], completion_mask[part])
                                   for lam in lambdas]) if lambdas else logits.new_zeros(0, len(logits)))
         scored = batch.host_completion_mask[:rows][part, 1:].bool()                            # (n, T-1), on the host
-        kls.append(sequence_kl(*([row[mask] for row, mask in zip(f[:, :-1], scored)] for f in (logits, ref_logits))))
+        # A row's scored logits (m, V) at a time: only one row's copies alive at once.
+        kls.append(sequence_kl(*((row[mask] for row, mask in zip(f[:, :-1], scored)) for f in (logits, ref_logits))))
     return torch.cat(logps, 1), torch.cat(kls)
 
 

@@ -6,7 +6,6 @@ tokens in float64) and against what a transformers causal LM computes itself.
 """
 
 import ast
-import contextlib
 import io
 import math
 import os
@@ -1048,43 +1047,21 @@ def test_hidden_state_chunks_of_a_few_positions_give_what_one_chunk_gives_and_ne
         torch.testing.assert_close(chunked, expected)
 
 
-def hidden_state_loss_costs(vocab, length=1024, completion=768, num_pairs=4, width=256, fake=True):
-    """(torch operations, extra peak memory) of one epsilon_dpo_loss_from_hidden forward + backward, as train.py runs it
-    on a GPU in bf16 mixed precision (bf16 hidden states, the policy's float32 output weight, the reference's stored
-    in bf16, a bf16 autocast), with input_ids and completion_mask on the host. The extra peak is in float32 (2B, T, V)
-    logits tensors, leaving out the gradients it returns (any loss returns them). fake: the device's tensors are
-    FakeTensors, which hold no memory (a 128k vocabulary costs nothing) and no values (reading one on the host fails)."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
-    generator = torch.Generator().manual_seed(0)
-    input_ids = torch.randint(0, vocab, (2 * num_pairs, length), generator=generator)
-    completion_mask = torch.zeros(2 * num_pairs, length, dtype=torch.long)
-    completion_mask[:, length - completion :] = 1
-    with FakeTensorMode(allow_non_fake_inputs=True) if fake else contextlib.nullcontext():
-        ref_hidden, hidden = torch.randn(2, 2 * num_pairs, length, width, generator=None if fake else generator).bfloat16()
-        weight = torch.randn(vocab, width, generator=None if fake else generator).requires_grad_()
-        ref_weight = (weight.detach() + 0.1).bfloat16()
-    hidden.requires_grad_()
-    with bench_counts.Operations() as operations, bench_counts.PeakBytes() as memory:
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            out = epsdpo_chunked.epsilon_dpo_loss_from_hidden(hidden, weight, ref_hidden, ref_weight, input_ids,
-                                                              completion_mask, 0.1, 0.01)
-        out.loss.backward()
-    return operations.count, memory.peak(leave_out=(hidden.grad, weight.grad)) / (2 * num_pairs * length * vocab * 4)
-
-
 def test_the_loss_from_hidden_states_is_under_a_thousand_operations_flat_in_length_and_vocabulary_and_never_reads_the_device():
-    """At 4 pairs × 1,024 tokens (768 of them completion) and V = 128,256: at most 1,000 torch operations and an
-    extra peak of at most 0.1 × one float32 logits tensor; the same count at twice the length and twice the
-    vocabulary (MAX_CHUNKS chunks, however large). It runs on FakeTensors, which cannot be read: no host read of
-    a device value. And FakeTensors count as real ones do (checked at a small shape)."""
-    assert hidden_state_loss_costs(300, 64, 40, width=8, fake=True)[0] == hidden_state_loss_costs(300, 64, 40, width=8, fake=False)[0]
-    operations, extra_peak = hidden_state_loss_costs(128_256)
-    assert operations <= 1000 and extra_peak <= 0.1, (operations, extra_peak)
-    assert hidden_state_loss_costs(256_000)[0] == operations
-    assert hidden_state_loss_costs(128_256, length=2048, completion=1536)[0] == operations
+    """At 4 pairs × 1,024 tokens (768 of them completion) and V = 128,256, as train.py runs it in bf16: at most 1,000
+    torch operations forward and backward, and an extra peak of at most 0.1 × one float32 logits tensor; the same
+    count at twice the length and twice the vocabulary (MAX_CHUNKS chunks, however large). It runs on FakeTensors,
+    which cannot be read: no host read of a device value. FakeTensors count as real ones (checked small)."""
+    def operations(**shape):
+        return bench_counts.loss_costs("hidden", **shape)["operations"]
+
+    small = dict(length=64, completion=40, vocab=300, width=8)
+    assert operations(**small) == operations(**small, fake=False)
+    costs = bench_counts.loss_costs("hidden")                               # 4 pairs × 1,024 tokens, V = 128,256
+    assert costs["operations"] <= 1000 and costs["extra_peak"] <= 0.1 * costs["logits"], costs
+    assert operations(vocab=256_000) == operations(length=2048, completion=1536) == costs["operations"]
     # Before the cap the number of chunks follows the scored float32 logits: fewer operations, not more.
-    assert hidden_state_loss_costs(32_000, length=512, completion=256)[0] < operations
+    assert operations(vocab=32_000, length=512, completion=256) < costs["operations"]
 
 
 def test_the_compiled_chunks_are_one_graph_each_and_give_what_the_eager_ones_give(monkeypatch):

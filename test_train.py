@@ -501,10 +501,10 @@ def test_under_fsdp_each_rank_holds_half_of_the_weights_gradients_optimizer_stat
     for kind in ("parameters", "gradients", "optimizer", "reference"):
         assert fsdp[kind] == pytest.approx(one[kind] / 2, rel=0.01), kind
     # bench.py --memory's computed bytes are these measured ones (less AdamW's step counts, 4 bytes a tensor)
-    import bench
+    import bench_memory
 
     with torch.device("meta"):
-        computed = bench.bytes_per_gpu(AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(train.TINY_MODEL)), gpus=2)
+        computed = bench_memory.bytes_per_gpu(AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(train.TINY_MODEL)), gpus=2)
     assert computed["ddp"]["policy"] == pytest.approx(one["parameters"] + one["gradients"] + one["optimizer"], abs=100)
     assert computed["fsdp"]["policy"] == pytest.approx(fsdp["parameters"] + fsdp["gradients"] + fsdp["optimizer"], abs=100)
     shards = [(folder / "fsdp-whole/checkpoint-15" / f"__{rank}_0.distcp").stat().st_size for rank in (0, 1)]
@@ -976,6 +976,10 @@ def test_the_quick_benchmark_runs_and_reports_every_figure(tmp_path):
     # And the loss from hidden states adds less to the step's peak than the loss from logits.
     assert realistic["hidden"]["peak_mib"] < realistic["epsilon-dpo"]["peak_mib"]
     assert "extra_time_over_inherent_work" in result.stdout
+    # Both losses at scale (4 pairs × 1,024 tokens, V = 128,256): operations and extra peak, counted on FakeTensors.
+    (costs,) = report["loss_costs"].values()
+    assert costs["hidden"]["operations"] <= 1000 and costs["hidden"]["extra_peak"] <= 0.1 * costs["hidden"]["logits"]
+    assert costs["logits"]["operations"] > 0 and costs["logits"]["extra_peak"] > costs["hidden"]["extra_peak"]
 
 
 # ----------------------------------------------------------------------------------------------------

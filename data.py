@@ -442,6 +442,10 @@ class Batch:
     attention_mask: torch.Tensor     # (2B, T)
     completion_mask: torch.Tensor    # (2B, T): 1 on completion tokens
     noise: torch.Tensor              # (B,): the row's "noisy" flag: 0 absent, 1 false (clean), 2 true (mislabelled)
+    # input_ids and completion_mask as collate made them, on the host (the CPU): the loss at scale finds the scored
+    # positions there, so that it never waits for the device to read them back.
+    host_input_ids: torch.Tensor = None
+    host_completion_mask: torch.Tensor = None
 
 
 def collate(pairs, pad_token_id, device):
@@ -457,7 +461,7 @@ def collate(pairs, pad_token_id, device):
         attention_mask[row, :end] = 1
         completion_mask[row, len(prompt) : end] = 1
     noise = torch.tensor([NOISE_CODES[p.get("noisy")] for p in pairs])
-    return Batch(*to_device([input_ids, attention_mask, completion_mask, noise], device))
+    return Batch(*to_device([input_ids, attention_mask, completion_mask, noise], device), input_ids, completion_mask)
 
 
 def to_device(tensors, device):

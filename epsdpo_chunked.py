@@ -8,8 +8,13 @@ over, 4 GB each for 4 pairs × 1,024 tokens at V = 128,256. This module computes
                                                                      never a float32 copy of the (2B, T, V) logits
     epsilon_dpo_loss_from_hidden                                     from the last hidden states and the output
                                                                      layer's weight: never the (2B, T, V) logits
+    completion_measures_from_hidden                                  what evaluation reads (log π̂_λ, KL), the same way
 
 Everything else (dpo_loss, betas_from_s, BaselineBeta, EpsilonDPOOutput) is epsdpo.py's: copy both files.
+
+Host synchronizations: none with input_ids and completion_mask on the CPU (where a training loop has them before
+it copies them to the GPU): the positions are found and checked there, and reach the device without waiting. One
+per call with them on the device. epsdpo.py waits once.
 """
 
 import numbers
@@ -17,19 +22,16 @@ from dataclasses import dataclass
 
 import torch
 
-from epsdpo import (_check_batch, _check_logits, _check_tensor, _criterion, beta_and_epsilon,
-                    epsilon_dpo_output)
+from epsdpo import _check_batch, _check_tensor, _criterion, beta_and_epsilon, epsilon_dpo_output
 
 # ----------------------------------------------------------------------------------------------------
-# From the logits: what epsdpo.py computes, without ever holding a float32 copy of the (2B, T, V) logits, with
-# one host synchronization per call, and a number of torch operations that follows the rows, not the vocabulary.
+# From the logits: what epsdpo.py computes, without ever holding a float32 copy of the (2B, T, V) logits, and with
+# a number of torch operations that follows the rows, not the vocabulary.
 #
-# The full-vocabulary work (log-softmax normalizers, perturbed logits) runs over one row's completion
-# positions at a time, split only where a row holds more than this many bytes of float32 logits
-# (256 positions of a 256k vocabulary). On a GPU every torch operation costs a launch of some
-# microseconds whatever its size, so the number of operations follows the rows of the batch, not the
-# vocabulary or the sequence length; and the float32 copies alive at once stay a few rows' worth,
-# never a float32 copy of the whole (N, T, V) logits.
+# The full-vocabulary work (log-softmax normalizers, perturbed logits) runs over one row's completion positions
+# at a time, split only where a row holds more than this many bytes of float32 logits (256 positions of a 256k
+# vocabulary): a GPU pays a launch per torch operation whatever its size, so their number follows the rows, not
+# the vocabulary or the length, and the float32 copies alive at once stay a few rows' worth.
 CHUNK_BYTES = 256 * 2**20
 
 
@@ -41,76 +43,98 @@ def sequence_logps(logits, input_ids, completion_mask):
 
         log π(y|x) = Σ_i log softmax(f(x, y_<i))[y_i]      i over the completion tokens only
 
-    What epsdpo.sequence_logps computes with a log-softmax and a gather, without its float32 (N, T, V)
-    copy: the log-normalizers are taken one row's completion at a time (CHUNK_BYTES), and backward
-    rebuilds the softmax the same way.
-    A sum, not a mean: DPO's β is defined for the sum. Positions off the mask (prompt, padding) never
-    reach the result, whatever their tokens or logits; a row with no completion token gives 0.
+    What epsdpo.sequence_logps computes, without its float32 (N, T, V) copy: the log-normalizers are taken one
+    row's completion at a time (CHUNK_BYTES), and backward rebuilds the softmax the same way. A sum, not a mean.
+    Positions off the mask never reach the result, whatever they hold; a row with no completion token gives 0.
     """
     _check_tensor(logits, "logits", "(N, T, V)")
-    _check_batch(input_ids, completion_mask, logits.shape, logits.device, "logits", pairs=False, values=False)
-    positions = _scored_positions(input_ids, completion_mask, logits.shape[-1], _compute_dtype(logits).itemsize)
-    return _CompletionLogps.apply(logits, positions)
+    _check_batch(input_ids, completion_mask, logits.shape, _batch_device(input_ids, logits.device), "logits", pairs=False,
+                 values=False)
+    return _CompletionLogps.apply(logits, _scored_positions(input_ids, completion_mask, logits))
 
 
 # How sequence_logps does it: find the scored positions once, then work a row's completion at a time.
+def _batch_device(input_ids, device):
+    """Where input_ids and completion_mask may be: on the CPU, or with the logits or hidden states on `device`."""
+    return input_ids.device if isinstance(input_ids, torch.Tensor) and input_ids.device.type == "cpu" else device
+
+
+def _pair_positions(policy_logits, ref_logits, input_ids, completion_mask, every_pair=True):
+    """The checked arguments' _Positions; every_pair: each pair's two sequences must both have a completion."""
+    _check_tensor(policy_logits, "policy_logits", "(2B, T, V)")
+    _check_tensor(ref_logits, "ref_logits", "(2B, T, V)", policy_logits.device)
+    if ref_logits.shape != policy_logits.shape:
+        raise ValueError(f"ref_logits {tuple(ref_logits.shape)} must have the shape of policy_logits {tuple(policy_logits.shape)}")
+    _check_batch(input_ids, completion_mask, policy_logits.shape, _batch_device(input_ids, policy_logits.device),
+                 "policy_logits", values=False)
+    positions = _scored_positions(input_ids, completion_mask, policy_logits)
+    if every_pair:
+        _check_every_pair_scored(positions.empty_rows, len(input_ids))
+    return positions
 
 
 @dataclass
 class _Positions:
-    """Where the logits score a completion token, found once per batch.
+    """Where the logits score a completion token, found once per batch on the host: the logits at position t
+    predict the token at t + 1, so logits[n, t] score a token when completion_mask[n, t + 1] is 1."""
 
-    The logits at position t predict the token at t + 1, so logits[n, t] score a token when
-    completion_mask[n, t + 1] is 1.
-    """
-
-    scored: torch.Tensor      # (N, T-1) bool: logits[:, :-1] that score a completion token
-    targets: torch.Tensor     # (N, T-1) the token each of them scores (0 where none: safe to gather)
-    chunks: list              # (row, start, stop): pieces of the spans below, each under CHUNK_BYTES
+    scored: torch.Tensor      # (N, T-1) bool, on the logits' device: logits[:, :-1] that score a completion token
+    targets: torch.Tensor     # (N, T-1) on the logits' device: the token each of them scores (0 where none: safe to gather)
+    chunks: list              # (row, start, stop): pieces of each row's span of scored positions, each under CHUNK_BYTES
     empty_rows: list          # the rows with no completion token (their log-probability is 0)
-    spans: list               # (row, first, stop): logits[row, first:stop] hold all of row's scored positions
 
 
-def _check_every_pair_scored(positions):
-    """A pair whose chosen or rejected sequence has no completion token has no preference to learn."""
-    if positions.empty_rows:
-        row, num_pairs = positions.empty_rows[0], positions.scored.shape[0] // 2
+def _check_every_pair_scored(empty_rows, num_rows):         # such a pair has no preference to learn
+    if empty_rows:
+        row, num_pairs = empty_rows[0], num_rows // 2
         raise ValueError(f"pair {row % num_pairs}: its {'chosen' if row < num_pairs else 'rejected'} sequence (row {row} "
                          f"of input_ids) has no completion token: completion_mask is 0 on all of it")
 
 
-def _scored_positions(input_ids, completion_mask, vocab_size, itemsize):
-    """Check the mask and the scored token ids, and find each row's span of scored positions.
-
-    One host synchronization for the whole batch (the .tolist() below), whatever its size: the spans
-    must be known on the host to slice the logits.
-    """
-    num_rows, length = input_ids.shape
-    mask_on = completion_mask != 0
-    scored, next_tokens = mask_on[:, 1:], input_ids[:, 1:]                     # (N, T-1)
-    token_position = torch.arange(length, device=input_ids.device)
-    problems = torch.stack([(mask_on & (completion_mask != 1)).any(),            # a mask value not 0 or 1
-                            mask_on[:, 0].any(),                                  # a completion at position 0
-                            (scored & ((next_tokens < 0) | (next_tokens >= vocab_size))).any()])
-    first_scored = torch.where(mask_on, token_position, length).amin(-1) - 1      # (N,) T-1 for a row without any
-    last_scored = torch.where(mask_on, token_position, 0).amax(-1) - 1           # (N,) −1 for a row without any
-    # All the host needs, in one tensor: one .tolist(), one wait for the device.
-    on_host = torch.cat([problems.long(), first_scored, last_scored]).tolist()
-    (bad_values, first_token_scored, bad_ids), firsts, lasts = on_host[:3], on_host[3 : 3 + num_rows], on_host[3 + num_rows :]
-    if bad_values:
-        raise ValueError(f"completion_mask must hold only 0 and 1, got {completion_mask.unique().tolist()[:8]}")
-    if first_token_scored:
+def _on_host(input_ids, completion_mask, vocab_size):
+    """(next_tokens, scored), (N, T-1) each, on the host: the token each logit predicts, and whether it is a
+    completion token, after checking completion_mask and the scored ids. No wait for the device when input_ids
+    and completion_mask are on the CPU; on the device, one: their copy to the host, in one piece."""
+    if input_ids.device.type == completion_mask.device.type == "cpu":
+        ids, mask = input_ids, completion_mask
+    else:                           # float64 holds every id below 2**53 and any mask value exactly
+        ids, mask = torch.stack([input_ids.double(), completion_mask.double()]).cpu()
+        ids, mask = ids.to(input_ids.dtype), mask.to(completion_mask.dtype)
+    mask_on = mask != 0
+    scored, next_tokens = mask_on[:, 1:], ids[:, 1:]                              # (N, T-1)
+    if (mask_on & (mask != 1)).any():
+        raise ValueError(f"completion_mask must hold only 0 and 1, got {mask.unique().tolist()[:8]}")
+    if mask_on[:, 0].any():
         raise ValueError("completion_mask[:, 0] must be 0: the first token has no logit before it to predict it "
                          "(every completion follows at least one prompt token)")
-    if bad_ids:
-        wrong = next_tokens[scored & ((next_tokens < 0) | (next_tokens >= vocab_size))]
+    wrong = next_tokens[scored & ((next_tokens < 0) | (next_tokens >= vocab_size))]
+    if len(wrong):
         raise ValueError(f"input_ids must be in [0, {vocab_size}) wherever completion_mask is 1, got {wrong.tolist()[:8]}")
+    return next_tokens, scored
 
+
+def _to_device(host_tensors, device):
+    """Host tensors on `device` without waiting for it: on CUDA from pinned memory, non_blocking (the copy queues behind
+    the GPU's work; PyTorch keeps the pinned memory until it is done), as data.to_device; elsewhere a plain copy."""
+    if device.type == "cuda":
+        return [tensor.pin_memory().to(device, non_blocking=True) for tensor in host_tensors]
+    return [tensor.to(device) for tensor in host_tensors] if device.type != "cpu" else list(host_tensors)
+
+
+def _scored_positions(input_ids, completion_mask, logits):
+    """Check the mask and the scored token ids, and find each row's span of scored positions, on the host;
+    then send what the logits' device needs there, without waiting for it."""
+    vocab_size, itemsize = logits.shape[-1], _compute_dtype(logits).itemsize
+    next_tokens, scored = _on_host(input_ids, completion_mask, vocab_size)
+    token_position = torch.arange(scored.shape[1])
+    firsts = torch.where(scored, token_position, scored.shape[1]).amin(-1).tolist()     # (N,) T-1 for a row without any
+    lasts = torch.where(scored, token_position, -1).amax(-1).tolist()                   # (N,) −1 for a row without any
     longest = max(1, CHUNK_BYTES // (vocab_size * itemsize))
-    spans = [(row, first, last + 1) for row, (first, last) in enumerate(zip(firsts, lasts)) if first <= last]
-    chunks = [(row, start, min(start + longest, stop)) for row, first, stop in spans for start in range(first, stop, longest)]
+    chunks = [(row, start, min(start + longest, last + 1)) for row, (first, last) in enumerate(zip(firsts, lasts))
+              for start in range(first, last + 1, longest)]
     empty_rows = [row for row, (first, last) in enumerate(zip(firsts, lasts)) if last < first]
-    return _Positions(scored, torch.where(scored, next_tokens, 0).long(), chunks, empty_rows, spans)    # int32 ids too
+    targets = torch.where(scored, next_tokens, 0).long()                                 # int32 ids too
+    return _Positions(*_to_device([scored, targets], logits.device), chunks, empty_rows)
 
 
 def _compute_dtype(logits):
@@ -134,19 +158,14 @@ def _target_logits(logits, positions):
 
 
 def _sum_over_completion(token_values, scored):
-    """(..., T-1) per-token values -> (...) per-sequence sums; unscored positions count 0, whatever they hold.
-
-    Each row is summed on its own, so no row's rounding depends on the other rows.
-    """
+    """(..., T-1) per-token values -> (...) per-sequence sums, each row on its own; unscored positions count 0."""
     return torch.where(scored, token_values, 0).sum(dim=-1)
 
 
 class _CompletionLogps(torch.autograd.Function):
-    """Σ over scored positions of log softmax(logits)[target], with a backward that stores nothing new.
-
-    Plain autograd would keep a float32 log-softmax of every position alive until backward (an
-    (N, T, V) tensor). Here forward keeps only the logits (which exist anyway) and the (N, T-1)
-    log-normalizers, and backward rebuilds the softmax one chunk at a time:
+    """Σ over scored positions of log softmax(logits)[target], with a backward that stores nothing new: plain
+    autograd would keep a float32 log-softmax of every position (N, T, V); here forward keeps the logits (which
+    exist anyway) and the (N, T-1) log-normalizers, and backward rebuilds the softmax a chunk at a time:
         ∂ log softmax(f)[y] / ∂f = onehot(y) − softmax(f)
     """
 
@@ -178,33 +197,18 @@ class _CompletionLogps(torch.autograd.Function):
 
 
 def perturbed_logps(policy_logits, ref_logits, input_ids, completion_mask, epsilon):
-    """Sequence log-probabilities of the policies estimated for β/(1+ε) and β/(1−ε), without a forward pass.
-
-    Shapes: policy_logits and ref_logits (N, T, V); input_ids and completion_mask (N, T).
-    Returns (weaker_logps, stronger_logps), each (N,), float32 (float64 for float64 logits):
-
-        f_λ = f_ref + λ (f_θ − f_ref)                      per position, over the whole vocabulary
-        log π̂_λ(y|x) = Σ_i log softmax(f_λ(x, y_<i))[y_i]
-        weaker:   λ = 1 + ε, the policy for β⁻ = β/(1+ε)   (weaker KL penalty)
-        stronger: λ = 1 − ε, the policy for β⁺ = β/(1−ε)   (stronger KL penalty)
-
-    Why this form: f_ref + λ(f_θ − f_ref) is exactly f_ref when the policy equals the reference, which
-    λ f_θ + (1−λ) f_ref is not in floating point. Why float32: in bf16, ε (f_θ − f_ref) is below the
-    rounding step of the logits. Only completion positions are computed, a row at a time, under no_grad.
-    """
-    _check_logits(policy_logits, ref_logits, input_ids, completion_mask, values=False)
-    epsilon = beta_and_epsilon(1.0, epsilon)[1]
-    positions = _scored_positions(input_ids, completion_mask, policy_logits.shape[-1],
-                                  _compute_dtype(policy_logits).itemsize)
-    return _perturbed_logps(policy_logits, ref_logits, positions, epsilon)
+    """epsdpo.perturbed_logps: (weaker_logps, stronger_logps), each (N,), of the policies estimated for β/(1+ε) and
+    β/(1−ε), f_λ = f_ref + λ (f_θ − f_ref) with λ = 1 ± ε, in float32, from the completion positions a row at a time.
+    Shapes: policy_logits and ref_logits (N, T, V); input_ids and completion_mask (N, T)."""
+    positions = _pair_positions(policy_logits, ref_logits, input_ids, completion_mask, every_pair=False)
+    return _perturbed_logps(policy_logits, ref_logits, positions, beta_and_epsilon(1.0, epsilon)[1])
 
 
 @torch.no_grad()
 def _perturbed_logps(policy_logits, ref_logits, positions, epsilon):
     dtype = _compute_dtype(policy_logits)
     # torch.lerp(f_ref, f_θ, λ) forms f_ref + λ (f_θ − f_ref) in one pass, exactly f_ref when f_θ = f_ref.
-    # Index 0 of the leading dimension of 2 is λ = 1 + ε (weaker penalty), index 1 is λ = 1 − ε (stronger).
-    lambdas = (1 + epsilon, 1 - epsilon)
+    lambdas = (1 + epsilon, 1 - epsilon)                                                   # weaker, stronger
     # log softmax(f_λ)[y] = f_λ[y] − logsumexp(f_λ): first the perturbed logits of the targets, (2, N, T-1) ...
     ref_targets, policy_targets = (_target_logits(logits, positions).to(dtype) for logits in (ref_logits, policy_logits))
     target_logits = torch.stack([torch.lerp(ref_targets, policy_targets, lam) for lam in lambdas])
@@ -222,11 +226,8 @@ def _perturbed_logps(policy_logits, ref_logits, positions, epsilon):
 
 def criterion(policy_logits, ref_logits, input_ids, completion_mask, epsilon):
     """epsdpo.criterion: s (B,) ∈ {−1, 0, +1}, from the completion positions a chunk at a time."""
-    _check_logits(policy_logits, ref_logits, input_ids, completion_mask, values=False)
     epsilon = beta_and_epsilon(1.0, epsilon)[1]
-    positions = _scored_positions(input_ids, completion_mask, policy_logits.shape[-1],
-                                  _compute_dtype(policy_logits).itemsize)
-    _check_every_pair_scored(positions)
+    positions = _pair_positions(policy_logits, ref_logits, input_ids, completion_mask)
     with torch.no_grad():
         policy_logps = _CompletionLogps.apply(policy_logits, positions)
     return _criterion(policy_logps, *_perturbed_logps(policy_logits, ref_logits, positions, epsilon))
@@ -234,16 +235,10 @@ def criterion(policy_logits, ref_logits, input_ids, completion_mask, epsilon):
 
 def epsilon_dpo_loss(policy_logits, ref_logits, input_ids, completion_mask, beta, epsilon=None):
     """epsdpo.epsilon_dpo_loss, with the same arguments and EpsilonDPOOutput, from the completion positions a
-    chunk at a time: the same values, s and gradients (tested), without a float32 copy of the (2B, T, V) logits.
-
-    One host synchronization (finding the completion positions), and a number of torch operations that
-    follows the rows of the batch, not its vocabulary.
-    """
+    chunk at a time: the same values, s and gradients (tested), without a float32 copy of the (2B, T, V) logits,
+    in a number of torch operations that follows the rows of the batch, not its vocabulary."""
     beta, epsilon = beta_and_epsilon(beta, epsilon)
-    _check_logits(policy_logits, ref_logits, input_ids, completion_mask, values=False)
-    positions = _scored_positions(input_ids, completion_mask, policy_logits.shape[-1],
-                                  _compute_dtype(policy_logits).itemsize)
-    _check_every_pair_scored(positions)
+    positions = _pair_positions(policy_logits, ref_logits, input_ids, completion_mask)
     policy_logps = _CompletionLogps.apply(policy_logits, positions)                      # (2B,), with grad
     with torch.no_grad():
         ref_logps = _CompletionLogps.apply(ref_logits.detach(), positions)               # (2B,)
@@ -254,55 +249,78 @@ def epsilon_dpo_loss(policy_logits, ref_logits, input_ids, completion_mask, beta
 # ----------------------------------------------------------------------------------------------------
 # From the hidden states
 #
-# The logits are the last hidden states times the output layer's weight, f = softcap(hidden @ W.T), and ε-DPO
-# reads them only at the completion positions. So nothing needs the (2B, T, V) logits tensors of section 6
-# (1 GB each in bf16 for Llama-3's 128,256 words at T = 1,024 and 2 pairs), nor their gradient: the scored
-# positions are projected a chunk at a time, in forward for all four log-probabilities at once, and again
-# in backward for the policy's gradient.
+# The logits are f = softcap(hidden @ W.T), and ε-DPO reads them only at the completion positions: the scored
+# positions of all rows are gathered, then projected a chunk of positions at a time, each over the whole
+# vocabulary, in forward for all four log-probabilities at once and again in backward for the policy's gradient.
+# Never the (2B, T, V) logits of the logits path (1 GB each in bf16 at V = 128,256, 2 pairs × 1,024 tokens).
 #
-# A chunk is at most GROUP_POSITIONS scored positions (of all rows together) times a slice of the
-# vocabulary, cut so that it holds as many logits as CHUNK_POSITIONS positions of the whole vocabulary:
-#   - memory: a few float32 chunks of CHUNK_POSITIONS × V (32 MiB at V = 128,256), whatever B and T;
-#   - operations: one chunk per CHUNK_POSITIONS scored positions, whatever V (a GPU pays per launch);
-#   - matrix products of GROUP_POSITIONS rows: a GPU reads W once per group, where products of 64 rows
-#     would wait on memory (re-reading W) rather than compute.
-CHUNK_POSITIONS = 64
-GROUP_POSITIONS = 2048
+# How many chunks. A GPU pays a launch (some microseconds) per torch operation whatever its size, and a chunk is
+# 23 of them in bf16 (12 in forward, 11 in backward): the number of chunks is the cost to bound. A chunk holds
+# CHUNK_FLOAT32_BYTES of float32 logits (m positions × V words) while that makes at most MAX_CHUNKS chunks; beyond,
+# the chunks grow instead, each 1/MAX_CHUNKS of the scored positions. So:
+#   - operations: at most MAX_CHUNKS chunks whatever B, T and V; 887 per call (forward and backward, bf16
+#     autocast) from 1 GiB of scored float32 logits on (4 pairs × 1,024 tokens at V = 128,256: 3 GiB), fewer below;
+#   - memory: eager forward holds 4 float32 chunks at once: max(4 × 32 MiB, 1/8 of the scored positions' float32
+#     logits), at most 1/8 of one float32 (2B, T, V) logits tensor (3/32 when 3/4 of the positions are scored);
+#   - a chunk of 32 MiB at least (64 positions at V = 128,256) keeps each kernel large enough to be efficient.
+# All chunks have m positions (the last padded with positions that count nowhere): a compiled body is one graph.
+CHUNK_FLOAT32_BYTES = 32 * 2**20
+MAX_CHUNKS = 32
+# torch.compile's backend for the chunk bodies, by device type. On CUDA, inductor makes a chunk a few kernels (the
+# products, and fused reductions that never write the float32 (m, V) intermediates), as Liger-Kernel compiles its
+# fused linear losses. Elsewhere they run eagerly (a CPU gains little, and inductor needs a C++ compiler there;
+# MPS's inductor is young): the eager bodies are the reference the tests check the compiled ones against.
+COMPILE_BACKENDS = {"cuda": "inductor"}
 
 
 @dataclass
-class _Gathered:
-    """The positions the hidden-state path projects: every row's span of scored positions, all rows together."""
+class _HiddenPositions:
+    """The scored positions of all rows, in row order, padded to a whole number of chunks, on the device."""
 
-    hidden_index: torch.Tensor    # (P,) into hidden.flatten(0, 1): row * T + t
-    token_index: torch.Tensor     # (P,) into a flattened (N, T-1): row * (T-1) + t
-    rows: torch.Tensor            # (P,) the row of each
-    scored: torch.Tensor          # (P,) bool: it scores a completion token (spans may have gaps)
-    targets: torch.Tensor         # (P,) the token it scores (0 where none)
-    chunks: list                  # (start, stop, [(first word, last word + 1), ...]): the chunks, group by group
+    hidden_index: torch.Tensor    # (P',) into hidden.flatten(0, 1): row * T + t (0 for padding)
+    token_index: torch.Tensor     # (P',) into a flattened (N, T-1): row * (T-1) + t
+    rows: torch.Tensor            # (P',) the row of each (N for padding: its gradient is 0)
+    targets: torch.Tensor         # (P', 1) the token it scores (0 for padding)
+    num_positions: int            # P, the scored positions; P' = P rounded up to a multiple of chunk_size
+    chunk_size: int               # m, positions per chunk
+    empty_rows: list              # the rows with no completion token
 
-
-def _gathered_positions(positions, num_rows, length, vocab_size, device):
-    hidden_index = torch.tensor([row * length + t for row, first, stop in positions.spans for t in range(first, stop)],
-                                dtype=torch.long, device=device)                          # one copy to the device
-    rows = hidden_index // length
-    token_index = hidden_index - rows
-    chunks = []
-    for start in range(0, len(hidden_index), GROUP_POSITIONS):
-        stop = min(start + GROUP_POSITIONS, len(hidden_index))
-        num_slices = min(vocab_size, -(-(stop - start) // CHUNK_POSITIONS))             # ceil(positions / 64)
-        bounds = [vocab_size * i // num_slices for i in range(num_slices + 1)]
-        chunks.append((start, stop, list(zip(bounds[:-1], bounds[1:]))))
-    return _Gathered(hidden_index, token_index, rows, positions.scored.flatten()[token_index],
-                     positions.targets.flatten()[token_index], chunks)
+    def row_sums(self, token_values, num_rows, length):
+        """(K, P') values at the positions -> (K, N) sums, each row's in (N, T-1) as sequence_logps: none rounds with another's."""
+        per_token = token_values.new_zeros(len(token_values), num_rows * (length - 1))
+        per_token.index_copy_(1, self.token_index[: self.num_positions], token_values[:, : self.num_positions])
+        return per_token.view(-1, num_rows, length - 1).sum(-1)
 
 
-def _matmul_dtype(hidden, weight):
-    # What autocast multiplies in when it is on (bf16 logits, as the model's own head gives under autocast),
-    # else the inputs' common dtype.
+def _hidden_positions(input_ids, completion_mask, vocab_size, device):
+    """The scored positions, found and checked on the host, sent to the device in one copy that does not wait."""
+    next_tokens, scored = _on_host(input_ids, completion_mask, vocab_size)
+    (num_rows, scored_length), num_positions = scored.shape, int(scored.sum())
+    chunk_size = max(1, min(num_positions, max(-(-num_positions // MAX_CHUNKS), CHUNK_FLOAT32_BYTES // (4 * vocab_size))))
+    padding = -num_positions % chunk_size if num_positions else 1                        # a batch without: one chunk
+    token_index = scored.flatten().nonzero().squeeze(1)                                 # (P,) row-major
+    rows = token_index // scored_length
+    index = torch.stack([token_index + rows, token_index, rows, next_tokens.flatten()[token_index].long()])
+    index = torch.cat([index, torch.tensor([[0], [0], [num_rows], [0]]).expand(4, padding)], dim=1)   # (4, P')
+    hidden_index, token_index, rows, targets = _to_device([index], device)[0]
+    empty_rows = (~scored.any(-1)).nonzero().flatten().tolist()
+    return _HiddenPositions(hidden_index, token_index, rows, targets[:, None], num_positions, chunk_size, empty_rows)
+
+
+def _matmul_dtype(hidden, weight):          # autocast's when it is on (bf16 logits, as the model's own head), else theirs
     if torch.is_autocast_enabled(hidden.device.type):
         return torch.get_autocast_dtype(hidden.device.type)
     return torch.promote_types(hidden.dtype, weight.dtype)
+
+
+def _gathered(policy_hidden, policy_weight, ref_hidden, ref_weight, positions):
+    """(policy's and reference's hidden states at the positions (P', H), their weights transposed (H, V), each in the
+    dtype of its products, and the dtype of the softmax: float32, float64 for float64 inputs), under the caller's autocast."""
+    dtypes = (_matmul_dtype(policy_hidden, policy_weight), _matmul_dtype(ref_hidden, ref_weight))
+    hidden, ref_hidden = (states.detach().flatten(0, 1).index_select(0, positions.hidden_index).to(dtype)
+                          for states, dtype in zip((policy_hidden, ref_hidden), dtypes))
+    weight_t, ref_weight_t = (weight.detach().to(dtype).T for weight, dtype in zip((policy_weight, ref_weight), dtypes))
+    return hidden, ref_hidden, weight_t, ref_weight_t, torch.promote_types(dtypes[0], torch.float32)
 
 
 def _softcapped(logits, logit_softcap):
@@ -310,56 +328,69 @@ def _softcapped(logits, logit_softcap):
     return logits if logit_softcap is None else torch.tanh(logits / logit_softcap) * logit_softcap
 
 
-def _in_slice(targets, first, stop):
-    """(where each target lies in the slice [first, stop) of the vocabulary (m, 1), whether it does (m,))."""
-    local = targets - first
-    return local.clamp(0, stop - first - 1)[:, None], (local >= 0) & (local < stop - first)
+def _forward_chunk(hidden, ref_hidden, weight_t, ref_weight_t, targets, weaker, stronger, logit_softcap, dtype):
+    """One chunk of m positions, both models' logits (m, V) over the whole vocabulary in dtype (float32), and what the
+    loss reads of them: log Σ_v exp f_v of π_θ, π_ref, π̂_weaker, π̂_stronger (m,) each; f[y] of π_θ, π_ref (m, 1)."""
+    policy = _softcapped(hidden @ weight_t, logit_softcap).to(dtype)                       # (m, V)
+    ref = _softcapped(ref_hidden @ ref_weight_t, logit_softcap).to(dtype)
+    return (policy.logsumexp(-1), ref.logsumexp(-1),                # f_λ = f_ref + λ (f_θ − f_ref), as torch.lerp
+            torch.lerp(ref, policy, weaker).logsumexp(-1), torch.lerp(ref, policy, stronger).logsumexp(-1),
+            policy.gather(-1, targets), ref.gather(-1, targets))
+
+
+def _backward_chunk(hidden, weight, weight_t, log_normalizers, targets, minus_grads, logit_softcap, dtype):
+    """(∂/∂hidden (m, H), ∂/∂f (m, V)) of Σ_p g_p log softmax(f_p)[y_p] over one chunk, from minus_grads −g (m, 1)
+    and forward's log_normalizers (m, 1): the logits again, then
+        ∂/∂f = g (onehot(y) − softmax(f)) · (1 − tanh²(f / cap) with a soft-cap);  ∂/∂hidden = ∂/∂f @ W"""
+    logits = hidden @ weight_t                                                              # (m, V)
+    tanh = None if logit_softcap is None else torch.tanh(logits / logit_softcap)
+    logits = logits if tanh is None else tanh * logit_softcap
+    softmax = logits.to(dtype).sub_(log_normalizers).exp_()
+    # Subtract the one-hot before rounding to the matmul dtype: for a confident model g (1 − p) is far smaller
+    # than g p, and bf16 would round it away.
+    grad_logits = softmax.scatter_(-1, targets, -1.0, reduce="add").mul_(minus_grads)
+    if tanh is not None:
+        grad_logits.mul_(1 - tanh.to(dtype).square())                       # d cap·tanh(f/cap) / df
+    grad_logits = grad_logits.to(weight.dtype)
+    return grad_logits @ weight, grad_logits
+
+
+_compiled = {}                                          # backend: (forward, backward), compiled
+
+
+def _chunk_bodies(device):
+    """(forward, backward) chunk bodies for `device`: compiled, once per backend, where COMPILE_BACKENDS names one
+    (fullgraph: each body one graph; dynamic: one graph whatever m), else eager."""
+    backend = COMPILE_BACKENDS.get(device.type)
+    if backend is not None and backend not in _compiled:
+        _compiled[backend] = [torch.compile(body, backend=backend, fullgraph=True, dynamic=True) for body in (_forward_chunk, _backward_chunk)]
+    return _compiled[backend] if backend is not None else (_forward_chunk, _backward_chunk)
 
 
 class _LogpsFromHidden(torch.autograd.Function):
-    """The four sequence log-probabilities of ε-DPO from hidden states, each (N,): the policy's (with a
-    gradient), the reference's, and the perturbed ones for λ = 1 + ε and λ = 1 − ε.
-
-    The twin of _CompletionLogps and _perturbed_logps: forward keeps the per-position log-normalizers
-    and the gathered policy hidden states (P, H); backward projects each chunk again and rebuilds its
-    softmax, ∂ log softmax(f)[y] / ∂f = onehot(y) − softmax(f), times the soft-cap's derivative 1 − tanh²,
-    then  ∂/∂hidden = grad_f @ W  and  ∂/∂W = grad_f.T @ hidden.
-    """
+    """The four sequence log-probabilities of ε-DPO from hidden states, each (N,): the policy's (with a gradient),
+    the reference's, and the perturbed ones for λ = 1 ± ε. Forward keeps the policy's hidden states at the positions
+    (P', H) and their log-normalizers; backward projects each chunk again and rebuilds its softmax."""
 
     @staticmethod
-    def forward(ctx, policy_hidden, policy_weight, ref_hidden, ref_weight, positions, gathered, logit_softcap, epsilon):
-        num_rows, length, _ = policy_hidden.shape
-        policy_dtype, ref_dtype = _matmul_dtype(policy_hidden, policy_weight), _matmul_dtype(ref_hidden, ref_weight)
-        dtype = torch.promote_types(policy_dtype, torch.float32)              # softmax and perturbation: float32
-        lambdas = (1 + epsilon, 1 - epsilon)
-        with torch.autocast(policy_hidden.device.type, enabled=False):       # the dtypes are chosen above
-            hidden = policy_hidden.detach().flatten(0, 1)[gathered.hidden_index].to(policy_dtype)        # (P, H)
-            ref_hidden = ref_hidden.detach().flatten(0, 1)[gathered.hidden_index].to(ref_dtype)
-            weight, ref_weight = policy_weight.detach().to(policy_dtype), ref_weight.detach().to(ref_dtype)
-            num_slices = max(len(slices) for _, _, slices in gathered.chunks)
-            # logsumexp over each slice of the vocabulary, then over the slices: [policy, ref, λ = 1+ε, λ = 1−ε]
-            slice_normalizers = torch.full((4, num_slices, len(hidden)), -float("inf"), dtype=dtype, device=hidden.device)
-            target_logits = torch.zeros(2, len(hidden), dtype=dtype, device=hidden.device)     # [policy, ref]
-            for start, stop, slices in gathered.chunks:
-                for index, (first, last) in enumerate(slices):
-                    policy_logits = _softcapped(hidden[start:stop] @ weight[first:last].T, logit_softcap).to(dtype)
-                    ref_logits = _softcapped(ref_hidden[start:stop] @ ref_weight[first:last].T, logit_softcap).to(dtype)
-                    slice_normalizers[:, index, start:stop] = torch.stack(
-                        [policy_logits.logsumexp(-1), ref_logits.logsumexp(-1)]
-                        + [torch.lerp(ref_logits, policy_logits, lam).logsumexp(-1) for lam in lambdas])
-                    where, inside = _in_slice(gathered.targets[start:stop], first, last)
-                    found = torch.stack([policy_logits.gather(-1, where), ref_logits.gather(-1, where)]).squeeze(-1)
-                    target_logits[:, start:stop] += torch.where(inside, found, 0)
-            log_normalizers = slice_normalizers.logsumexp(1)                                    # (4, P)
-            ref_targets, policy_targets = target_logits[1], target_logits[0]
-            targets = torch.stack([policy_targets, ref_targets, *(torch.lerp(ref_targets, policy_targets, lam) for lam in lambdas)])
-            # Back to (N, T-1), to sum each row as sequence_logps does.
-            token_logps = torch.zeros(4, num_rows * (length - 1), dtype=dtype, device=hidden.device)
-            token_logps.index_copy_(1, gathered.token_index, targets - log_normalizers)
-            logps = _sum_over_completion(token_logps.view(4, num_rows, length - 1), positions.scored)   # (4, N)
+    def forward(ctx, policy_hidden, policy_weight, ref_hidden, ref_weight, positions, logit_softcap, epsilon):
+        (num_rows, length, _), device = policy_hidden.shape, policy_hidden.device
+        forward_chunk, _ = _chunk_bodies(device)
+        hidden, ref_hidden, weight_t, ref_weight_t, dtype = _gathered(policy_hidden, policy_weight, ref_hidden, ref_weight, positions)
+        with torch.autocast(device.type, enabled=False):                     # the dtypes are chosen
+            size, lambdas = positions.chunk_size, (1 + epsilon, 1 - epsilon)
+            # λ as 0-d tensors (filled on the device, no copy): a compiled body then takes them as inputs, not constants.
+            lambda_weights = [torch.full((), lam, dtype=dtype, device=device) for lam in lambdas]
+            chunks = [forward_chunk(*parts, weight_t, ref_weight_t, targets, *lambda_weights, logit_softcap, dtype)
+                      for *parts, targets in zip(hidden.split(size), ref_hidden.split(size), positions.targets.split(size))]
+            *log_normalizers, policy_targets, ref_targets = (torch.cat(column) for column in zip(*chunks))   # (P',), (P', 1)
+            policy_targets, ref_targets = policy_targets[:, 0], ref_targets[:, 0]
+            # log π̂(y_t) = f_λ[y_t] − log Σ_v exp f_λ,v at each position (4, P'): policy, reference, λ = 1 + ε, λ = 1 − ε
+            token_logps = torch.stack([policy_targets, ref_targets, *(torch.lerp(ref_targets, policy_targets, lam) for lam in lambdas)])
+            logps = positions.row_sums(token_logps - torch.stack(log_normalizers), num_rows, length)       # (4, N)
         ctx.save_for_backward(hidden, policy_weight, log_normalizers[0])
-        ctx.gathered, ctx.logit_softcap, ctx.hidden_shape = gathered, logit_softcap, policy_hidden.shape
-        ctx.hidden_dtype, ctx.policy_dtype = policy_hidden.dtype, policy_dtype
+        ctx.positions, ctx.logit_softcap, ctx.hidden_shape = positions, logit_softcap, policy_hidden.shape
+        ctx.hidden_dtype, ctx.policy_dtype = policy_hidden.dtype, hidden.dtype
         outputs = tuple(logps.unbind(0))
         ctx.mark_non_differentiable(*outputs[1:])
         return outputs
@@ -367,81 +398,103 @@ class _LogpsFromHidden(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_logps, *_):
-        hidden, policy_weight, log_normalizers = ctx.saved_tensors
-        gathered, logit_softcap, dtype = ctx.gathered, ctx.logit_softcap, log_normalizers.dtype
+        (hidden, policy_weight, log_normalizers), positions = ctx.saved_tensors, ctx.positions
+        dtype, weight_grad = log_normalizers.dtype, ctx.needs_input_grad[1]
+        _, backward_chunk = _chunk_bodies(hidden.device)
         with torch.autocast(hidden.device.type, enabled=False):
-            weight = policy_weight.to(ctx.policy_dtype)
-            # −g at every scored position of a sequence whose log-probability has gradient g, 0 elsewhere.
-            minus_grads = torch.where(gathered.scored, -grad_logps.to(dtype)[gathered.rows], 0)[:, None]     # (P, 1)
-            grad_hidden = torch.zeros(hidden.shape, dtype=dtype, device=hidden.device)                     # (P, H)
-            grad_weight = torch.zeros(weight.shape if ctx.needs_input_grad[1] else 0, dtype=dtype, device=hidden.device)  # (V, H)
-            for start, stop, slices in gathered.chunks:
-                for first, last in slices:
-                    logits = hidden[start:stop] @ weight[first:last].T
-                    if logit_softcap is not None:
-                        tanh = torch.tanh(logits / logit_softcap)
-                        logits = tanh * logit_softcap
-                    softmax = (logits.to(dtype) - log_normalizers[start:stop, None]).exp_()          # (m, slice)
-                    where, inside = _in_slice(gathered.targets[start:stop], first, last)
-                    # Subtract the one-hot before rounding to the matmul dtype, as _CompletionLogps does.
-                    grad_logits = softmax.scatter_add_(-1, where, -inside.to(dtype)[:, None]).mul_(minus_grads[start:stop])
-                    if logit_softcap is not None:
-                        grad_logits.mul_(1 - tanh.to(dtype).square())                  # d cap·tanh(f/cap) / df
-                    grad_logits = grad_logits.to(weight.dtype)
-                    grad_hidden[start:stop] += grad_logits @ weight[first:last]
-                    if ctx.needs_input_grad[1]:                 # not for a frozen head (LoRA)
-                        grad_weight[first:last] += grad_logits.T @ hidden[start:stop]
+            weight_t = (weight := policy_weight.to(ctx.policy_dtype)).T
+            # −g of the sequence of each position (0 for padding, whose row is N).
+            minus_grads = torch.nn.functional.pad(-grad_logps.to(dtype), (0, 1))[positions.rows]       # (P',)
+            size, grad_weight, grad_hidden = positions.chunk_size, None, []
+            for chunk, *parts in zip(hidden.split(size), log_normalizers[:, None].split(size), positions.targets.split(size),
+                                     minus_grads[:, None].split(size)):
+                grad_chunk, grad_logits = backward_chunk(chunk, weight, weight_t, *parts, ctx.logit_softcap, dtype)
+                grad_hidden.append(grad_chunk)
+                # ∂/∂W += ∂/∂f.T @ hidden in float32 (float64 inputs: float64), in place when the products are; else one (V, H)
+                # product at a time, in their dtype. None for a frozen head (LoRA).
+                if weight_grad and grad_weight is None:
+                    grad_weight = (grad_logits.T @ chunk).to(dtype)
+                elif weight_grad and grad_weight.dtype == grad_logits.dtype:
+                    grad_weight.addmm_(grad_logits.T, chunk)
+                elif weight_grad:
+                    grad_weight.add_(grad_logits.T @ chunk)
             num_rows, length, width = ctx.hidden_shape
             grad_policy_hidden = torch.zeros(num_rows * length, width, dtype=ctx.hidden_dtype, device=hidden.device)
-            grad_policy_hidden.index_copy_(0, gathered.hidden_index, grad_hidden.to(ctx.hidden_dtype))
-        grad_weight = grad_weight.to(policy_weight.dtype) if ctx.needs_input_grad[1] else None
-        return grad_policy_hidden.view(ctx.hidden_shape), grad_weight, None, None, None, None, None, None
+            grad_policy_hidden.index_copy_(0, positions.hidden_index[: positions.num_positions],
+                                           torch.cat(grad_hidden)[: positions.num_positions].to(ctx.hidden_dtype))
+        grad_weight = grad_weight.to(policy_weight.dtype) if weight_grad else None
+        return grad_policy_hidden.view(ctx.hidden_shape), grad_weight, None, None, None, None, None
 
 
-def _check_hidden(hidden, weight, input_ids, completion_mask, prefix, device=None):
-    _check_tensor(hidden, f"{prefix}_hidden", "(2B, T, H)", device)
-    _check_tensor(weight, f"{prefix}_weight", "(V, H)", hidden.device)
-    if weight.shape[1] != hidden.shape[2] or 0 in weight.shape:
-        raise ValueError(f"{prefix}_weight {tuple(weight.shape)} must have the shape (V, H) with V ≥ 1 and H = "
-                         f"{hidden.shape[2]} as in {prefix}_hidden")
-    _check_batch(input_ids, completion_mask, (*hidden.shape[:2], weight.shape[0]), hidden.device,
-                 f"softcap({prefix}_hidden @ {prefix}_weight.T)", values=False)
-
-
-def epsilon_dpo_loss_from_hidden(policy_hidden, policy_weight, ref_hidden, ref_weight, input_ids, completion_mask,
-                                 beta, epsilon=None, logit_softcap=None):
-    """epsilon_dpo_loss from the last hidden states and the output layers' weights, never the full logits.
-
-    Shapes: policy_hidden and ref_hidden (2B, T, H), each model's last hidden states after its final norm,
-    the B chosen sequences followed by the B rejected ones; policy_weight and ref_weight (V, H), the
-    output layers' weights (bias-free heads; a tied weight is fine: its gradient adds to the embedding's);
-    input_ids and completion_mask (2B, T); beta the baseline β; 0 ≤ epsilon < 1; logit_softcap None or
-    Gemma-2's final_logit_softcapping. Returns the EpsilonDPOOutput of
-
-        epsilon_dpo_loss(softcap(policy_hidden @ policy_weight.T), softcap(ref_hidden @ ref_weight.T), ...)
-        softcap(f) = cap · tanh(f / cap)        (no soft-cap: softcap(f) = f)
-
-    within float32 rounding, with gradients for policy_hidden and policy_weight. Only the scored positions
-    are projected, a chunk at a time (CHUNK_POSITIONS above), in forward and again in backward, so the extra
-    memory is a few chunks of CHUNK_POSITIONS × V float32 logits whatever B and T. The products run in
-    the inputs' dtype (bf16 under a bf16 autocast, as the model's own head would), the soft-cap in that
-    dtype too, and the softmax, logsumexp and perturbation in float32, as in the logits path.
-    """
-    beta, epsilon = beta_and_epsilon(beta, epsilon)
-    _check_hidden(policy_hidden, policy_weight, input_ids, completion_mask, "policy")
-    _check_hidden(ref_hidden, ref_weight, input_ids, completion_mask, "ref", policy_hidden.device)
+def _check_both_models(policy_hidden, policy_weight, ref_hidden, ref_weight, input_ids, completion_mask, logit_softcap, pairs=True):
+    """The checked arguments' _HiddenPositions."""
+    for prefix, hidden, weight in (("policy", policy_hidden, policy_weight), ("ref", ref_hidden, ref_weight)):
+        _check_tensor(hidden, f"{prefix}_hidden", "(2B, T, H)" if pairs else "(N, T, H)", None if prefix == "policy" else policy_hidden.device)
+        _check_tensor(weight, f"{prefix}_weight", "(V, H)", hidden.device)
+        if weight.shape[1] != hidden.shape[2] or 0 in weight.shape:
+            raise ValueError(f"{prefix}_weight {tuple(weight.shape)} must have the shape (V, H) with V ≥ 1 and H = "
+                             f"{hidden.shape[2]} as in {prefix}_hidden")
+        _check_batch(input_ids, completion_mask, (*hidden.shape[:2], weight.shape[0]), _batch_device(input_ids, hidden.device),
+                     f"softcap({prefix}_hidden @ {prefix}_weight.T)", pairs=pairs, values=False)
     if ref_weight.shape[0] != policy_weight.shape[0]:
         raise ValueError(f"ref_weight {tuple(ref_weight.shape)} and policy_weight {tuple(policy_weight.shape)} must have "
                          f"the same vocabulary")
     if logit_softcap is not None and (isinstance(logit_softcap, bool) or not isinstance(logit_softcap, numbers.Real)
                                       or not 0 < logit_softcap < float("inf")):
         raise ValueError(f"logit_softcap must be None or a finite number > 0, got {logit_softcap!r}")
-    (num_rows, length, _), vocab_size = policy_hidden.shape, policy_weight.shape[0]
-    positions = _scored_positions(input_ids, completion_mask, vocab_size, 4)
-    _check_every_pair_scored(positions)
-    gathered = _gathered_positions(positions, num_rows, length, vocab_size, policy_hidden.device)
+    return _hidden_positions(input_ids, completion_mask, policy_weight.shape[0], policy_hidden.device)
 
+
+def epsilon_dpo_loss_from_hidden(policy_hidden, policy_weight, ref_hidden, ref_weight, input_ids, completion_mask,
+                                 beta, epsilon=None, logit_softcap=None):
+    """epsilon_dpo_loss from the last hidden states and the output layers' weights, never the full logits. Shapes: policy_hidden and ref_hidden (2B, T, H), each model's last hidden states after its final norm,
+    the B chosen sequences followed by the B rejected ones; policy_weight and ref_weight (V, H), the
+    output layers' weights (bias-free heads; a tied weight is fine: its gradient adds to the embedding's);
+    input_ids and completion_mask (2B, T), best on the CPU (below); beta the baseline β; 0 ≤ epsilon < 1;
+    logit_softcap None or Gemma-2's final_logit_softcapping. Returns the EpsilonDPOOutput of
+
+        epsilon_dpo_loss(softcap(policy_hidden @ policy_weight.T), softcap(ref_hidden @ ref_weight.T), ...)
+        softcap(f) = cap · tanh(f / cap)        (no soft-cap: softcap(f) = f)
+
+    within float32 rounding, with gradients for policy_hidden and policy_weight. Only the scored positions are
+    projected, in at most MAX_CHUNKS chunks over the whole vocabulary (above), in forward and again in backward:
+    887 torch operations for 4 pairs × 1,024 tokens at V = 128,256 in bf16, as many for longer sequences and larger
+    vocabularies, and an extra peak of at most 1/8 of one float32 (2B, T, V) logits tensor; on CUDA each chunk's
+    body is compiled. The products run in the inputs' dtype (bf16 under a bf16 autocast, as the model's own head),
+    the soft-cap too, the softmax, logsumexp and perturbation in float32, as in the logits path.
+    """
+    beta, epsilon = beta_and_epsilon(beta, epsilon)
+    positions = _check_both_models(policy_hidden, policy_weight, ref_hidden, ref_weight, input_ids, completion_mask, logit_softcap)
+    _check_every_pair_scored(positions.empty_rows, len(input_ids))
     policy_logps, ref_logps, weaker_logps, stronger_logps = _LogpsFromHidden.apply(
-        policy_hidden, policy_weight, ref_hidden, ref_weight, positions, gathered, logit_softcap, epsilon)
+        policy_hidden, policy_weight, ref_hidden, ref_weight, positions, logit_softcap, epsilon)
     s = _criterion(policy_logps, weaker_logps, stronger_logps)
     return epsilon_dpo_output(policy_logps, ref_logps, s, beta, epsilon)
+
+
+@torch.no_grad()
+def completion_measures_from_hidden(policy_hidden, policy_weight, ref_hidden, ref_weight, input_ids, completion_mask,
+                                    lambdas=(), logit_softcap=None):
+    """What evaluation reads along each sequence's completion, from hidden states in the loss's chunks (eager):
+        logps (K, N)   log π̂_λ(y|x) = Σ_t log softmax(f_ref + λ (f_θ − f_ref))[y_t] for each λ of lambdas (K of them):
+                       λ = 1 is the policy, λ = 0 the reference, 1 ± ε the policies of the criterion
+        kls (N,)       Σ_t KL(π_θ(·|x, y<t) ‖ π_ref(·|x, y<t)) = Σ_t Σ_v p_v (log p_v − log q_v)
+
+    Shapes: as epsilon_dpo_loss_from_hidden, with N rows of any kind (no pairs); a row without a completion
+    token gives 0. Float32 (float64 for float64 inputs), without gradient. Host synchronizations as there.
+    """
+    positions = _check_both_models(policy_hidden, policy_weight, ref_hidden, ref_weight, input_ids, completion_mask,
+                                   logit_softcap, pairs=False)
+    hidden, ref_hidden, weight_t, ref_weight_t, dtype = _gathered(policy_hidden, policy_weight, ref_hidden, ref_weight, positions)
+    with torch.autocast(policy_hidden.device.type, enabled=False):                 # the dtypes are chosen
+        size, columns = positions.chunk_size, []
+        for hidden_chunk, ref_chunk, targets in zip(hidden.split(size), ref_hidden.split(size), positions.targets.split(size)):
+            policy = _softcapped(hidden_chunk @ weight_t, logit_softcap).to(dtype)          # (m, V)
+            ref = _softcapped(ref_chunk @ ref_weight_t, logit_softcap).to(dtype)
+            log_q, log_p = ref.logsumexp(-1, keepdim=True), policy.logsumexp(-1, keepdim=True)
+            # Σ_v p_v ((f_θ − log Σ exp f_θ) − (f_ref − log Σ exp f_ref)), p = softmax(f_θ)
+            kls = ((policy - log_p).exp_() * (policy - ref - (log_p - log_q))).sum(-1)
+            columns.append(torch.stack([kls, *((lambda perturbed: perturbed.gather(-1, targets).squeeze(-1)
+                                                - perturbed.logsumexp(-1))(torch.lerp(ref, policy, lam)) for lam in lambdas)]))
+        kls, *logps = sums = positions.row_sums(torch.cat(columns, 1), *policy_hidden.shape[:2])
+    return sums[1:], kls

@@ -10,6 +10,7 @@ import torch
 import torch.distributed as dist
 
 import epsdpo
+import epsdpo_chunked
 from data import NOISE_CODES, collate, collate_prompts, gold_score
 from models import last_hidden_states, sharded
 
@@ -112,9 +113,7 @@ def sample_and_score(policy, reference, tokenizer, pairs, gold_reward, args, dev
                     samples.append({"prompt_ids": pair["prompt_ids"], "chosen_ids": new, "rejected_ids": new})
                     rewards.append(gold_score(gold_reward, pair["prompt"], tokenizer.decode(new, skip_special_tokens=True)))
                 batch = collate(samples, tokenizer.pad_token_id, device)   # scored right-padded, as in training
-                inputs = dict(input_ids=batch.input_ids[: len(samples)], attention_mask=batch.attention_mask[: len(samples)])
-                scored = batch.completion_mask[: len(samples)]
-                kls += sequence_kl(*(completion_logits(model, inputs, scored, head) for model in (policy, reference))).tolist()
+                kls += completion_measures(policy, reference, batch, head, rows=len(samples), max_rows=2 * args.batch_size)[1].tolist()
     finally:
         policy.generation_config = model_defaults                      # saved with the model as it was
     return rewards, kls
@@ -131,8 +130,9 @@ def evaluate(forward, models, tokenizer, eval_pairs, beta, gold_reward, args, de
     # padded to the longest with a pair that is computed and counted nowhere.
     padded = shard + eval_pairs[:1] * (-(-len(eval_pairs) // ranks) - len(shard))
     sums = torch.zeros(len(SUMS) + len(NOISE), dtype=torch.float64, device=device)
-    for i in range(0, len(padded), args.eval_batch_size):
-        batch = collate(padded[i : i + args.eval_batch_size], tokenizer.pad_token_id, device)
+    size = args.eval_batch_size if head else min(args.eval_batch_size, args.batch_size)   # full logits: as in training
+    for i in range(0, len(padded), size):
+        batch = collate(padded[i : i + size], tokenizer.pad_token_id, device)
         sums += pair_sums(forward(policy, reference, batch, beta, args.epsilon, head), batch.noise, pairs=len(shard) - i)
     rewards, kls = sample_and_score(policy, reference, tokenizer, padded, gold_reward, args, device, head) if gold_reward else ([], [])
     rewards, kls = rewards[: len(shard)], kls[: len(shard)]
@@ -150,7 +150,8 @@ def evaluate(forward, models, tokenizer, eval_pairs, beta, gold_reward, args, de
 
 def sequence_kl(policy_logits, ref_logits):
     """Σ over the completion positions t of KL(π_θ(·|x, y<t) ‖ π_ref(·|x, y<t)), per sequence: (N,).
-    Takes, per sequence, the logits (m, V) at the positions that predict its completion (models.completion_logits).
+    Takes, per sequence, the logits (m, V) at the positions that predict its completion (the logits fallback of
+    completion_measures).
 
     Along a completion y sampled from π_θ, this is an unbiased estimate of KL(π_θ(·|x) ‖ π_ref(·|x)) by
     the chain rule, like the sampled log-ratio log π_θ(y|x) − log π_ref(y|x); but it is never negative,
@@ -164,48 +165,55 @@ def sequence_kl(policy_logits, ref_logits):
     return torch.stack(kls)
 
 
-def completion_logits(model, inputs, completion_mask, head):
-    """For each sequence of inputs, the logits (m, V) at the m positions that predict its completion tokens:
-    one sequence at a time from the last hidden states when head is a LinearHead, else from the full logits."""
-    scored = completion_mask[:, 1:].bool()                                                       # (N, T-1)
-    if head is None:
-        return [row[mask] for row, mask in zip(model(**inputs).logits[:, :-1], scored)]
-    hidden, weight = last_hidden_states(model, inputs)
-    cap = head.logit_softcap
-    return ((logits if cap is None else torch.tanh(logits / cap) * cap)
-            for logits in (row[mask] @ weight.T for row, mask in zip(hidden[:, :-1], scored)))
+@torch.no_grad()
+def completion_measures(policy, reference, batch, head, lambdas=(), rows=None, max_rows=None):
+    """What both models say along the completion of each sequence of batch (its first `rows`): (logps (K, N), kls (N,)),
+    log π̂_λ(y|x) at each of the K lambdas (1: the policy, 0: the reference) and Σ_t KL(π_θ‖π_ref) (sequence_kl).
+
+    From the last hidden states, in the loss's chunks (epsdpo_chunked.completion_measures_from_hidden), when head is a
+    LinearHead: never a (N, T, V) tensor, whatever the batch. Otherwise from the logits of at most max_rows sequences
+    at a time (train.py: --batch-size pairs, as training holds them)."""
+    rows = rows or len(batch.input_ids)
+    input_ids, attention_mask, completion_mask = (t[:rows] for t in (batch.input_ids, batch.attention_mask, batch.completion_mask))
+    if head is not None:
+        (hidden, weight), (ref_hidden, ref_weight) = (last_hidden_states(model, dict(input_ids=input_ids, attention_mask=attention_mask))
+                                                      for model in (policy, reference))
+        return epsdpo_chunked.completion_measures_from_hidden(hidden, weight, ref_hidden, ref_weight, batch.host_input_ids[:rows],
+                                                              batch.host_completion_mask[:rows], lambdas, head.logit_softcap)
+    logps, kls = [], []
+    for part in (slice(start, start + (max_rows or rows)) for start in range(0, rows, max_rows or rows)):
+        logits, ref_logits = (model(input_ids=input_ids[part], attention_mask=attention_mask[part]).logits.float()
+                              for model in (policy, reference))
+        logps.append(torch.stack([epsdpo.sequence_logps(torch.lerp(ref_logits, logits, lam), input_ids[part], completion_mask[part])
+                                  for lam in lambdas]) if lambdas else logits.new_zeros(0, len(logits)))
+        scored = batch.host_completion_mask[:rows][part, 1:].bool()                            # (n, T-1), on the host
+        # A row's scored logits (m, V) at a time: only one row's copies alive at once.
+        kls.append(sequence_kl(*((row[mask] for row, mask in zip(f[:, :-1], scored)) for f in (logits, ref_logits))))
+    return torch.cat(logps, 1), torch.cat(kls)
 
 
 @torch.no_grad()
-def criterion_measures(policy, reference, pairs, pad_token_id, epsilon, forward, head, autocast, batch_size=64):
+def criterion_measures(policy, reference, pairs, pad_token_id, epsilon, forward, head, autocast, batch_size=64, logits_batch_size=64):
     """What the criterion measures on the final policy, for reports.plot_criterion: per pair h, ΔK, s and the noise
     flag; how often s = sign(h − ΔK) and s = sign(h) ("agreement"); and z(λ) of a few pairs ("curves" at "lambdas").
     None at ε = 0 or without pairs. Called on every rank (under FSDP each forward pass is a collective).
 
     ΔK = K_w − K_l, with K the KL(π_θ‖π_ref) summed along a completion. To first order in ε,
     z(1 ± ε) − z(1) = ± ε dz/dλ with dz/dλ = h − ΔK, so s = sign(h − ΔK) where that is clear of zero.
-    forward and head: train.py's loss of a batch and the models' LinearHead (None: from full logits), so that
-    this holds no more memory than training does; only the few pairs drawn take full logits, one at a time.
+    forward and head: train.py's loss of a batch and the models' LinearHead (None: from full logits). Everything is
+    taken from the hidden states in the loss's chunks (completion_measures) in batches of batch_size pairs, or, where
+    the head needs full logits, in batches of logits_batch_size pairs (train.py: --batch-size, as in training).
     """
     if epsilon == 0 or not pairs:
         return None
     device = next(policy.parameters()).device
-
-    def logits_of(chunk):
-        batch = collate(chunk, pad_token_id, device)
-        with autocast:
-            logits, ref_logits = (model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-                                  for model in (policy, reference))
-        return batch, logits.float(), ref_logits.float()
-
+    batch_size = batch_size if head is not None else logits_batch_size
     columns = []                                            # per pair: h, ΔK, s, noise flag
     for start in range(0, len(pairs), batch_size):
         batch = collate(pairs[start : start + batch_size], pad_token_id, device)
-        inputs = dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
         with autocast:
             out = forward(policy, reference, batch, 1.0, epsilon, head)
-            kls = sequence_kl(*(completion_logits(model, inputs, batch.completion_mask, head)
-                                       for model in (policy, reference)))
+            _, kls = completion_measures(policy, reference, batch, head)
         half = len(out.s)
         h = (out.chosen_logps - out.ref_chosen_logps) - (out.rejected_logps - out.ref_rejected_logps)
         columns.append(torch.stack([v.double() for v in (h, kls[:half] - kls[half:], out.s, batch.noise)]).cpu())
@@ -218,9 +226,9 @@ def criterion_measures(policy, reference, pairs, pad_token_id, epsilon, forward,
     examples = marked if len(marked) > 3 else list(range(min(6, len(s))))
     # λ from 0 to 2, and finely across [1 − 2ε, 1 + 2ε], where the criterion compares z(1 − ε), z(1), z(1 + ε).
     lambdas = sorted({step / 10 for step in range(21)} | {1 + k * epsilon / 2 for k in range(-4, 5) if 0 <= 1 + k * epsilon / 2 <= 2})
-    curves = {}
-    for i in examples:
-        batch, logits, ref_logits = logits_of([pairs[i]])
-        curves[i] = [(lambda logps: (logps[0] - logps[1]).item())(epsdpo.sequence_logps(
-                     torch.lerp(ref_logits, logits, lam), batch.input_ids, batch.completion_mask)) for lam in lambdas]
-    return {"h": h, "delta_k": delta_k, "s": s, "noise": noise, "agreement": agreement, "curves": curves, "lambdas": lambdas}
+    with autocast:
+        logps, _ = completion_measures(policy, reference, collate([pairs[i] for i in examples], pad_token_id, device), head,
+                                       lambdas, max_rows=2)
+    z = (logps[:, : len(examples)] - logps[:, len(examples) :]).T.tolist()                      # (examples, λ)
+    return {"h": h, "delta_k": delta_k, "s": s, "noise": noise, "agreement": agreement, "curves": dict(zip(examples, z)),
+            "lambdas": lambdas}

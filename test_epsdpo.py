@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
+import bench_counts
 import epsdpo
 import epsdpo_chunked
 
@@ -253,7 +254,7 @@ def test_chunks_of_a_few_positions_give_what_whole_rows_give(monkeypatch):
 
     whole = everything()
     monkeypatch.setattr(epsdpo_chunked, "CHUNK_BYTES", 3 * 7 * 4)   # three float32 positions per chunk
-    assert len(epsdpo_chunked._scored_positions(input_ids, completion_mask, 7, 4).chunks) == 3 + 2 + 0 + 4
+    assert len(epsdpo_chunked._scored_positions(input_ids, completion_mask, torch.empty(0, 0, 7, device="meta")).chunks) == 3 + 2 + 0 + 4
     for chunked, expected in zip(everything(), whole):
         torch.testing.assert_close(chunked, expected)
 
@@ -864,8 +865,8 @@ def test_the_number_of_operations_follows_the_rows_not_the_vocabulary_or_the_len
     completion_mask = torch.zeros(8, 300, dtype=torch.long)
     completion_mask[:, 44:] = 1
     input_ids = torch.zeros(8, 300, dtype=torch.long)
-    assert len(epsdpo_chunked._scored_positions(input_ids, completion_mask, 262_144, 4).chunks) == 8
-    assert len(epsdpo_chunked._scored_positions(input_ids, completion_mask, 262_145, 4).chunks) == 16
+    assert len(epsdpo_chunked._scored_positions(input_ids, completion_mask, torch.empty(0, 0, 262_144, device="meta")).chunks) == 8
+    assert len(epsdpo_chunked._scored_positions(input_ids, completion_mask, torch.empty(0, 0, 262_145, device="meta")).chunks) == 16
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -1051,7 +1052,7 @@ def test_the_loss_from_hidden_states_equals_the_loss_from_their_logits(precision
     torch.testing.assert_close(gradient.float(), expected_gradient.float(), rtol=0, atol=tolerance * expected_gradient.abs().max().item())
 
 
-def test_hidden_state_chunks_of_a_few_positions_and_words_give_what_one_chunk_gives(monkeypatch):
+def test_hidden_state_chunks_of_a_few_positions_give_what_one_chunk_gives_and_never_exceed_max_chunks(monkeypatch):
     weight, mixing, ref_weight, ref_hidden, input_ids, completion_mask = hidden_state_batch(vocab=50, length=12)
     hidden = (weight.detach()[input_ids] @ mixing).requires_grad_()
 
@@ -1060,36 +1061,85 @@ def test_hidden_state_chunks_of_a_few_positions_and_words_give_what_one_chunk_gi
                                                   0.5, 0.3, 5.0)
         return out.losses, out.chosen_logps, out.ref_rejected_logps, *torch.autograd.grad(out.loss, (hidden, weight))
 
+    def chunks():
+        positions = epsdpo_chunked._hidden_positions(input_ids, completion_mask, 50, torch.device("cpu"))
+        return positions.num_positions, positions.chunk_size, len(positions.rows) // positions.chunk_size
+
+    assert chunks() == (42, 42, 1)                                   # 42 positions × 50 words: one chunk of 32 MiB
     whole = everything()
-    monkeypatch.setattr(epsdpo_chunked, "CHUNK_POSITIONS", 2)        # groups of 7 positions × 4 slices of the vocabulary
-    monkeypatch.setattr(epsdpo_chunked, "GROUP_POSITIONS", 7)
-    positions = epsdpo_chunked._scored_positions(input_ids, completion_mask, 50, 4)
-    chunks = epsdpo_chunked._gathered_positions(positions, 6, 12, 50, torch.device("cpu")).chunks
-    assert len(chunks) > 3 and max(len(slices) for _, _, slices in chunks) == 4
+    monkeypatch.setattr(epsdpo_chunked, "CHUNK_FLOAT32_BYTES", 4 * 50 * 4)    # 4 float32 positions a chunk ...
+    assert chunks() == (42, 4, 11)                                   # ... the last one with 2 padded positions
+    for chunked, expected in zip(everything(), whole):
+        torch.testing.assert_close(chunked, expected)
+    monkeypatch.setattr(epsdpo_chunked, "MAX_CHUNKS", 5)            # ... unless that makes more than MAX_CHUNKS:
+    assert chunks() == (42, 9, 5)                                    # then 5 chunks, 3 padded positions
     for chunked, expected in zip(everything(), whole):
         torch.testing.assert_close(chunked, expected)
 
 
-def operations_from_hidden_states(vocab, completion_tokens=128, num_pairs=2, width=8):
-    """Torch operations one epsilon_dpo_loss_from_hidden forward + backward dispatches."""
-    generator = torch.Generator().manual_seed(0)
-    length = 44 + completion_tokens
-    ref_hidden = torch.randn(2 * num_pairs, length, width, generator=generator)
-    hidden = (ref_hidden + 0.1 * torch.randn(ref_hidden.shape, generator=generator)).requires_grad_()
-    weight = torch.randn(vocab, width, generator=generator).requires_grad_()
-    input_ids = torch.randint(0, vocab, (2 * num_pairs, length), generator=generator)
-    completion_mask = torch.zeros(2 * num_pairs, length, dtype=torch.long)
-    completion_mask[:, 44:] = 1
-    with _CountOperations() as counter:
-        epsdpo_chunked.epsilon_dpo_loss_from_hidden(hidden, weight, ref_hidden, weight.detach(), input_ids, completion_mask,
-                                            0.1, 0.01).loss.backward()
-    return counter.count
+def test_the_loss_from_hidden_states_is_under_a_thousand_operations_flat_in_length_and_vocabulary_and_never_reads_the_device():
+    """At 4 pairs × 1,024 tokens (768 of them completion) and V = 128,256, as train.py runs it in bf16: at most 1,000
+    torch operations forward and backward, and an extra peak of at most 0.1 × one float32 logits tensor; the same
+    count at twice the length and twice the vocabulary (MAX_CHUNKS chunks, however large). It runs on FakeTensors,
+    which cannot be read: no host read of a device value. FakeTensors count as real ones (checked small)."""
+    def operations(**shape):
+        return bench_counts.loss_costs("hidden", **shape)["operations"]
+
+    small = dict(length=64, completion=40, vocab=300, width=8)
+    assert operations(**small) == operations(**small, fake=False)
+    costs = bench_counts.loss_costs("hidden")                               # 4 pairs × 1,024 tokens, V = 128,256
+    assert costs["operations"] <= 1000 and costs["extra_peak"] <= 0.1 * costs["logits"], costs
+    assert operations(vocab=256_000) == operations(length=2048, completion=1536) == costs["operations"]
+    # Before the cap the number of chunks follows the scored float32 logits: fewer operations, not more.
+    assert operations(vocab=32_000, length=512, completion=256) < costs["operations"]
 
 
-def test_the_number_of_operations_from_hidden_states_follows_the_positions_not_the_vocabulary():
-    operations = operations_from_hidden_states(64)                         # 512 positions: 8 chunks
-    assert operations_from_hidden_states(4096) == operations               # vocabulary × 64
-    assert operations_from_hidden_states(64, completion_tokens=256) > operations   # positions: more chunks
+def test_the_compiled_chunks_are_one_graph_each_and_give_what_the_eager_ones_give(monkeypatch):
+    """torch.compile of the chunk bodies, as on a GPU, captured whole (fullgraph) and run with the eager kernels
+    ("aot_eager": no C++ compiler needed): the values and gradients of the eager bodies, and one graph for the forward
+    body and one for the backward body, whatever the number of positions of the batch (padded chunks, dynamic shapes)."""
+    weight, mixing, ref_weight, ref_hidden, input_ids, completion_mask = hidden_state_batch(vocab=50, length=12)
+    hidden = (weight.detach()[input_ids] @ mixing).requires_grad_()
+
+    def everything(rows):
+        out = epsdpo_chunked.epsilon_dpo_loss_from_hidden(hidden[rows], weight, ref_hidden[rows], ref_weight,
+                                                          input_ids[rows], completion_mask[rows], 0.5, 0.3, 5.0)
+        return out.losses, out.s, out.chosen_logps, out.ref_rejected_logps, *torch.autograd.grad(out.loss, (hidden, weight))
+
+    graphs = []
+
+    def backend(graph, example_inputs):
+        graphs.append(graph)
+        return torch._dynamo.lookup_backend("aot_eager")(graph, example_inputs)
+
+    monkeypatch.setattr(epsdpo_chunked, "CHUNK_FLOAT32_BYTES", 4 * 50 * 4)      # chunks of 4 positions, the last padded
+    batches = [[0, 1, 2, 3, 4, 5], [0, 2, 3, 5], [1, 4]]                          # 42, 28 and 12 positions
+    eager = [everything(rows) for rows in batches]
+    monkeypatch.setattr(epsdpo_chunked, "COMPILE_BACKENDS", {"cpu": backend})
+    monkeypatch.setattr(epsdpo_chunked, "_compiled", {})
+    torch._dynamo.reset()
+    for rows, expected in zip(batches, eager):
+        for compiled, eagerly in zip(everything(rows), expected):
+            torch.testing.assert_close(compiled, eagerly, rtol=0, atol=0)
+    assert len(graphs) == 2
+
+
+def test_what_evaluation_reads_from_hidden_states_is_what_the_logits_give():
+    """completion_measures_from_hidden: log π̂_λ(y|x) at any λ (1: the policy, 0: the reference) and the summed
+    KL(π_θ‖π_ref) along each completion, equal to a float64 loop over the positions of the full logits; in chunks
+    of a few positions too; and 0 for a row without a completion token."""
+    weight, mixing, ref_weight, ref_hidden, input_ids, completion_mask = hidden_state_batch(vocab=50, length=12)
+    completion_mask[2] = 0
+    hidden = weight.detach()[input_ids] @ mixing
+    lambdas = (0.0, 1.0, 0.7, 1.3)
+    logps, kls = epsdpo_chunked.completion_measures_from_hidden(hidden, weight, ref_hidden, ref_weight, input_ids,
+                                                                 completion_mask, lambdas, logit_softcap=5.0)
+    policy_logits, ref_logits = (softcapped(h.double() @ w.detach().double().T, 5.0) for h, w in ((hidden, weight), (ref_hidden, ref_weight)))
+    for lam, row in zip(lambdas, logps):
+        torch.testing.assert_close(row.double(), slow_sequence_logps(torch.lerp(ref_logits, policy_logits, lam), input_ids,
+                                                                     completion_mask), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(kls.double(), slow_completion_kls(policy_logits, ref_logits, completion_mask), rtol=1e-5, atol=1e-6)
+    assert kls[2] == 0 and (logps[:, 2] == 0).all() and (kls[[0, 1, 3, 4, 5]] > 0).all()
 
 
 @pytest.mark.parametrize("change, message", [

@@ -22,6 +22,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 import checkpoints
 import compare
+import bench_counts
 import data
 import epsdpo
 import evaluation
@@ -538,10 +539,10 @@ def test_under_fsdp_each_rank_holds_half_of_the_weights_gradients_optimizer_stat
     for kind in ("parameters", "gradients", "optimizer", "reference"):
         assert fsdp[kind] == pytest.approx(one[kind] / 2, rel=0.01), kind
     # bench.py --memory's computed bytes are these measured ones (less AdamW's step counts, 4 bytes a tensor)
-    import bench
+    import bench_memory
 
     with torch.device("meta"):
-        computed = bench.bytes_per_gpu(AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(train.TINY_MODEL)), gpus=2)
+        computed = bench_memory.bytes_per_gpu(AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(train.TINY_MODEL)), gpus=2)
     assert computed["ddp"]["policy"] == pytest.approx(one["parameters"] + one["gradients"] + one["optimizer"], abs=100)
     assert computed["fsdp"]["policy"] == pytest.approx(fsdp["parameters"] + fsdp["gradients"] + fsdp["optimizer"], abs=100)
     shards = [(folder / "fsdp-whole/checkpoint-15" / f"__{rank}_0.distcp").stat().st_size for rank in (0, 1)]
@@ -852,27 +853,83 @@ def test_gradient_checkpointing_recomputes_the_layers_and_gives_the_same_losses(
     assert changed_weights(tmp_path / "checkpointed") == changed_weights(tmp_path / "plain")
 
 
-def test_a_step_makes_the_same_few_collective_calls_whatever_the_gradient_accumulation(tmp_path, monkeypatch, small_data):
+def syncs_and_collectives_per_step(tmp_path, monkeypatch, arguments):
+    """Each optimizer step's host synchronizations and collectives in a real train.py run on one gloo rank, followed as
+    a GPU would run it (bench_counts.HostSyncs): the models' weights and every batch copied to the device are device
+    tensors. [(syncs, collectives)] per step: syncs as (what, where); evaluation left out (it runs every --eval-every
+    steps), and everything before the first training batch and after the last step (loading, saving)."""
     import torch.distributed as dist
+    from torch.utils._python_dispatch import _disable_current_modes as disable_current_modes
 
-    calls = []
-    for name in ("all_gather", "all_reduce", "all_gather_object", "broadcast", "broadcast_object_list", "barrier"):
-        real = getattr(dist, name)
-        monkeypatch.setattr(dist, name, lambda *a, _name=name, _real=real, **k: (calls.append(_name), _real(*a, **k))[1])
-    per_run = {}
-    for grad_accum in (1, 4):
-        dist.init_process_group("gloo", init_method=f"file://{tmp_path / f'rendezvous-{grad_accum}'}", rank=0, world_size=1)
-        calls.clear()
-        try:
-            train.main(["--output-dir", str(tmp_path / f"accumulate-{grad_accum}"), "--max-steps", "3", "--eval-every",
-                        "1000", "--grad-accum", str(grad_accum), *small_data])    # main ends the process group
-        finally:
-            if dist.is_initialized():
-                dist.destroy_process_group()
-        per_run[grad_accum] = list(calls)
-    # Per optimizer step: one all_gather (metrics with the s counts, gradient norm, β, stop flag); per evaluation
-    # (two here): one all_gather.
-    assert per_run[1] == per_run[4] and sorted(per_run[1]) == ["all_gather"] * (3 + 2)
+    syncs, collectives, steps = bench_counts.HostSyncs(), [], []
+    syncs.paused = True                                          # until the first training batch
+
+    def wrap(module, name, before=None, pause=False):
+        real = getattr(module, name)
+
+        def wrapper(*args, **kwargs):
+            if before:
+                before(*args)
+            if not pause:
+                return real(*args, **kwargs)
+            paused, syncs.paused = syncs.paused, True
+            try:
+                with disable_current_modes():                   # not followed: it runs at full speed
+                    return real(*args, **kwargs)
+            finally:
+                syncs.paused = paused
+        monkeypatch.setattr(module, name, wrapper)
+
+    def end_of_step(output_dir, row):
+        if row["split"] == "train":
+            steps.append((list(syncs.syncs), list(collectives)))
+            syncs.syncs.clear(), collectives.clear()
+
+    for name in ("all_gather", "all_reduce", "all_gather_object", "broadcast", "broadcast_object_list", "barrier", "reduce_scatter"):
+        wrap(dist, name, before=lambda *_, name=name: None if syncs.paused else collectives.append(name))
+    copy = lambda tensors, device: syncs.mark([tensor.clone() for tensor in tensors])     # to the device, not waiting
+    monkeypatch.setattr(data, "to_device", copy)
+    monkeypatch.setattr(train, "to_device", copy)
+    real_setup = train.setup_models
+
+    def setup_on_the_device(*args):
+        built = real_setup(*args)
+        for model in (built.policy, built.reference):
+            syncs.mark([*model.parameters(), *model.buffers()])
+        return built
+    monkeypatch.setattr(train, "setup_models", setup_on_the_device)
+    wrap(train, "collate", before=lambda *_: setattr(syncs, "paused", False))           # the training loop's batches
+    wrap(train, "evaluate", pause=True)
+    wrap(train, "criterion_measures", pause=True)
+    wrap(train, "append_metrics", before=end_of_step)
+    wrap(train, "gathered_state_dict", before=lambda *_: setattr(syncs, "paused", True))     # saving, after the last step
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    try:
+        with syncs:
+            train.main(["--output-dir", str(tmp_path / "out"), "--eval-every", "1000", *arguments])   # main ends the group
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    assert not syncs.syncs and not collectives                   # nothing after the last step's metrics
+    return steps
+
+
+def test_an_optimizer_step_at_scale_makes_one_collective_and_one_host_sync(tmp_path, monkeypatch, small_data):
+    """At scale (train.PLAIN_LOSS_BYTES = 0: the loss from hidden states), each optimizer step of 3 micro-batches
+    makes one collective, the all_gather of the step's sums, and one host synchronization of this project's, reading
+    them back: not one per micro-batch. The models' forward passes wait too, each twice, in transformers' causal-mask builder (it reads
+    whether the attention mask holds padding): 4 per micro-batch, which a caller cannot avoid but by giving its own
+    4-dimensional mask."""
+    monkeypatch.setattr(train, "PLAIN_LOSS_BYTES", 0)
+    grad_accum = 3
+    steps = syncs_and_collectives_per_step(tmp_path, monkeypatch, ["--max-steps", "2", "--grad-accum", str(grad_accum), *small_data])
+    assert len(steps) == 2
+    for syncs, collectives in steps:
+        assert collectives == ["all_gather"]
+        ours = [sync for sync in syncs if not sync[1].startswith("masking_utils.py")]
+        assert [where.split(":")[0] for _, where in ours] == ["evaluation.py"], ours            # across_ranks: .cpu()
+        # transformers' _ignore_causal_mask_sdpa reads the padding mask twice (fast_all): policy and reference.
+        assert [what for what, _ in syncs if (what, _) not in ours] == ["aten._local_scalar_dense.default"] * 2 * 2 * grad_accum
 
 
 def test_the_kl_along_samples_is_unbiased_never_negative_and_steadier_than_the_log_ratio():
@@ -957,6 +1014,10 @@ def test_the_quick_benchmark_runs_and_reports_every_figure(tmp_path):
     # And the loss from hidden states adds less to the step's peak than the loss from logits.
     assert realistic["hidden"]["peak_mib"] < realistic["epsilon-dpo"]["peak_mib"]
     assert "extra_time_over_inherent_work" in result.stdout
+    # Both losses at scale (4 pairs × 1,024 tokens, V = 128,256): operations and extra peak, counted on FakeTensors.
+    (costs,) = report["loss_costs"].values()
+    assert costs["hidden"]["operations"] <= 1000 and costs["hidden"]["extra_peak"] <= 0.1 * costs["hidden"]["logits"]
+    assert costs["logits"]["operations"] > 0 and costs["logits"]["extra_peak"] > costs["hidden"]["extra_peak"]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -990,7 +1051,7 @@ def test_evaluation_samples_from_the_policy_alone_whatever_the_models_generation
     monkeypatch.setattr(GenerationMixin, "_get_logits_processor", recording)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     pairs = [{"prompt_ids": tokenizer("Review of the lamp:")["input_ids"], "prompt": "Review of the lamp:"}] * 3
-    args = argparse.Namespace(max_new_tokens=6, eval_batch_size=2, seed=0)
+    args = argparse.Namespace(max_new_tokens=6, eval_batch_size=2, batch_size=2, seed=0)
     rewards, kls = evaluation.sample_and_score(policy, policy, tokenizer, pairs, lambda prompt, completion: 0.0, args, torch.device("cpu"))
     assert len(rewards) == len(kls) == 3 and len(built) == 2 and built == [[], []]     # no processor and no warper
     assert policy.generation_config.to_diff_dict() == GenerationConfig.from_pretrained(folder).to_diff_dict()
@@ -1529,12 +1590,14 @@ def test_a_step_from_hidden_states_gives_the_loss_and_gradients_of_a_step_from_l
         torch.testing.assert_close(getattr(out, name), getattr(expected, name), rtol=1e-5, atol=1e-5)
     for gradient, expected_gradient in zip(gradients, expected_gradients):
         torch.testing.assert_close(gradient, expected_gradient, rtol=1e-4, atol=1e-6)
-    inputs = dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
-    with torch.no_grad():
-        kls = [evaluation.sequence_kl(*(evaluation.completion_logits(m, inputs, batch.completion_mask, h) for m in (policy, reference)))
-               for h in (head, None)]
-    assert (kls[1] > 0).all()
-    torch.testing.assert_close(*kls)
+    # What evaluation reads (log π̂_λ and the KL along each completion): from hidden states in chunks as from the
+    # logits, these two rows at a time.
+    (logps, kls), (expected_logps, expected_kls) = (evaluation.completion_measures(policy, reference, batch, h, (0.0, 1.0, 1.3),
+                                                                                   max_rows=2) for h in (head, None))
+    assert (expected_kls > 0).all()
+    torch.testing.assert_close(kls, expected_kls)
+    torch.testing.assert_close(logps, expected_logps)
+    torch.testing.assert_close(logps[1], torch.cat([expected.chosen_logps, expected.rejected_logps]))
 
 
 def test_the_loss_from_hidden_states_trains_as_the_loss_from_logits(tmp_path, monkeypatch, capsys):

@@ -27,7 +27,7 @@ import torch.distributed as dist
 import epsdpo
 import epsdpo_chunked
 from checkpoints import restore_checkpoint, resumed_args, save_checkpoint, save_pretrained_atomically
-from data import ReportedError, collate, load_gold_reward, load_pairs, load_tokenizer, micro_batches
+from data import ReportedError, collate, load_gold_reward, load_pairs, load_tokenizer, micro_batches, to_device
 from evaluation import NOISE, SUMS, across_ranks, criterion_measures, evaluate, pair_sums, s_counts, train_row
 from models import (gathered_state_dict, held_bytes, init_distributed, last_hidden_states, local, precision, setup_models,
                     tokenizer_name, training_mode)
@@ -152,17 +152,19 @@ def forward(policy, reference, batch, beta, epsilon, head=None):
     logits are small; at scale from the last hidden states when the output layer is a plain linear map (head, see
     models.linear_head), never a (2B, T, V) tensor, else from the logits in chunks."""
     inputs = dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+    on_host = (batch.host_input_ids, batch.host_completion_mask)    # at scale the loss finds the positions there: no wait
     if head and batch.input_ids.numel() * head.vocab_size * 4 > PLAIN_LOSS_BYTES:
         hidden, weight = last_hidden_states(policy, inputs)                                         # (2B, T, H), (V, H)
         with torch.no_grad():
             ref_hidden, ref_weight = last_hidden_states(reference, inputs)
-        return epsdpo_chunked.epsilon_dpo_loss_from_hidden(hidden, weight, ref_hidden, ref_weight, batch.input_ids,
-                                                           batch.completion_mask, beta, epsilon, head.logit_softcap)
+        return epsdpo_chunked.epsilon_dpo_loss_from_hidden(hidden, weight, ref_hidden, ref_weight, *on_host, beta, epsilon,
+                                                           head.logit_softcap)
     logits = policy(**inputs).logits                                                                # (2B, T, V)
     with torch.no_grad():
         ref_logits = reference(**inputs).logits
-    loss = epsdpo.epsilon_dpo_loss if logits.numel() * 4 <= PLAIN_LOSS_BYTES else epsdpo_chunked.epsilon_dpo_loss
-    return loss(logits, ref_logits, batch.input_ids, batch.completion_mask, beta, epsilon)
+    if logits.numel() * 4 <= PLAIN_LOSS_BYTES:                      # the method as written; its checks wait once
+        return epsdpo.epsilon_dpo_loss(logits, ref_logits, batch.input_ids, batch.completion_mask, beta, epsilon)
+    return epsdpo_chunked.epsilon_dpo_loss(logits, ref_logits, *on_host, beta, epsilon)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -283,7 +285,7 @@ def train(args, label="ε-DPO", checkpoint=None):
                 grad_norm = local(torch.nn.utils.clip_grad_norm_(trained_weights, args.max_grad_norm))  # FSDP: over all shards
                 # What the step needs on the host, from every rank, in one collective and one wait for the device:
                 # the sums (s counts among them), the gradient norm, the β each rank used and whether it got a signal.
-                flags = torch.tensor([beta, stop.signal is not None], dtype=torch.float64).to(device)
+                flags = to_device([torch.tensor([beta, stop.signal is not None], dtype=torch.float64)], device)[0]   # no wait
                 ranks = across_ranks(torch.cat([sums, grad_norm.double().reshape(1), flags]))
                 totals, grad_norm = ranks.sum(0), ranks[0, -3].item()
                 check_finite(step, totals[SUMS.index("loss")].item(), grad_norm, output_dir)
@@ -310,7 +312,7 @@ def train(args, label="ε-DPO", checkpoint=None):
 
         # What the criterion measures on the final policy (every rank computes, rank 0 draws criterion.png)
         measured = criterion_measures(policy, models.reference, train_pairs[: args.criterion_pairs], tokenizer.pad_token_id,
-                                      args.epsilon, forward, models.head, autocast, args.eval_batch_size)
+                                      args.epsilon, forward, models.head, autocast, args.eval_batch_size, args.batch_size)
         # Saving (under FSDP, every rank first sends its shards to rank 0's CPU memory)
         state_dict = gathered_state_dict(policy)
         if rank != 0:

@@ -29,11 +29,11 @@ import epsdpo_chunked
 from checkpoints import restore_checkpoint, resumed_args, save_checkpoint, save_pretrained_atomically
 from data import ReportedError, collate, load_gold_reward, load_pairs, load_tokenizer, micro_batches
 from evaluation import NOISE, SUMS, across_ranks, criterion_measures, evaluate, pair_sums, s_counts, train_row
-from models import (gathered_state_dict, held_bytes, init_distributed, last_hidden_states, local, precision, setup_models,
-                    tokenizer_name, training_mode)
+from models import held_bytes, init_distributed, last_hidden_states, precision, setup_models, tokenizer_name, training_mode
 from output_folder import (append_metrics, check_only_ours_replaced, claim_on_rank_zero, our_checkpoints, prepare_output_dir,
                            read_metrics, run_writes)
 from reports import plot_criterion, plot_curves, print_data_report, print_start, print_summary, run_summary
+from sharding import gathered_state_dict, local, reshard_root
 from signals import StopNow, stop_signals
 
 HERE = pathlib.Path(__file__).resolve().parent
@@ -156,13 +156,16 @@ def forward(policy, reference, batch, beta, epsilon, head=None):
         hidden, weight = last_hidden_states(policy, inputs)                                         # (2B, T, H), (V, H)
         with torch.no_grad():
             ref_hidden, ref_weight = last_hidden_states(reference, inputs)
-        return epsdpo_chunked.epsilon_dpo_loss_from_hidden(hidden, weight, ref_hidden, ref_weight, batch.input_ids,
-                                                           batch.completion_mask, beta, epsilon, head.logit_softcap)
-    logits = policy(**inputs).logits                                                                # (2B, T, V)
-    with torch.no_grad():
-        ref_logits = reference(**inputs).logits
-    loss = epsdpo.epsilon_dpo_loss if logits.numel() * 4 <= PLAIN_LOSS_BYTES else epsdpo_chunked.epsilon_dpo_loss
-    return loss(logits, ref_logits, batch.input_ids, batch.completion_mask, beta, epsilon)
+        out = epsdpo_chunked.epsilon_dpo_loss_from_hidden(hidden, weight, ref_hidden, ref_weight, batch.input_ids,
+                                                          batch.completion_mask, beta, epsilon, head.logit_softcap)
+    else:
+        logits = policy(**inputs).logits                                                            # (2B, T, V)
+        with torch.no_grad():
+            ref_logits = reference(**inputs).logits
+        loss = epsdpo.epsilon_dpo_loss if logits.numel() * 4 <= PLAIN_LOSS_BYTES else epsdpo_chunked.epsilon_dpo_loss
+        out = loss(logits, ref_logits, batch.input_ids, batch.completion_mask, beta, epsilon)
+    reshard_root(reference)             # FSDP: its output layer, whole for the loss, is freed before the backward
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -120,13 +120,14 @@ def load_sharded_weights(model, folder):
     """A sharded policy's weights from a checkpoint of a sharded run (torch.distributed.checkpoint), each
     process reading its own shards. checkpoints.load_checkpoint reads them again with AdamW's state."""
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import CheckpointException
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
 
     state = {"model": get_model_state_dict(model)}
     try:
         dcp.load(state, checkpoint_id=folder)
-    except Exception as error:                                          # another model's shards, unreadable files
-        first = next(iter(getattr(error, "failures", {}).values()), error)
+    except (CheckpointException, RuntimeError, ValueError) as error:    # another model's shards, unreadable files
+        first = next(iter(error.failures.values()), error) if isinstance(error, CheckpointException) else error
         raise ReportedError(f"{folder}: its shards do not load into this model ({type(first).__name__}: "
                             f"{(str(first).splitlines() or [''])[0][:200]})") from None
     set_model_state_dict(model, state["model"])

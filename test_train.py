@@ -618,6 +618,35 @@ def test_fsdp_in_bf16_starts_exactly_at_the_reference_and_trains_with_gradient_c
         assert bf16_row["loss"] == pytest.approx(float32_row["loss"], abs=2**-7)
 
 
+def test_a_model_built_empty_takes_its_shards_from_a_checkpoint_and_another_models_shards_are_refused(tmp_path):
+    """In a process group of one (gloo), in this process: models.empty_model has its weights on the meta device
+    and the rotary frequencies from_pretrained computes; sharded, it takes a sharded checkpoint's weights
+    (sharding.load_sharded_weights, as a resumed FSDP run does), and another model's shards give one line."""
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    import sharding
+
+    loaded = AutoModelForCausalLM.from_pretrained(train.TINY_MODEL)
+    empty = models.empty_model(str(train.TINY_MODEL), trust_remote_code=False)
+    assert {p.device.type for p in empty.parameters()} == {"meta"}
+    assert [(n, b.tolist()) for n, b in empty.named_buffers()] == [(n, b.tolist()) for n, b in loaded.named_buffers()]
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'group'}", rank=0, world_size=1)
+    try:
+        dcp.save({"model": get_model_state_dict(sharding.shard(loaded))}, checkpoint_id=tmp_path / "checkpoint-1")
+        other = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(train.TINY_MODEL, vocab_size=70))
+        dcp.save({"model": get_model_state_dict(sharding.shard(other))}, checkpoint_id=tmp_path / "checkpoint-2")
+        policy = sharding.allocate_shards(sharding.shard(empty), torch.device("cpu"))
+        sharding.load_sharded_weights(policy, tmp_path / "checkpoint-1")
+        expected = load_file(train.TINY_MODEL / "model.safetensors")
+        assert all(torch.equal(sharding.local(policy.get_parameter(name)), expected[name]) for name in expected)
+        with pytest.raises(data.ReportedError, match=f"{tmp_path / 'checkpoint-2'}: its shards do not load into this model"):
+            sharding.load_sharded_weights(policy, tmp_path / "checkpoint-2")
+    finally:
+        dist.destroy_process_group()
+
+
 def test_a_cut_shard_makes_the_sharded_checkpoint_before_it_the_one_resumed(two_ranks, tmp_path, capsys):
     output_dir = copy_of(two_ranks[0] / "fsdp-whole", tmp_path)
     shard = output_dir / "checkpoint-15/__1_0.distcp"

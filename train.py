@@ -109,7 +109,7 @@ def parse_args(argv=None, report=False, extra=(), description=__doc__):
     add("--epochs", type=number(float, 0, what="must be > 0"), default=2.0, help="passes over the train split, when --max-steps is not given")
     add("--max-length", type=number(int, 2, low_open=False, what="must be >= 2"), default=512, help="prompt + completion tokens")
     add("--max-prompt-length", type=count, default=256, help="when a pair exceeds --max-length, its prompt keeps BOS and its last tokens up to this many")
-    add("--dtype", choices=("auto", "float32", "bfloat16"), default="auto", help="bfloat16: mixed precision (float32 weights, bf16 autocast, the frozen weights autocast casts in bf16: the reference's, or LoRA's base); auto: bfloat16 on GPUs with bf16 arithmetic (compute capability >= 8.0)")
+    add("--dtype", choices=("auto", "float32", "bfloat16"), default="auto", help="bfloat16: mixed precision (float32 weights, bf16 autocast, the frozen weights autocast casts in bf16: the reference's, or LoRA's base); auto: bfloat16 on GPUs with bf16 arithmetic (compute capability >= 8.0); float32 on those GPUs multiplies in TF32")
     add("--lora-r", type=number(int, 0, low_open=False, what="must be >= 0"), default=0, help="train LoRA adapters of this rank (peft), the reference being the model with them off; 0: every weight (full fine-tuning)")
     add("--lora-alpha", type=number(float, 0, what="must be > 0"), default=16.0, help="LoRA's scale: the adapters add (alpha / r) B A x")
     add("--lora-target", nargs="+", default=["all-linear"], help="the layers LoRA adapts (peft's target_modules, e.g. q_proj v_proj); all-linear: every linear layer but the output head")

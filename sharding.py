@@ -60,9 +60,10 @@ def gathered_fits(model, device):
 def gathered_once(model, device):
     """Under FSDP, a block in which each unit of the model is gathered at its first forward pass and kept
     whole to the end, then resharded. generate() calls the model once per new token, and each call would
-    gather every unit again: the whole model per token on every GPU (at 8B in bf16, 16 GB of traffic
-    into each GPU per token). Kept whole, it costs that memory on each GPU while the block lasts instead;
-    where that does not fit (gathered_fits), units are gathered per call as in training. Nothing otherwise."""
+    gather every layer again: the whole model per token on every GPU (at 8B in bf16 on 8 GPUs, 13.1 GiB into
+    each GPU per token). Kept whole, it costs the whole model on each GPU while the block lasts instead
+    (15.0 GiB); where that does not fit (gathered_fits), units are gathered per call as in training.
+    Nothing otherwise."""
     if not sharded(model) or not gathered_fits(model, device):
         yield
         return
@@ -99,8 +100,8 @@ def gathered_state_dict(model):
 
 def allocate_shards(model, device):
     """A sharded model built on the meta device, with its shards allocated on `device` (not yet filled) and
-    its buffers as they were."""
-    buffers = dict(model.named_buffers())                               # real: fully_shard moved them to the device
+    its real buffers as they were (those on the meta device come with the weights: they are saved with them)."""
+    buffers = {name: buffer for name, buffer in model.named_buffers() if not buffer.is_meta}   # fully_shard moved them
     model.to_empty(device=device)
     for name, buffer in buffers.items():
         model.get_buffer(name).copy_(buffer)

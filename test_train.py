@@ -619,15 +619,22 @@ def test_fsdp_in_bf16_starts_exactly_at_the_reference_and_trains_with_gradient_c
 
 
 def test_a_model_built_empty_takes_its_shards_from_a_checkpoint_and_another_models_shards_are_refused(tmp_path):
-    """In a process group of one (gloo), in this process: models.empty_model has its weights on the meta device
-    and the rotary frequencies from_pretrained computes; sharded, it takes a sharded checkpoint's weights
-    (sharding.load_sharded_weights, as a resumed FSDP run does), and another model's shards give one line."""
+    """models.empty_model has its weights on the meta device and the buffers from_pretrained computes (rotary
+    frequencies; Gemma-2's embedding scale; Llama-3.1's scaled rotary frequencies). In a process group of one
+    (gloo), in this process: sharded, it takes a sharded checkpoint's weights (sharding.load_sharded_weights, as
+    a resumed FSDP run does), and another model's shards give one line."""
     import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
     import sharding
 
+    llama_3_1 = {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                 "original_max_position_embeddings": 32}
+    for kind, config in [("gemma2", {"head_dim": 8}), ("mixtral", {}), ("qwen2", {}), ("llama", {"rope_parameters": llama_3_1})]:
+        folder = tiny_model_folder(tmp_path / kind, kind=kind, **config)
+        loaded, empty = AutoModelForCausalLM.from_pretrained(folder), models.empty_model(folder, trust_remote_code=False)
+        assert [(n, b.tolist()) for n, b in empty.named_buffers()] == [(n, b.tolist()) for n, b in loaded.named_buffers()], kind
     loaded = AutoModelForCausalLM.from_pretrained(train.TINY_MODEL)
     empty = models.empty_model(str(train.TINY_MODEL), trust_remote_code=False)
     assert {p.device.type for p in empty.parameters()} == {"meta"}

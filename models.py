@@ -393,8 +393,8 @@ def setup_sharded_models(args, device, mixed_precision, tokenizer, pairs, checkp
     it is --model, comes from the same read. Resuming, the policy's shards come from the checkpoint, each
     process reading its own, and --model's weights are read for the reference only.
 
-    Where every process read both models whole in float32, at 8B that was 64 GB of CPU memory per process
-    (512 GB on a node of 8 GPUs); now it is 32 GB on process 0 and none on the others."""
+    Where every process read both models whole in float32, at 8B that was 59.8 GiB of CPU memory per process
+    (479 GiB on a node of 8 GPUs); now it is 29.9 GiB on process 0 and none on the others (computed)."""
     policy = empty_model(args.model, args.trust_remote_code)
     reference = empty_model(args.ref_model or args.model, args.trust_remote_code).requires_grad_(False)
     check_models(policy, reference, tokenizer, pairs, args)

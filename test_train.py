@@ -411,12 +411,14 @@ def one_launch(runs, rendezvous):
     process group of its own (train.main ends it): torchrun's would be joined again by a rank that starts the next
     run while the other still finishes the last, and meet that rank's old connection. A run with "from_hidden" takes
     the loss from hidden states whatever its size (train.PLAIN_LOSS_BYTES = 0). Each process writes, per run, how
-    often that loss ran, the all-gathers of each generate() call and the models it read whole (models.load_model) to
-    RENDEZVOUS-I-RANK.json."""
+    often that loss ran, the all-gathers of each generate() call, the models it read whole (models.load_model) and
+    how often train.forward left a sharded reference's root gathered, to RENDEZVOUS-I-RANK.json."""
     import torch.distributed as dist
+    from torch.distributed.tensor import DTensor
     from transformers import GenerationMixin
 
     import epsdpo_chunked
+    import sharding
 
     counts, real_all_gather, real_generate = {}, dist.all_gather_single, GenerationMixin.generate
     real_loss, plain_loss_bytes = epsdpo_chunked.epsilon_dpo_loss_from_hidden, train.PLAIN_LOSS_BYTES
@@ -440,11 +442,17 @@ def one_launch(runs, rendezvous):
         counts["models_read"].append(str(name))
         return real_load_model(name, *args, **kwargs)
 
-    real_load_model = models.load_model
+    def forward(policy, reference, *args, **kwargs):
+        out = real_forward(policy, reference, *args, **kwargs)
+        if sharding.sharded(reference):                                 # its root is gathered only for the loss
+            counts["reference_root_left_whole"] += not isinstance(reference.get_output_embeddings().weight, DTensor)
+        return out
+
+    real_load_model, real_forward = models.load_model, train.forward
     dist.all_gather_single, GenerationMixin.generate, epsdpo_chunked.epsilon_dpo_loss_from_hidden = all_gather_single, generate, loss_from_hidden
-    models.load_model = load_model
+    models.load_model, train.forward = load_model, forward
     for i, run in enumerate(json.loads(runs)):
-        counts.update(all_gathers=0, all_gathers_per_generate=[], losses_from_hidden=0, models_read=[])
+        counts.update(all_gathers=0, all_gathers_per_generate=[], losses_from_hidden=0, models_read=[], reference_root_left_whole=0)
         train.PLAIN_LOSS_BYTES = 0 if run.get("from_hidden") else plain_loss_bytes
         dist.init_process_group("gloo", init_method=f"file://{rendezvous}-{i}", rank=int(os.environ["RANK"]),
                                 world_size=int(os.environ["WORLD_SIZE"]))
@@ -524,6 +532,7 @@ def test_fsdp_on_two_ranks_is_one_process_with_the_same_global_batch(two_ranks, 
     folder, printed, counted = two_ranks
     assert "the loss from full" not in printed["fsdp"][0] + printed["launch"][0]           # the hidden path is open
     assert all((process["losses_from_hidden"] > 0) == (run == "fsdp-hidden") for process in counted[run])
+    assert all(process["reference_root_left_whole"] == 0 for process in counted[run])      # freed before the backward
     one_rows, fsdp_rows = read_metrics(folder / "one"), read_metrics(folder / run)
     assert [(r["split"], r["step"]) for r in fsdp_rows] == [(r["split"], r["step"]) for r in one_rows]
     for one_row, fsdp_row in zip(one_rows, fsdp_rows):

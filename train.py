@@ -158,14 +158,14 @@ def forward(policy, reference, batch, beta, epsilon, head=None):
             ref_hidden, ref_weight = last_hidden_states(reference, inputs)
         out = epsdpo_chunked.epsilon_dpo_loss_from_hidden(hidden, weight, ref_hidden, ref_weight, batch.input_ids,
                                                           batch.completion_mask, beta, epsilon, head.logit_softcap)
-    else:
-        logits = policy(**inputs).logits                                                            # (2B, T, V)
-        with torch.no_grad():
-            ref_logits = reference(**inputs).logits
-        loss = epsdpo.epsilon_dpo_loss if logits.numel() * 4 <= PLAIN_LOSS_BYTES else epsdpo_chunked.epsilon_dpo_loss
-        out = loss(logits, ref_logits, batch.input_ids, batch.completion_mask, beta, epsilon)
-    reshard_root(reference)             # FSDP: its output layer, whole for the loss, is freed before the backward
-    return out
+        reshard_root(reference)         # FSDP: the reference's output layer, whole for the loss, freed before the backward
+        return out
+    logits = policy(**inputs).logits                                                                # (2B, T, V)
+    with torch.no_grad():
+        ref_logits = reference(**inputs).logits
+    reshard_root(reference)
+    loss = epsdpo.epsilon_dpo_loss if logits.numel() * 4 <= PLAIN_LOSS_BYTES else epsdpo_chunked.epsilon_dpo_loss
+    return loss(logits, ref_logits, batch.input_ids, batch.completion_mask, beta, epsilon)
 
 
 # ----------------------------------------------------------------------------------------------------

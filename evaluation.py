@@ -12,7 +12,8 @@ import torch.distributed as dist
 import epsdpo
 import epsdpo_chunked
 from data import NOISE_CODES, collate, collate_prompts, gold_score
-from models import last_hidden_states, sharded
+from models import last_hidden_states
+from sharding import gathered_once, sharded
 
 # ----------------------------------------------------------------------------------------------------
 # Metrics: sums kept on the device, gathered from every rank once per optimizer step or evaluation
@@ -100,7 +101,8 @@ def sample_and_score(policy, reference, tokenizer, pairs, gold_reward, args, dev
     rewards, kls, model_defaults = [], [], policy.generation_config
     policy.generation_config = GenerationConfig()
     try:
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        # Under FSDP each rank gathers the policy's units once for all its samples, not once per new token.
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), gathered_once(policy, device):
             torch.manual_seed(args.seed)                                    # the same prompts get the same noise
             for start in range(0, len(pairs), args.eval_batch_size):
                 chunk = pairs[start : start + args.eval_batch_size]

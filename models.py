@@ -1,5 +1,6 @@
 """Model setup for train.py: devices and processes, precision, loading the policy and its reference,
-LoRA adapters, gradient checkpointing, and training on several processes: copied (DDP) or sharded (FSDP2).
+LoRA adapters, gradient checkpointing, and training on several processes: copied (DDP) or sharded (FSDP2,
+with sharding.py).
 
 train.py reads as the loop a learner follows; what it takes to put a model of any size on the hardware
 at hand is here, one function per concern.
@@ -14,10 +15,10 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
-from torch.distributed.tensor import DTensor
 
 from data import ReportedError
+from sharding import allocate_shards, broadcast_weights, load_sharded_weights, local, reshard_root, shard
+from sharding import sharded  # noqa: F401  (models.sharded, for checkpoints.py)
 
 # The ε-DPO loss from the last hidden states (epsdpo.epsilon_dpo_loss_from_hidden) wherever the output layer is a
 # plain linear map. False: from the full logits everywhere (the tests set it to compare the two).
@@ -65,16 +66,31 @@ def init_distributed(device_name):
 def precision(name, device):
     """The autocast context of every forward pass, nanoGPT's way: with bf16, mixed precision (float32 weights
     that the optimizer updates, bf16 matrix products), because at learning rates like 5e-7 most updates of
-    a bf16 weight are below its rounding step and vanish. None for float32."""
+    a bf16 weight are below its rounding step and vanish. None for float32.
+
+    In float32 on a GPU with TF32 units (compute capability 8.0, A100, or later: those with bf16 arithmetic)
+    matrix products run in TF32: inputs rounded to a 10-bit mantissa, products summed in float32 (A100: 156
+    TFLOPS against float32's 19.5, by NVIDIA's figures; torch's default is full float32). ε-DPO's perturbation
+    f_ref + λ (f_θ − f_ref) is elementwise, in float32, after the products: TF32 rounds the logits a little
+    (bf16 autocast, 8 times more), not the comparison of z⁻, z_θ, z⁺ made from them. NVIDIA_TF32_OVERRIDE=0: off."""
     if name == "auto":
         name = "bfloat16" if has_bf16_arithmetic(device) else "float32"
     if name == "float32":
+        if has_bf16_arithmetic(device):                                 # the GPUs with bf16 units have TF32 units
+            torch.set_float32_matmul_precision("high")                  # TF32 in matrix products (cuBLAS)
+            torch.backends.cudnn.allow_tf32 = True                      # and in cuDNN's (torch's default already)
         return None
     if device.type == "cuda" and not has_bf16_arithmetic(device):
         raise ReportedError(f"--dtype bfloat16: {torch.cuda.get_device_name(device)} (compute capability "
                             f"{'.'.join(map(str, torch.cuda.get_device_capability(device)))}) has no bf16 arithmetic; "
                             f"torch would emulate it, slower than float32: use --dtype float32")
     return torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+def precision_note(device):
+    """What the start line says of float32 matrix products on `device`: ", float32 products in TF32" when
+    precision() allowed TF32 there, else nothing."""
+    return ", float32 products in TF32" if device.type == "cuda" and torch.get_float32_matmul_precision() != "highest" else ""
 
 
 def has_bf16_arithmetic(device):
@@ -243,44 +259,6 @@ def check_models(policy, reference, tokenizer, pairs, args, checkpoint_folder=No
         raise ReportedError(f"--model {args.model}: its tokenizer gives token id {largest}, but the model has only {vocab} words")
 
 
-def shard(model, param_dtype=None, reshard_after_forward=None):
-    """FSDP2, torchtune's way: each decoder layer, then the root (embeddings, final norm, output layer).
-
-    Each rank keeps 1/N of every weight, and so of its gradient and AdamW state, and gathers a unit's
-    whole weights only while that unit computes. param_dtype=bfloat16 gathers them in bf16 (half the
-    traffic of float32) for a bf16 forward and backward; gradients are reduced in float32 into the
-    float32 shards that AdamW updates: mixed precision, as autocast does it in one process."""
-    names = set(getattr(model, "_no_split_modules", None) or ())
-    layers = [module for module in model.modules() if type(module).__name__ in names]
-    if not layers:
-        raise ReportedError(f"--fsdp: {type(model).__name__} names no decoder layers (_no_split_modules) to shard one by one")
-    precision = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32 if param_dtype else None)
-    for layer in layers:
-        fully_shard(layer, mp_policy=precision)
-    fully_shard(model, mp_policy=precision, reshard_after_forward=reshard_after_forward)
-    return model
-
-
-def sharded(model):
-    return isinstance(model, FSDPModule)
-
-
-def local(tensor):
-    """This rank's part of a tensor: its shard of a DTensor (the whole value of a replicated one)."""
-    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
-
-
-def gathered_state_dict(model):
-    """A sharded model's whole state, gathered on rank 0 in CPU memory (empty on the other ranks), so that
-    no GPU ever holds the whole model, let alone twice; None for a model that is not sharded. Called on
-    every rank."""
-    if not sharded(model):
-        return None
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-
-
 def held_bytes(policy, optimizer, reference):
     """Bytes this rank holds of the policy's weights, their gradients, AdamW's state and the reference's
     weights: its shards under FSDP, everything otherwise (a LoRA reference is the policy's own weights)."""
@@ -303,11 +281,22 @@ class LinearHead:
 def last_hidden_states(model, inputs):
     """(the last hidden states (N, T, H) after the final norm, the output layer's weight (V, H)).
 
-    model is a transformers causal LM or its DDP wrapper, called as usual (so that DDP sees the forward pass
-    and reduces the head's gradient with the others), but asked for the logits of the last position only."""
-    outputs = model(**inputs, output_hidden_states=True, logits_to_keep=1)
-    unwrapped = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
-    return outputs.hidden_states[-1], unwrapped.get_output_embeddings().weight
+    model is a transformers causal LM, its DDP wrapper or AdaptersOff, called as usual (so that DDP sees the
+    forward pass and reduces the head's gradient with the others), but asked for the logits of the last
+    position only. The hidden states are what its decoder (get_decoder(): embeddings, layers, final norm)
+    returns, caught by a hook. output_hidden_states=True would also keep every layer's output to the end of
+    the pass, L + 1 tensors of (N, T, H), where the reference's no-grad pass frees each once the next layer
+    has it: at 8B in float32, 33 × 16 KiB a token, 4.1 GiB for 4 pairs × 1,024 tokens. Under FSDP the
+    root stays gathered after the forward pass (shard), so the weight is whole."""
+    unwrapped = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else \
+        model.policy if isinstance(model, AdaptersOff) else model
+    caught = []
+    hook = unwrapped.get_decoder().register_forward_hook(lambda decoder, args, output: caught.append(output[0]))
+    try:
+        model(**inputs, logits_to_keep=1)
+    finally:
+        hook.remove()
+    return caught[-1], unwrapped.get_output_embeddings().weight
 
 
 def linear_head(model, input_ids):
@@ -368,43 +357,93 @@ def setup_models(args, device, world_size, mixed_precision, tokenizer, pairs, ch
     the pairs' token ids, ready to train on `device` in one process or, under torchrun, with DDP or FSDP.
 
     With --lora-r, the policy is --model's frozen weights with LoRA adapters, and the reference the same model
-    with its adapters off: no second model unless --ref-model names one. With --fsdp a checkpoint holds shards,
-    not a model: the policy is loaded from --model and its weights come from the checkpoint with the
-    optimizer's (outputs.load_checkpoint)."""
+    with its adapters off: no second model unless --ref-model names one. With --fsdp, setup_sharded_models."""
     if args.fsdp and args.lora_r:
         raise ReportedError("--fsdp with --lora-r: not supported; LoRA keeps one frozen copy of the base on each GPU, "
                             "so run it under torchrun without --fsdp (DDP reduces only the adapters' gradients)")
     if args.fsdp and world_size == 1:
         raise ReportedError("--fsdp shards the models across the processes torchrun starts, and one process has nothing "
                             "to shard: run torchrun --nproc_per_node N train.py --fsdp ..., or leave --fsdp out")
-    lora = args.lora_r > 0
-    # FSDP: loaded into CPU memory, and each unit moves to the GPU as it is sharded, so no GPU holds a whole model.
-    loaded_on, from_checkpoint = (torch.device("cpu"), None) if args.fsdp else (device, checkpoint[0] if checkpoint else None)
+    if args.fsdp:
+        return setup_sharded_models(args, device, mixed_precision, tokenizer, pairs, checkpoint)
+    lora, from_checkpoint = args.lora_r > 0, checkpoint[0] if checkpoint else None
     # In float32: the weights the optimizer updates; with bf16, the frozen weights autocast casts, in bf16.
     if lora:
         policy = add_lora(load_model(args.model, device, args.trust_remote_code, mixed_precision), args, from_checkpoint)
     else:
-        policy = load_model(from_checkpoint or args.model, loaded_on, args.trust_remote_code)
+        policy = load_model(from_checkpoint or args.model, device, args.trust_remote_code)
     reference = None
     if args.ref_model or not lora:
-        reference = load_model(args.ref_model or args.model, loaded_on, args.trust_remote_code,
-                               mixed_precision and not args.fsdp).requires_grad_(False)
+        reference = load_model(args.ref_model or args.model, device, args.trust_remote_code, mixed_precision).requires_grad_(False)
     check_models(policy, reference or policy, tokenizer, pairs, args, from_checkpoint)
-    head, note = (None, "with --fsdp the output layer's weight is sharded") if args.fsdp else \
-        shared_linear_head(policy, reference or AdaptersOff(policy), pairs[0], device, mixed_precision)
+    head, note = shared_linear_head(policy, reference or AdaptersOff(policy), pairs[0], device, mixed_precision)
     layers = checkpointed_layers(policy) if args.gradient_checkpointing else []
-    if args.fsdp:
-        # Under FSDP's mixed precision the policy computes wholly in bf16, so the reference is stored wholly in
-        # bf16 and sharded alike: the same bf16 weights, the same casts of each unit's inputs, and at the start
-        # the same logits bit for bit (every s is 0).
-        param_dtype = torch.bfloat16 if mixed_precision else None
-        policy = shard(policy, param_dtype)
-        for weight in reference.parameters() if param_dtype else ():      # not the buffers, as FSDP's casts:
-            weight.data = weight.data.to(param_dtype)                   # rotary frequencies stay float32
-        reference = shard(reference, param_dtype, reshard_after_forward=True)
-        return Models(policy, policy, reference, layers, head, note)
     # DDP averages the gradients over the ranks. Its buffers (rotary inv_freq) are constants: broadcasting
     # them from rank 0 before every forward pass would be one more collective per micro-batch.
     trained = policy if world_size == 1 else torch.nn.parallel.DistributedDataParallel(
         policy, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
     return Models(policy, trained, reference or AdaptersOff(policy), layers, head, note)
+
+
+def setup_sharded_models(args, device, mixed_precision, tokenizer, pairs, checkpoint=None):
+    """setup_models under --fsdp: no GPU ever holds a whole model, and process 0 alone reads weights into CPU
+    memory, once per model (torchtune's and torchtitan's way). Each process builds both models on the meta
+    device (empty_model: shapes, no weights), shards them, allocates its shards, and keeps its part of the
+    weights process 0 reads and sends (set_model_state_dict with broadcast_from_rank0). The reference, when
+    it is --model, comes from the same read. Resuming, the policy's shards come from the checkpoint, each
+    process reading its own, and --model's weights are read for the reference only.
+
+    Where every process read both models whole in float32, at 8B that was 59.8 GiB of CPU memory per process
+    (479 GiB on a node of 8 GPUs); now it is 29.9 GiB on process 0 and none on the others (computed)."""
+    policy = empty_model(args.model, args.trust_remote_code)
+    reference = empty_model(args.ref_model or args.model, args.trust_remote_code).requires_grad_(False)
+    check_models(policy, reference, tokenizer, pairs, args)
+    layers = checkpointed_layers(policy) if args.gradient_checkpointing else []
+    # Under FSDP's mixed precision the policy computes wholly in bf16, so the reference is stored wholly in
+    # bf16 and sharded alike: the same bf16 weights, the same casts of each unit's inputs, and at the start
+    # the same logits bit for bit (every s is 0).
+    param_dtype = torch.bfloat16 if mixed_precision else None
+    for weight in reference.parameters() if param_dtype else ():      # not the buffers, as FSDP's casts:
+        weight.data = weight.data.to(param_dtype)                       # rotary frequencies stay float32
+    policy, reference = (allocate_shards(shard(model, param_dtype), device) for model in (policy, reference))
+    read = {}                                                           # process 0's: one model at a time
+
+    def weights(name):
+        if dist.get_rank() == 0 and name not in read:
+            read.clear()
+            read[name] = load_model(name, torch.device("cpu"), args.trust_remote_code).state_dict()
+        return read.get(name, {})
+
+    if checkpoint:
+        load_sharded_weights(policy, checkpoint[0])
+    else:
+        broadcast_weights(policy, weights(args.model))
+    broadcast_weights(reference, weights(args.ref_model or args.model))
+    read.clear()
+    head, note = shared_linear_head(policy, reference, pairs[0], device, mixed_precision)
+    for model in (policy, reference):
+        reshard_root(model)                                             # the check's forward passes gathered them
+    return Models(policy, policy, reference, layers, head, note)
+
+
+def empty_model(name, trust_remote_code):
+    """The model `name` (as load_model loads it) without its weights: its parameters on the meta device
+    (shapes, no memory), its buffers real on the CPU. A buffer that is not saved with the weights (rotary
+    frequencies) is computed as from_pretrained computes it: by the model's own initialization, which leaves
+    the meta parameters as they are."""
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+
+    base = adapter_base(name) or name
+    try:
+        config = AutoConfig.from_pretrained(base, trust_remote_code=trust_remote_code)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, trust_remote_code=trust_remote_code)
+    except Exception as error:                                          # no such model, code it would run, bad files
+        raise ReportedError(f"model {name}: {type(error).__name__}: {(str(error).splitlines() or [''])[0]}") from None
+    for buffer_name, buffer in list(model.named_non_persistent_buffers()):
+        module, _, attribute = buffer_name.rpartition(".")
+        model.get_submodule(module).register_buffer(attribute, torch.zeros_like(buffer, device="cpu"), persistent=False)
+    model.initialize_weights()
+    with contextlib.suppress(OSError):                                  # the model's own, as from_pretrained loads it
+        model.generation_config = GenerationConfig.from_pretrained(base)
+    return model.eval()

@@ -6,6 +6,7 @@ Nothing here runs a model: train.py and evaluation.py compute, this module draws
 import pathlib
 
 from evaluation import s_fractions
+from models import precision_note
 from output_folder import write_atomically
 
 # ----------------------------------------------------------------------------------------------------
@@ -21,7 +22,7 @@ def print_start(args, label, checkpoint, first_step, total_steps, train_pairs, e
     lora = (f", LoRA r = {args.lora_r}: {sum(w.numel() for w in trained_weights):,} of "
             f"{sum(w.numel() for w in policy.parameters()):,} weights train") if args.lora_r else ""
     print(f"{label}: {train_pairs} train pairs, {eval_pairs} held out, {total_steps} steps of "
-          f"{args.batch_size * args.grad_accum * world_size} pairs on {world_size} × {device}, β = {args.beta}, "
+          f"{args.batch_size * args.grad_accum * world_size} pairs on {world_size} × {device}{precision_note(device)}, β = {args.beta}, "
           f"ε = {args.epsilon}{lora}" + (f"\nthe loss from full (2B, T, V) logits: {loss_note}" if loss_note else ""))
 
 

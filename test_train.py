@@ -445,12 +445,71 @@ def stopped_by_a_signal(output_dir, arguments, ctrl_c):
     return process.communicate(timeout=90)
 
 
+def one_launch(runs, rendezvous):
+    """What each process of two_ranks' torchrun launch runs: train.main on each run's argv in turn. Each run joins a
+    process group of its own (train.main ends it): torchrun's would be joined again by a rank that starts the next
+    run while the other still finishes the last, and meet that rank's old connection. A run with "from_hidden" takes
+    the loss from hidden states whatever its size (train.PLAIN_LOSS_BYTES = 0). Each process writes, per run, how
+    often that loss ran, the all-gathers of each generate() call, the models it read whole (models.load_model) and
+    how often train.forward left a sharded reference's root gathered, to RENDEZVOUS-I-RANK.json."""
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor
+    from transformers import GenerationMixin
+
+    import epsdpo_chunked
+    import sharding
+
+    counts, real_all_gather, real_generate = {}, dist.all_gather_single, GenerationMixin.generate
+    real_loss, plain_loss_bytes = epsdpo_chunked.epsilon_dpo_loss_from_hidden, train.PLAIN_LOSS_BYTES
+
+    def all_gather_single(*args, **kwargs):                           # what FSDP2 gathers a unit's weights with
+        counts["all_gathers"] += 1
+        return real_all_gather(*args, **kwargs)
+
+    def generate(self, *args, **kwargs):
+        before = counts["all_gathers"]
+        try:
+            return real_generate(self, *args, **kwargs)
+        finally:
+            counts["all_gathers_per_generate"].append(counts["all_gathers"] - before)
+
+    def loss_from_hidden(*args, **kwargs):
+        counts["losses_from_hidden"] += 1
+        return real_loss(*args, **kwargs)
+
+    def load_model(name, *args, **kwargs):
+        counts["models_read"].append(str(name))
+        return real_load_model(name, *args, **kwargs)
+
+    def forward(policy, reference, *args, **kwargs):
+        out = real_forward(policy, reference, *args, **kwargs)
+        if sharding.sharded(reference):                                 # its root is gathered only for the loss
+            counts["reference_root_left_whole"] += not isinstance(reference.get_output_embeddings().weight, DTensor)
+        return out
+
+    real_load_model, real_forward = models.load_model, train.forward
+    dist.all_gather_single, GenerationMixin.generate, epsdpo_chunked.epsilon_dpo_loss_from_hidden = all_gather_single, generate, loss_from_hidden
+    models.load_model, train.forward = load_model, forward
+    for i, run in enumerate(json.loads(runs)):
+        counts.update(all_gathers=0, all_gathers_per_generate=[], losses_from_hidden=0, models_read=[], reference_root_left_whole=0)
+        train.PLAIN_LOSS_BYTES = 0 if run.get("from_hidden") else plain_loss_bytes
+        dist.init_process_group("gloo", init_method=f"file://{rendezvous}-{i}", rank=int(os.environ["RANK"]),
+                                world_size=int(os.environ["WORLD_SIZE"]))
+        started = time.time()
+        train.main(run["argv"])
+        pathlib.Path(f"{rendezvous}-{i}-{os.environ['RANK']}.json").write_text(json.dumps(counts))
+        if os.environ["RANK"] == "0":
+            print(f"run {i}: {time.time() - started:.1f} s")
+
+
 @pytest.fixture(scope="module")
-def two_ranks(tmp_path_factory):
+def two_ranks(tmp_path_factory, lora_run):
     """One process with 8 pairs per step, and 2 CPU processes (gloo) with 4 pairs each: with DDP, and with
-    FSDP in two micro-batches of 2. DDP is stopped by a Ctrl-C, FSDP by a SIGTERM to torchrun; both resume; FSDP
-    also runs whole, in float32 and in bf16 with gradient checkpointing. 33 held-out pairs: the ranks'
-    shares differ by one. Three torchrun launches: they cost seconds each to start, so one runs the rest."""
+    FSDP in two micro-batches of 2. DDP is stopped by a Ctrl-C, FSDP by a SIGTERM to torchrun; both resume (DDP
+    with the loss from hidden states); FSDP also runs whole, in float32 from logits and from hidden states, and in
+    bf16 from hidden states with gradient checkpointing; and lora_run's LoRA run on 2 processes with DDP. 33
+    held-out pairs: the ranks' shares differ by one. Three torchrun launches: they cost seconds each to start, so
+    one runs the rest. Returns (folder, what the stopped runs printed, what each process counted in each run)."""
     folder = tmp_path_factory.mktemp("two-ranks")
     arguments = ["--dataset", str(tiny_data_cut(folder / "data", 200, 33)), "--gold-reward", str(train.TINY_GOLD_REWARD),
                  "--max-new-tokens", "8", "--eval-batch-size", "16", "--max-steps", "15", "--eval-every", "1000",
@@ -458,29 +517,35 @@ def two_ranks(tmp_path_factory):
     train.main(["--output-dir", str(folder / "one"), *arguments, "--batch-size", "8"])
     ddp, fsdp = [*arguments, "--batch-size", "4"], [*arguments, "--fsdp", "--batch-size", "2", "--grad-accum", "2"]
     printed = {"ddp": stopped_by_a_signal(folder / "ddp", ddp, ctrl_c=True), "fsdp": stopped_by_a_signal(folder / "fsdp", fsdp, ctrl_c=False)}
-    rest = [["--resume", str(folder / "ddp")], ["--resume", str(folder / "fsdp"), "--gold-reward", str(train.TINY_GOLD_REWARD)],
-            ["--output-dir", str(folder / "fsdp-whole"), *fsdp, "--save-every", "5"],
-            ["--output-dir", str(folder / "fsdp-bf16"), *fsdp, "--dtype", "bfloat16", "--gradient-checkpointing"]]
-    # Each run joins a process group of its own (train.main ends it): torchrun's would be joined again by a rank
-    # that starts the next run while the other still finishes the last, and meet that rank's old connection.
-    one_launch = ("import json, os, sys, torch.distributed as dist, train\n"
-                  "for i, argv in enumerate(json.loads(sys.argv[1])):\n"
-                  "    dist.init_process_group('gloo', init_method=f'file://{sys.argv[2]}-{i}', rank=int(os.environ['RANK']),\n"
-                  "                            world_size=int(os.environ['WORLD_SIZE']))\n"
-                  "    train.main(argv)\n")
-    started = time.time()
-    done = subprocess.run([*TORCHRUN, "--no-python", sys.executable, "-c", one_launch, json.dumps(rest), str(folder / "rendezvous")], cwd=train.HERE,
-                          capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    lora_arguments, _ = lora_run
+    rest = {"ddp": dict(argv=["--resume", str(folder / "ddp")], from_hidden=True),
+            "fsdp": dict(argv=["--resume", str(folder / "fsdp"), "--gold-reward", str(train.TINY_GOLD_REWARD)]),
+            "fsdp-whole": dict(argv=["--output-dir", str(folder / "fsdp-whole"), *fsdp, "--save-every", "5"]),
+            "fsdp-hidden": dict(argv=["--output-dir", str(folder / "fsdp-hidden"), *fsdp, "--criterion-pairs", "8"], from_hidden=True),
+            "fsdp-bf16": dict(argv=["--output-dir", str(folder / "fsdp-bf16"), *fsdp, "--dtype", "bfloat16",
+                                    "--gradient-checkpointing"], from_hidden=True),
+            "lora": dict(argv=["--output-dir", str(folder / "lora"), *lora_arguments, "--batch-size", "4"], from_hidden=True)}
+    started, rendezvous = time.time(), folder / "rendezvous"
+    script = "import sys, test_train; test_train.one_launch(sys.argv[1], sys.argv[2])"
+    done = subprocess.run([*TORCHRUN, "--no-python", sys.executable, "-c", script, json.dumps(list(rest.values())), str(rendezvous)],
+                          cwd=train.HERE, capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert done.returncode == 0, done.stderr[-3000:]
-    print(f"{len(rest)} runs in one launch of 2 processes: {time.time() - started:.1f} s")
-    return folder, printed
+    seconds = [line.split()[-2] for line in done.stdout.splitlines() if line.startswith("run ")]
+    print(f"{len(rest)} runs in one launch of 2 processes: {time.time() - started:.1f} s (" +
+          ", ".join(f"{name} {s} s" for name, s in zip(rest, seconds)) + ")")
+    printed["launch"] = (done.stdout, done.stderr)
+    counted = {name: [json.loads(pathlib.Path(f"{rendezvous}-{i}-{rank}.json").read_text()) for rank in (0, 1)]
+               for i, name in enumerate(rest)}
+    return folder, printed, counted
 
 
 def test_two_ranks_under_torchrun_agree_on_beta_and_match_one_process_even_across_a_resume(two_ranks):
     """2 CPU processes (gloo) with 4 pairs each are one process with 8: the same β at every step on both
     ranks and in the single process, and the same weights up to float rounding, also when the 2-rank run is
-    stopped by a Ctrl-C and resumed under torchrun."""
-    folder, printed = two_ranks
+    stopped by a Ctrl-C and resumed under torchrun, there with the loss from hidden states: DDP sees the forward
+    pass of models.last_hidden_states and averages the output layer's gradient from both of its uses."""
+    folder, printed, counted = two_ranks
+    assert all(process["losses_from_hidden"] > 0 for process in counted["ddp"])
     stdout, stderr = printed["ddp"]
     assert "checkpoint written" in stdout and len(list((folder / "ddp").glob("checkpoint-*"))) == 1
     assert "second signal" not in stderr
@@ -496,12 +561,18 @@ def test_two_ranks_under_torchrun_agree_on_beta_and_match_one_process_even_acros
         torch.testing.assert_close(two[name], one[name], rtol=0, atol=1e-4)
 
 
-def test_fsdp_on_two_ranks_is_one_process_with_the_same_global_batch(two_ranks):
+@pytest.mark.parametrize("run", ["fsdp-whole", "fsdp-hidden"])
+def test_fsdp_on_two_ranks_is_one_process_with_the_same_global_batch(two_ranks, run):
     """FSDP shards the weights, gradients and AdamW state; ε-DPO is unchanged: the same β and s at every
-    step, the metrics, the clipped gradient's norm (over the shards) and the weights up to float32 rounding.
-    The model rank 0 gathers and saves loads as a float32 model."""
-    folder, _ = two_ranks
-    one_rows, fsdp_rows = read_metrics(folder / "one"), read_metrics(folder / "fsdp-whole")
+    step, the metrics, the clipped gradient's norm (over the shards) and the weights up to float32 rounding,
+    with the loss from the logits and from the hidden states (the output layer's weight is whole after the
+    forward pass: the policy's root unit stays gathered, the reference's until the loss is computed).
+    The model rank 0 gathers and saves loads as a float32 model, with --model's generation config."""
+    folder, printed, counted = two_ranks
+    assert "the loss from full" not in printed["fsdp"][0] + printed["launch"][0]           # the hidden path is open
+    assert all((process["losses_from_hidden"] > 0) == (run == "fsdp-hidden") for process in counted[run])
+    assert all(process["reference_root_left_whole"] == 0 for process in counted[run])      # freed before the backward
+    one_rows, fsdp_rows = read_metrics(folder / "one"), read_metrics(folder / run)
     assert [(r["split"], r["step"]) for r in fsdp_rows] == [(r["split"], r["step"]) for r in one_rows]
     for one_row, fsdp_row in zip(one_rows, fsdp_rows):
         for key in ("beta", "beta/pairs_mean", "s/weaker", "s/stronger"):
@@ -512,14 +583,44 @@ def test_fsdp_on_two_ranks_is_one_process_with_the_same_global_batch(two_ranks):
             if key in one_row:                                                                    # 33 pairs too
                 assert fsdp_row[key] == pytest.approx(one_row[key], rel=1e-5, abs=1e-6), (key, one_row["step"])
     one = load_file(folder / "one/model.safetensors")
-    saved = AutoModelForCausalLM.from_pretrained(folder / "fsdp-whole").state_dict()
+    saved = AutoModelForCausalLM.from_pretrained(folder / run).state_dict()
     for name in one:
         assert saved[name].dtype == torch.float32
         torch.testing.assert_close(saved[name], one[name], rtol=0, atol=1e-4)
+    assert (folder / run / "generation_config.json").read_text() == (folder / "one/generation_config.json").read_text()
+
+
+def test_under_fsdp_process_0_alone_reads_the_weights_once_and_a_resumed_run_reads_only_the_reference(two_ranks):
+    """Both models are built on the meta device and filled from process 0's one read of --model (the reference
+    being --model); resuming, the policy's shards come from the checkpoint, so --model is read for the
+    reference alone. DDP reads both models on every process (resumed: the checkpoint's policy). The FSDP runs equal one process's (above), so
+    the rotary frequencies, which are not in the weights' files, are right on every process."""
+    _, _, counted = two_ranks
+    model = str(train.TINY_MODEL)
+    for run in ("fsdp-whole", "fsdp-hidden", "fsdp-bf16", "fsdp"):
+        assert [process["models_read"] for process in counted[run]] == [[model], []], run
+    (checkpoint,) = (two_ranks[0] / "ddp").glob("checkpoint-*")
+    assert [process["models_read"] for process in counted["ddp"]] == [[str(checkpoint), model]] * 2
+
+
+def test_under_fsdp_sampling_gathers_each_unit_once_per_evaluation_not_once_per_token(two_ranks):
+    """generate() runs the policy once per new token; under FSDP every unit (2 layers and the root) would be
+    all-gathered at every call, 3 × up to 8 per generate() here. models.gathered_once keeps them gathered
+    through an evaluation's samples: each unit at most once in its first generate() (the root may still be
+    gathered from the evaluation's loss), none in its second. Two evaluations, each 17 prompts a rank in
+    batches of 16 and 1."""
+    folder, _, counted = two_ranks
+    for run in ("fsdp-whole", "fsdp-hidden", "fsdp-bf16"):
+        for process in counted[run]:
+            first, second, third, fourth = process["all_gathers_per_generate"]
+            assert 1 <= first <= 3 and 1 <= third <= 3 and second == fourth == 0, (run, process)
+    # criterion.png under FSDP, from hidden states
+    assert json.loads((folder / "fsdp-hidden/summary.json").read_text())["criterion"]["pairs"] == 8
+    assert (folder / "fsdp-hidden/criterion.png").exists()
 
 
 def test_fsdp_resumed_after_a_sigterm_to_torchrun_is_the_run_never_stopped_bit_for_bit(two_ranks):
-    folder, printed = two_ranks
+    folder, printed, _ = two_ranks
     stdout, stderr = printed["fsdp"]
     assert "checkpoint written" in stdout and "second signal" not in stderr
     (checkpoint,) = (folder / "fsdp").glob("checkpoint-*")
@@ -532,7 +633,7 @@ def test_fsdp_resumed_after_a_sigterm_to_torchrun_is_the_run_never_stopped_bit_f
 
 
 def test_under_fsdp_each_rank_holds_half_of_the_weights_gradients_optimizer_state_and_checkpoint(two_ranks):
-    folder, _ = two_ranks
+    folder, _, _ = two_ranks
     one, ddp, fsdp = (json.loads((folder / run / "summary.json").read_text())["bytes_held_by_rank_0"]
                       for run in ("one", "ddp", "fsdp-whole"))
     assert one["parameters"] == 86_080 * 4 and ddp == one                  # DDP: a whole copy on every rank
@@ -554,7 +655,8 @@ def test_fsdp_in_bf16_starts_exactly_at_the_reference_and_trains_with_gradient_c
     """bf16 weights gathered for compute, float32 shards and reductions: at the start the reference (stored
     in bf16) computes the policy's logits bit for bit, so every s is 0 and the loss is log 2; then, with
     layers recomputed in backward, it trains as float32 does within bf16's rounding."""
-    folder, _ = two_ranks
+    folder, _, counted = two_ranks
+    assert all(process["losses_from_hidden"] > 0 for process in counted["fsdp-bf16"])    # from hidden states
     bf16_rows, float32_rows = read_metrics(folder / "fsdp-bf16"), read_metrics(folder / "fsdp-whole")
     start, first_step = bf16_rows[0], bf16_rows[1]
     assert (start["rewards/margins"], start["s/weaker"], start["s/stronger"]) == (0.0, 0.0, 0.0)
@@ -562,6 +664,42 @@ def test_fsdp_in_bf16_starts_exactly_at_the_reference_and_trains_with_gradient_c
     assert (first_step["split"], first_step["s/weaker"], first_step["s/stronger"]) == ("train", 0.0, 0.0)
     for bf16_row, float32_row in zip(bf16_rows[1:4], float32_rows[1:4]):
         assert bf16_row["loss"] == pytest.approx(float32_row["loss"], abs=2**-7)
+
+
+def test_a_model_built_empty_takes_its_shards_from_a_checkpoint_and_another_models_shards_are_refused(tmp_path):
+    """models.empty_model has its weights on the meta device and the buffers from_pretrained computes (rotary
+    frequencies; Gemma-2's embedding scale; Llama-3.1's scaled rotary frequencies). In a process group of one
+    (gloo), in this process: sharded, it takes a sharded checkpoint's weights (sharding.load_sharded_weights, as
+    a resumed FSDP run does), and another model's shards give one line."""
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    import sharding
+
+    llama_3_1 = {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                 "original_max_position_embeddings": 32}
+    for kind, config in [("gemma2", {"head_dim": 8}), ("mixtral", {}), ("qwen2", {}), ("llama", {"rope_parameters": llama_3_1})]:
+        folder = tiny_model_folder(tmp_path / kind, kind=kind, **config)
+        loaded, empty = AutoModelForCausalLM.from_pretrained(folder), models.empty_model(folder, trust_remote_code=False)
+        assert [(n, b.tolist()) for n, b in empty.named_buffers()] == [(n, b.tolist()) for n, b in loaded.named_buffers()], kind
+    loaded = AutoModelForCausalLM.from_pretrained(train.TINY_MODEL)
+    empty = models.empty_model(str(train.TINY_MODEL), trust_remote_code=False)
+    assert {p.device.type for p in empty.parameters()} == {"meta"}
+    assert [(n, b.tolist()) for n, b in empty.named_buffers()] == [(n, b.tolist()) for n, b in loaded.named_buffers()]
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'group'}", rank=0, world_size=1)
+    try:
+        dcp.save({"model": get_model_state_dict(sharding.shard(loaded))}, checkpoint_id=tmp_path / "checkpoint-1")
+        other = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(train.TINY_MODEL, vocab_size=70))
+        dcp.save({"model": get_model_state_dict(sharding.shard(other))}, checkpoint_id=tmp_path / "checkpoint-2")
+        policy = sharding.allocate_shards(sharding.shard(empty), torch.device("cpu"))
+        sharding.load_sharded_weights(policy, tmp_path / "checkpoint-1")
+        expected = load_file(train.TINY_MODEL / "model.safetensors")
+        assert all(torch.equal(sharding.local(policy.get_parameter(name)), expected[name]) for name in expected)
+        with pytest.raises(data.ReportedError, match=f"{tmp_path / 'checkpoint-2'}: its shards do not load into this model"):
+            sharding.load_sharded_weights(policy, tmp_path / "checkpoint-2")
+    finally:
+        dist.destroy_process_group()
 
 
 def test_a_cut_shard_makes_the_sharded_checkpoint_before_it_the_one_resumed(two_ranks, tmp_path, capsys):
@@ -1335,6 +1473,45 @@ def test_auto_precision_is_bf16_only_on_the_given_gpu_with_bf16_arithmetic(monke
         models.precision("bfloat16", torch.device("cuda", 1))
 
 
+def test_float32_on_a_gpu_with_tf32_units_multiplies_in_tf32_and_the_start_line_says_so(monkeypatch, capsys):
+    """TF32: float32's range with a 10-bit mantissa in matrix products, summed in float32; on the GPUs with bf16
+    units (compute capability 8.0 on). Not under bf16 autocast, nor on older GPUs."""
+    capability = {0: (8, 0), 1: (7, 0)}                                  # an A100 and a V100
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: capability[torch.device(device).index])
+    a100, v100 = torch.device("cuda", 0), torch.device("cuda", 1)
+    saved = torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32
+    try:
+        torch.set_float32_matmul_precision("highest")
+        torch.backends.cudnn.allow_tf32 = False
+        assert models.precision("float32", v100) is None and models.precision("auto", a100).fast_dtype == torch.bfloat16
+        assert torch.get_float32_matmul_precision() == "highest" and models.precision_note(a100) == ""
+        assert models.precision("float32", a100) is None
+        assert torch.get_float32_matmul_precision() == "high" and torch.backends.cudnn.allow_tf32
+        args, _ = train.parse_args(["--dtype", "float32"])
+        import reports
+
+        reports.print_start(args, "ε-DPO", None, 1, 3, 10, 2, 1, a100, [], torch.nn.Linear(1, 1), "")
+        assert "on 1 × cuda:0, float32 products in TF32, β = 0.1" in capsys.readouterr().out
+        assert models.precision_note(torch.device("cpu")) == ""
+    finally:
+        torch.set_float32_matmul_precision(saved[0])
+        torch.backends.cudnn.allow_tf32 = saved[1]
+
+
+def test_sampling_under_fsdp_keeps_the_units_gathered_only_where_they_fit_in_half_the_free_gpu_memory(monkeypatch):
+    import sharding
+
+    model = torch.nn.Linear(1000, 1000, bias=False)                     # a million weights
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (3_000_000, 80 * 2**30))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device: 1_500_000)    # 1,000,000 of it unused:
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device: 500_000)     # free for torch's tensors
+    model.gathered_dtype = torch.bfloat16                               # 2 MB gathered, half of the 4 MB free
+    assert sharding.gathered_fits(model, torch.device("cuda", 0))
+    model.gathered_dtype = torch.float32                                # 4 MB
+    assert not sharding.gathered_fits(model, torch.device("cuda", 0))
+    assert sharding.gathered_fits(model, torch.device("cpu"))
+
+
 def test_batches_go_to_a_gpu_from_pinned_memory_without_waiting(monkeypatch):
     copies = []
     monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self: copies.append("pinned") or self)
@@ -1535,14 +1712,12 @@ def test_a_lora_run_resumes_from_its_adapter_checkpoint_to_the_same_adapter_bit_
     assert all(torch.equal(whole_adapter[name], resumed_adapter[name]) for name in whole_adapter)
 
 
-def test_lora_on_two_ranks_under_torchrun_matches_one_process(lora_run, tmp_path):
-    """DDP of the peft model: only the adapters require grad, so only their gradients are averaged."""
-    arguments, one = lora_run
-    two = tmp_path / "two"
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "train.py"]
-    result = subprocess.run([*torchrun, "--output-dir", str(two), *arguments, "--batch-size", "4"], cwd=train.HERE,
-                            capture_output=True, text=True, timeout=120, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    assert result.returncode == 0, result.stderr
+def test_lora_on_two_ranks_under_torchrun_matches_one_process(lora_run, two_ranks):
+    """DDP of the peft model: only the adapters require grad, so only their gradients are averaged. Run in
+    two_ranks' launch, with the loss from hidden states (the reference AdaptersOff's through the same hook)."""
+    _, one = lora_run
+    two, counted = two_ranks[0] / "lora", two_ranks[2]["lora"]
+    assert all(process["losses_from_hidden"] > 0 and process["models_read"] == [str(train.TINY_MODEL)] for process in counted)
     one_rows, two_rows = read_metrics(one), read_metrics(two)
     assert [r["beta"] for r in two_rows] == [r["beta"] for r in one_rows]
     one_adapter, two_adapter = (load_file(run / "adapter_model.safetensors") for run in (one, two))
@@ -1622,6 +1797,47 @@ def test_the_loss_from_hidden_states_trains_as_the_loss_from_logits(tmp_path, mo
         assert hidden_row.keys() == logits_row.keys()
         for name, value in logits_row.items():
             assert hidden_row[name] == (value if isinstance(value, str) else pytest.approx(value, rel=1e-4, abs=1e-6)), name
+
+
+def test_the_last_hidden_state_is_taken_alone_not_every_layers_for_every_architecture():
+    """models.last_hidden_states calls the model as usual, with logits_to_keep=1 and without output_hidden_states:
+    the model returns no hidden state per layer (it would keep L + 1 of them through the pass); the final normed
+    hidden state comes from a hook on the decoder, and softcap(it @ weight.T) is the model's logits. Tiny Llama
+    (tied and untied), Qwen2, Gemma-2 soft-capped, Mixtral, GPT-2, and LoRA's reference, AdaptersOff."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoConfig
+
+    shape = dict(vocab_size=60, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                 num_key_value_heads=1)
+    configs = {"llama tied": ("llama", dict(shape, tie_word_embeddings=True)), "llama": ("llama", dict(shape, tie_word_embeddings=False)),
+               "qwen2": ("qwen2", shape), "gemma2": ("gemma2", dict(shape, head_dim=8, final_logit_softcapping=0.02)),
+               "mixtral": ("mixtral", dict(shape, num_local_experts=4, num_experts_per_tok=2)),
+               "gpt2": ("gpt2", dict(vocab_size=60, n_embd=16, n_layer=2, n_head=2, bos_token_id=1, eos_token_id=2))}
+    input_ids = torch.randint(3, 60, (2, 7), generator=torch.Generator().manual_seed(0))
+    for name, (kind, config) in [*configs.items(), ("lora reference", configs["llama"])]:
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(kind, **config)).eval()
+        called = model
+        if name == "lora reference":
+            with models.quiet_peft():
+                called = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+            for weight_name, weight in called.named_parameters():
+                if ".lora_B." in weight_name:
+                    torch.nn.init.normal_(weight.data)                  # the policy differs from its reference
+            called = models.AdaptersOff(called)
+        calls = []
+        hook = model.register_forward_hook(lambda module, args, kwargs, output: calls.append((kwargs, output)), with_kwargs=True)
+        with torch.no_grad():
+            hidden, weight = models.last_hidden_states(called, dict(input_ids=input_ids))
+        hook.remove()
+        ((kwargs, output),) = calls
+        assert not kwargs.get("output_hidden_states") and output.hidden_states is None, name
+        assert output.logits.shape == (2, 1, 60) and hidden.shape == (2, 7, 16), name
+        logits = hidden @ weight.T
+        cap = config.get("final_logit_softcapping")
+        with torch.no_grad():
+            expected = (called(input_ids=input_ids) if name == "lora reference" else model(input_ids)).logits
+        torch.testing.assert_close(logits if cap is None else torch.tanh(logits / cap) * cap, expected, rtol=1e-5, atol=1e-6)
 
 
 def test_heads_that_are_not_a_plain_linear_map_use_the_logits_path():

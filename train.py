@@ -29,11 +29,11 @@ import epsdpo_chunked
 from checkpoints import restore_checkpoint, resumed_args, save_checkpoint, save_pretrained_atomically
 from data import ReportedError, collate, load_gold_reward, load_pairs, load_tokenizer, micro_batches, to_device
 from evaluation import NOISE, SUMS, across_ranks, criterion_measures, evaluate, pair_sums, s_counts, train_row
-from models import (gathered_state_dict, held_bytes, init_distributed, last_hidden_states, local, precision, setup_models,
-                    tokenizer_name, training_mode)
+from models import held_bytes, init_distributed, last_hidden_states, precision, setup_models, tokenizer_name, training_mode
 from output_folder import (append_metrics, check_only_ours_replaced, claim_on_rank_zero, our_checkpoints, prepare_output_dir,
                            read_metrics, run_writes)
 from reports import plot_criterion, plot_curves, print_data_report, print_start, print_summary, run_summary
+from sharding import gathered_state_dict, local, reshard_root
 from signals import StopNow, stop_signals
 
 HERE = pathlib.Path(__file__).resolve().parent
@@ -109,7 +109,7 @@ def parse_args(argv=None, report=False, extra=(), description=__doc__):
     add("--epochs", type=number(float, 0, what="must be > 0"), default=2.0, help="passes over the train split, when --max-steps is not given")
     add("--max-length", type=number(int, 2, low_open=False, what="must be >= 2"), default=512, help="prompt + completion tokens")
     add("--max-prompt-length", type=count, default=256, help="when a pair exceeds --max-length, its prompt keeps BOS and its last tokens up to this many")
-    add("--dtype", choices=("auto", "float32", "bfloat16"), default="auto", help="bfloat16: mixed precision (float32 weights, bf16 autocast, the frozen weights autocast casts in bf16: the reference's, or LoRA's base); auto: bfloat16 on GPUs with bf16 arithmetic (compute capability >= 8.0)")
+    add("--dtype", choices=("auto", "float32", "bfloat16"), default="auto", help="bfloat16: mixed precision (float32 weights, bf16 autocast, the frozen weights autocast casts in bf16: the reference's, or LoRA's base); auto: bfloat16 on GPUs with bf16 arithmetic (compute capability >= 8.0); float32 on those GPUs multiplies in TF32")
     add("--lora-r", type=number(int, 0, low_open=False, what="must be >= 0"), default=0, help="train LoRA adapters of this rank (peft), the reference being the model with them off; 0: every weight (full fine-tuning)")
     add("--lora-alpha", type=number(float, 0, what="must be > 0"), default=16.0, help="LoRA's scale: the adapters add (alpha / r) B A x")
     add("--lora-target", nargs="+", default=["all-linear"], help="the layers LoRA adapts (peft's target_modules, e.g. q_proj v_proj); all-linear: every linear layer but the output head")
@@ -157,11 +157,14 @@ def forward(policy, reference, batch, beta, epsilon, head=None):
         hidden, weight = last_hidden_states(policy, inputs)                                         # (2B, T, H), (V, H)
         with torch.no_grad():
             ref_hidden, ref_weight = last_hidden_states(reference, inputs)
-        return epsdpo_chunked.epsilon_dpo_loss_from_hidden(hidden, weight, ref_hidden, ref_weight, *on_host, beta, epsilon,
-                                                           head.logit_softcap)
+        out = epsdpo_chunked.epsilon_dpo_loss_from_hidden(hidden, weight, ref_hidden, ref_weight, *on_host, beta, epsilon,
+                                                          head.logit_softcap)
+        reshard_root(reference)         # FSDP: the reference's output layer, whole for the loss, freed before the backward
+        return out
     logits = policy(**inputs).logits                                                                # (2B, T, V)
     with torch.no_grad():
         ref_logits = reference(**inputs).logits
+    reshard_root(reference)
     if logits.numel() * 4 <= PLAIN_LOSS_BYTES:                      # the method as written; its checks wait once
         return epsdpo.epsilon_dpo_loss(logits, ref_logits, batch.input_ids, batch.completion_mask, beta, epsilon)
     return epsdpo_chunked.epsilon_dpo_loss(logits, ref_logits, *on_host, beta, epsilon)

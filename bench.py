@@ -51,6 +51,7 @@ import torch.nn.functional as F
 import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
+import batches
 import bench_counts
 import bench_memory
 import data
@@ -85,7 +86,7 @@ def make_models_and_batch(shape, device):
         tokenizer = AutoTokenizer.from_pretrained(train.TINY_MODEL)
         rows = [json.loads(line) for line in open(train.TINY_DATASET / "train.jsonl")][: arguments.batch_size]
         pairs = [data.tokenize_pair(row, tokenizer, arguments.max_length, arguments.max_prompt_length) for row in rows]
-        batch = data.collate(pairs, tokenizer.pad_token_id, torch.device("cpu"))
+        batch = batches.collate(pairs, tokenizer.pad_token_id, torch.device("cpu"))
         input_ids, attention_mask, completion_mask = batch.input_ids, batch.attention_mask, batch.completion_mask
     else:
         vocab, hidden, layers, pairs, length, completion = shape

@@ -22,6 +22,8 @@ import torch
 import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
+import adapters
+import batches
 import data
 import epsdpo_chunked
 import models
@@ -179,7 +181,7 @@ def lora_measured(rank=8):
     rows, trainable_fraction = {}, None
     for mode, flags in (("full", []), ("lora", ["--lora-r", str(rank)])):
         args, _ = train.parse_args(["--dtype", "bfloat16", *flags])
-        tokenizer = data.load_tokenizer(models.tokenizer_name(args.model))
+        tokenizer = data.load_tokenizer(adapters.tokenizer_name(args.model))
         rows_read, _, _ = data.load_splits(args.dataset, "train", "test", 0.05, 0)
         pairs, _, _ = data.tokenize_rows(rows_read[:16], tokenizer, args.max_length, args.max_prompt_length)
         torch.manual_seed(0)
@@ -187,7 +189,7 @@ def lora_measured(rank=8):
         weights = [p for p in built.policy.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(weights, lr=args.lr)
         with models.precision("bfloat16", torch.device("cpu")):
-            out = train.forward(built.trained, built.reference, data.collate(pairs, tokenizer.pad_token_id, torch.device("cpu")),
+            out = train.forward(built.trained, built.reference, batches.collate(pairs, tokenizer.pad_token_id, torch.device("cpu")),
                                 args.beta, args.epsilon)
         out.loss.backward()
         optimizer.step()

@@ -12,6 +12,7 @@ import os
 import pathlib
 import random
 import shutil
+import struct
 import tempfile
 
 import torch
@@ -19,8 +20,9 @@ import torch.distributed as dist
 from torch.distributed.checkpoint.api import CheckpointException
 
 import epsdpo
-import models
-from data import ReportedError
+import sharding
+from adapters import sft_model_card
+from data import ReportedError, note
 from output_folder import INPUTS, _claim_names, _first_line, _write_errors, our_checkpoints, write_atomically
 
 # What a resumed run may change (--resume DIR --max-steps 500); any other flag that differs is refused.
@@ -55,6 +57,11 @@ def save_model(model, folder, state_dict=None):
     see whether they were resized: they never are."""
     if hasattr(model, "peft_config"):
         model.save_pretrained(folder, save_embedding_layers=False)
+        card = sft_model_card(model.peft_config["default"].base_model_name_or_path)
+        if card:                                                        # its model card begins with what to load it onto
+            readme = pathlib.Path(folder) / "README.md"
+            front, _, rest = readme.read_text().partition("\n---\n") if readme.exists() else ("", "", "")
+            readme.write_text(front + "\n---\n" * bool(front) + card + rest)
     else:
         model.save_pretrained(folder, state_dict=state_dict)
 
@@ -87,10 +94,12 @@ def save_pretrained_atomically(output_dir, model, tokenizer, summary=None, state
 # Checkpoints
 
 
-def save_checkpoint(output_dir, step, policy, optimizer, baseline_beta, s_by_noise, args):
-    """checkpoint-STEP of a train.py run: what write_checkpoint writes, with the run's state. Called on every rank."""
+def save_checkpoint(output_dir, step, policy, optimizer, baseline_beta, s_by_noise, args, inputs):
+    """checkpoint-STEP of a train.py run: what write_checkpoint writes, with the run's state (inputs: what it read,
+    as checked_inputs fingerprinted it; and its number of processes). Called on every rank."""
     state = {"step": step, "baseline_beta": baseline_beta.state_dict(), "s_by_noise": s_by_noise, "args": vars(args),
-             "rng": {"torch": torch.get_rng_state(), "python": random.getstate()}}
+             "rng": {"torch": torch.get_rng_state(), "python": random.getstate()}, "inputs": inputs,
+             "world_size": dist.get_world_size() if dist.is_initialized() else 1}
     write_checkpoint(output_dir, step, policy, optimizer, state, args.keep_checkpoints)
 
 
@@ -117,7 +126,7 @@ def write_checkpoint(output_dir, step, policy, optimizer, state, keep):
     previous checkpoints stay as they were.
     """
     output_dir, rank = pathlib.Path(output_dir), dist.get_rank() if dist.is_initialized() else 0
-    shards = models.sharded(policy)
+    shards = sharding.sharded(policy)
     if rank != 0 and not shards:
         return
     temporary = [tempfile.mkdtemp(prefix=f".checkpoint-{step}-", dir=output_dir) if rank == 0 else None]
@@ -146,7 +155,7 @@ def write_checkpoint(output_dir, step, policy, optimizer, state, keep):
         if rank == 0:
             shutil.rmtree(temporary, ignore_errors=True)
         previous = our_checkpoints(output_dir)[-1:]
-        error = next(iter(error.failures.values()), error) if isinstance(error, CheckpointException) else error
+        error = _first_failure(error)
         raise ReportedError(f"could not write checkpoint-{step} ({_first_line(error)}); " + (
             f"the last checkpoint, {previous[0]}, is intact" if previous else "no checkpoint was written")) from None
     if rank == 0:
@@ -160,10 +169,16 @@ def load_checkpoint(folder, state, policy, optimizer):
     """AdamW's state from a checkpoint, and under FSDP the policy's weights with it (each rank reads its
     shards; a run on another number of processes gets them resharded)."""
     if "optimizer" in state:
-        saved = state["optimizer"]["state"]
         weights = [p for group in optimizer.param_groups for p in group["params"]]     # the weights it trains
-        if any(i in saved and saved[i]["exp_avg"].shape != p.shape for i, p in enumerate(weights)):
-            raise ReportedError(f"{folder}: its optimizer state is for another model than {folder / 'model.safetensors'}")
+        try:
+            saved = state["optimizer"]["state"]
+            fits = sum(len(group["params"]) for group in state["optimizer"]["param_groups"]) == len(weights) and not any(
+                i in saved and saved[i]["exp_avg"].shape != p.shape for i, p in enumerate(weights))
+        except (KeyError, TypeError, AttributeError):
+            fits = False
+        if not fits:
+            model_file = "adapter_model.safetensors" if hasattr(policy, "peft_config") else "model.safetensors"
+            raise ReportedError(f"{folder}: its optimizer state is for another model than {folder / model_file}")
         optimizer.load_state_dict(state["optimizer"])
         return
     import torch.distributed.checkpoint as dcp
@@ -173,25 +188,36 @@ def load_checkpoint(folder, state, policy, optimizer):
     try:
         dcp.load({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=folder)
     except (CheckpointException, RuntimeError, ValueError) as error:
-        first = error if not isinstance(error, CheckpointException) else next(iter(error.failures.values()), error)
+        first = _first_failure(error)
         raise ReportedError(f"{folder}: its shards do not load into this model ({type(first).__name__}: "
                             f"{(str(first).splitlines() or [''])[0][:200]})") from None
     set_state_dict(policy, optimizer, model_state_dict=model_state, optim_state_dict=optimizer_state)
 
 
+def _first_failure(error):
+    """The exception of the first rank that failed, for a CheckpointException (whose failures are (exception,
+    stack) pairs by rank); the error itself otherwise."""
+    if isinstance(error, CheckpointException):
+        failure = next(iter(error.failures.values()), None)
+        return failure[0] if isinstance(failure, tuple) and failure else failure or RuntimeError("a rank failed")
+    return error
+
+
 def latest_checkpoint(output_dir):
     """(folder, state) of the newest checkpoint of this script's in output_dir whose state loads.
 
-    One that does not (torn, garbage, written by something else) is named and passed over for the one
-    before. Loaded with weights_only=True: nothing in it is unpickled blindly.
+    One that does not (torn, garbage, written by something else; its model, adapter or shards cut short or not
+    safetensors) is named and passed over for the one before. Loaded with weights_only=True: nothing in it is
+    unpickled blindly, and a pickled adapter_model.bin is never loaded.
     """
     for folder in reversed(our_checkpoints(output_dir)):
         try:
             state = torch.load(folder / "trainer_state.pt", map_location="cpu", weights_only=True)
             _check_state(state, folder)
+            _check_model_files(state, folder)
             return folder, state
         except Exception as error:
-            print(f"note: {folder} cannot be resumed from ({type(error).__name__}: {(str(error).splitlines() or [''])[0][:120]})")
+            note(f"{folder} cannot be resumed from ({type(error).__name__}: {(str(error).splitlines() or [''])[0][:120]})")
     raise ReportedError(f"--resume {output_dir}: no checkpoint-STEP folder of a train.py run that can be resumed from")
 
 
@@ -201,9 +227,45 @@ def _check_state(state, folder):
             and isinstance(state.get("rng"), dict)
             and isinstance(state["rng"].get("torch"), torch.Tensor) and isinstance(state["rng"].get("python"), tuple)
             and isinstance(state.get("s_by_noise"), list) and len(state["s_by_noise"]) == 9
-            and all(isinstance(count, int) for count in state["s_by_noise"])):
+            and all(isinstance(count, int) for count in state["s_by_noise"])
+            and isinstance(state.get("inputs", {}), dict) and all(isinstance(v, dict) for v in state.get("inputs", {}).values())
+            and isinstance(state.get("world_size", 1), int) and state.get("world_size", 1) >= 1):
         raise ValueError("trainer_state.pt lacks what a train.py checkpoint holds")
     epsdpo.BaselineBeta(1.0, 0.0).load_state_dict(state.get("baseline_beta"))   # raises if malformed
+
+
+def _check_model_files(state, folder):
+    """The checkpoint's model reads whole: its adapter (adapter_config.json and adapter_model.safetensors) in a LoRA
+    run, else model.safetensors (or each file its index names); a sharded one's shards are checked with its state."""
+    if "optimizer" not in state:
+        return
+    if state["args"].get("lora_r"):
+        json.loads((folder / "adapter_config.json").read_text())
+        if not (folder / "adapter_model.safetensors").is_file():
+            raise ValueError("adapter_model.safetensors is not there" + (" (adapter_model.bin is a pickle: never loaded)"
+                                                                          if (folder / "adapter_model.bin").exists() else ""))
+        files = ["adapter_model.safetensors"]
+    else:
+        index = folder / "model.safetensors.index.json"
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else ["model.safetensors"]
+    for name in files:
+        _check_safetensors(folder / pathlib.Path(name).name)
+
+
+def _check_safetensors(path):
+    """A safetensors file whose header reads and whose size holds every tensor it lists."""
+    with open(path, "rb") as file:
+        length = struct.unpack("<Q", file.read(8).ljust(8, b"\0"))[0]
+        if not 2 <= length <= 2**27:
+            raise ValueError(f"{path.name} is not a safetensors file")
+        text = file.read(length)
+    try:
+        header = json.loads(text) if len(text) == length else None
+        ends = [entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"]
+    except (ValueError, AttributeError, KeyError, TypeError, IndexError):
+        raise ValueError(f"{path.name} is cut short or not a safetensors file") from None
+    if path.stat().st_size < 8 + length + max(ends, default=0):
+        raise ValueError(f"{path.name} is cut short")
 
 
 def _whole_shards(folder):
@@ -252,7 +314,7 @@ def resumed_args(args, given, parse):
                                 f"a resumed run reads what the run read")
         if value and os.path.isabs(value) and not os.path.exists(value):
             raise ReportedError(f"--resume {output_dir}: the run read {flag} {value}, which is no longer there")
-    for name in sorted(given - RESUMABLE - RUNS_CODE - {"resume"}):
+    for name in sorted(given - RESUMABLE - RUNS_CODE - {"resume", "batch_size", "grad_accum"}):
         if name == "output_dir" and pathlib.Path(args.output_dir).resolve() == output_dir.resolve():
             continue
         if getattr(args, name) != saved[name]:
@@ -262,12 +324,57 @@ def resumed_args(args, given, parse):
                                 f"{', '.join('--' + n.replace('_', '-') for n in sorted(RESUMABLE))}")
     for name in sorted(RUNS_CODE - given):
         if saved[name]:
-            print(f"note: the run had --{name.replace('_', '-')}; it runs code, so it applies only when given again with --resume")
+            note(f"the run had --{name.replace('_', '-')}; it runs code, so it applies only when given again with --resume")
     resumed = argparse.Namespace(**{**saved, **{name: getattr(args, name) for name in given & RESUMABLE | RUNS_CODE},
                                     "resume": str(output_dir), "output_dir": str(output_dir), "overwrite": False})
+    keep_pairs_a_step(resumed, args, given, checkpoint[1].get("world_size"), output_dir)
     step = checkpoint[1]["step"]
     # At --max-steps with its final save incomplete (killed while saving): the resumed run only saves.
     if resumed.max_steps is not None and (resumed.max_steps < step or resumed.max_steps == step and run_is_saved(output_dir, step)):
         raise ReportedError(f"--resume {output_dir}: {checkpoint[0].name} is at or past --max-steps {resumed.max_steps}; "
                             f"give a larger --max-steps to train on")
     return resumed, checkpoint
+
+
+def keep_pairs_a_step(resumed, args, given, run_world_size, output_dir):
+    """The pairs of an optimizer step (--batch-size × --grad-accum × processes) are the run's: resumed on another
+    number of processes (torchrun's WORLD_SIZE), or with --batch-size or --grad-accum given, the per-process batch
+    and accumulation are set to keep them, the batch at most the run's (no process needs more memory), else
+    ReportedError saying how to resume. The data order gives every step the same pairs (batches.micro_batches)."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    run_world_size = run_world_size or world_size                      # a checkpoint that does not say: as now
+    batch_size, grad_accum = (getattr(args, name) if name in given else None for name in ("batch_size", "grad_accum"))
+    if world_size == run_world_size and batch_size in (None, resumed.batch_size) and grad_accum in (None, resumed.grad_accum):
+        return
+    step_pairs = resumed.batch_size * resumed.grad_accum * run_world_size
+    ran = (f"the run trains {step_pairs} pairs a step (--batch-size {resumed.batch_size} × --grad-accum "
+           f"{resumed.grad_accum} × {run_world_size} process{'es' * (run_world_size > 1)})")
+    if resumed.fsdp and world_size == 1:
+        raise ReportedError(f"--resume {output_dir}: the run shards its models (--fsdp) over {run_world_size} processes; "
+                            f"resume it under torchrun: {resume_command(output_dir, run_world_size)}")
+    if step_pairs % world_size:
+        raise ReportedError(f"--resume {output_dir}: {ran}, which {world_size} processes cannot share evenly; resume it "
+                            f"as it ran ({resume_command(output_dir, run_world_size)}) or on processes that divide {step_pairs}")
+    per_process = step_pairs // world_size
+    if batch_size is None and grad_accum is None:                      # the largest batch up to the run's
+        batch_size = next(size for size in range(min(resumed.batch_size, per_process), 0, -1) if per_process % size == 0)
+    batch_size = batch_size or max(1, per_process // grad_accum)
+    grad_accum = grad_accum or max(1, per_process // batch_size)
+    if batch_size * grad_accum != per_process:
+        raise ReportedError(f"--resume {output_dir}: {ran}; --batch-size {batch_size} × --grad-accum {grad_accum} × "
+                            f"{world_size} would make {batch_size * grad_accum * world_size}: a resumed run keeps its pairs a step")
+    note(f"{ran}; now --batch-size {batch_size} × --grad-accum {grad_accum} × {world_size}: the same pairs a step")
+    resumed.batch_size, resumed.grad_accum = batch_size, grad_accum
+
+
+def resume_command(output_dir, world_size=None):
+    """The command that continues the run in output_dir on world_size processes; None: on as many as now, on as
+    many machines (torchrun's WORLD_SIZE and LOCAL_WORLD_SIZE)."""
+    import shlex
+
+    per_node = world_size or int(os.environ.get("LOCAL_WORLD_SIZE", "0")) or None
+    world_size = world_size or int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        return f"python train.py --resume {shlex.quote(str(output_dir))}"
+    nodes = f"--nnodes {world_size // per_node} " if per_node and per_node != world_size else ""
+    return f"torchrun {nodes}--nproc_per_node {per_node or world_size} train.py --resume {shlex.quote(str(output_dir))}"

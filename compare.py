@@ -17,6 +17,11 @@ import pathlib
 import signal
 import sys
 
+if __name__ == "__main__":                      # before the imports below take seconds: Ctrl-C there is one line
+    import signals
+
+    signals.stop_at_once_on_ctrl_c()
+
 import torch
 
 import train
@@ -41,6 +46,9 @@ def compare(args, given):
     output_dir = pathlib.Path(args.output_dir)
     if args.betas and not (args.gold_reward or pathlib.Path(args.dataset).resolve() == train.TINY_DATASET):
         raise ReportedError("--betas plots the gold reward against KL: it needs --gold-reward FILE")
+    if args.betas and min(args.betas) < args.min_beta:
+        raise ReportedError(f"--min-beta {args.min_beta} is more than --betas {min(args.betas)}: the floor of the baseline "
+                            f"β is below each run's start")
     runs = []
     for beta in args.betas or [args.beta]:
         for seed in range(args.seed, args.seed + (args.seeds if args.betas else 1)):

@@ -5,10 +5,9 @@
     load_tokenizer   a model's tokenizer, with EOS and a pad token
     tokenize_pair    one row -> prompt_ids, chosen_ids, rejected_ids (usable on its own, like TRL's tokenize_row)
     tokenize_rows    every row of a split: the usable pairs, and the rows left out and why
-    collate          B pairs -> one right-padded batch of 2B rows: the B chosen sequences, then the B rejected
-    collate_prompts  B pairs -> their prompts, left-padded for sampling
     load_gold_reward a task's score(prompt, completion), for evaluation (tiny_data/gold_reward.py)
-    micro_batches    endless micro-batches in a seeded order
+
+and batches.py: pairs -> the micro-batches of a step, collated.
 
 Formats (as TRL's DPOTrainer takes them): standard rows hold "prompt", "chosen" and "rejected" strings, the
 completions without the prompt; conversational rows hold lists of {"role", "content"} messages that the
@@ -23,21 +22,28 @@ when the pair does not fit in max_length, and then the completions (from the rig
 import json
 import math
 import numbers
+import os
 import pathlib
 import re
-import sys
-from dataclasses import dataclass
 
 import torch
+
 
 SUFFIXES = (".json", ".jsonl", ".parquet")                  # the files read, in any case (train.JSONL too)
 # The split a file in a dataset folder belongs to, by a word of its path (datasets' own convention).
 SPLIT_WORDS = {"train": {"train", "training"}, "validation": {"validation", "valid", "val", "dev"},
                "test": {"test", "testing", "eval", "evaluation"}}
+HELD_OUT = ("test", "validation", "valid")                  # the held-out split when --eval-split is not given
 
 
 class ReportedError(Exception):
     """A problem with the user's data, paths or run: train.py reports it in one line, without a traceback."""
+
+
+def note(text):
+    """Print "note: text" once: under torchrun every process runs the same code, and the first alone says it."""
+    if os.environ.get("RANK", "0") == "0":
+        print(f"note: {text}")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -47,8 +53,9 @@ class ReportedError(Exception):
 def load_splits(dataset, train_split="train", eval_split=None, eval_fraction=0.05, seed=0):
     """(train rows, held-out rows, notes): rows are lists of (where, row); notes say what was not loaded.
 
-    The held-out rows are eval_split, which must exist when named; with eval_split None, the split "test"
-    when the dataset has one (and it is not train_split), else a seeded eval_fraction of train_split.
+    The held-out rows are eval_split, which must exist when named; with eval_split None, the first of the splits
+    HELD_OUT ("test", "validation", "valid") the dataset has (other than train_split), else a seeded eval_fraction
+    of train_split; a note names the splits left unused.
     Local JSON, JSON Lines and Parquet files are read here, without a schema, so that a value of the wrong
     type reaches check_row as it is (a loader that unifies types would turn the number 0 into "0").
     """
@@ -72,7 +79,11 @@ def load_splits(dataset, train_split="train", eval_split=None, eval_fraction=0.0
     if eval_split is not None and eval_split not in splits:       # a typo must not hold out train rows
         raise ReportedError(f"--dataset {dataset} has no split {eval_split!r} for --eval-split (it has {sorted(splits)}); "
                             f"leave --eval-split out to hold out --eval-fraction of {train_split}")
-    eval_split = eval_split or ("test" if train_split != "test" else None)
+    eval_split = eval_split or next((name for name in HELD_OUT if name in splits and name != train_split), None)
+    unused = sorted(set(splits) - {train_split, eval_split})
+    if unused:
+        notes.append(f"--dataset {dataset}: its split{'s' * (len(unused) > 1)} {', '.join(map(repr, unused))} "
+                     f"{'are' if len(unused) > 1 else 'is'} not used (--eval-split NAME holds one out)")
     if eval_split in splits:
         return splits[train_split], splits[eval_split], notes
     rows = splits[train_split]
@@ -211,6 +222,19 @@ def check_row(row):
         raise ValueError("field 'prompt' is a list of messages but 'chosen' and 'rejected' are strings")
     if row.get("noisy") is not None and not isinstance(row["noisy"], bool):           # not even 0 or 1
         raise ValueError(f"field 'noisy' must be true, false or null, not {_describe(row['noisy'])}")
+    for field in ("chosen", "rejected"):
+        if prompt is not None and _repeats(prompt, row[field]):
+            raise ValueError(f"field {field!r} repeats the prompt: a completion holds what follows the prompt alone "
+                             f"(or leave 'prompt' out and give whole conversations)")
+
+
+def _repeats(prompt, completion):
+    """The completion starts with the whole prompt (as in some copies of UltraFeedback): its text, or its messages."""
+    if isinstance(completion, str):
+        return bool(prompt.strip()) and completion.lstrip().startswith(prompt.strip())
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+    return len(completion) > len(messages) and [(m["role"], m["content"].strip()) for m in completion[: len(messages)]] == \
+        [(m["role"], m["content"].strip()) for m in messages]
 
 
 def _describe(value):
@@ -254,8 +278,9 @@ def render(row, tokenizer):
 
 
 def _apply_chat_template(tokenizer, messages, **options):
-    """The chat template's text of messages. A template that refuses the row (raise_exception) is the row's
-    fault (ValueError); one that cannot be parsed is the tokenizer's (ReportedError)."""
+    """The chat template's text of messages. A template that refuses the row (raise_exception) or fails on it (a
+    TypeError of its code, say) is the row's fault (ValueError); one that cannot be parsed is the tokenizer's
+    (ReportedError)."""
     from jinja2 import TemplateError, TemplateSyntaxError
 
     try:
@@ -265,20 +290,25 @@ def _apply_chat_template(tokenizer, messages, **options):
                             f"{error.message}") from None
     except TemplateError as error:
         raise ValueError(f"the chat template refused it: {error}") from None
+    except Exception as error:                                       # the template's own code failed on this row
+        raise ValueError(f"the chat template failed on it ({type(error).__name__}: "
+                         f"{(str(error).splitlines() or [''])[0][:200]})") from None
 
 
 # ----------------------------------------------------------------------------------------------------
 # Tokenizing: ids like the text, truncation only when the pair does not fit
 
 
-def load_tokenizer(name, trust_remote_code=False):
-    """The tokenizer of a model (a Hub id or a folder), with EOS to end completions and a pad token."""
+def load_tokenizer(name, trust_remote_code=False, model=None):
+    """The tokenizer of a model (a Hub id or a folder), with EOS to end completions and a pad token. model: --model
+    as given, when the tokenizer is its adapter's base's (a problem is reported under it)."""
     from transformers import AutoTokenizer
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
     except Exception as error:
-        raise ReportedError(f"--model {name}: {type(error).__name__}: {(str(error).splitlines() or [''])[0]}") from None
+        where = f"--model {model}: its base {name}" if model not in (None, name) else f"--model {name}"
+        raise ReportedError(f"{where}: {type(error).__name__}: {(str(error).splitlines() or [''])[0]}") from None
     if tokenizer.eos_token_id is None:
         raise ReportedError(f"--model {name}: its tokenizer has no EOS token, which must end every completion")
     if tokenizer.pad_token is None:
@@ -384,8 +414,11 @@ def load_pairs(dataset, train_split, eval_split, eval_fraction, seed, tokenizer,
                  for split, rows in (("train", train_rows), ("eval", eval_rows))}
     pairs = {split: pairs for split, (pairs, _, _) in tokenized.items()}
     if len(pairs["train"]) < least or not pairs["eval"]:
+        skipped = ", ".join(f"{count} {split} rows: {reason}" for split, (_, reasons, _) in tokenized.items()
+                            for reason, count in reasons.items())
         raise ReportedError(f"--dataset {dataset}: {len(pairs['train'])} usable train pairs and {len(pairs['eval'])} "
-                            f"held-out pairs; need at least --batch-size × processes ({least}) and 1")
+                            f"held-out pairs; need at least a step's pairs (--batch-size × --grad-accum × processes, "
+                            f"{least}) and 1" + (f"; skipped {skipped}" if skipped else ""))
     return {"pairs": pairs, "skipped": {split: skipped for split, (_, skipped, _) in tokenized.items()},
             "boundary_moved": {split: moved for split, (_, _, moved) in tokenized.items()}, "notes": notes}
 
@@ -427,63 +460,3 @@ def gold_score(gold_reward, prompt, completion):
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
         raise ReportedError(f"--gold-reward: score() returned {value!r} for {completion!r}, not a finite number")
     return float(value)
-
-
-# ----------------------------------------------------------------------------------------------------
-# Batches
-
-
-NOISE_CODES = {None: 0, False: 1, True: 2}                     # a pair's "noisy" flag, as a number
-
-
-@dataclass
-class Batch:
-    input_ids: torch.Tensor          # (2B, T): B chosen sequences, then B rejected ones, right-padded
-    attention_mask: torch.Tensor     # (2B, T)
-    completion_mask: torch.Tensor    # (2B, T): 1 on completion tokens
-    noise: torch.Tensor              # (B,): the row's "noisy" flag: 0 absent, 1 false (clean), 2 true (mislabelled)
-    # input_ids and completion_mask as collate made them, on the host (the CPU): the loss at scale finds the scored
-    # positions there, so that it never waits for the device to read them back.
-    host_input_ids: torch.Tensor = None
-    host_completion_mask: torch.Tensor = None
-
-
-def collate(pairs, pad_token_id, device):
-    """One batch of 2B rows for one concatenated forward pass: the B chosen sequences, then the B rejected."""
-    sequences = [(p["prompt_ids"], p["chosen_ids"]) for p in pairs] + [(p["prompt_ids"], p["rejected_ids"]) for p in pairs]
-    length = max(len(prompt) + len(completion) for prompt, completion in sequences)
-    input_ids = torch.full((len(sequences), length), pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros_like(input_ids)
-    completion_mask = torch.zeros_like(input_ids)
-    for row, (prompt, completion) in enumerate(sequences):
-        end = len(prompt) + len(completion)
-        input_ids[row, :end] = torch.tensor(prompt + completion)
-        attention_mask[row, :end] = 1
-        completion_mask[row, len(prompt) : end] = 1
-    noise = torch.tensor([NOISE_CODES[p.get("noisy")] for p in pairs])
-    return Batch(*to_device([input_ids, attention_mask, completion_mask, noise], device), input_ids, completion_mask)
-
-
-def to_device(tensors, device):
-    """Tensors made on the host, copied to `device`. To a GPU from pinned (page-locked) memory, without
-    waiting: the copies queue behind the work already on the GPU, and the host goes on to the next batch
-    instead of stalling until each copy is done (a copy from ordinary memory makes the host wait)."""
-    if torch.device(device).type != "cuda":
-        return [tensor.to(device) for tensor in tensors]
-    return [tensor.pin_memory().to(device, non_blocking=True) for tensor in tensors]
-
-
-def collate_prompts(pairs, pad_token_id, device):
-    """The prompts of B pairs, left-padded as generate() wants them: input_ids and attention_mask, (B, T)."""
-    width = max(len(p["prompt_ids"]) for p in pairs)
-    input_ids = torch.tensor([[pad_token_id] * (width - len(p["prompt_ids"])) + p["prompt_ids"] for p in pairs])
-    attention_mask = torch.tensor([[0] * (width - len(p["prompt_ids"])) + [1] * len(p["prompt_ids"]) for p in pairs])
-    return tuple(to_device([input_ids, attention_mask], device))
-
-
-def micro_batches(pairs, batch_size, seed):
-    """Endless micro-batches, in a fresh seeded order each epoch."""
-    for epoch in range(sys.maxsize):
-        order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(seed + epoch)).tolist()
-        for start in range(0, len(order) - batch_size + 1, batch_size):
-            yield [pairs[i] for i in order[start : start + batch_size]]

@@ -115,7 +115,7 @@ def _on_host(input_ids, completion_mask, vocab_size):
 
 def _to_device(host_tensors, device):
     """Host tensors on `device` without waiting for it: on CUDA from pinned memory, non_blocking (the copy queues behind
-    the GPU's work; PyTorch keeps the pinned memory until it is done), as data.to_device; elsewhere a plain copy."""
+    the GPU's work; PyTorch keeps the pinned memory until it is done), as batches.to_device; elsewhere a plain copy."""
     if device.type == "cuda":
         return [tensor.pin_memory().to(device, non_blocking=True) for tensor in host_tensors]
     return [tensor.to(device) for tensor in host_tensors] if device.type != "cpu" else list(host_tensors)

@@ -11,7 +11,8 @@ import torch.distributed as dist
 
 import epsdpo
 import epsdpo_chunked
-from data import NOISE_CODES, collate, collate_prompts, gold_score
+from batches import NOISE_CODES, collate, collate_prompts
+from data import gold_score
 from models import last_hidden_states
 from sharding import gathered_once, sharded
 

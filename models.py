@@ -7,18 +7,15 @@ at hand is here, one function per concern.
 """
 
 import contextlib
-import json
 import os
-import pathlib
-import warnings
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
+from adapters import add_lora, adapter_base, quiet_peft
 from data import ReportedError
 from sharding import allocate_shards, broadcast_weights, load_sharded_weights, local, reshard_root, shard
-from sharding import sharded  # noqa: F401  (models.sharded, for checkpoints.py)
 
 # The ε-DPO loss from the last hidden states (epsdpo.epsilon_dpo_loss_from_hidden) wherever the output layer is a
 # plain linear map. False: from the full logits everywhere (the tests set it to compare the two).
@@ -121,87 +118,28 @@ def frozen_weights_in_bf16(model):
     return model
 
 
-def adapter_base(name):
-    """The base model that a peft adapter (a folder or Hub id with adapter_config.json) was trained on; None
-    when `name` is a model."""
-    from transformers.utils import find_adapter_config_file
-
-    try:
-        config_file = find_adapter_config_file(name)
-    except Exception:                                                   # not a folder nor an id: loading says so
-        return None
-    if config_file is None:
-        return None
-    try:
-        return json.loads(pathlib.Path(config_file).read_text())["base_model_name_or_path"] or None
-    except (ValueError, KeyError, TypeError):
-        raise ReportedError(f"--model {name}: its adapter_config.json names no base_model_name_or_path") from None
-
-
-def tokenizer_name(name):
-    """Where --model's tokenizer is: the model, or the adapter if it holds one, else the adapter's base."""
-    from transformers.utils import cached_file
-
-    base = adapter_base(name)
-    if base is None or cached_file(name, "tokenizer_config.json", _raise_exceptions_for_missing_entries=False,
-                                   _raise_exceptions_for_connection_errors=False):
-        return name
-    return base
-
-
-def load_model(name, device, trust_remote_code, frozen_in_bf16=False):
+def load_model(name, device, trust_remote_code, frozen_in_bf16=False, base=None):
     """A model in float32 on `device`, in eval mode. frozen_in_bf16: frozen, with frozen_weights_in_bf16,
     converted on the CPU before it moves, so the device never holds a float32 copy of it. A peft adapter (say
-    of supervised fine-tuning) is merged into the base it names: the model is that fine-tuned model."""
+    of supervised fine-tuning) is merged into its base (base: --model-base, else the one its adapter_config.json
+    names): the model is that fine-tuned model, and every weight of it trains."""
     from transformers import AutoModelForCausalLM
 
-    base = adapter_base(name)
+    base = base or adapter_base(name)
     try:
         model = AutoModelForCausalLM.from_pretrained(base or name, dtype=torch.float32, trust_remote_code=trust_remote_code)
         if base:
             from peft import PeftModel
 
-            with quiet_peft():
-                model = PeftModel.from_pretrained(model, name).merge_and_unload()
+            with quiet_peft():                                          # peft freezes the base it loads onto
+                model = PeftModel.from_pretrained(model, name).merge_and_unload().requires_grad_(True)
     except Exception as error:                                          # no such model, code it would run, bad files
-        raise ReportedError(f"model {name}: {type(error).__name__}: {(str(error).splitlines() or [''])[0]}") from None
+        on = f" (an adapter on {base})" if base else ""
+        raise ReportedError(f"model {name}{on}: {type(error).__name__}: {(str(error).splitlines() or [''])[0]}") from None
     if frozen_in_bf16:
         frozen_weights_in_bf16(model.requires_grad_(False))
     # eval() for the policy too: dropout off, as DPO assumes; gradients flow all the same.
     return model.to(device).eval()
-
-
-@contextlib.contextmanager
-def quiet_peft():
-    """peft 0.21 asks transformers 5 whether checkpointing is on by a name it deprecated: a warning for peft's
-    authors, not for the user of train.py."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated")
-        yield
-
-
-def add_lora(model, args, checkpoint_folder=None):
-    """The model with LoRA adapters on its --lora-target layers (peft): only the adapters train, every other
-    weight frozen. They start with B = 0, so the policy starts as the model, bit for bit. Resuming, the
-    adapters are the checkpoint's.
-
-    Dropout is off in the adapters, as everywhere (DPO assumes it). The adapter written records --model as
-    its base, a local folder by its absolute path, so PeftModel.from_pretrained finds it from anywhere."""
-    from peft import LoraConfig, PeftModel, get_peft_model
-
-    with quiet_peft():
-        if checkpoint_folder:
-            return PeftModel.from_pretrained(model, checkpoint_folder, is_trainable=True).eval()
-        target = "all-linear" if args.lora_target == ["all-linear"] else args.lora_target   # not the output head
-        config = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, target_modules=target, lora_dropout=0.0,
-                            task_type="CAUSAL_LM")
-        try:
-            policy = get_peft_model(model, config)
-        except ValueError as error:                                     # no such layers in the model
-            raise ReportedError(f"--lora-target {' '.join(args.lora_target)}: {str(error).splitlines()[0]}") from None
-    local = os.path.isdir(args.model)
-    policy.peft_config["default"].base_model_name_or_path = str(pathlib.Path(args.model).resolve()) if local else args.model
-    return policy.eval()
 
 
 class AdaptersOff:
@@ -246,7 +184,8 @@ def training_mode(layers):
 
 
 def check_models(policy, reference, tokenizer, pairs, args, checkpoint_folder=None):
-    """The models and the tokenizer fit together: one vocabulary, and every token id inside it."""
+    """The models, the tokenizer and the pairs fit together: one vocabulary, every token id inside it, and every
+    pair (and, sampled for a gold reward, every prompt with --max-new-tokens) inside the models' positions."""
     vocab, ref_vocab = (model.get_output_embeddings().weight.shape[0] for model in (policy, reference))
     if ref_vocab != vocab and checkpoint_folder:                        # the policy is the checkpoint's
         raise ReportedError(f"{checkpoint_folder}: its model has {vocab} words, the run's --model "
@@ -257,6 +196,19 @@ def check_models(policy, reference, tokenizer, pairs, args, checkpoint_folder=No
     largest = max(tokenizer.pad_token_id, *(max(p["prompt_ids"] + p["chosen_ids"] + p["rejected_ids"]) for p in pairs))
     if largest >= vocab:
         raise ReportedError(f"--model {args.model}: its tokenizer gives token id {largest}, but the model has only {vocab} words")
+    # Known now rather than as an IndexError at some step: a pair, or a prompt and its sample, beyond the positions
+    # the model has (GPT-2's learned ones; past a rotary model's it was never trained either).
+    positions, model = min((getattr(model.config, "max_position_embeddings", None) or 2**62, flag) for model, flag in
+                           ((policy, f"--model {args.model}"), (reference, f"--ref-model {args.ref_model}")))
+    longest = max(len(p["prompt_ids"]) + max(len(p["chosen_ids"]), len(p["rejected_ids"])) for p in pairs)
+    if longest > positions:
+        raise ReportedError(f"{model}: it takes at most {positions} positions (max_position_embeddings), and a pair "
+                            f"has {longest} tokens; give --max-length {positions} or less")
+    longest_prompt = max(len(p["prompt_ids"]) for p in pairs)
+    if args.gold_reward and longest_prompt + args.max_new_tokens > positions:      # samples, for the gold reward
+        raise ReportedError(f"--max-new-tokens {args.max_new_tokens}: a prompt of {longest_prompt} tokens and its sample "
+                            f"would pass the {positions} positions of {model}; give --max-new-tokens "
+                            f"{max(1, positions - longest_prompt)} or less, or a smaller --max-prompt-length")
 
 
 def held_bytes(policy, optimizer, reference):
@@ -305,6 +257,8 @@ def linear_head(model, input_ids):
     head, softcap = model.get_output_embeddings(), getattr(model.config, "final_logit_softcapping", None)
     if not FROM_HIDDEN_STATES:
         return None, "models.FROM_HIDDEN_STATES is False"
+    if hasattr(head, "base_layer"):                                     # peft's: LoRA adapts the output layer
+        return None, "LoRA adapts its output layer (--lora-target), so its logits are not one matrix product"
     if type(head) is not torch.nn.Linear or head.bias is not None:
         return None, f"its output layer is a {type(head).__name__}{' with a bias' if getattr(head, 'bias', None) is not None else ''}"
     with torch.no_grad():
@@ -369,12 +323,15 @@ def setup_models(args, device, world_size, mixed_precision, tokenizer, pairs, ch
     lora, from_checkpoint = args.lora_r > 0, checkpoint[0] if checkpoint else None
     # In float32: the weights the optimizer updates; with bf16, the frozen weights autocast casts, in bf16.
     if lora:
-        policy = add_lora(load_model(args.model, device, args.trust_remote_code, mixed_precision), args, from_checkpoint)
+        policy = add_lora(load_model(args.model, device, args.trust_remote_code, mixed_precision, args.model_base), args,
+                          from_checkpoint)
     else:
-        policy = load_model(from_checkpoint or args.model, device, args.trust_remote_code)
+        policy = load_model(from_checkpoint or args.model, device, args.trust_remote_code, False,
+                            None if from_checkpoint else args.model_base)
     reference = None
     if args.ref_model or not lora:
-        reference = load_model(args.ref_model or args.model, device, args.trust_remote_code, mixed_precision).requires_grad_(False)
+        reference = load_model(args.ref_model or args.model, device, args.trust_remote_code, mixed_precision,
+                               None if args.ref_model else args.model_base).requires_grad_(False)
     check_models(policy, reference or policy, tokenizer, pairs, args, from_checkpoint)
     head, note = shared_linear_head(policy, reference or AdaptersOff(policy), pairs[0], device, mixed_precision)
     layers = checkpointed_layers(policy) if args.gradient_checkpointing else []
@@ -395,8 +352,10 @@ def setup_sharded_models(args, device, mixed_precision, tokenizer, pairs, checkp
 
     Where every process read both models whole in float32, at 8B that was 59.8 GiB of CPU memory per process
     (479 GiB on a node of 8 GPUs); now it is 29.9 GiB on process 0 and none on the others (computed)."""
-    policy = empty_model(args.model, args.trust_remote_code)
-    reference = empty_model(args.ref_model or args.model, args.trust_remote_code).requires_grad_(False)
+    model_base = {args.model: args.model_base} if args.model_base else {}     # --model an adapter: its base
+    policy = empty_model(args.model, args.trust_remote_code, model_base.get(args.model))
+    reference = empty_model(args.ref_model or args.model, args.trust_remote_code,
+                            model_base.get(args.ref_model or args.model)).requires_grad_(False)
     check_models(policy, reference, tokenizer, pairs, args)
     layers = checkpointed_layers(policy) if args.gradient_checkpointing else []
     # Under FSDP's mixed precision the policy computes wholly in bf16, so the reference is stored wholly in
@@ -411,7 +370,7 @@ def setup_sharded_models(args, device, mixed_precision, tokenizer, pairs, checkp
     def weights(name):
         if dist.get_rank() == 0 and name not in read:
             read.clear()
-            read[name] = load_model(name, torch.device("cpu"), args.trust_remote_code).state_dict()
+            read[name] = load_model(name, torch.device("cpu"), args.trust_remote_code, False, model_base.get(name)).state_dict()
         return read.get(name, {})
 
     if checkpoint:
@@ -426,14 +385,14 @@ def setup_sharded_models(args, device, mixed_precision, tokenizer, pairs, checkp
     return Models(policy, policy, reference, layers, head, note)
 
 
-def empty_model(name, trust_remote_code):
+def empty_model(name, trust_remote_code, base=None):
     """The model `name` (as load_model loads it) without its weights: its parameters on the meta device
     (shapes, no memory), its buffers real on the CPU. A buffer that is not saved with the weights (rotary
     frequencies) is computed as from_pretrained computes it: by the model's own initialization, which leaves
     the meta parameters as they are."""
     from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
-    base = adapter_base(name) or name
+    base = base or adapter_base(name) or name
     try:
         config = AutoConfig.from_pretrained(base, trust_remote_code=trust_remote_code)
         with torch.device("meta"):

@@ -27,7 +27,7 @@ OURS = ".train.files"                                       # the names of the f
 RUN_FILES = ("metrics.jsonl", "summary.json", "curves.png", "criterion.png")
 COMPARE_FILES, FRONTIER_FILES = ("compare.png",), ("frontier.json", "frontier.png")
 # What a run reads: a folder holding one of them is never its output folder.
-INPUTS = ("model", "ref_model", "dataset", "gold_reward")
+INPUTS = ("model", "model_base", "ref_model", "dataset", "gold_reward")
 # Temporaries of ours, by name: what a killed run leaves behind, removed by the next run in the folder.
 TEMPORARY = re.compile(r"\.saving-\w{8}|\.checkpoint-[0-9]+-\w{8}|\.(metrics\.jsonl|summary\.json|curves\.png|"
                        r"compare\.png|frontier\.json|frontier\.png)\.\w{8}")
@@ -96,8 +96,17 @@ def _claim_names(folder, names):
                                 f"Move it, or choose another --output-dir")
     new = [name for name in names if name not in known]
     if new:
-        with open(folder / OURS, "a") as listing:
+        with _naming(folder / OURS), open(folder / OURS, "a") as listing:
             listing.write("".join(name + "\n" for name in new))
+
+
+@contextlib.contextmanager
+def _naming(path):
+    """A write that fails (a full disk) stops the run with one line naming the file."""
+    try:
+        yield
+    except _write_errors() as error:
+        raise ReportedError(f"could not write {path} ({_first_line(error)})") from None
 
 
 def check_only_ours_replaced(output_dir, will_write):
@@ -182,7 +191,8 @@ def prepare_output_dir(output_dir, resumed_step):
 def append_metrics(output_dir, row):
     """One row of metrics.jsonl, in one write() of a whole line: a crash cannot leave half of it."""
     _claim_names(output_dir, ["metrics.jsonl"])
-    with open(pathlib.Path(output_dir) / "metrics.jsonl", "a") as metrics_file:
+    path = pathlib.Path(output_dir) / "metrics.jsonl"
+    with _naming(path), open(path, "a") as metrics_file:
         metrics_file.write(json.dumps(row) + "\n")
 
 
@@ -200,18 +210,20 @@ def read_metrics(output_dir):
 
 def write_atomically(path, content):
     """Write to a temporary file beside it, then rename: the file is either the old one or the whole new one.
-    A file of that name that the project did not write is never replaced (ReportedError)."""
+    A file of that name that the project did not write is never replaced; a write that fails (a full disk)
+    leaves nothing behind; both stop the run with one line naming the file (ReportedError)."""
     path = pathlib.Path(path)
     _claim_names(path.parent, [path.name])
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(handle, "wb" if isinstance(content, bytes) else "w") as file:
-            file.write(content)
-        os.chmod(temporary, 0o644)
-        os.replace(temporary, path)
-    except BaseException:
-        pathlib.Path(temporary).unlink(missing_ok=True)
-        raise
+    with _naming(path):
+        handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+        try:
+            with os.fdopen(handle, "wb" if isinstance(content, bytes) else "w") as file:
+                file.write(content)
+            os.chmod(temporary, 0o644)
+            os.replace(temporary, path)
+        except BaseException:
+            pathlib.Path(temporary).unlink(missing_ok=True)
+            raise
 
 
 # What a write that fails raises: OSError from Python, RuntimeError from torch.save ("[enforce fail at

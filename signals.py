@@ -1,8 +1,21 @@
 """Ctrl-C and SIGTERM: a run stops after the optimizer step under way, with a checkpoint; before training, at once."""
 
 import contextlib
+import os
 import signal
+import sys
 import time
+
+
+def stop_at_once_on_ctrl_c():
+    """Before stop_signals takes over (while torch and transformers import, seconds): Ctrl-C exits with one line
+    and the signal's status, not a KeyboardInterrupt's traceback from inside an import."""
+    def stop(number, frame):
+        if os.environ.get("RANK", "0") == "0":                          # under torchrun, once in all
+            print(f"stopped by signal {number} before training started; nothing was written to resume from", file=sys.stderr)
+        sys.exit(128 + number)
+
+    signal.signal(signal.SIGINT, stop)
 
 class StopNow(KeyboardInterrupt):
     """The first SIGINT or SIGTERM before training: there is nothing to save, so the run stops at once."""

@@ -9,6 +9,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the tests never download anythin
 import pytest
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
+import batches
 import data
 import train
 
@@ -203,7 +204,7 @@ def test_evaluating_on_the_training_split_is_refused(tmp_path):
 def test_the_prompt_is_never_scored(bpe_tokenizer):
     pairs = [data.tokenize_pair(KETTLE, bpe_tokenizer, 512, 256),
              data.tokenize_pair({**KETTLE, "chosen": "Great."}, bpe_tokenizer, 512, 256)]
-    batch = data.collate(pairs, bpe_tokenizer.pad_token_id, "cpu")
+    batch = batches.collate(pairs, bpe_tokenizer.pad_token_id, "cpu")
     assert batch.input_ids.shape[0] == 4
     scored = [batch.input_ids[row][batch.completion_mask[row].bool()].tolist() for row in range(4)]
     assert scored == [pairs[0]["chosen_ids"], pairs[1]["chosen_ids"], pairs[0]["rejected_ids"], pairs[1]["rejected_ids"]]
@@ -306,3 +307,70 @@ def test_a_gold_reward_that_is_not_a_python_file_is_one_line(tmp_path):
     path.write_text("def score(prompt, completion):\n    return 1.0\n")
     with pytest.raises(data.ReportedError, match=r"^--gold-reward .*gold.txt: expected a Python file \(.py\)"):
         data.load_gold_reward(str(path))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Trust: data (issue 23)
+
+
+def test_a_chat_template_that_fails_with_a_python_error_is_the_rows_fault(bpe_tokenizer, monkeypatch):
+    conversation = {"prompt": [{"role": "user", "content": "Write about the lamp."}],
+                    "chosen": [{"role": "assistant", "content": "Good."}], "rejected": [{"role": "assistant", "content": "Poor."}]}
+    rows = [("a.jsonl, line 1", KETTLE), ("a.jsonl, line 2", conversation)]
+    monkeypatch.setattr(bpe_tokenizer, "chat_template", "{{ messages[0]['content'] + 1 }}")       # str + int: TypeError
+    with pytest.raises(data.ReportedError, match=r"^a.jsonl, line 2: the chat template failed on it \(TypeError: .*\) "
+                                                 r"\(--skip-invalid drops such rows\)$"):
+        data.tokenize_rows(rows, bpe_tokenizer, 512, 256)
+    pairs, skipped, _ = data.tokenize_rows(rows, bpe_tokenizer, 512, 256, skip_invalid=True)
+    assert len(pairs) == 1 and skipped == {"invalid (--skip-invalid)": 1}
+
+
+def test_a_validation_or_valid_split_is_held_out_as_test_is_and_unused_splits_are_named(tmp_path):
+    from datasets import Dataset, DatasetDict
+
+    rows = {key: [value] * 3 for key, value in KETTLE.items()}
+    for name in ("validation", "valid"):
+        folder = tmp_path / name
+        DatasetDict({"train": Dataset.from_dict(rows), name: Dataset.from_dict({k: v[:2] for k, v in rows.items()}),
+                     "other": Dataset.from_dict(rows)}).save_to_disk(str(folder))
+        train_rows, eval_rows, notes = data.load_splits(str(folder))
+        assert (len(train_rows), len(eval_rows)) == (3, 2) and all(f"split {name}" in where for where, _ in eval_rows)
+        assert notes == [f"--dataset {folder}: its split 'other' is not used (--eval-split NAME holds one out)"]
+
+
+def test_when_every_pair_is_skipped_the_reasons_are_in_the_message(tmp_path, bpe_tokenizer):
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps({**KETTLE, "rejected": KETTLE["chosen"]}) + "\n" for _ in range(10)))
+    with pytest.raises(data.ReportedError, match=r"0 usable train pairs and 0 held-out pairs; need at least a step's pairs .*; "
+                                                 r"skipped 9 train rows: chosen identical to rejected, 1 eval rows: chosen "
+                                                 r"identical to rejected$"):
+        data.load_pairs(str(path), "train", None, 0.1, 0, bpe_tokenizer, 512, 256)
+
+
+def test_a_completion_that_repeats_the_prompt_is_refused_with_that_reason(bpe_tokenizer):
+    user = [{"role": "user", "content": "Write about the lamp, please."}]
+    answer = [{"role": "assistant", "content": "The lamp is good."}]
+    for row, field in (({**KETTLE, "chosen": KETTLE["prompt"] + KETTLE["chosen"]}, "chosen"),            # standard text
+                       ({**KETTLE, "rejected": KETTLE["prompt"] + KETTLE["rejected"]}, "rejected"),
+                       ({"prompt": user[0]["content"], "chosen": user + answer, "rejected": answer}, "chosen"),
+                       ({"prompt": user, "chosen": answer, "rejected": user + answer}, "rejected")):        # messages
+        with pytest.raises(ValueError, match=f"field '{field}' repeats the prompt"):
+            data.tokenize_pair(row, bpe_tokenizer, 512, 256)
+    data.tokenize_pair({"chosen": user + answer, "rejected": user + [{"role": "assistant", "content": "Poor."}]},
+                       bpe_tokenizer, 512, 256)                       # whole conversations without a prompt: as before
+
+
+def test_the_pairs_of_a_step_depend_on_its_size_alone_not_on_how_processes_and_micro_batches_share_it():
+    """What lets a run resume on another number of processes: 8 pairs a step as 8 × 1 on 1 process, 4 × 2 on 1, 4 × 1
+    on 2 or 1 × 2 on 4 are the same pairs, step after step and across epochs (20 pairs: 2 steps an epoch)."""
+    pairs = list(range(20))
+
+    def steps(batch_size, grad_accum, world_size, first_step=1, count=5):
+        ranks = [batches.micro_batches(pairs, batch_size, grad_accum, world_size, rank, seed=3, first_step=first_step)
+                 for rank in range(world_size)]
+        return [sorted(i for _ in range(grad_accum) for rank in ranks for i in next(rank)) for _ in range(count)]
+
+    one = steps(8, 1, 1)
+    assert all(len(set(step)) == 8 for step in one) and one[0] != one[2]            # epoch 2: a fresh order
+    assert steps(4, 2, 1) == steps(4, 1, 2) == steps(1, 2, 4) == one
+    assert steps(4, 1, 2, first_step=4, count=2) == one[3:5]                        # resumed at step 4

@@ -1158,3 +1158,38 @@ def test_bad_input_to_the_loss_from_hidden_states_is_rejected_naming_it(change, 
     with pytest.raises(ValueError) as error:
         epsdpo_chunked.epsilon_dpo_loss_from_hidden(**{**arguments, **change})
     assert message in str(error.value)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Trust: what the library refuses and what it leaves to its caller (issue 23.13)
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+@pytest.mark.parametrize("beta", [1e-40, 10**400, 1e31])     # subnormal in float32, past float64, past float32
+def test_a_beta_float32_cannot_hold_is_refused(impl, beta):
+    logits, input_ids, completion_mask = _pairs()
+    with pytest.raises(ValueError, match=r"beta must be a finite number > 0, in \[1.2e-38, 1e30\]"):
+        impl.epsilon_dpo_loss(logits, logits, input_ids, completion_mask, beta, 0.1)
+    with pytest.raises(ValueError, match=r"beta must be a finite number > 0, in \[1.2e-38, 1e30\]"):
+        epsdpo.betas_from_s(beta, torch.zeros(2, dtype=torch.long), 0.1)
+    with pytest.raises(ValueError, match=r"beta must be a finite number > 0, in \[1.2e-38, 1e30\]"):
+        epsdpo.BaselineBeta(beta, 0.1)
+
+
+def test_a_bool_s_is_refused_by_betas_from_s_as_by_observe():
+    for call in (lambda s: epsdpo.betas_from_s(0.1, s, 0.1), epsdpo.BaselineBeta(0.1, 0.1).observe):
+        with pytest.raises(ValueError, match=r"s must be an integer tensor of -1, 0 and \+1, got torch.bool"):
+            call(torch.tensor([True, False]))
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+def test_the_criterion_takes_logits_alone_and_non_finite_logits_are_the_callers_to_stop_on(impl):
+    import inspect
+
+    assert list(inspect.signature(impl.criterion).parameters) == ["policy_logits", "ref_logits", "input_ids",
+                                                                  "completion_mask", "epsilon"]
+    logits, input_ids, completion_mask = _pairs()
+    broken = logits.clone()
+    broken[0, 2, 1] = float("nan")                                    # a scored position: no check, no host sync
+    assert math.isnan(impl.epsilon_dpo_loss(broken, logits, input_ids, completion_mask, 0.1, 0.1).loss.item())
+    assert "NaN or infinite" in epsdpo.epsilon_dpo_loss.__doc__ and "caller" in epsdpo.epsilon_dpo_loss.__doc__

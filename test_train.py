@@ -7,6 +7,7 @@ import json
 import math
 import os
 import pathlib
+import re
 import shutil
 import signal
 import subprocess
@@ -20,9 +21,11 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+import adapters
+import batches
+import bench_counts
 import checkpoints
 import compare
-import bench_counts
 import data
 import epsdpo
 import evaluation
@@ -245,7 +248,7 @@ def test_every_panel_compares_like_with_like(tiny_run, tmp_path, monkeypatch):
     ("--beta", "0", "beta must be in (0, 1e6)"), ("--beta", "1.7e308", "beta must be in (0, 1e6)"),
     ("--seed", "100000000000000000000000", "must be in [0, 2**32)"), ("--epsilon", "1", "epsilon must be in [0, 1)"),
     ("--epsilon", "-0.1", "epsilon must be in [0, 1)"), ("--lr", "0", "the learning rate must be > 0"),
-    ("--batch-size", "0", "must be >= 1"), ("--beta", "nan", "out of range"), ("--lr", "fast", "is not a float"),
+    ("--batch-size", "0", "must be >= 1"), ("--beta", "nan", "out of range"), ("--lr", "fast", "is not a number"),
     ("--lora-r", "-1", "must be >= 0"), ("--lora-alpha", "32", "apply only with --lora-r > 0"),
 ])
 def test_bad_arguments_are_rejected_when_parsed(flag, value, message, capsys):
@@ -514,17 +517,20 @@ def two_ranks(tmp_path_factory, lora_run):
     arguments = ["--dataset", str(tiny_data_cut(folder / "data", 200, 33)), "--gold-reward", str(train.TINY_GOLD_REWARD),
                  "--max-new-tokens", "8", "--eval-batch-size", "16", "--max-steps", "15", "--eval-every", "1000",
                  "--save-every", "1000", "--epsilon", "0.3", "--lr", "1e-3", "--criterion-pairs", "0"]
-    train.main(["--output-dir", str(folder / "one"), *arguments, "--batch-size", "8"])
+    train.main(["--output-dir", str(folder / "one"), *arguments, "--batch-size", "8", "--save-every", "5"])
     ddp, fsdp = [*arguments, "--batch-size", "4"], [*arguments, "--fsdp", "--batch-size", "2", "--grad-accum", "2"]
     printed = {"ddp": stopped_by_a_signal(folder / "ddp", ddp, ctrl_c=True), "fsdp": stopped_by_a_signal(folder / "fsdp", fsdp, ctrl_c=False)}
     lora_arguments, _ = lora_run
+    shutil.copytree(folder / "one", folder / "one-on-two", ignore=shutil.ignore_patterns(".train.lock", "checkpoint-15"))
+    shutil.copytree(folder / "ddp", folder / "ddp-stopped", ignore=shutil.ignore_patterns(".train.lock"))
     rest = {"ddp": dict(argv=["--resume", str(folder / "ddp")], from_hidden=True),
             "fsdp": dict(argv=["--resume", str(folder / "fsdp"), "--gold-reward", str(train.TINY_GOLD_REWARD)]),
             "fsdp-whole": dict(argv=["--output-dir", str(folder / "fsdp-whole"), *fsdp, "--save-every", "5"]),
             "fsdp-hidden": dict(argv=["--output-dir", str(folder / "fsdp-hidden"), *fsdp, "--criterion-pairs", "8"], from_hidden=True),
             "fsdp-bf16": dict(argv=["--output-dir", str(folder / "fsdp-bf16"), *fsdp, "--dtype", "bfloat16",
                                     "--gradient-checkpointing"], from_hidden=True),
-            "lora": dict(argv=["--output-dir", str(folder / "lora"), *lora_arguments, "--batch-size", "4"], from_hidden=True)}
+            "lora": dict(argv=["--output-dir", str(folder / "lora"), *lora_arguments, "--batch-size", "4"], from_hidden=True),
+            "one-on-two": dict(argv=["--resume", str(folder / "one-on-two"), "--gold-reward", str(train.TINY_GOLD_REWARD)])}
     started, rendezvous = time.time(), folder / "rendezvous"
     script = "import sys, test_train; test_train.one_launch(sys.argv[1], sys.argv[2])"
     done = subprocess.run([*TORCHRUN, "--no-python", sys.executable, "-c", script, json.dumps(list(rest.values())), str(rendezvous)],
@@ -548,6 +554,7 @@ def test_two_ranks_under_torchrun_agree_on_beta_and_match_one_process_even_acros
     assert all(process["losses_from_hidden"] > 0 for process in counted["ddp"])
     stdout, stderr = printed["ddp"]
     assert "checkpoint written" in stdout and len(list((folder / "ddp").glob("checkpoint-*"))) == 1
+    assert f"checkpoint written: torchrun --nproc_per_node 2 train.py --resume {folder / 'ddp'} continues the run" in stdout
     assert "second signal" not in stderr
     one_rows, two_rows = read_metrics(folder / "one"), read_metrics(folder / "ddp")
     assert [(r["split"], r["step"]) for r in two_rows] == [(r["split"], r["step"]) for r in one_rows]
@@ -925,7 +932,7 @@ def test_bad_input_stops_the_run_with_one_line(tmp_path, case, small_data):
         "tokenizer without eos": (lambda: ["--model", tiny_model_folder(tmp_path / "m", tokenizer_changes={"eos_token": None})],
                                   "its tokenizer has no EOS token"),
         "eval-split is train": (["--eval-split", "train"], "--eval-split train is the training split"),
-        "lora-target not in the model": (["--lora-r", "4", "--lora-target", "c_attn"], "--lora-target c_attn: Target modules"),
+        "lora-target not in the model": (["--lora-r", "4", "--lora-target", "c_attn"], "--lora-target c_attn: the model has no layer of that name (its linear layers: down_proj, gate_proj, k_proj, lm_head, o_proj, q_proj, up_proj, v_proj)"),
         "fsdp on one process": (["--fsdp"], "--fsdp shards the models across the processes torchrun starts"),
         "fsdp with lora": (["--fsdp", "--lora-r", "4"], "--fsdp with --lora-r: not supported"),
     }[case]
@@ -1586,12 +1593,12 @@ def lora_models(*flags, monkeypatch=None):
     """(models, batch, autocast) as train.py sets them up with LoRA adapters of rank 4 on the tiny model,
     and a batch of 8 of its held-out pairs. With monkeypatch, models.load_model's calls are counted."""
     args, _ = train.parse_args(["--lora-r", "4", *flags])
-    tokenizer = data.load_tokenizer(models.tokenizer_name(args.model))
+    tokenizer = data.load_tokenizer(adapters.tokenizer_name(args.model))
     lines = (train.TINY_DATASET / "test.jsonl").read_text().splitlines()[:8]
     pairs, _, _ = data.tokenize_rows([(f"line {i}", json.loads(line)) for i, line in enumerate(lines)], tokenizer, 512, 256)
     autocast = models.precision(args.dtype, torch.device("cpu"))
     built = models.setup_models(args, torch.device("cpu"), 1, autocast is not None, tokenizer, pairs)
-    return built, data.collate(pairs, tokenizer.pad_token_id, torch.device("cpu")), autocast or torch.autocast("cpu", enabled=False)
+    return built, batches.collate(pairs, tokenizer.pad_token_id, torch.device("cpu")), autocast or torch.autocast("cpu", enabled=False)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
@@ -1638,32 +1645,6 @@ def test_lora_gradient_checkpointing_recomputes_the_layers_and_gives_the_same_gr
     assert layer_calls.count(("plain", True)) == 1 and layer_calls.count(("checkpointed", True)) == 2
     assert all(gradient is not None and gradient.abs().sum() > 0 for gradient in gradients["checkpointed"].values())
     assert all(torch.equal(gradients["checkpointed"][name], gradients["plain"][name]) for name in gradients["plain"])
-
-
-def test_an_sft_adapter_as_model_is_merged_so_the_reference_is_the_sft_model(tmp_path):
-    from peft import LoraConfig, PeftModel, get_peft_model
-
-    sft = tmp_path / "sft-adapter"
-    torch.manual_seed(0)
-    adapted = get_peft_model(AutoModelForCausalLM.from_pretrained(train.TINY_MODEL), LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
-    for name, weight in adapted.named_parameters():
-        if ".lora_B." in name:
-            torch.nn.init.normal_(weight.data, std=0.5)                 # supervised fine-tuning, say
-    adapted.save_pretrained(sft)                                        # the adapter alone: no tokenizer
-    assert models.tokenizer_name(str(sft)) == str(train.TINY_MODEL)     # so the base's
-
-    built, batch, _ = lora_models("--model", str(sft))
-    inputs = dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
-    sft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(train.TINY_MODEL), sft).merge_and_unload()
-    base_logits = AutoModelForCausalLM.from_pretrained(train.TINY_MODEL)(**inputs).logits
-    reference_logits = built.reference(**inputs).logits
-    assert torch.equal(reference_logits, sft_model(**inputs).logits) and not torch.allclose(reference_logits, base_logits)
-    with torch.no_grad():
-        assert torch.equal(built.policy(**inputs).logits, reference_logits)   # a fresh adapter on top: B = 0
-    checkpoints.save_model(built.policy, tmp_path / "out")
-    assert json.loads((tmp_path / "out/adapter_config.json").read_text())["base_model_name_or_path"] == str(sft.resolve())
-    AutoTokenizer.from_pretrained(train.TINY_MODEL).save_pretrained(sft)
-    assert models.tokenizer_name(str(sft)) == str(sft)                  # an adapter with a tokenizer gives its own
 
 
 @pytest.fixture(scope="module")
@@ -1750,7 +1731,7 @@ def test_a_step_from_hidden_states_gives_the_loss_and_gradients_of_a_step_from_l
     head, _ = models.linear_head(policy, torch.tensor([[1, 5, 7]]))
     assert head == models.LinearHead(60, config.get("final_logit_softcapping"))
     tokenizer = AutoTokenizer.from_pretrained(train.TINY_MODEL)
-    batch = data.collate([data.tokenize_pair(row, tokenizer, 64, 32) for row in good_rows(4)], tokenizer.pad_token_id,
+    batch = batches.collate([data.tokenize_pair(row, tokenizer, 64, 32) for row in good_rows(4)], tokenizer.pad_token_id,
                          torch.device("cpu"))
 
     monkeypatch.setattr(train, "PLAIN_LOSS_BYTES", 0)                  # the paths at scale, on a tiny model
@@ -1781,7 +1762,7 @@ def test_the_loss_from_hidden_states_trains_as_the_loss_from_logits(tmp_path, mo
     kind, config = FAMILIES[2]
     model = tiny_model_folder(tmp_path / "model", kind=kind, **config)
     # tiny_data's tokenizer (transformers would pick Gemma's tokenizer class for a Gemma-2 folder).
-    monkeypatch.setattr(train, "load_tokenizer", lambda name, trust, _real=train.load_tokenizer: _real(str(train.TINY_MODEL), trust))
+    monkeypatch.setattr(train, "load_tokenizer", lambda name, trust, *given, _real=train.load_tokenizer: _real(str(train.TINY_MODEL), trust))
     dataset = write_jsonl(tmp_path / "pairs.jsonl", good_rows(10))
     arguments = ["--model", model, "--dataset", str(dataset), "--eval-fraction", "0.2", "--batch-size", "4", "--max-steps", "2",
                  "--epsilon", "0.3", "--lr", "1e-2", "--gold-reward", str(train.TINY_GOLD_REWARD), "--max-new-tokens", "4"]
@@ -1851,3 +1832,329 @@ def test_heads_that_are_not_a_plain_linear_map_use_the_logits_path():
     with_bias = LlamaForCausalLM(LlamaConfig(tie_word_embeddings=False, **sizes)).eval()
     with_bias.lm_head = torch.nn.Linear(16, 60)
     assert models.linear_head(with_bias, input_ids) == (None, "its output layer is a Linear with a bias")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Trust: LoRA, SFT adapters and multi-process runs keep the promises of full fine-tuning (issue 23)
+
+
+def without_gold_reward(arguments):
+    """small_data's arguments without its gold reward: no sampling in evaluations, for tests that do not need it."""
+    at = arguments.index("--gold-reward")
+    return arguments[:at] + arguments[at + 2 :]
+
+
+def sft_adapter(folder, base=str(train.TINY_MODEL), base_name=None, seed=0):
+    """A peft LoRA adapter of "supervised fine-tuning" on q_proj and v_proj of base, its B made non-zero, saved to
+    folder without a tokenizer; adapter_config.json names base_name (default: base) as its base."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    adapted = get_peft_model(AutoModelForCausalLM.from_pretrained(base), LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    for name, weight in adapted.named_parameters():
+        if ".lora_B." in name:
+            torch.nn.init.normal_(weight.data, std=0.5)
+    adapted.save_pretrained(folder)
+    config = json.loads((folder / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = base_name or base
+    (folder / "adapter_config.json").write_text(json.dumps(config))
+    return folder
+
+
+def test_a_resume_refuses_a_dataset_or_model_changed_since_the_run_naming_it(two_checkpoints, tmp_path, small_data):
+    """Fingerprints of the pairs as tokenized and of the model's files (weights sampled per tensor) are in every
+    checkpoint; a resume that reads anything else is refused before a model is loaded or a file written. (The
+    run's model and data are copied here and its checkpoint pointed at the copies: the same fingerprints.)"""
+    output_dir, model, dataset = copy_of(two_checkpoints, tmp_path), tmp_path / "model", tmp_path / "data"
+    shutil.copytree(train.TINY_MODEL, model)
+    shutil.copytree(small_data[1], dataset)
+    state_path = output_dir / "checkpoint-2/trainer_state.pt"
+    state = torch.load(state_path, weights_only=True)
+    state["args"].update(model=str(model), dataset=str(dataset))
+    torch.save(state, state_path)
+    resume = ["--resume", str(output_dir), "--max-steps", "3"]
+    before = {path: path.read_bytes() for path in output_dir.rglob("*") if path.is_file()}
+    test_rows = (dataset / "test.jsonl").read_text()
+    (dataset / "test.jsonl").write_text("".join(test_rows.splitlines(keepends=True)[::2]))     # rewritten: 16 of 32
+    assert run_expecting_error(resume) == f"error: --resume {output_dir}: the held-out pairs of --dataset {dataset} " \
+                                          f"differ from the run's (32 then, 16 now); a resumed run trains on what the run trained on"
+    (dataset / "test.jsonl").write_text(test_rows)
+    weights = load_file(model / "model.safetensors")                   # edited in place: the same size and names
+    weights["model.layers.1.mlp.down_proj.weight"][0, :3] += 0.5
+    from safetensors.torch import save_file
+    save_file(weights, model / "model.safetensors", metadata={"format": "pt"})
+    assert run_expecting_error(resume) == f"error: --resume {output_dir}: --model {model} changed since the run " \
+                                          f"(model.safetensors differs); a resumed run trains on what the run trained on"
+    assert {path: path.read_bytes() for path in output_dir.rglob("*") if path.is_file() and path.name != ".train.lock"} == before
+    shutil.copy(train.TINY_MODEL / "model.safetensors", model / "model.safetensors")   # the same bytes again, a new file
+    import fingerprints
+
+    fingerprint = fingerprints.model_fingerprint(str(model))
+    assert fingerprint == state["inputs"]["--model"] and set(fingerprint) == {
+        "config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"}
+
+
+def test_an_sft_adapter_with_a_relative_base_trains_its_merged_model_and_resumes_on_that_base_from_anywhere(
+        tmp_path, monkeypatch, small_data):
+    """--model an SFT adapter without --lora-r: the merged model trains, every weight of it. adapter_config.json names
+    its base relatively (base): from the working directory it is there/base, from the adapter's folder
+    there/sft/base, another model. Resolved once, from where the run started, and kept (--model-base)."""
+    there, elsewhere = tmp_path / "there", tmp_path / "elsewhere"
+    (there / "sft").mkdir(parents=True)
+    elsewhere.mkdir()
+    shutil.copytree(train.TINY_MODEL, there / "base")
+    tiny_model_folder(there / "sft/base", vocab_size=60, max_position_embeddings=64)         # the other "base"
+    sft_adapter(there / "sft", base=str(there / "base"), base_name="base")
+    monkeypatch.chdir(there)
+    assert models.adapter_base(str(there / "sft")) == str(there / "base")
+    output_dir = tmp_path / "out"
+    train.main(["--output-dir", str(output_dir), "--model", str(there / "sft"), *without_gold_reward(small_data),
+                "--max-steps", "1", "--save-every", "1", "--eval-every", "1000"])
+    state = torch.load(output_dir / "checkpoint-1/trainer_state.pt", weights_only=True)
+    assert state["args"]["model_base"] == str(there / "base")
+    merged = AutoModelForCausalLM.from_pretrained(output_dir)             # a full model, trained from the SFT model
+    assert sum(int((merged.state_dict()[n] != w).sum()) for n, w in load_file(there / "base/model.safetensors").items()) > 80_000
+    monkeypatch.chdir(elsewhere)
+    assert models.adapter_base(str(there / "sft")) == str(there / "sft/base")   # what a fresh resolution would take
+    train.main(["--resume", str(output_dir), "--max-steps", "2"])         # the fingerprints match: the same base
+    assert json.loads((output_dir / "summary.json").read_text())["args"]["model_base"] == str(there / "base")
+
+
+def test_an_sft_adapter_as_model_is_merged_so_the_reference_is_the_sft_model(tmp_path):
+    """And the LoRA adapter trained on it says in adapter_config.json and README.md what it must be loaded onto:
+    AutoPeftModelForCausalLM stops on it rather than loading it onto the base alone, and the README's code gives
+    the trained model."""
+    from peft import AutoPeftModelForCausalLM, PeftModel
+
+    sft = sft_adapter(tmp_path / "sft-adapter")
+    assert adapters.tokenizer_name(str(sft)) == str(train.TINY_MODEL)     # no tokenizer: the base's
+    built, batch, _ = lora_models("--model", str(sft))
+    inputs = dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+    sft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(train.TINY_MODEL), sft).merge_and_unload()
+    base_logits = AutoModelForCausalLM.from_pretrained(train.TINY_MODEL)(**inputs).logits
+    reference_logits = built.reference(**inputs).logits
+    assert torch.equal(reference_logits, sft_model(**inputs).logits) and not torch.allclose(reference_logits, base_logits)
+    with torch.no_grad():
+        assert torch.equal(built.policy(**inputs).logits, reference_logits)   # a fresh adapter on top: B = 0
+        for name, weight in built.policy.named_parameters():
+            if ".lora_B." in name:
+                weight.add_(0.1)                                         # trained, say
+        trained_logits = built.policy(**inputs).logits
+    checkpoints.save_model(built.policy, tmp_path / "out")
+    base = json.loads((tmp_path / "out/adapter_config.json").read_text())["base_model_name_or_path"]
+    assert base == f"merge {sft.resolve()} into {train.TINY_MODEL}, then load this adapter onto that model (README.md)"
+    with pytest.raises(Exception, match="merge .* into .*README.md"):
+        AutoPeftModelForCausalLM.from_pretrained(tmp_path / "out")
+    with pytest.raises(data.ReportedError, match=r"this adapter was trained on another adapter merged into its base"):
+        models.adapter_base(str(tmp_path / "out"))                      # as --model of another run: one line
+    readme = (tmp_path / "out/README.md").read_text()
+    assert readme.startswith("---\n") and "# Load this adapter onto the supervised fine-tuned model" in readme
+    code = readme.split("```python\n")[1].split("```")[0].replace("THIS_FOLDER", str(tmp_path / "out"))
+    namespace = {}
+    exec(code, namespace)                                                # the README's own lines
+    with torch.no_grad():
+        torch.testing.assert_close(namespace["model"](**inputs).logits, trained_logits, rtol=1e-5, atol=1e-5)
+    AutoTokenizer.from_pretrained(train.TINY_MODEL).save_pretrained(sft)
+    assert adapters.tokenizer_name(str(sft)) == str(sft)                  # an adapter with a tokenizer gives its own
+    full, _, _ = lora_models("--model", str(sft), "--lora-r", "0")     # full fine-tuning of the merged model
+    assert all(weight.requires_grad for weight in full.policy.parameters())
+
+
+def test_resuming_on_another_number_of_processes_keeps_the_pairs_of_a_step_or_says_how_to_resume(
+        two_checkpoints, tmp_path, monkeypatch, capsys):
+    """A one-process run of 4 pairs a step: on 2 processes 2 each, on 3 refused; given flags must keep the 4; an
+    FSDP run needs torchrun. The batch never grows past the run's (no process needs more memory)."""
+    output_dir = copy_of(two_checkpoints, tmp_path)
+
+    def resumed(*flags, world_size=1):
+        monkeypatch.setenv("WORLD_SIZE", str(world_size))
+        args, given = train.parse_args(["--resume", str(output_dir), "--max-steps", "3", *flags])
+        run_args, _ = checkpoints.resumed_args(args, given, lambda argv: train.parse_args(argv, report=True)[0])
+        return run_args.batch_size, run_args.grad_accum
+
+    assert resumed() == (4, 1) and resumed(world_size=2) == (2, 1) and resumed(world_size=4) == (1, 1)
+    assert "note: the run trains 4 pairs a step (--batch-size 4 × --grad-accum 1 × 1 process); now --batch-size 2 × " \
+           "--grad-accum 1 × 2: the same pairs a step" in capsys.readouterr().out
+    assert resumed("--grad-accum", "2") == (2, 2) and resumed("--batch-size", "1") == (1, 4)
+    with pytest.raises(data.ReportedError, match=r"^--resume .*: the run trains 4 pairs a step \(--batch-size 4 × "
+                                                 r"--grad-accum 1 × 1 process\), which 3 processes cannot share evenly; "
+                                                 r"resume it as it ran \(python train.py --resume .*\) or on processes "
+                                                 r"that divide 4$"):
+        resumed(world_size=3)
+    with pytest.raises(data.ReportedError, match=r"--batch-size 3 × --grad-accum 1 × 1 would make 3: a resumed run keeps"):
+        resumed("--batch-size", "3")
+    state_path = output_dir / "checkpoint-2/trainer_state.pt"
+    state = torch.load(state_path, weights_only=True)
+    state["args"]["fsdp"], state["world_size"] = True, 2
+    torch.save(state, state_path)
+    with pytest.raises(data.ReportedError, match=r"the run shards its models \(--fsdp\) over 2 processes; resume it under "
+                                                 r"torchrun: torchrun --nproc_per_node 2 train.py --resume "):
+        resumed()
+
+
+def test_a_two_process_run_resumed_in_one_process_trains_each_step_on_the_same_pairs(two_ranks, tmp_path, capsys):
+    """The DDP run of 4 + 4 pairs a step, stopped by a Ctrl-C, resumed by python train.py (4 × 2 micro-batches, the
+    same memory a process), ends as it does resumed under torchrun, bit for bit, and as the one-process run of 8
+    does; the one-process run resumed on 2 processes (in the fixture's torchrun launch, 1 note in all) too. To the
+    one-process run: float32 order, as DDP itself."""
+    folder, printed, _ = two_ranks
+    stopped = shutil.copytree(folder / "ddp-stopped", tmp_path / "ddp")
+    train.main(["--resume", str(stopped)])                              # no gold reward: no sampling, quicker
+    assert "note: the run trains 8 pairs a step (--batch-size 4 × --grad-accum 1 × 2 processes); now --batch-size 4 × " \
+           "--grad-accum 2 × 1: the same pairs a step" in capsys.readouterr().out
+    # Bit for bit the same run resumed under torchrun: one process halves each of its 2 micro-batches' gradients, DDP
+    # halves their sum, and halving is exact.
+    resumed_here, resumed_there = load_file(stopped / "model.safetensors"), load_file(folder / "ddp/model.safetensors")
+    assert all(torch.equal(resumed_here[name], resumed_there[name]) for name in resumed_there)
+    one = load_file(folder / "one/model.safetensors")
+    for resumed in (stopped, folder / "one-on-two"):
+        rows, one_rows = read_metrics(resumed), read_metrics(folder / "one")
+        assert [(r["split"], r["step"], r["beta"]) for r in rows] == [(r["split"], r["step"], r["beta"]) for r in one_rows]
+        weights = load_file(resumed / "model.safetensors")
+        for name in one:
+            torch.testing.assert_close(weights[name], one[name], rtol=0, atol=1e-4)
+    assert printed["launch"][0].count("note: the run trains 8 pairs a step (--batch-size 8 × --grad-accum 1 × 1 process); "
+                                      "now --batch-size 4 × --grad-accum 1 × 2: the same pairs a step") == 1
+
+
+def test_pairs_past_the_models_positions_are_refused_at_load_naming_the_limit(tmp_path):
+    model = tiny_model_folder(tmp_path / "m", max_position_embeddings=24)
+    long_rows = good_rows(12)                                            # 18 tokens a pair, 6 a prompt
+    long_rows[3]["chosen"] = " The price is great." * 6                # 37 tokens with its prompt and EOS
+    dataset = write_jsonl(tmp_path / "pairs.jsonl", long_rows)
+    arguments = ["--model", model, "--dataset", str(dataset), "--output-dir", str(tmp_path / "out"), "--max-steps", "1", *QUICK]
+    assert run_expecting_error(arguments) == f"error: --model {model}: it takes at most 24 positions " \
+                                             f"(max_position_embeddings), and a pair has 37 tokens; give --max-length 24 or less"
+    dataset = write_jsonl(tmp_path / "pairs.jsonl", good_rows(12))
+    error = run_expecting_error([*arguments, "--gold-reward", str(train.TINY_GOLD_REWARD), "--max-new-tokens", "20"])
+    assert error == f"error: --max-new-tokens 20: a prompt of 6 tokens and its sample would pass the 24 positions of " \
+                    f"--model {model}; give --max-new-tokens 18 or less, or a smaller --max-prompt-length"
+    assert [p.name for p in (tmp_path / "out").iterdir()] == [".train.lock"]
+
+
+@pytest.mark.parametrize("run, break_it", [("two_checkpoints", "torn model"), ("lora_run", "torn adapter"),
+                                           ("lora_run", "pickled adapter")])
+def test_an_unreadable_model_or_adapter_makes_the_checkpoint_before_it_the_one_resumed(request, tmp_path, capsys, run, break_it):
+    """As a torn trainer_state.pt does: the checkpoint is named and passed over (a pickle is never loaded)."""
+    output_dir = copy_of(request.getfixturevalue(run) if run == "two_checkpoints" else request.getfixturevalue(run)[1], tmp_path)
+    latest, before = sorted(output_dir.glob("checkpoint-*"), key=lambda path: int(path.name.split("-")[1]))[-2:][::-1]
+    capsys.readouterr()                                                 # what the run printed, if it ran just now
+    model = latest / ("model.safetensors" if break_it == "torn model" else "adapter_model.safetensors")
+    if break_it.startswith("torn"):
+        model.write_bytes(model.read_bytes()[:-100])                    # the end of the last tensor is missing
+    else:
+        torch.save(load_file(model), latest / "adapter_model.bin")      # what peft would unpickle instead
+        model.unlink()
+    folder, _ = checkpoints.latest_checkpoint(output_dir)
+    assert folder == before
+    expected = f"{model.name} is cut short" if break_it.startswith("torn") else \
+        "adapter_model.safetensors is not there (adapter_model.bin is a pickle: never loaded)"
+    assert capsys.readouterr().out == f"note: {latest} cannot be resumed from (ValueError: {expected})\n"
+
+
+def test_a_lora_checkpoint_of_another_adapter_is_refused_in_one_line_naming_its_adapter(lora_run, tmp_path):
+    """An adapter on other layers (q_proj alone) in the run's checkpoint; and, its adapter config put back, an
+    optimizer state of other shapes, named after the adapter's file, not model.safetensors."""
+    arguments, run = lora_run
+    output_dir = copy_of(run, tmp_path)
+    checkpoint = output_dir / "checkpoint-4"
+    config = (checkpoint / "adapter_config.json").read_text()
+    (checkpoint / "adapter_config.json").write_text(json.dumps({**json.loads(config), "target_modules": ["q_proj"]}))
+    error = run_expecting_error(["--resume", str(output_dir), "--max-steps", "5"])
+    assert error == f"error: {checkpoint}: its adapter ({checkpoint / 'adapter_config.json'}) is not the run's (--lora-r 4 " \
+                    f"--lora-alpha 16 --lora-target all-linear, 14 layers): it is not a checkpoint of this run"
+    (checkpoint / "adapter_config.json").write_text(config)
+    state = torch.load(checkpoint / "trainer_state.pt", weights_only=True)
+    state["optimizer"]["param_groups"][0]["params"] = state["optimizer"]["param_groups"][0]["params"][:-2]
+    torch.save(state, checkpoint / "trainer_state.pt")
+    error = run_expecting_error(["--resume", str(output_dir), "--max-steps", "5"])
+    assert error == f"error: {checkpoint}: its optimizer state is for another model than {checkpoint / 'adapter_model.safetensors'}"
+
+
+@pytest.mark.parametrize("case", ["lora-r 10**20", "lora-r past a layer", "a misspelled lora-target", "an offline Hub base"])
+def test_lora_flags_and_adapters_that_cannot_work_stop_the_run_with_one_line(tmp_path, case, small_data):
+    arguments, expected = {
+        "lora-r 10**20": (["--lora-r", str(10**20)], f"--lora-r {10**20}: more than the rank of a layer it adapts "
+                                                     f"(model.layers.0.mlp.down_proj: 64 × 128); give --lora-r 64 or less"),
+        "lora-r past a layer": (["--lora-r", "65", "--lora-target", "q_proj"], "--lora-r 65: more than the rank of a layer"),
+        "a misspelled lora-target": (["--lora-r", "4", "--lora-target", "q_proj", "v_prj"], "--lora-target v_prj: the model "
+                                     "has no layer of that name (its linear layers: down_proj, gate_proj, k_proj, lm_head, "
+                                     "o_proj, q_proj, up_proj, v_proj)"),
+        "an offline Hub base": (lambda: ["--model", str(sft_adapter(tmp_path / "sft", base_name="nobody/not-downloaded"))],
+                                f"--model {tmp_path / 'sft'}: its base nobody/not-downloaded: OSError"),
+    }[case]
+    arguments = arguments() if callable(arguments) else arguments
+    error = run_expecting_error(["--output-dir", str(tmp_path / "out"), "--max-steps", "1", *small_data, *arguments])
+    assert error.startswith(f"error: {expected}") and "\n" not in error, error
+
+
+def test_lora_flags_are_parsed_as_meant_and_the_output_layer_named_is_why_the_logits_path_runs(two_checkpoints, capsys):
+    with pytest.raises(SystemExit):
+        train.parse_args(["--lora-r", "4", "--lora-target", "all-linear", "q_proj"])
+    assert "--lora-target all-linear stands alone" in capsys.readouterr().err
+    args, given = train.parse_args(["--resume", str(two_checkpoints), "--lora-alpha", "32"])   # the run's --lora-r decides
+    with pytest.raises(data.ReportedError, match="--lora-alpha 32.0 differs from the run's 16.0"):
+        checkpoints.resumed_args(args, given, lambda argv: train.parse_args(argv, report=True)[0])
+    built, _, _ = lora_models("--lora-target", "q_proj", "lm_head")
+    assert (built.head, built.loss_note) == (None, "LoRA adapts its output layer (--lora-target), so its logits are "
+                                                   "not one matrix product")
+
+
+def test_a_full_disk_names_the_file_and_a_sharded_writes_failure_prints_no_python_objects(tmp_path, monkeypatch, capsys):
+    import resource
+    import traceback
+
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    limits, previous_handler = resource.getrlimit(resource.RLIMIT_FSIZE), signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    try:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, limits[1]))
+        with pytest.raises(data.ReportedError, match=rf"^could not write {tmp_path / 'curves.png'} \(\[Errno 27\] File too large\)$"):
+            output_folder.write_atomically(tmp_path / "curves.png", b"\x89PNG" * 50_000)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+        signal.signal(signal.SIGXFSZ, previous_handler)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".train.files"]          # nothing half-written
+    failure = CheckpointException("failed", {1: (OSError(28, "No space left on device"), traceback.StackSummary())})
+    assert checkpoints._first_line(checkpoints._first_failure(failure)) == "[Errno 28] No space left on device"
+    monkeypatch.setenv("RANK", "1")                                     # under torchrun a note is rank 0's alone
+    data.note("said once")
+    monkeypatch.setenv("RANK", "0")
+    data.note("said once")
+    assert capsys.readouterr().out == "note: said once\n"
+
+
+def test_ctrl_c_while_torch_imports_stops_with_one_line(tmp_path):
+    process = subprocess.Popen([sys.executable, "train.py", "--output-dir", str(tmp_path / "out")], cwd=train.HERE,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    maps, deadline = pathlib.Path(f"/proc/{process.pid}/maps"), time.time() + 60
+    while "libtorch" not in maps.read_text() and time.time() < deadline:      # torch's import under way
+        time.sleep(0.01)
+    process.send_signal(signal.SIGINT)
+    stdout, stderr = process.communicate(timeout=60)
+    assert process.returncode == 128 + signal.SIGINT and "Traceback" not in stderr, stderr
+    assert stderr.strip() == "stopped by signal 2 before training started; nothing was written to resume from"
+    assert not (tmp_path / "out").exists()
+
+
+def test_beta_stays_within_min_beta_and_the_bound_of_beta_whatever_epsilon(tmp_path, monkeypatch, small_data, capsys):
+    """ε close to 1 multiplies β by 1/(1 − ε) at a step where every pair gets s = −1: β stops at 1e6, --beta's own
+    bound, never 1e10 before the loss breaks; --min-beta (issue 24) is a floor for the other way."""
+    counts = iter([(8, 0, 0)] + [(0, 0, 8)] * 4)                         # all s = +1, then all s = −1
+    monkeypatch.setattr(train, "s_counts", lambda totals: next(counts))
+    train.main(["--output-dir", str(tmp_path / "out"), *without_gold_reward(small_data), "--max-steps", "5",
+                "--eval-every", "1000", "--epsilon", "0.999", "--min-beta", "0.09"])
+    betas = [row["beta"] for row in read_metrics(tmp_path / "out") if row["split"] == "train"]
+    assert betas == pytest.approx([0.1, 0.09, 90, 90_000, 1e6]) and betas[-1] == 1e6
+    assert json.loads((tmp_path / "out/summary.json").read_text())["final_beta"] == 1e6
+    with pytest.raises(SystemExit):
+        train.parse_args(["--min-beta", "0.2", "--beta", "0.1"])
+    assert "--min-beta 0.2 is more than --beta 0.1" in capsys.readouterr().err
+    assert run_expecting_error(["--min-beta", "0.2", "--betas", "0.1", "0.3", "--output-dir", str(tmp_path / "c")],
+                               compare.main).startswith("error: --min-beta 0.2 is more than --betas 0.1")
+
+
+def test_the_flags_trust_md_says_a_resume_may_change_are_those_it_may():
+    text = (train.HERE / "docs/trust.md").read_text()
+    sentence = text[text.index("A flag given with `--resume` may change only") + 44 :].split(";")[0]
+    assert set(re.findall(r"`(--[a-z-]+)`", sentence)) == {"--" + name.replace("_", "-") for name in checkpoints.RESUMABLE}

@@ -21,15 +21,23 @@ import random
 import sys
 import time
 
+if __name__ == "__main__":                      # before the imports below take seconds: Ctrl-C there is one line
+    import signals
+
+    signals.stop_at_once_on_ctrl_c()
+
 import torch
 import torch.distributed as dist
 
 import epsdpo
 import epsdpo_chunked
-from checkpoints import restore_checkpoint, resumed_args, save_checkpoint, save_pretrained_atomically
-from data import ReportedError, collate, load_gold_reward, load_pairs, load_tokenizer, micro_batches, to_device
+from batches import collate, micro_batches, to_device
+from checkpoints import restore_checkpoint, resume_command, resumed_args, save_checkpoint, save_pretrained_atomically
+from data import ReportedError, load_gold_reward, load_pairs, load_tokenizer
 from evaluation import NOISE, SUMS, across_ranks, criterion_measures, evaluate, pair_sums, s_counts, train_row
-from models import held_bytes, init_distributed, last_hidden_states, precision, setup_models, tokenizer_name, training_mode
+from fingerprints import checked_inputs
+from adapters import tokenizer_name
+from models import held_bytes, init_distributed, last_hidden_states, precision, setup_models, training_mode
 from output_folder import (append_metrics, check_only_ours_replaced, claim_on_rank_zero, our_checkpoints, prepare_output_dir,
                            read_metrics, run_writes)
 from reports import plot_criterion, plot_curves, print_data_report, print_start, print_summary, run_summary
@@ -41,6 +49,7 @@ TINY_MODEL, TINY_DATASET, TINY_GOLD_REWARD = HERE / "tiny_data/model", HERE / "t
 # Below this many bytes of float32 logits a micro-batch, epsdpo.py's loss (the method as written) on full logits;
 # above, epsdpo_chunked.py's: from the last hidden states where the output layer allows, else from logits in chunks.
 PLAIN_LOSS_BYTES = 64 * 2**20
+MAX_BETA = 1e6                                # --beta is below it, and the baseline β never passes it (ε near 1)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -53,7 +62,7 @@ def number(kind, low=None, low_open=True, high=None, what=""):
         try:
             value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a {kind.__name__}") from None
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
         too_low = low is not None and (value <= low if low_open else value < low)
         if not math.isfinite(value) or too_low or (high is not None and value >= high):
             raise argparse.ArgumentTypeError(f"{value} is out of range: {what}")
@@ -86,9 +95,10 @@ def parse_args(argv=None, report=False, extra=(), description=__doc__):
             super().error(message)
 
     p = Parser(description=description, formatter_class=Formatter)
-    count, beta = number(int, 1, low_open=False, what="must be >= 1"), number(float, 0, high=1e6, what="beta must be in (0, 1e6)")
+    count, beta = number(int, 1, low_open=False, what="must be >= 1"), number(float, 0, high=MAX_BETA, what="beta must be in (0, 1e6)")
     add = p.add_argument
     add("--model", type=_path_or_hub_id, default=str(TINY_MODEL), help="policy to start from: a Hub id or a local folder")
+    add("--model-base", type=_path_or_hub_id, default=None, help="when --model is a peft adapter: the model it is merged into; None: the base its adapter_config.json names (a relative one from here, else from the adapter's folder), kept for --resume")
     add("--ref-model", type=_path_or_hub_id, default=None, help="reference model; None: the same as --model")
     add("--dataset", type=_path_or_hub_id, default=str(TINY_DATASET), help="a Hub id, a local JSON/JSONL/Parquet file, a folder of them, or a saved datasets folder")
     add("--train-split", default="train", help="the split to train on")
@@ -99,6 +109,7 @@ def parse_args(argv=None, report=False, extra=(), description=__doc__):
     add("--beta", type=beta, default=0.1, help="the baseline KL penalty β (the paper: 0.01 for instruct models on UltraFeedback)")
     add("--epsilon", type=number(float, 0, low_open=False, high=1, what="epsilon must be in [0, 1)"), default=0.01, help="the perturbation ε; 0 is plain DPO")
     add("--fixed-baseline-beta", action="store_true", help="per-pair β̃ only: the baseline β never moves")
+    add("--min-beta", type=number(float, 0, low_open=False, high=MAX_BETA, what="must be in [0, 1e6)"), default=0.0, help="a floor for the baseline β (BaselineBeta's min_beta); 0: none. Its ceiling is 1e6, --beta's own bound")
     add("--lr", type=number(float, 0, what="the learning rate must be > 0"), default=None, help="AdamW's peak learning rate (the paper: 5e-7 on 7-8B models); None: 5e-4, or 3e-3 with --lora-r")
     add("--weight-decay", type=number(float, 0, low_open=False, what="must be >= 0"), default=0.0, help="AdamW's weight decay")
     add("--warmup-ratio", type=number(float, 0, low_open=False, high=1, what="must be in [0, 1)"), default=0.1, help="fraction of the steps over which the learning rate rises from 0")
@@ -130,6 +141,10 @@ def parse_args(argv=None, report=False, extra=(), description=__doc__):
     for flag, options in extra:
         add(flag, **options)
     args = p.parse_args(argv)
+    if args.min_beta > args.beta and not getattr(args, "betas", None):          # compare.py checks its --betas
+        p.error(f"--min-beta {args.min_beta} is more than --beta {args.beta}: the floor of the baseline β is below its start")
+    if "all-linear" in args.lora_target and len(args.lora_target) > 1:
+        p.error("--lora-target all-linear stands alone (every linear layer but the output head): give it, or layer names")
     if args.max_prompt_length >= args.max_length:
         p.error(f"--max-prompt-length {args.max_prompt_length} must be less than --max-length {args.max_length}, "
                 f"so that every completion keeps a token")
@@ -138,7 +153,7 @@ def parse_args(argv=None, report=False, extra=(), description=__doc__):
     for action in p._actions:                   # parsed again without defaults: what the command line gave
         action.default = argparse.SUPPRESS
     given = set(vars(p.parse_args(argv)))
-    if not args.lora_r and given & {"lora_alpha", "lora_target"}:
+    if not args.lora_r and not args.resume and given & {"lora_alpha", "lora_target"}:     # resuming: the run's --lora-r
         p.error("--lora-alpha and --lora-target apply only with --lora-r > 0")
     return args, given
 
@@ -197,7 +212,7 @@ def exit_stopped(number, step, output_dir, says):
     """Exit with the status of signal `number`, the run stopped after `step`; `says`: the process that prints it."""
     if says:
         print(f"stopped by signal {number} after step {step}; " + (
-              f"checkpoint written: python train.py --resume {output_dir} continues the run" if step else "nothing to resume"))
+              f"checkpoint written: {resume_command(output_dir)} continues the run" if step else "nothing to resume"))
     sys.exit(128 + number)
 
 
@@ -206,8 +221,8 @@ def check_finite(step, loss, grad_norm, output_dir):
     if not (math.isfinite(loss) and math.isfinite(grad_norm)):
         latest = our_checkpoints(output_dir)[-1:]
         raise ReportedError(f"step {step}: the loss or the gradient is not finite (gradient norm {grad_norm}); stopped "
-                            f"before applying it. " + (f"The last checkpoint, {latest[0]}, is intact: --resume {output_dir} "
-                                                       f"continues from it." if latest else "No checkpoint was written yet."))
+                            f"before applying it. " + (f"The last checkpoint, {latest[0]}, is intact: "
+                                                       f"{resume_command(output_dir)} continues from it." if latest else "No checkpoint was written yet."))
 
 
 def train(args, label="ε-DPO", checkpoint=None):
@@ -222,14 +237,15 @@ def train(args, label="ε-DPO", checkpoint=None):
         autocast = precision(args.dtype, device)
 
         # Data
-        tokenizer = load_tokenizer(tokenizer_name(args.model), args.trust_remote_code)
+        tokenizer = load_tokenizer(tokenizer_name(args.model, args.model_base), args.trust_remote_code, args.model)
         if rank == 0:
             check_only_ours_replaced(output_dir, run_writes(tokenizer, args.lora_r > 0))
         data = load_pairs(args.dataset, args.train_split, args.eval_split, args.eval_fraction, args.seed, tokenizer,
-                          args.max_length, args.max_prompt_length, args.skip_invalid, least=args.batch_size * world_size)
+                          args.max_length, args.max_prompt_length, args.skip_invalid, least=args.batch_size * args.grad_accum * world_size)
         train_pairs, eval_pairs = data["pairs"]["train"], data["pairs"]["eval"]
         if rank == 0:
             print_data_report(data["notes"], data["skipped"], data["boundary_moved"])
+        inputs = checked_inputs(args, data, checkpoint)                 # resuming: refused unless what the run read
         gold_reward = load_gold_reward(args.gold_reward or (TINY_GOLD_REWARD if pathlib.Path(args.dataset).resolve() == TINY_DATASET else None))
 
         # Models, optimizer, baseline β; and, resuming, the checkpoint's state
@@ -237,17 +253,13 @@ def train(args, label="ε-DPO", checkpoint=None):
         policy, autocast = models.policy, autocast or contextlib.nullcontext()
         trained_weights = [weight for weight in policy.parameters() if weight.requires_grad]  # LoRA: the adapters
         optimizer = torch.optim.AdamW(trained_weights, lr=args.lr, weight_decay=args.weight_decay)
-        baseline_beta = epsdpo.BaselineBeta(args.beta, args.epsilon)
+        baseline_beta = epsdpo.BaselineBeta(args.beta, args.epsilon, min_beta=args.min_beta, max_beta=MAX_BETA)
         total_steps = args.max_steps or max(1, int(args.epochs * len(train_pairs) // (args.batch_size * args.grad_accum * world_size)))
-        # Every rank draws the same global micro-batches of batch_size × world_size pairs and keeps its share:
-        # N ranks see the pairs one process with N times the batch size would see.
-        batches = (pairs[rank * args.batch_size : (rank + 1) * args.batch_size]
-                   for pairs in micro_batches(train_pairs, args.batch_size * world_size, args.seed))
         first_step, s_by_noise, held = 1, [0] * len(NOISE), None            # pairs by (noise flag, s), as NOISE
         if checkpoint:
             first_step, s_by_noise = restore_checkpoint(checkpoint, policy, optimizer, baseline_beta)
-            for _ in range((first_step - 1) * args.grad_accum):            # the data order is a function of the seed
-                next(batches)
+        # This rank's share of every step from first_step: the pairs of a step follow from the seed and the pairs a step.
+        batches = micro_batches(train_pairs, args.batch_size, args.grad_accum, world_size, rank, args.seed, first_step)
         if rank == 0:
             prepare_output_dir(output_dir, first_step - 1 if checkpoint else None)   # all checks passed: now change it
             print_start(args, label, checkpoint, first_step, total_steps, len(train_pairs), len(eval_pairs), world_size,
@@ -264,7 +276,7 @@ def train(args, label="ε-DPO", checkpoint=None):
             """Ctrl-C or SIGTERM: a checkpoint of the last whole step, and exit with the signal's status."""
             progress.close()
             if step >= 1:
-                save_checkpoint(output_dir, step, policy, optimizer, baseline_beta, s_by_noise, args)
+                save_checkpoint(output_dir, step, policy, optimizer, baseline_beta, s_by_noise, args, inputs)
             exit_stopped(stop.signal, step, output_dir, rank == 0)
 
         # Loop. Ctrl-C or SIGTERM ends the step under way (one process: drops a half-accumulated one), checkpoints, stops.
@@ -311,7 +323,7 @@ def train(args, label="ε-DPO", checkpoint=None):
                 if ranks[:, -1].any() and step < total_steps:
                     stop_after(step)
                 if step % args.save_every == 0:
-                    save_checkpoint(output_dir, step, policy, optimizer, baseline_beta, s_by_noise, args)
+                    save_checkpoint(output_dir, step, policy, optimizer, baseline_beta, s_by_noise, args, inputs)
 
         # What the criterion measures on the final policy (every rank computes, rank 0 draws criterion.png)
         measured = criterion_measures(policy, models.reference, train_pairs[: args.criterion_pairs], tokenizer.pad_token_id,
@@ -347,8 +359,9 @@ def run_command(function):
     except (ReportedError, OSError) as error:                           # OSError: a full disk, say
         sys.exit(f"error: {error}" if first_rank else 1)
     except StopNow as stopped:
-        print(f"stopped by signal {stopped.signal} before training started; nothing was written to resume from",
-              file=sys.stderr)
+        if first_rank:
+            print(f"stopped by signal {stopped.signal} before training started; nothing was written to resume from",
+                  file=sys.stderr)
         sys.exit(128 + stopped.signal)
     except KeyboardInterrupt:
         sys.exit("error: stopped at once by a second signal; the last checkpoint is as it was")

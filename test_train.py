@@ -1562,10 +1562,10 @@ def test_batches_go_to_a_gpu_from_pinned_memory_without_waiting(monkeypatch):
     monkeypatch.setattr(torch.Tensor, "to", lambda self, device, **kwargs: copies.append((str(device), kwargs)) or (
         self if torch.device(device).type == "cuda" else real_to(self, device, **kwargs)))
     pairs = [{"prompt_ids": [1, 5], "chosen_ids": [6, 2], "rejected_ids": [7, 8, 2]}]
-    data_module().collate(pairs, 0, torch.device("cuda", 0))
+    batches.collate(pairs, 0, torch.device("cuda", 0))
     assert copies == ["pinned", ("cuda:0", {"non_blocking": True})] * 4  # input ids, two masks, noise flags
     copies.clear()
-    data_module().collate(pairs, 0, torch.device("cpu"))
+    batches.collate(pairs, 0, torch.device("cpu"))
     assert copies == [("cpu", {})] * 4
 
 
@@ -2028,13 +2028,14 @@ def test_resuming_on_another_number_of_processes_keeps_the_pairs_of_a_step_or_sa
         resumed()
 
 
-def test_a_two_process_run_resumed_in_one_process_trains_each_step_on_the_same_pairs(two_ranks, tmp_path, capsys):
+def test_a_two_process_run_resumed_in_one_process_trains_each_step_on_the_same_pairs(two_ranks, tmp_path, capsys, monkeypatch):
     """The DDP run of 4 + 4 pairs a step, stopped by a Ctrl-C, resumed by python train.py (4 × 2 micro-batches, the
     same memory a process), ends as it does resumed under torchrun, bit for bit, and as the one-process run of 8
     does; the one-process run resumed on 2 processes (in the fixture's torchrun launch, 1 note in all) too. To the
     one-process run: float32 order, as DDP itself."""
     folder, printed, _ = two_ranks
     stopped = shutil.copytree(folder / "ddp-stopped", tmp_path / "ddp")
+    monkeypatch.setattr(train, "PLAIN_LOSS_BYTES", 0)                  # the loss from hidden states, as resumed there
     train.main(["--resume", str(stopped)])                              # no gold reward: no sampling, quicker
     assert "note: the run trains 8 pairs a step (--batch-size 4 × --grad-accum 1 × 2 processes); now --batch-size 4 × " \
            "--grad-accum 2 × 1: the same pairs a step" in capsys.readouterr().out

@@ -13,11 +13,11 @@ import pathlib
 import random
 import shutil
 import struct
+import sys
 import tempfile
 
 import torch
 import torch.distributed as dist
-from torch.distributed.checkpoint.api import CheckpointException
 
 import epsdpo
 import sharding
@@ -151,7 +151,7 @@ def write_checkpoint(output_dir, step, policy, optimizer, state, keep):
             if final in our_checkpoints(output_dir):
                 shutil.rmtree(final)
             os.replace(temporary, final)
-    except (*_write_errors(), CheckpointException) as error:        # a rank's failed write reaches every rank
+    except (*_write_errors(), *_checkpoint_errors()) as error:        # a rank's failed write reaches every rank
         if rank == 0:
             shutil.rmtree(temporary, ignore_errors=True)
         previous = our_checkpoints(output_dir)[-1:]
@@ -187,17 +187,24 @@ def load_checkpoint(folder, state, policy, optimizer):
     model_state, optimizer_state = get_state_dict(policy, optimizer)
     try:
         dcp.load({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=folder)
-    except (CheckpointException, RuntimeError, ValueError) as error:
+    except (*_checkpoint_errors(), RuntimeError, ValueError) as error:
         first = _first_failure(error)
         raise ReportedError(f"{folder}: its shards do not load into this model ({type(first).__name__}: "
                             f"{(str(first).splitlines() or [''])[0][:200]})") from None
     set_state_dict(policy, optimizer, model_state_dict=model_state, optim_state_dict=optimizer_state)
 
 
+def _checkpoint_errors():
+    """(torch.distributed.checkpoint's CheckpointException,) once a sharded run has imported it, else (): none can be
+    raised before. Not imported at the top: it takes 1.3 s, which a run that shards nothing need not pay."""
+    api = sys.modules.get("torch.distributed.checkpoint.api")
+    return (api.CheckpointException,) if api else ()
+
+
 def _first_failure(error):
     """The exception of the first rank that failed, for a CheckpointException (whose failures are (exception,
     stack) pairs by rank); the error itself otherwise."""
-    if isinstance(error, CheckpointException):
+    if isinstance(error, _checkpoint_errors()):
         failure = next(iter(error.failures.values()), None)
         return failure[0] if isinstance(failure, tuple) and failure else failure or RuntimeError("a rank failed")
     return error

@@ -110,7 +110,9 @@ def plot_curves(runs, path):
             axis.set_title(title, fontsize=9 if len(title) > 45 else 10)
         axis.set_xlabel("optimizer step")
     axes.flat[0].legend(fontsize=7)
-    figure.tight_layout()
+    # Margins set, not measured: tight_layout would lay out every label once more before the figure is drawn,
+    # 0.5 s of a run's 2 on tiny_data.
+    figure.subplots_adjust(left=0.2 / len(axes[0]), right=0.99, bottom=0.08, top=0.9, wspace=0.3, hspace=0.42)
     _save_figure(figure, path)
 
 

@@ -4,13 +4,15 @@ whole copy on every process, keeping its units gathered where that saves traffic
 torchtune's and torchtitan's way: fully_shard on each decoder layer, then on the root; models built on the meta
 device and filled from process 0 (set_model_state_dict with broadcast_from_rank0); checkpoints through
 torch.distributed.checkpoint. models.setup_sharded_models puts these together.
+
+FSDP2 and DTensor are imported where a model is sharded, not at the top: the import takes 1.3 s, which a run that
+shards nothing need not pay (and before it, nothing can be sharded).
 """
 
 import contextlib
+import sys
 
 import torch
-from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
-from torch.distributed.tensor import DTensor
 
 from data import ReportedError
 
@@ -31,6 +33,8 @@ def shard(model, param_dtype=None):
     layers = [module for module in model.modules() if type(module).__name__ in names]
     if not layers:
         raise ReportedError(f"--fsdp: {type(model).__name__} names no decoder layers (_no_split_modules) to shard one by one")
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
     precision = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32 if param_dtype else None)
     for layer in layers:
         fully_shard(layer, mp_policy=precision)
@@ -74,17 +78,20 @@ def gathered_once(model, device):
         model.set_reshard_after_forward(True)
         model.set_reshard_after_forward(False, recurse=False)           # the root, as shard() set it
         for unit in model.modules():
-            if isinstance(unit, FSDPModule):
+            if sharded(unit):
                 unit.reshard()
 
 
 def sharded(model):
-    return isinstance(model, FSDPModule)
+    """Whether FSDP2 shards model (never, before anything imported it)."""
+    fsdp = sys.modules.get("torch.distributed.fsdp")
+    return fsdp is not None and isinstance(model, fsdp.FSDPModule)
 
 
 def local(tensor):
     """This rank's part of a tensor: its shard of a DTensor (the whole value of a replicated one)."""
-    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+    dtensor = sys.modules.get("torch.distributed.tensor")
+    return tensor.to_local() if dtensor is not None and isinstance(tensor, dtensor.DTensor) else tensor
 
 
 def gathered_state_dict(model):

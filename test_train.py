@@ -294,9 +294,9 @@ def test_bad_arguments_are_rejected_when_parsed(flag, value, message, capsys):
     assert message in capsys.readouterr().err
 
 
-def test_the_command_line_runs_offline_from_a_fresh_process(tmp_path):
+def test_the_command_line_runs_offline_from_a_fresh_process(tmp_path, small_data):
     result = subprocess.run(
-        [sys.executable, "train.py", "--output-dir", str(tmp_path), "--max-steps", "1", "--eval-every", "1", *QUICK],
+        [sys.executable, "train.py", "--output-dir", str(tmp_path), "--max-steps", "1", "--eval-every", "1", *small_data],
         cwd=train.HERE, capture_output=True, text=True, timeout=120,
         env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"},
     )
@@ -1187,8 +1187,11 @@ def test_the_quick_benchmark_runs_and_reports_every_figure(tmp_path):
             assert figures["median_s"] > 0 and math.isfinite(figures["peak_mib"]) and len(figures["times_s"]) >= 3
         assert len(run["extra_times_s"]) == 3                            # --quick: three rounds
         assert run["inherent"]["median_s"] > 0 and all(math.isfinite(value) for value in run["ratios"].values())
-        assert run["ratios"]["extra_memory_over_ref_logits"] == pytest.approx(
-            (run["variants"]["epsilon-dpo"]["peak_mib"] - run["variants"]["dpo"]["peak_mib"]) / run["inherent"]["ref_logits_mib"])
+    # The reference's logits, (2B, T, V) float32 at realistic-small's 1 pair × 128 tokens and V = 8,000, and what ε-DPO
+    # adds to a DPO step's peak: under half of them (the README: no more memory than DPO)
+    inherent, ratios = report["runs"][1]["inherent"], report["runs"][1]["ratios"]
+    assert inherent["ref_logits_mib"] == 2 * 1 * 128 * 8000 * 4 / 2**20 and inherent["vocab"] == 8000
+    assert ratios["extra_memory_over_ref_logits"] < 0.5, ratios
     realistic = report["runs"][1]["variants"]
     # Keeping the perturbed full-vocabulary tensors in the graph costs memory that epsdpo.py does not spend.
     assert realistic["naive"]["peak_mib"] > 1.5 * realistic["epsilon-dpo"]["peak_mib"]

@@ -249,17 +249,16 @@ def epsilon_dpo_loss(policy_logits, ref_logits, input_ids, completion_mask, beta
 # ----------------------------------------------------------------------------------------------------
 # From the hidden states
 #
-# The logits are f = softcap(hidden @ W.T), and ε-DPO reads them only at the completion positions: the scored
-# positions of all rows are gathered, then projected a chunk of positions at a time, each over the whole
-# vocabulary, in forward for all four log-probabilities at once and again in backward for the policy's gradient.
-# Never the (2B, T, V) logits of the logits path (1 GB each in bf16 at V = 128,256, 2 pairs × 1,024 tokens).
+# The logits are f = softcap(hidden @ W.T), read only at the completion positions: those of all rows are gathered,
+# then projected a chunk of positions at a time over the whole vocabulary, in forward for all four log-probabilities
+# and again in backward for the policy's gradient; never the (2B, T, V) logits (1 GB in bf16 at V = 128,256, 4 × 1,024).
 #
-# How many chunks. A GPU pays a launch (some microseconds) per torch operation whatever its size, and a chunk is
-# 23 of them in bf16 (12 in forward, 11 in backward): the number of chunks is the cost to bound. A chunk holds
-# CHUNK_FLOAT32_BYTES of float32 logits (m positions × V words) while that makes at most MAX_CHUNKS chunks; beyond,
-# the chunks grow instead, each 1/MAX_CHUNKS of the scored positions. So:
-#   - operations: at most MAX_CHUNKS chunks whatever B, T and V; 887 per call (forward and backward, bf16
-#     autocast) from 1 GiB of scored float32 logits on (4 pairs × 1,024 tokens at V = 128,256: 3 GiB), fewer below;
+# How many chunks. A GPU pays a launch (some microseconds) per torch operation whatever its size, and a chunk is 23 of
+# them in bf16 (12 in forward, 11 in backward): the number of chunks is the cost to bound. A chunk holds
+# CHUNK_FLOAT32_BYTES of float32 logits (m positions × V words) while that makes at most MAX_CHUNKS chunks; beyond, the
+# chunks grow instead, each 1/MAX_CHUNKS of the scored positions. So:
+#   - operations: at most MAX_CHUNKS chunks whatever B, T and V; 887 per call (forward and backward, bf16 autocast)
+#     from 1 GiB of scored float32 logits on (4 pairs × 1,024 tokens at V = 128,256: 3 GiB), fewer below;
 #   - memory: eager forward holds 4 float32 chunks at once: max(4 × 32 MiB, 1/8 of the scored positions' float32
 #     logits), at most 1/8 of one float32 (2B, T, V) logits tensor (3/32 when 3/4 of the positions are scored);
 #   - a chunk of 32 MiB at least (64 positions at V = 128,256) keeps each kernel large enough to be efficient.
@@ -447,11 +446,12 @@ def _check_both_models(policy_hidden, policy_weight, ref_hidden, ref_weight, inp
 
 def epsilon_dpo_loss_from_hidden(policy_hidden, policy_weight, ref_hidden, ref_weight, input_ids, completion_mask,
                                  beta, epsilon=None, logit_softcap=None):
-    """epsilon_dpo_loss from the last hidden states and the output layers' weights, never the full logits. Shapes: policy_hidden and ref_hidden (2B, T, H), each model's last hidden states after its final norm,
-    the B chosen sequences followed by the B rejected ones; policy_weight and ref_weight (V, H), the
-    output layers' weights (bias-free heads; a tied weight is fine: its gradient adds to the embedding's);
-    input_ids and completion_mask (2B, T), best on the CPU (below); beta the baseline β; 0 ≤ epsilon < 1;
-    logit_softcap None or Gemma-2's final_logit_softcapping. Returns the EpsilonDPOOutput of
+    """epsilon_dpo_loss from the last hidden states and the output layers' weights, never the full logits. Shapes:
+    policy_hidden and ref_hidden (2B, T, H), each model's last hidden states after its final norm, the B chosen
+    sequences followed by the B rejected ones; policy_weight and ref_weight (V, H), the output layers' weights
+    (bias-free heads; a tied weight is fine: its gradient adds to the embedding's); input_ids and completion_mask
+    (2B, T), best on the CPU (below); beta the baseline β; 0 ≤ epsilon < 1; logit_softcap None or Gemma-2's
+    final_logit_softcapping. Returns the EpsilonDPOOutput of
 
         epsilon_dpo_loss(softcap(policy_hidden @ policy_weight.T), softcap(ref_hidden @ ref_weight.T), ...)
         softcap(f) = cap · tanh(f / cap)        (no soft-cap: softcap(f) = f)

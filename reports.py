@@ -112,7 +112,7 @@ def plot_curves(runs, path):
     axes.flat[0].legend(fontsize=7)
     # Margins set, not measured: tight_layout would lay out every label once more before the figure is drawn,
     # 0.5 s of a run's 2 on tiny_data.
-    figure.subplots_adjust(left=0.2 / len(axes[0]), right=0.99, bottom=0.08, top=0.9, wspace=0.3, hspace=0.42)
+    figure.subplots_adjust(left=0.2 / len(axes[0]), right=0.99, bottom=0.08, top=0.93, wspace=0.25, hspace=0.62)
     _save_figure(figure, path)
 
 

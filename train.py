@@ -31,12 +31,12 @@ import torch.distributed as dist
 
 import epsdpo
 import epsdpo_chunked
+from adapters import tokenizer_name
 from batches import collate, micro_batches, to_device
 from checkpoints import restore_checkpoint, resume_command, resumed_args, save_checkpoint, save_pretrained_atomically
 from data import ReportedError, load_gold_reward, load_pairs, load_tokenizer
 from evaluation import NOISE, SUMS, across_ranks, criterion_measures, evaluate, pair_sums, s_counts, train_row
 from fingerprints import checked_inputs
-from adapters import tokenizer_name
 from models import held_bytes, init_distributed, last_hidden_states, precision, setup_models, training_mode
 from output_folder import (append_metrics, check_only_ours_replaced, claim_on_rank_zero, our_checkpoints, prepare_output_dir,
                            read_metrics, run_writes)

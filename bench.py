@@ -1,6 +1,7 @@
 """What an ε-DPO training step costs over a DPO step, measured side by side.
 
-    python bench.py                      # both shapes, CPU (and CUDA when present), ~6 minutes on 2 cores
+    python bench.py                      # every shape, CPU (and CUDA when present); slow on a CPU: realistic-128k
+                                         # alone, with --repeats 2, took 9 minutes on 2 cores
     python bench.py --quick              # smaller shapes and fewer steps, under a minute: a smoke test
     python bench.py --json bench.json    # also write every figure to a file
     python bench.py --costs              # only the losses' operations and extra peaks at scale (below); seconds
@@ -376,7 +377,7 @@ def print_run(run_report):
 # ----------------------------------------------------------------------------------------------------
 # The losses at scale: operations and extra peak memory of one forward + backward, on FakeTensors
 
-# (pairs, tokens, completion tokens, vocabulary): the issue's shape (Llama-3-8B's vocabulary), then twice T, twice V.
+# (pairs, tokens, completion tokens, vocabulary): 4 pairs × 1,024 tokens at Llama-3-8B's vocabulary, then twice T, twice V.
 COST_SHAPES = [(4, 1024, 768, 128_256), (4, 2048, 1536, 128_256), (4, 1024, 768, 256_000)]
 
 

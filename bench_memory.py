@@ -109,7 +109,7 @@ def reference_memory():
 # Counted, per GPU, in mixed precision as train.py runs it:
 #   policy      float32 weights, float32 gradients and AdamW's two float32 moments: 16 bytes a weight
 #   reference   DDP: its linear layers in bf16, embeddings and norms in float32 (models.frozen_weights_in_bf16);
-#               FSDP: all of it in bf16 (models.setup_models)
+#               FSDP: all of it in bf16 (models.setup_sharded_models)
 #   gathered    FSDP only: the largest unit (a decoder layer, or the root: embeddings, final norm, output
 #               layer) whole in bf16, as it is while it computes
 # Not counted: activations (they follow the batch and the length), the logits, the CUDA context. The measured
@@ -147,7 +147,7 @@ def ddp_fsdp_table(gpus):
 # ----------------------------------------------------------------------------------------------------
 # Computed and measured: full fine-tuning against LoRA, weights + gradients + optimizer state on one GPU
 #
-# Computed, as `--dtype bfloat16` runs them, by train.py's own functions (models.add_lora,
+# Computed, as `--dtype bfloat16` runs them, by train.py's own functions (adapters.add_lora,
 # models.frozen_weights_in_bf16):
 #   full fine-tuning  the policy's float32 weights, float32 gradients and AdamW's two float32 moments
 #                     (16 bytes a parameter), and the reference beside it: linear layers in bf16, the rest float32;
@@ -170,7 +170,7 @@ def lora_computed(rank=16):
         parameters = weight_count(policy.parameters())
         full = (weight_bytes(policy) + weight_bytes(reference), 4 * parameters, 8 * parameters)
         with torch.device("meta"):                                      # as setup_models: base in bf16, then adapters
-            lora = models.add_lora(models.frozen_weights_in_bf16(base.requires_grad_(False)), lora_args(rank))
+            lora = adapters.add_lora(models.frozen_weights_in_bf16(base.requires_grad_(False)), lora_args(rank))
         trainable = weight_count(p for p in lora.parameters() if p.requires_grad)
         rows[name] = (parameters, trainable, {"full": full, "lora": (weight_bytes(lora), 4 * trainable, 8 * trainable)})
     return rows

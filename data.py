@@ -1,4 +1,4 @@
-"""Preference data for ε-DPO: from a dataset name to batches of token ids.
+"""Preference data for ε-DPO: from a dataset name to tokenized pairs.
 
     load_splits      a Hub id, a JSON/JSONL/Parquet file, a folder of them or a save_to_disk folder -> rows
     check_row        what is wrong with a row, naming the field

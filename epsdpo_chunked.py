@@ -261,7 +261,7 @@ def epsilon_dpo_loss(policy_logits, ref_logits, input_ids, completion_mask, beta
 #     from 1 GiB of scored float32 logits on (4 pairs × 1,024 tokens at V = 128,256: 3 GiB), fewer below;
 #   - memory: eager forward holds 4 float32 chunks at once: max(4 × 32 MiB, 1/8 of the scored positions' float32
 #     logits), at most 1/8 of one float32 (2B, T, V) logits tensor (3/32 when 3/4 of the positions are scored);
-#   - a chunk of 32 MiB at least (64 positions at V = 128,256) keeps each kernel large enough to be efficient.
+#   - a chunk of 32 MiB at least (65 positions at V = 128,256) keeps each kernel large enough to be efficient.
 # All chunks have m positions (the last padded with positions that count nowhere): a compiled body is one graph.
 CHUNK_FLOAT32_BYTES = 32 * 2**20
 MAX_CHUNKS = 32

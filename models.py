@@ -17,7 +17,7 @@ from adapters import add_lora, adapter_base, quiet_peft
 from data import ReportedError
 from sharding import allocate_shards, broadcast_weights, load_sharded_weights, local, reshard_root, shard
 
-# The ε-DPO loss from the last hidden states (epsdpo.epsilon_dpo_loss_from_hidden) wherever the output layer is a
+# The ε-DPO loss from the last hidden states (epsdpo_chunked.epsilon_dpo_loss_from_hidden) wherever the output layer is a
 # plain linear map. False: from the full logits everywhere (the tests set it to compare the two).
 FROM_HIDDEN_STATES = True
 

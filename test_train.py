@@ -90,7 +90,7 @@ def test_the_demo_writes_every_metric_finite_for_every_step(tiny_run):
 def criterion_agreement_slowly(output_dir, pairs, epsilon):
     """summary.json's "criterion", counted apart from evaluation.py: the first `pairs` train pairs, one sequence at a
     time in float64 through the saved policy and the reference; z(λ) from the logits f_ref + λ (f_θ − f_ref) and s
-    from z(1 − ε), z(1), z(1 + ε) as METHOD's rule; h = z(1) − z(0); ΔK from the KL at each completion position."""
+    from z(1 − ε), z(1), z(1 + ε) by the README's rule; h = z(1) − z(0); ΔK from the KL at each completion position."""
     args, _ = train.parse_args(["--output-dir", str(output_dir)])
     tokenizer = data.load_tokenizer(train.TINY_MODEL)
     train_pairs = data.load_pairs(args.dataset, args.train_split, args.eval_split, args.eval_fraction, args.seed, tokenizer,
@@ -648,7 +648,7 @@ def test_under_fsdp_process_0_alone_reads_the_weights_once_and_a_resumed_run_rea
 
 def test_under_fsdp_sampling_gathers_each_unit_once_per_evaluation_not_once_per_token(two_ranks):
     """generate() runs the policy once per new token; under FSDP every unit (2 layers and the root) would be
-    all-gathered at every call, 3 × up to 8 per generate() here. models.gathered_once keeps them gathered
+    all-gathered at every call, 3 × up to 8 per generate() here. sharding.gathered_once keeps them gathered
     through an evaluation's samples: each unit at most once in its first generate() (the root may still be
     gathered from the evaluation's loss), none in its second. Two evaluations, each 17 prompts a rank in
     batches of 16 and 1."""
@@ -1839,7 +1839,7 @@ def test_the_last_hidden_state_is_taken_alone_not_every_layers_for_every_archite
         model = AutoModelForCausalLM.from_config(AutoConfig.for_model(kind, **config)).eval()
         called = model
         if name == "lora reference":
-            with models.quiet_peft():
+            with adapters.quiet_peft():
                 called = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
             for weight_name, weight in called.named_parameters():
                 if ".lora_B." in weight_name:
@@ -1945,7 +1945,7 @@ def test_an_sft_adapter_with_a_relative_base_trains_its_merged_model_and_resumes
     tiny_model_folder(there / "sft/base", vocab_size=60, max_position_embeddings=64)         # the other "base"
     sft_adapter(there / "sft", base=str(there / "base"), base_name="base")
     monkeypatch.chdir(there)
-    assert models.adapter_base(str(there / "sft")) == str(there / "base")
+    assert adapters.adapter_base(str(there / "sft")) == str(there / "base")
     output_dir = tmp_path / "out"
     train.main(["--output-dir", str(output_dir), "--model", str(there / "sft"), *without_gold_reward(small_data),
                 "--max-steps", "1", "--save-every", "1", "--eval-every", "1000"])
@@ -1954,7 +1954,7 @@ def test_an_sft_adapter_with_a_relative_base_trains_its_merged_model_and_resumes
     merged = AutoModelForCausalLM.from_pretrained(output_dir)             # a full model, trained from the SFT model
     assert sum(int((merged.state_dict()[n] != w).sum()) for n, w in load_file(there / "base/model.safetensors").items()) > 80_000
     monkeypatch.chdir(elsewhere)
-    assert models.adapter_base(str(there / "sft")) == str(there / "sft/base")   # what a fresh resolution would take
+    assert adapters.adapter_base(str(there / "sft")) == str(there / "sft/base")   # what a fresh resolution would take
     train.main(["--resume", str(output_dir), "--max-steps", "2"])         # the fingerprints match: the same base
     assert json.loads((output_dir / "summary.json").read_text())["args"]["model_base"] == str(there / "base")
 
@@ -1985,7 +1985,7 @@ def test_an_sft_adapter_as_model_is_merged_so_the_reference_is_the_sft_model(tmp
     with pytest.raises(Exception, match="merge .* into .*README.md"):
         AutoPeftModelForCausalLM.from_pretrained(tmp_path / "out")
     with pytest.raises(data.ReportedError, match=r"this adapter was trained on another adapter merged into its base"):
-        models.adapter_base(str(tmp_path / "out"))                      # as --model of another run: one line
+        adapters.adapter_base(str(tmp_path / "out"))                      # as --model of another run: one line
     readme = (tmp_path / "out/README.md").read_text()
     assert readme.startswith("---\n") and "# Load this adapter onto the supervised fine-tuned model" in readme
     code = readme.split("```python\n")[1].split("```")[0].replace("THIS_FOLDER", str(tmp_path / "out"))

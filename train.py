@@ -1,6 +1,6 @@
 """Train a causal language model with ε-DPO (epsdpo.py) on preference pairs (data.py).
 
-    python train.py                      # the demo: tiny_data/ on a laptop CPU, in about 20 s
+    python train.py                      # the demo: tiny_data/ on a laptop CPU, in about 30 s on 2 cores
     python train.py --lora-r 8           # LoRA adapters; the reference is the model with them off
     python train.py --model Qwen/Qwen2.5-0.5B-Instruct --dataset trl-lib/ultrafeedback_binarized \\
         --beta 0.01 --lr 5e-7 --batch-size 2 --grad-accum 32 --max-length 1024
@@ -102,7 +102,7 @@ def parse_args(argv=None, report=False, extra=(), description=__doc__):
     add("--ref-model", type=_path_or_hub_id, default=None, help="reference model; None: the same as --model")
     add("--dataset", type=_path_or_hub_id, default=str(TINY_DATASET), help="a Hub id, a local JSON/JSONL/Parquet file, a folder of them, or a saved datasets folder")
     add("--train-split", default="train", help="the split to train on")
-    add("--eval-split", default=None, help="the held-out split, which must exist; None: test if present, otherwise --eval-fraction of train")
+    add("--eval-split", default=None, help="the held-out split, which must exist; None: test, validation or valid, the first present, otherwise --eval-fraction of train")
     add("--eval-fraction", type=number(float, 0, high=1, what="must be in (0, 1)"), default=0.05, help="fraction of train rows held out when there is no --eval-split")
     add("--gold-reward", type=_path, default=None, help="a Python file with score(prompt, completion) -> float; on by default for tiny_data")
     add("--output-dir", type=_path, default="out", help="where everything is written")

@@ -2,7 +2,8 @@
 
     python compare.py                                    # DPO (ε = 0) and ε-DPO from the same start and data order
     python compare.py --betas 0.05 0.1 0.2 0.4          # DPO, ε-DPO and ε-DPO with a fixed baseline β, for each β
-                                                         # and 3 seeds: the DPO paper's reward–KL frontier
+                                                         # and 3 seeds: the DPO paper's reward–KL frontier; on CPUs
+                                                         # as many runs at once as cores (--workers)
 
 Every flag of train.py applies to each run (--lora-r, --max-steps, ...). Each run is a train.py run in a folder of
 --output-dir (dpo/, epsilon-dpo/; beta-B/seed-S/METHOD/ with --betas), which python train.py --resume continues;
@@ -56,7 +57,7 @@ def compare(args, given):
                 where = output_dir / f"beta-{beta:g}" / f"seed-{seed}" / folder if args.betas else output_dir / folder
                 # The frontier needs each run's end: evaluated at the start and the end, unless --eval-every is given.
                 eval_every = sys.maxsize if args.betas and "eval_every" not in given else args.eval_every
-                run = {name: value for name, value in vars(args).items() if name not in ("betas", "seeds")}
+                run = {name: value for name, value in vars(args).items() if name not in ("betas", "seeds", "workers")}
                 runs.append((argparse.Namespace(**{**run, **changes, "beta": beta, "seed": seed,
                                                    "eval_every": eval_every, "output_dir": str(where)}), label))
     rank, world_size, device = init_distributed(args.device)
@@ -65,7 +66,7 @@ def compare(args, given):
             names = FRONTIER_FILES if args.betas else COMPARE_FILES
             check_only_ours_replaced(output_dir, lambda name: name in names)
         frontier_on_cpus = args.betas and world_size == 1 and device.type == "cpu"
-        summaries = side_by_side(runs) if frontier_on_cpus else one_after_another(runs, rank)
+        summaries = side_by_side(runs, args.workers or os.cpu_count() or 1) if frontier_on_cpus else one_after_another(runs, rank)
         if summaries[0] is None:                                        # not rank 0
             return
         if not args.betas:
@@ -93,9 +94,9 @@ def one_after_another(runs, rank):
     return summaries
 
 
-def side_by_side(runs):
-    """train.train(*run) for every run, in processes of one thread each, one per core, quietly: a model as small as
-    tiny_data's gains little from a second thread, and much from a second process. A line per run done.
+def side_by_side(runs, workers):
+    """train.train(*run) for every run, `workers` at a time, each in a process of one thread, quietly: a model as small
+    as tiny_data's gains little from a second thread, and much from a second process. A line per run done.
 
     Ctrl-C or SIGTERM stops them all within seconds: the runs under way finish their step and write a
     checkpoint (the signal is passed on to them, as a Ctrl-C in a terminal also sends it), and the queued
@@ -105,7 +106,7 @@ def side_by_side(runs):
 
     others, spawn = set(multiprocessing.active_children()), multiprocessing.get_context("spawn")
     stopping = spawn.Event()                    # set: the runs a worker has taken but not begun return at once
-    with concurrent.futures.ProcessPoolExecutor(min(os.cpu_count() or 1, len(runs)), spawn, initializer=_worker_starts,
+    with concurrent.futures.ProcessPoolExecutor(min(workers, len(runs)), spawn, initializer=_worker_starts,
                                                 initargs=(stopping,)) as pool:
         futures = [pool.submit(_quietly_on_one_thread, *run) for run in runs]
         try:
@@ -147,12 +148,15 @@ def _quietly_on_one_thread(args, label):
 
 
 def parse_args(argv=None):
-    """train.py's arguments, and --betas and --seeds."""
+    """train.py's arguments, and --betas, --seeds and --workers."""
     beta = train.number(float, 0, high=1e6, what="beta must be in (0, 1e6)")
     extra = [("--betas", dict(type=beta, nargs="+", default=None, help="the reward–KL frontier of DPO, ε-DPO and ε-DPO with "
                                                                            "a fixed baseline β over these β")),
              ("--seeds", dict(type=train.number(int, 1, low_open=False, what="must be >= 1"), default=3,
-                              help="with --betas: seeds per β (--seed, --seed + 1, ...)"))]
+                              help="with --betas: seeds per β (--seed, --seed + 1, ...)")),
+             ("--workers", dict(type=train.number(int, 1, low_open=False, what="must be >= 1"), default=None,
+                                help="with --betas on CPUs: runs that train at once, each in a process of its own (0.5 GB "
+                                     "of memory each on tiny_data); None: one per core"))]
     return train.parse_args(argv, extra=extra, description=__doc__)
 
 

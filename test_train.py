@@ -294,16 +294,6 @@ def test_bad_arguments_are_rejected_when_parsed(flag, value, message, capsys):
     assert message in capsys.readouterr().err
 
 
-def test_the_command_line_runs_offline_from_a_fresh_process(tmp_path, small_data):
-    result = subprocess.run(
-        [sys.executable, "train.py", "--output-dir", str(tmp_path), "--max-steps", "1", "--eval-every", "1", *small_data],
-        cwd=train.HERE, capture_output=True, text=True, timeout=120,
-        env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"},
-    )
-    assert result.returncode == 0, result.stderr
-    assert "held-out reward accuracy" in result.stdout and "Traceback" not in result.stderr
-
-
 # ----------------------------------------------------------------------------------------------------
 # Bad input gets a clear message; output is never lost; an interrupted run resumes as if never stopped
 
@@ -430,14 +420,16 @@ def test_checkpoints_keep_the_last_few(tmp_path):
         "metrics.jsonl", "curves.png", "summary.json", *(p.name for p in output_dir.iterdir() if not p.name.startswith((".", "checkpoint-")))}
 
 
-def test_an_interrupted_run_resumes_to_the_same_end_bit_for_bit(tmp_path, small_data):
-    arguments = ["--max-steps", "40", "--eval-every", "1000", "--save-every", "1000", "--epsilon", "0.2", *small_data]
+def test_the_command_line_runs_offline_and_an_interrupted_run_resumes_to_the_same_end_bit_for_bit(tmp_path, small_data):
+    """python train.py as a user types it, in a fresh process with no network, stopped by a SIGTERM mid-run with a
+    checkpoint; resumed, it ends as the run never stopped."""
+    arguments = ["--max-steps", "60", "--eval-every", "1000", "--save-every", "1000", "--epsilon", "0.2", *small_data]
     train.main(["--output-dir", str(tmp_path / "whole"), *arguments])
 
     interrupted = tmp_path / "interrupted"
     process = subprocess.Popen([sys.executable, "train.py", "--output-dir", str(interrupted), *arguments],
                                cwd=train.HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               env={**os.environ, "HF_HUB_OFFLINE": "1"})
+                               env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
     deadline = time.time() + 60
     while not any(row["split"] == "train" for row in read_metrics_if_any(interrupted)) and time.time() < deadline:
         time.sleep(0.05)
@@ -448,10 +440,12 @@ def test_an_interrupted_run_resumes_to_the_same_end_bit_for_bit(tmp_path, small_
     assert time.time() - started < 1 and process.poll() is None
     process.send_signal(signal.SIGTERM)                                  # a real signal, mid-run
     stdout, stderr = process.communicate(timeout=60)
-    assert process.returncode == 128 + signal.SIGTERM, stderr
-    (checkpoint,) = interrupted.glob("checkpoint-*")
+    assert process.returncode == 128 + signal.SIGTERM and "Traceback" not in stderr, stderr
+    checkpoints_written = list(interrupted.glob("checkpoint-*"))
+    assert len(checkpoints_written) == 1, stdout + stderr
+    (checkpoint,) = checkpoints_written
     stopped_at = int(checkpoint.name.split("-")[1])
-    assert 1 <= stopped_at < 40 and "--resume" in stdout
+    assert 1 <= stopped_at < 60 and "--resume" in stdout
 
     train.main(["--resume", str(interrupted)])
     whole_rows, resumed_rows = read_metrics(tmp_path / "whole"), read_metrics(interrupted)
@@ -464,24 +458,6 @@ def test_an_interrupted_run_resumes_to_the_same_end_bit_for_bit(tmp_path, small_
 
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-
-
-def stopped_by_a_signal(output_dir, arguments, ctrl_c):
-    """train.py under torchrun on 2 CPU processes (gloo), stopped once it has logged a step: by a Ctrl-C
-    (SIGINT to the whole process group) or by a SIGTERM to torchrun. Its (stdout, stderr)."""
-    process = subprocess.Popen([*TORCHRUN, "train.py", "--output-dir", str(output_dir), *arguments], cwd=train.HERE,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"},
-                               start_new_session=True)
-    deadline = time.time() + 90
-    while not any(row["split"] == "train" for row in read_metrics_if_any(output_dir)) and time.time() < deadline:
-        time.sleep(0.05)
-    if ctrl_c:
-        # Ctrl-C in a terminal: SIGINT to every process of the group; torchrun passes it on to both ranks, and so
-        # each rank gets it two or three times within milliseconds: one stop, with a checkpoint of the last step.
-        os.killpg(process.pid, signal.SIGINT)
-    else:
-        process.send_signal(signal.SIGTERM)                              # torchrun passes it to both ranks
-    return process.communicate(timeout=90)
 
 
 def one_launch(runs, rendezvous):
@@ -541,65 +517,87 @@ def one_launch(runs, rendezvous):
             print(f"run {i}: {time.time() - started:.1f} s")
 
 
+def launch(runs, rendezvous, stop=None):
+    """One torchrun launch of 2 CPU processes (gloo) running one_launch on each run's argv in turn: (its stdout and
+    stderr, what each process counted in each run it finished). stop: "ctrl-c" or "sigterm", to stop the last run
+    once it has logged a step: by a Ctrl-C (SIGINT to the whole process group, so each rank gets it two or three
+    times within milliseconds) or by a SIGTERM to torchrun, which passes it on to both ranks."""
+    script = "import sys, test_train; test_train.one_launch(sys.argv[1], sys.argv[2])"
+    process = subprocess.Popen([*TORCHRUN, "--no-python", sys.executable, "-c", script, json.dumps(list(runs.values())),
+                                str(rendezvous)], cwd=train.HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, "HF_HUB_OFFLINE": "1"}, start_new_session=True)
+    if stop:
+        last = pathlib.Path(list(runs.values())[-1]["argv"][1])
+        deadline = time.time() + 240
+        while not any(row["split"] == "train" for row in read_metrics_if_any(last)) and time.time() < deadline:
+            time.sleep(0.05)
+        if stop == "ctrl-c":
+            os.killpg(process.pid, signal.SIGINT)
+        else:
+            process.send_signal(signal.SIGTERM)
+    stdout, stderr = process.communicate(timeout=300)
+    assert stop or process.returncode == 0, stderr[-3000:]
+    finished = list(runs)[:-1] if stop else list(runs)
+    counted = {name: [json.loads(pathlib.Path(f"{rendezvous}-{i}-{rank}.json").read_text()) for rank in (0, 1)]
+               for i, name in enumerate(finished)}
+    return (stdout, stderr), counted
+
+
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory, lora_run):
-    """One process with 8 pairs per step, and 2 CPU processes (gloo) with 4 pairs each: with DDP, and with
-    FSDP in two micro-batches of 2. DDP is stopped by a Ctrl-C, FSDP by a SIGTERM to torchrun; both resume (DDP
-    with the loss from hidden states); FSDP also runs whole, in float32 from logits and from hidden states, and in
-    bf16 from hidden states with gradient checkpointing; and lora_run's LoRA run on 2 processes with DDP. 33
-    held-out pairs: the ranks' shares differ by one. Three torchrun launches: they cost seconds each to start, so
-    one runs the rest. Returns (folder, what the stopped runs printed, what each process counted in each run)."""
+    """One process with 8 pairs per step, and 2 CPU processes (gloo) with 4 pairs each: with DDP (the loss from hidden
+    states), and with FSDP in two micro-batches of 2: in float32 from logits and from hidden states, and in bf16 from
+    hidden states with gradient checkpointing; lora_run's LoRA run with DDP; the one-process run resumed on 2
+    processes. An FSDP run stopped by a SIGTERM to torchrun, then resumed; a DDP run stopped by a Ctrl-C. 33 held-out
+    pairs: the ranks' shares differ by one. Two torchrun launches, each ended by its stopped run: a launch costs
+    seconds to start. Returns (folder, what each launch printed, what each process counted in each run)."""
     folder = tmp_path_factory.mktemp("two-ranks")
     arguments = ["--dataset", str(tiny_data_cut(folder / "data", 200, 33)), "--gold-reward", str(train.TINY_GOLD_REWARD),
                  "--max-new-tokens", "8", "--eval-batch-size", "16", "--max-steps", "15", "--eval-every", "1000",
                  "--save-every", "1000", "--epsilon", "0.3", "--lr", "1e-3", "--criterion-pairs", "0"]
     train.main(["--output-dir", str(folder / "one"), *arguments, "--batch-size", "8", "--save-every", "5"])
     ddp, fsdp = [*arguments, "--batch-size", "4"], [*arguments, "--fsdp", "--batch-size", "2", "--grad-accum", "2"]
-    printed = {"ddp": stopped_by_a_signal(folder / "ddp", ddp, ctrl_c=True), "fsdp": stopped_by_a_signal(folder / "fsdp", fsdp, ctrl_c=False)}
     lora_arguments, _ = lora_run
     shutil.copytree(folder / "one", folder / "one-on-two", ignore=shutil.ignore_patterns(".train.lock", "checkpoint-15"))
-    shutil.copytree(folder / "ddp", folder / "ddp-stopped", ignore=shutil.ignore_patterns(".train.lock"))
-    rest = {"ddp": dict(argv=["--resume", str(folder / "ddp")], from_hidden=True),
-            "fsdp": dict(argv=["--resume", str(folder / "fsdp"), "--gold-reward", str(train.TINY_GOLD_REWARD)]),
-            "fsdp-whole": dict(argv=["--output-dir", str(folder / "fsdp-whole"), *fsdp, "--save-every", "5"]),
-            "fsdp-hidden": dict(argv=["--output-dir", str(folder / "fsdp-hidden"), *fsdp, "--criterion-pairs", "8"], from_hidden=True),
-            "fsdp-bf16": dict(argv=["--output-dir", str(folder / "fsdp-bf16"), *fsdp, "--dtype", "bfloat16",
-                                    "--gradient-checkpointing"], from_hidden=True),
-            "lora": dict(argv=["--output-dir", str(folder / "lora"), *lora_arguments, "--batch-size", "4"], from_hidden=True),
-            "one-on-two": dict(argv=["--resume", str(folder / "one-on-two"), "--gold-reward", str(train.TINY_GOLD_REWARD)])}
-    started, rendezvous = time.time(), folder / "rendezvous"
-    script = "import sys, test_train; test_train.one_launch(sys.argv[1], sys.argv[2])"
-    done = subprocess.run([*TORCHRUN, "--no-python", sys.executable, "-c", script, json.dumps(list(rest.values())), str(rendezvous)],
-                          cwd=train.HERE, capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    assert done.returncode == 0, done.stderr[-3000:]
-    seconds = [line.split()[-2] for line in done.stdout.splitlines() if line.startswith("run ")]
-    print(f"{len(rest)} runs in one launch of 2 processes: {time.time() - started:.1f} s (" +
-          ", ".join(f"{name} {s} s" for name, s in zip(rest, seconds)) + ")")
-    printed["launch"] = (done.stdout, done.stderr)
-    counted = {name: [json.loads(pathlib.Path(f"{rendezvous}-{i}-{rank}.json").read_text()) for rank in (0, 1)]
-               for i, name in enumerate(rest)}
-    return folder, printed, counted
+    first = {"ddp-whole": dict(argv=["--output-dir", str(folder / "ddp-whole"), *ddp], from_hidden=True),
+             "fsdp-whole": dict(argv=["--output-dir", str(folder / "fsdp-whole"), *fsdp, "--save-every", "5"]),
+             "fsdp-hidden": dict(argv=["--output-dir", str(folder / "fsdp-hidden"), *fsdp, "--criterion-pairs", "8"], from_hidden=True),
+             "fsdp-bf16": dict(argv=["--output-dir", str(folder / "fsdp-bf16"), *fsdp, "--dtype", "bfloat16",
+                                     "--gradient-checkpointing"], from_hidden=True),
+             "lora": dict(argv=["--output-dir", str(folder / "lora"), *lora_arguments, "--batch-size", "4"], from_hidden=True),
+             "one-on-two": dict(argv=["--resume", str(folder / "one-on-two"), "--gold-reward", str(train.TINY_GOLD_REWARD)]),
+             "fsdp": dict(argv=["--output-dir", str(folder / "fsdp"), *fsdp])}
+    second = {"fsdp-resumed": dict(argv=["--resume", str(folder / "fsdp"), "--gold-reward", str(train.TINY_GOLD_REWARD)]),
+              "ddp": dict(argv=["--output-dir", str(folder / "ddp"), *ddp], from_hidden=True)}
+    started = time.time()
+    printed = {}
+    printed["first"], counted_first = launch(first, folder / "first", stop="sigterm")
+    printed["second"], counted_second = launch(second, folder / "second", stop="ctrl-c")
+    print(f"{len(first) + len(second)} runs in two launches of 2 processes: {time.time() - started:.1f} s (" +
+          ", ".join(line for out, _ in printed.values() for line in out.splitlines() if line.startswith("run ")) + ")")
+    return folder, printed, {**counted_first, **counted_second}
 
 
-def test_two_ranks_under_torchrun_agree_on_beta_and_match_one_process_even_across_a_resume(two_ranks):
+def test_two_ranks_under_torchrun_agree_on_beta_and_match_one_process_and_a_ctrl_c_stops_both_at_once(two_ranks):
     """2 CPU processes (gloo) with 4 pairs each are one process with 8: the same β at every step on both
-    ranks and in the single process, and the same weights up to float rounding, also when the 2-rank run is
-    stopped by a Ctrl-C and resumed under torchrun, there with the loss from hidden states: DDP sees the forward
-    pass of models.last_hidden_states and averages the output layer's gradient from both of its uses."""
+    ranks and in the single process, and the same weights up to float rounding, with the loss from hidden states:
+    DDP sees the forward pass of models.last_hidden_states and averages the output layer's gradient from both of its
+    uses. A Ctrl-C reaches each rank two or three times: one stop, one checkpoint, the torchrun command to go on
+    (its resume: test_a_two_process_run_resumed_in_one_process_...)."""
     folder, printed, counted = two_ranks
-    assert all(process["losses_from_hidden"] > 0 for process in counted["ddp"])
-    stdout, stderr = printed["ddp"]
+    assert all(process["losses_from_hidden"] > 0 for process in counted["ddp-whole"])
+    stdout, stderr = printed["second"]
     assert "checkpoint written" in stdout and len(list((folder / "ddp").glob("checkpoint-*"))) == 1
     assert f"checkpoint written: torchrun --nproc_per_node 2 train.py --resume {folder / 'ddp'} continues the run" in stdout
     assert "second signal" not in stderr
-    one_rows, two_rows = read_metrics(folder / "one"), read_metrics(folder / "ddp")
+    one_rows, two_rows = read_metrics(folder / "one"), read_metrics(folder / "ddp-whole")
     assert [(r["split"], r["step"]) for r in two_rows] == [(r["split"], r["step"]) for r in one_rows]
     for one_row, two_row in zip(one_rows, two_rows):
         assert two_row["beta"] == one_row["beta"]
         if two_row["split"] == "train":
             assert two_row["beta/ranks"] == [one_row["beta"]] * 2             # the β both ranks used
             assert two_row["beta/pairs_mean"] == one_row["beta/pairs_mean"]    # and the β both moved to
-    one, two = load_file(folder / "one/model.safetensors"), load_file(folder / "ddp/model.safetensors")
+    one, two = load_file(folder / "one/model.safetensors"), load_file(folder / "ddp-whole/model.safetensors")
     for name in one:
         torch.testing.assert_close(two[name], one[name], rtol=0, atol=1e-4)
 
@@ -612,7 +610,7 @@ def test_fsdp_on_two_ranks_is_one_process_with_the_same_global_batch(two_ranks, 
     forward pass: the policy's root unit stays gathered, the reference's until the loss is computed).
     The model rank 0 gathers and saves loads as a float32 model, with --model's generation config."""
     folder, printed, counted = two_ranks
-    assert "the loss from full" not in printed["fsdp"][0] + printed["launch"][0]           # the hidden path is open
+    assert "the loss from full" not in printed["first"][0] + printed["second"][0]          # the hidden path is open
     assert all((process["losses_from_hidden"] > 0) == (run == "fsdp-hidden") for process in counted[run])
     assert all(process["reference_root_left_whole"] == 0 for process in counted[run])      # freed before the backward
     one_rows, fsdp_rows = read_metrics(folder / "one"), read_metrics(folder / run)
@@ -636,14 +634,15 @@ def test_fsdp_on_two_ranks_is_one_process_with_the_same_global_batch(two_ranks, 
 def test_under_fsdp_process_0_alone_reads_the_weights_once_and_a_resumed_run_reads_only_the_reference(two_ranks):
     """Both models are built on the meta device and filled from process 0's one read of --model (the reference
     being --model); resuming, the policy's shards come from the checkpoint, so --model is read for the
-    reference alone. DDP reads both models on every process (resumed: the checkpoint's policy). The FSDP runs equal one process's (above), so
-    the rotary frequencies, which are not in the weights' files, are right on every process."""
+    reference alone. DDP reads both models on every process (resumed: the checkpoint's policy). The FSDP runs equal
+    one process's (above), so the rotary frequencies, which are not in the weights' files, are right on every process."""
     _, _, counted = two_ranks
     model = str(train.TINY_MODEL)
-    for run in ("fsdp-whole", "fsdp-hidden", "fsdp-bf16", "fsdp"):
+    for run in ("fsdp-whole", "fsdp-hidden", "fsdp-bf16", "fsdp-resumed"):
         assert [process["models_read"] for process in counted[run]] == [[model], []], run
-    (checkpoint,) = (two_ranks[0] / "ddp").glob("checkpoint-*")
-    assert [process["models_read"] for process in counted["ddp"]] == [[str(checkpoint), model]] * 2
+    assert [process["models_read"] for process in counted["ddp-whole"]] == [[model, model]] * 2
+    checkpoint = two_ranks[0] / "one-on-two/checkpoint-10"
+    assert [process["models_read"] for process in counted["one-on-two"]] == [[str(checkpoint), model]] * 2
 
 
 def test_under_fsdp_sampling_gathers_each_unit_once_per_evaluation_not_once_per_token(two_ranks):
@@ -664,7 +663,7 @@ def test_under_fsdp_sampling_gathers_each_unit_once_per_evaluation_not_once_per_
 
 def test_fsdp_resumed_after_a_sigterm_to_torchrun_is_the_run_never_stopped_bit_for_bit(two_ranks):
     folder, printed, _ = two_ranks
-    stdout, stderr = printed["fsdp"]
+    stdout, stderr = printed["first"]
     assert "checkpoint written" in stdout and "second signal" not in stderr
     (checkpoint,) = (folder / "fsdp").glob("checkpoint-*")
     assert 1 <= int(checkpoint.name.split("-")[1]) < 15
@@ -678,7 +677,7 @@ def test_fsdp_resumed_after_a_sigterm_to_torchrun_is_the_run_never_stopped_bit_f
 def test_under_fsdp_each_rank_holds_half_of_the_weights_gradients_optimizer_state_and_checkpoint(two_ranks):
     folder, _, _ = two_ranks
     one, ddp, fsdp = (json.loads((folder / run / "summary.json").read_text())["bytes_held_by_rank_0"]
-                      for run in ("one", "ddp", "fsdp-whole"))
+                      for run in ("one", "ddp-whole", "fsdp-whole"))
     assert one["parameters"] == 86_080 * 4 and ddp == one                  # DDP: a whole copy on every rank
     for kind in ("parameters", "gradients", "optimizer", "reference"):
         assert fsdp[kind] == pytest.approx(one[kind] / 2, rel=0.01), kind
@@ -1148,12 +1147,13 @@ def test_the_kl_along_samples_is_unbiased_never_negative_and_steadier_than_the_l
 
 def test_compare_with_betas_draws_the_frontier_of_three_methods_with_lora_too(tmp_path, capsys, small_data):
     """Its runs train LoRA adapters, as every run of a comparison takes the --lora-* arguments (the full
-    fine-tuning of a comparison is tested above)."""
-    compare.main(["--betas", "0.1", "0.3", "--seeds", "2", "--output-dir", str(tmp_path), "--max-steps", "2",
-                "--epsilon", "0.3", "--lora-r", "4", *small_data])
+    fine-tuning of a comparison is tested above). One seed: the means over seeds are tested below; one worker
+    process, which trains the 6 runs one after another."""
+    compare.main(["--betas", "0.1", "0.3", "--seeds", "1", "--seed", "1", "--workers", "1", "--output-dir", str(tmp_path),
+                  "--max-steps", "2", "--epsilon", "0.3", "--lora-r", "4", *small_data])
     points = json.loads((tmp_path / "frontier.json").read_text())
     assert [(p["method"], p["beta"], p["seed"]) for p in points] == [
-        (method, beta, seed) for beta in (0.1, 0.3) for seed in (0, 1) for method in ("DPO", "ε-DPO", "ε-DPO, fixed baseline β")]
+        (method, beta, 1) for beta in (0.1, 0.3) for method in ("DPO", "ε-DPO", "ε-DPO, fixed baseline β")]
     for p in points:
         assert {"method", "beta", "epsilon", "seed", "gold_reward", "kl", "rewards/accuracies", "final_beta"} <= p.keys()
         assert math.isfinite(p["gold_reward"]) and p["kl"] >= 0
@@ -1162,23 +1162,46 @@ def test_compare_with_betas_draws_the_frontier_of_three_methods_with_lora_too(tm
         rows = read_metrics(pathlib.Path(p["output_dir"]))
         assert [r["step"] for r in rows if r["split"] == "eval"] == [0, 2]    # evaluated at the start and the end
         assert (pathlib.Path(p["output_dir"]) / "adapter_model.safetensors").exists()
-    same_start = [p for p in points if p["beta"] == 0.1 and p["seed"] == 0]
+    same_start = [p for p in points if p["beta"] == 0.1]
     assert len({read_metrics(pathlib.Path(p["output_dir"]))[0]["loss"] for p in same_start}) == 1
     assert (tmp_path / "frontier.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     printed = capsys.readouterr().out
     assert "ε-DPO, fixed baseline β" in printed and "gold reward" in printed
 
 
+def test_the_frontier_is_the_mean_over_seeds_per_method_and_beta_with_the_lowest_and_highest(tmp_path, capsys):
+    """frontier.json's points from the runs' summaries (mean s over every pair seen), and the frontier's table and
+    figure from them: per method and β the mean over seeds, with the lowest and highest seed."""
+    import reports
+
+    def summary(method, beta, seed):
+        gold, kl = {"DPO": 1.0, "ε-DPO": 2.0, "ε-DPO, fixed baseline β": 3.0}[method] + seed, 10 * beta + 2 * seed
+        groups = {"clean": {"pairs": 30, "weaker": 0.5, "stronger": 0.2}, "noisy": {"pairs": 10, "weaker": 0.1, "stronger": 0.5}}
+        return {"label": method, "args": {"beta": beta, "epsilon": 0.01, "fixed_baseline_beta": False, "seed": seed,
+                                          "output_dir": f"{method}-{beta}-{seed}"},
+                "final": {"gold_reward": gold, "kl": kl, "rewards/accuracies": 0.5 + seed / 10}, "final_beta": beta * (1 + seed),
+                "s_by_noise": groups}
+
+    points = reports.frontier_points([summary(method, beta, seed) for beta in (0.1, 0.2) for seed in (0, 1)
+                                      for method in ("DPO", "ε-DPO", "ε-DPO, fixed baseline β")])
+    assert len(points) == 12 and points[0]["mean_s"] == pytest.approx((30 * 0.3 + 10 * -0.4) / 40)
+    reports.print_frontier(points)
+    lines = capsys.readouterr().out.splitlines()
+    dpo = next(line for line in lines if line.startswith("DPO") and " 0.2 " in line)
+    assert dpo.split() == ["DPO", "0.2", "+1.50", "(+1.00–+2.00)", "3.00", "(2.00–4.00)", "0.550", "(0.500–0.600)", "0.3000", "+0.125"]
+    reports.plot_frontier(points, tmp_path / "frontier.png")
+    assert (tmp_path / "frontier.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 # ----------------------------------------------------------------------------------------------------
 # bench.py
 
 
-def test_the_quick_benchmark_runs_and_reports_every_figure(tmp_path):
+def test_the_quick_benchmark_runs_and_reports_every_figure(tmp_path, capsys):
+    import bench
+
     report_path = tmp_path / "bench.json"
-    result = subprocess.run([sys.executable, "bench.py", "--quick", "--device", "cpu", "--json", str(report_path)],
-                            cwd=train.HERE, capture_output=True, text=True, timeout=300,
-                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    assert result.returncode == 0, result.stderr
+    bench.main(["--quick", "--device", "cpu", "--json", str(report_path)])    # each measurement in a forked process
     report = json.loads(report_path.read_text())
     assert [run["shape"] for run in report["runs"]] == ["tiny_data", "realistic-small"]
     for run in report["runs"]:
@@ -1197,7 +1220,7 @@ def test_the_quick_benchmark_runs_and_reports_every_figure(tmp_path):
     assert realistic["naive"]["peak_mib"] > 1.5 * realistic["epsilon-dpo"]["peak_mib"]
     # And the loss from hidden states adds less to the step's peak than the loss from logits.
     assert realistic["hidden"]["peak_mib"] < realistic["epsilon-dpo"]["peak_mib"]
-    assert "extra_time_over_inherent_work" in result.stdout
+    assert "extra_time_over_inherent_work" in capsys.readouterr().out
     # Both losses at scale (4 pairs × 1,024 tokens, V = 128,256): operations and extra peak, counted on FakeTensors.
     (costs,) = report["loss_costs"].values()
     assert costs["hidden"]["operations"] <= 1000 and costs["hidden"]["extra_peak"] <= 0.1 * costs["hidden"]["logits"]
@@ -1315,7 +1338,7 @@ def test_paths_are_expanded_and_absolute_and_flags_of_compare_py_are_refused(tmp
     assert (args.output_dir, args.resume) == (str(tmp_path / "home/runs/a"),) * 2        # never a folder named ~
     assert (args.dataset, args.gold_reward) == (str(tmp_path / "data"), str(tmp_path / "gold.py"))
     assert (args.model, args.ref_model) == ("org/some-model", str(tmp_path / "home/nothing"))   # a Hub id as it is
-    for flags in (["--betas", "0.1"], ["--seeds", "2"]):
+    for flags in (["--betas", "0.1"], ["--seeds", "2"], ["--workers", "1"]):
         with pytest.raises(SystemExit):
             train.parse_args(flags)
         assert f"unrecognized arguments: {' '.join(flags)}" in capsys.readouterr().err
@@ -1444,22 +1467,31 @@ def test_ctrl_c_stops_a_sequential_comparison_with_a_checkpoint_and_says_so(tmp_
     assert "the comparison stopped: 0 of 2 runs had finished; the others did not start" in capsys.readouterr().out
 
 
-def test_ctrl_c_stops_every_run_of_a_frontier_within_seconds_each_with_its_checkpoint(tmp_path, small_data):
-    """3 runs on 2 worker processes: the two under way checkpoint and stop, the queued one never starts."""
-    process = subprocess.Popen([sys.executable, "compare.py", "--betas", "0.1", "--seeds", "1", "--output-dir",
-                                str(tmp_path), "--max-steps", "500", "--eval-every", "1000", *small_data], cwd=train.HERE,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
-                               env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    deadline = time.time() + 120
-    while sum(any(r["split"] == "train" for r in read_metrics_if_any(f)) for f in tmp_path.glob("beta-0.1/seed-0/*")) < 2 \
-            and time.time() < deadline:
-        time.sleep(0.05)
-    os.killpg(process.pid, signal.SIGINT)                                # Ctrl-C: to every process of the group
-    signalled = time.time()
-    stdout, stderr = process.communicate(timeout=60)
-    assert process.returncode == 128 + signal.SIGINT, stderr
-    assert time.time() - signalled < 30 and "Traceback" not in stderr, stderr
+def test_ctrl_c_stops_every_run_of_a_frontier_within_seconds_each_with_its_checkpoint(tmp_path, capsys, small_data):
+    """3 runs on 2 worker processes: the two under way checkpoint and stop, the queued one never starts. A Ctrl-C in
+    a terminal sends SIGINT to every process of the group: here, to the workers and to this process."""
+    import multiprocessing
+    import threading
+
+    others, signalled = set(multiprocessing.active_children()), []
+
+    def ctrl_c_once_two_runs_train():
+        deadline = time.time() + 120
+        while sum(any(r["split"] == "train" for r in read_metrics_if_any(f)) for f in tmp_path.glob("beta-0.1/seed-0/*")) < 2 \
+                and time.time() < deadline:
+            time.sleep(0.05)
+        for worker in set(multiprocessing.active_children()) - others:
+            os.kill(worker.pid, signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGINT)
+        signalled.append(time.time())
+
+    threading.Thread(target=ctrl_c_once_two_runs_train, daemon=True).start()
+    with pytest.raises(SystemExit) as exit_info:
+        compare.main(["--betas", "0.1", "--seeds", "1", "--workers", "2", "--output-dir", str(tmp_path), "--max-steps", "500",
+                      "--eval-every", "1000", *small_data])
+    assert exit_info.value.code == 128 + signal.SIGINT and time.time() - signalled[0] < 30
     checkpointed = sorted(p.parent.name for p in tmp_path.glob("beta-0.1/seed-0/*/checkpoint-*"))
+    stdout = capsys.readouterr().out
     assert len(checkpointed) == 2 and "stopped by signal 2: 0 of 3 runs finished, 2 stopped with a checkpoint" in stdout
     assert "1 did not start" in stdout
 
@@ -2033,19 +2065,19 @@ def test_resuming_on_another_number_of_processes_keeps_the_pairs_of_a_step_or_sa
 
 def test_a_two_process_run_resumed_in_one_process_trains_each_step_on_the_same_pairs(two_ranks, tmp_path, capsys, monkeypatch):
     """The DDP run of 4 + 4 pairs a step, stopped by a Ctrl-C, resumed by python train.py (4 × 2 micro-batches, the
-    same memory a process), ends as it does resumed under torchrun, bit for bit, and as the one-process run of 8
+    same memory a process), ends as the same run never stopped, bit for bit, and as the one-process run of 8
     does; the one-process run resumed on 2 processes (in the fixture's torchrun launch, 1 note in all) too. To the
     one-process run: float32 order, as DDP itself."""
     folder, printed, _ = two_ranks
-    stopped = shutil.copytree(folder / "ddp-stopped", tmp_path / "ddp")
-    monkeypatch.setattr(train, "PLAIN_LOSS_BYTES", 0)                  # the loss from hidden states, as resumed there
+    stopped = shutil.copytree(folder / "ddp", tmp_path / "ddp", ignore=shutil.ignore_patterns(".train.lock"))
+    monkeypatch.setattr(train, "PLAIN_LOSS_BYTES", 0)                  # the loss from hidden states, as it ran
     train.main(["--resume", str(stopped)])                              # no gold reward: no sampling, quicker
     assert "note: the run trains 8 pairs a step (--batch-size 4 × --grad-accum 1 × 2 processes); now --batch-size 4 × " \
            "--grad-accum 2 × 1: the same pairs a step" in capsys.readouterr().out
-    # Bit for bit the same run resumed under torchrun: one process halves each of its 2 micro-batches' gradients, DDP
-    # halves their sum, and halving is exact.
-    resumed_here, resumed_there = load_file(stopped / "model.safetensors"), load_file(folder / "ddp/model.safetensors")
-    assert all(torch.equal(resumed_here[name], resumed_there[name]) for name in resumed_there)
+    # Bit for bit the same run never stopped, under torchrun: one process halves each of its 2 micro-batches'
+    # gradients, DDP halves their sum, and halving is exact.
+    resumed, never_stopped = load_file(stopped / "model.safetensors"), load_file(folder / "ddp-whole/model.safetensors")
+    assert all(torch.equal(resumed[name], never_stopped[name]) for name in never_stopped)
     one = load_file(folder / "one/model.safetensors")
     for resumed in (stopped, folder / "one-on-two"):
         rows, one_rows = read_metrics(resumed), read_metrics(folder / "one")
@@ -2053,7 +2085,7 @@ def test_a_two_process_run_resumed_in_one_process_trains_each_step_on_the_same_p
         weights = load_file(resumed / "model.safetensors")
         for name in one:
             torch.testing.assert_close(weights[name], one[name], rtol=0, atol=1e-4)
-    assert printed["launch"][0].count("note: the run trains 8 pairs a step (--batch-size 8 × --grad-accum 1 × 1 process); "
+    assert printed["first"][0].count("note: the run trains 8 pairs a step (--batch-size 8 × --grad-accum 1 × 1 process); "
                                       "now --batch-size 4 × --grad-accum 1 × 2: the same pairs a step") == 1
 
 

@@ -227,14 +227,14 @@ def check_finite(step, loss, grad_norm, output_dir):
 
 def train(args, label="ε-DPO", checkpoint=None):
     """Train one policy into args.output_dir; returns its summary on rank 0. checkpoint: (folder, state) to resume from."""
-    tqdm, started = one_progress_bar(), time.time()
+    started = time.time()
     random.seed(args.seed)
     torch.manual_seed(args.seed)
     rank, world_size, device = init_distributed(args.device)            # rank 0 alone writes and prints
     output_dir = pathlib.Path(args.output_dir)
     # The folder is checked and locked before anything is loaded, and stays locked while the run lasts.
     with claim_on_rank_zero(output_dir, args, rank, world_size, device):
-        autocast = precision(args.dtype, device)
+        tqdm, autocast = one_progress_bar(), precision(args.dtype, device)
 
         # Data
         tokenizer = load_tokenizer(tokenizer_name(args.model, args.model_base), args.trust_remote_code, args.model)

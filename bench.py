@@ -400,7 +400,7 @@ def loss_costs(shapes):
 # Command line
 
 
-def main(argv=None):
+def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--memory", action="store_true",
                         help="only the memory tables computed from public models' shapes (and LoRA's row measured on tiny_data)")
@@ -419,7 +419,7 @@ def main(argv=None):
         return int(text)
 
     parser.add_argument("--repeats", type=rounds, help="rounds measured after one round of warm-up (default: 15 after 3)")
-    args = parser.parse_args(argv)
+    args = parser.parse_args()
     if args.memory:
         return bench_memory.print_memory(args.gpus)
     if args.hidden_memory:

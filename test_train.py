@@ -467,7 +467,8 @@ def one_launch(runs, rendezvous):
     the loss from hidden states whatever its size (train.PLAIN_LOSS_BYTES = 0). Each process writes, per run, how
     often that loss ran, the all-gathers of each generate() call, the models it read whole (models.load_model) and
     how often train.forward left a sharded reference's root gathered, to RENDEZVOUS-I-RANK.json; and its process id
-    to RENDEZVOUS-RANK.pid. A run with "stop" is stopped by a signal (train.main exits): the next one follows."""
+    to RENDEZVOUS-RANK.pid. A run with "stop" is stopped by a signal (train.main exits with its status, counted too):
+    the next one follows."""
     import torch.distributed as dist
     from torch.distributed.tensor import DTensor
     from transformers import GenerationMixin
@@ -508,16 +509,18 @@ def one_launch(runs, rendezvous):
     models.load_model, train.forward = load_model, forward
     pathlib.Path(f"{rendezvous}-{os.environ['RANK']}.pid").write_text(str(os.getpid()))
     for i, run in enumerate(json.loads(runs)):
-        counts.update(all_gathers=0, all_gathers_per_generate=[], losses_from_hidden=0, models_read=[], reference_root_left_whole=0)
+        counts.update(all_gathers=0, all_gathers_per_generate=[], losses_from_hidden=0, models_read=[], reference_root_left_whole=0,
+                      exit_status=0)
         train.PLAIN_LOSS_BYTES = 0 if run.get("from_hidden") else plain_loss_bytes
         dist.init_process_group("gloo", init_method=f"file://{rendezvous}-{i}", rank=int(os.environ["RANK"]),
                                 world_size=int(os.environ["WORLD_SIZE"]))
         started = time.time()
         try:
             train.main(run["argv"])
-        except SystemExit:
+        except SystemExit as stopped:
             if not run.get("stop"):
                 raise
+            counts["exit_status"] = stopped.code
         pathlib.Path(f"{rendezvous}-{i}-{os.environ['RANK']}.json").write_text(json.dumps(counts))
         if os.environ["RANK"] == "0":
             print(f"run {i}: {time.time() - started:.1f} s")
@@ -668,8 +671,9 @@ def test_under_fsdp_sampling_gathers_each_unit_once_per_evaluation_not_once_per_
 
 def test_fsdp_resumed_after_a_sigterm_to_each_process_is_the_run_never_stopped_bit_for_bit(two_ranks):
     """A scheduler's SIGTERM to every process of the job: one sharded checkpoint, which the run resumes from."""
-    folder, printed, _ = two_ranks
+    folder, printed, counted = two_ranks
     stdout, stderr = printed
+    assert [process["exit_status"] for process in counted["fsdp"]] == [128 + signal.SIGTERM] * 2
     (checkpoint,) = (folder / "fsdp").glob("checkpoint-*")
     step = int(checkpoint.name.split("-")[1])
     assert 1 <= step < 15 and "second signal" not in stderr

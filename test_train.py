@@ -421,15 +421,14 @@ def test_checkpoints_keep_the_last_few(tmp_path, small_data):
 
 
 def test_the_command_line_runs_offline_and_an_interrupted_run_resumes_to_the_same_end_bit_for_bit(tmp_path, small_data):
-    """python train.py as a user types it, in a fresh process with no network, stopped by a SIGTERM mid-run with a
-    checkpoint; resumed, it ends as the run never stopped."""
+    """python train.py as a user types it, in fresh processes with no network: stopped by a SIGTERM mid-run with a
+    checkpoint; resumed, it ends as the run never stopped and prints its summary."""
     arguments = ["--max-steps", "60", "--eval-every", "1000", "--save-every", "1000", "--epsilon", "0.2", *small_data]
     train.main(["--output-dir", str(tmp_path / "whole"), *arguments])
 
-    interrupted = tmp_path / "interrupted"
+    interrupted, offline = tmp_path / "interrupted", {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     process = subprocess.Popen([sys.executable, "train.py", "--output-dir", str(interrupted), *arguments],
-                               cwd=train.HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
+                               cwd=train.HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=offline)
     deadline = time.time() + 60
     while not any(row["split"] == "train" for row in read_metrics_if_any(interrupted)) and time.time() < deadline:
         time.sleep(0.05)
@@ -447,7 +446,10 @@ def test_the_command_line_runs_offline_and_an_interrupted_run_resumes_to_the_sam
     stopped_at = int(checkpoint.name.split("-")[1])
     assert 1 <= stopped_at < 60 and "--resume" in stdout
 
-    train.main(["--resume", str(interrupted)])
+    resumed = subprocess.run([sys.executable, "train.py", "--resume", str(interrupted)], cwd=train.HERE,
+                             capture_output=True, text=True, timeout=120, env=offline)
+    assert resumed.returncode == 0 and "Traceback" not in resumed.stderr, resumed.stderr
+    assert "held-out reward accuracy" in resumed.stdout
     whole_rows, resumed_rows = read_metrics(tmp_path / "whole"), read_metrics(interrupted)
     assert [(r["split"], r["step"]) for r in resumed_rows] == [(r["split"], r["step"]) for r in whole_rows]
     assert [r["beta"] for r in resumed_rows] == [r["beta"] for r in whole_rows]

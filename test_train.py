@@ -593,7 +593,7 @@ def test_two_ranks_under_torchrun_agree_on_beta_and_match_one_process_and_a_ctrl
     ranks and in the single process, and the same weights up to float rounding, with the loss from hidden states:
     DDP sees the forward pass of models.last_hidden_states and averages the output layer's gradient from both of its
     uses. A Ctrl-C reaches each rank two or three times: one stop, one checkpoint, the torchrun command to go on
-    (its resume: test_a_two_process_run_resumed_in_one_process_...)."""
+    (the stopped run is resumed by test_a_two_process_run_resumed_in_one_process_trains_each_step_on_the_same_pairs)."""
     folder, printed, counted = two_ranks
     assert all(process["losses_from_hidden"] > 0 for process in counted["ddp-whole"])
     stdout, stderr = printed

@@ -16,7 +16,7 @@
 The same training step (forward, loss, backward, AdamW step), on the same model, batch and seed, six ways:
   dpo              DPO through epsdpo.py, the reference's logits computed live (as ε-DPO needs them)
   epsilon-dpo      ε-DPO through epsdpo_chunked.epsilon_dpo_loss (from logits in chunks)
-  hidden           ε-DPO through epsdpo_chunked.epsilon_dpo_loss_from_hidden, as train.py runs it: never a (2B, T, V) tensor
+  hidden           ε-DPO through epsdpo_chunked.epsilon_dpo_loss_from_hidden, as train.py runs it: never (2B, T, V)
   backbone         no loss at all: both models' last hidden states, a zero loss on them, backward through the policy;
                    what a step costs before any loss, so that peak − backbone's peak is what a loss adds
   naive            ε-DPO the way the authors' trainer does it: perturbed logits for the whole (2B, T, V)
@@ -52,19 +52,13 @@ import torch.nn.functional as F
 import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-import batches
-import bench_counts
-import bench_memory
-import data
 import epsdpo
 import epsdpo_chunked
-import models
-import train
-from bench_counts import cpu_memory_kib, glibc_malloc_option
+from training import arguments, batches, bench_counts, bench_memory, data, models
+from training.bench_counts import cpu_memory_kib, glibc_malloc_option
 
 transformers.utils.logging.disable_progress_bar()
 
-HERE = pathlib.Path(__file__).resolve().parent
 BETA, EPSILON = 0.1, 0.01
 VARIANTS = ("dpo", "epsilon-dpo", "hidden", "backbone", "naive", "dpo-precomputed")
 # name: (vocabulary, hidden size, layers, pairs, tokens per sequence, completion tokens); None = the tiny_data model
@@ -82,17 +76,24 @@ def make_models_and_batch(shape, device):
     """(policy, reference, input_ids, attention_mask, completion_mask), the same for every variant."""
     torch.manual_seed(0)
     if shape is None:
-        arguments, _ = train.parse_args([])                             # train.py's defaults: 16 pairs
-        reference = AutoModelForCausalLM.from_pretrained(train.TINY_MODEL)
-        tokenizer = AutoTokenizer.from_pretrained(train.TINY_MODEL)
-        rows = [json.loads(line) for line in open(train.TINY_DATASET / "train.jsonl")][: arguments.batch_size]
-        pairs = [data.tokenize_pair(row, tokenizer, arguments.max_length, arguments.max_prompt_length) for row in rows]
+        defaults, _ = arguments.parse_args([])  # train.py's defaults: 16 pairs
+        reference = AutoModelForCausalLM.from_pretrained(arguments.TINY_MODEL)
+        tokenizer = AutoTokenizer.from_pretrained(arguments.TINY_MODEL)
+        rows = [json.loads(line) for line in open(arguments.TINY_DATASET / "train.jsonl")][: defaults.batch_size]
+        pairs = [data.tokenize_pair(row, tokenizer, defaults.max_length, defaults.max_prompt_length) for row in rows]
         batch = batches.collate(pairs, tokenizer.pad_token_id, torch.device("cpu"))
         input_ids, attention_mask, completion_mask = batch.input_ids, batch.attention_mask, batch.completion_mask
     else:
         vocab, hidden, layers, pairs, length, completion = shape
-        config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=layers,
-                             num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=length)
+        config = LlamaConfig(
+            vocab_size=vocab,
+            hidden_size=hidden,
+            intermediate_size=4 * hidden,
+            num_hidden_layers=layers,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            max_position_embeddings=length,
+        )
         reference = LlamaForCausalLM(config)
         input_ids = torch.randint(0, vocab, (2 * pairs, length))
         attention_mask = torch.ones_like(input_ids)
@@ -102,7 +103,7 @@ def make_models_and_batch(shape, device):
     # bf16 and every forward pass under autocast (mixed precision).
     reference = reference.to(device).eval().requires_grad_(False)
     policy = copy.deepcopy(reference).requires_grad_(True)
-    with torch.no_grad():                       # a policy a little away from the reference, so s is not all 0
+    with torch.no_grad():  # a policy a little away from the reference, so s is not all 0
         for parameter in policy.parameters():
             parameter.add_(0.01 * torch.randn_like(parameter))
     if models.precision("auto", device):
@@ -143,7 +144,9 @@ def make_step(variant, policy, reference, input_ids, attention_mask, completion_
     half = input_ids.shape[0] // 2
     model_inputs = dict(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
     with torch.no_grad(), autocast:
-        precomputed_ref_logps = epsdpo_chunked.sequence_logps(reference(**model_inputs).logits, input_ids, completion_mask)
+        precomputed_ref_logps = epsdpo_chunked.sequence_logps(
+            reference(**model_inputs).logits, input_ids, completion_mask
+        )
 
     def mean_dpo_loss(logps, ref_logps):
         losses, _, _ = epsdpo.dpo_loss(logps[:half], logps[half:], ref_logps[:half], ref_logps[half:], BETA)
@@ -156,26 +159,33 @@ def make_step(variant, policy, reference, input_ids, attention_mask, completion_
                 ref_hidden, ref_weight = models.last_hidden_states(reference, model_inputs)
             if variant == "backbone":
                 return (hidden * 0).sum()
-            out = epsdpo_chunked.epsilon_dpo_loss_from_hidden(hidden, weight, ref_hidden, ref_weight, input_ids, completion_mask,
-                                                      baseline_beta.value, EPSILON)
+            out = epsdpo_chunked.epsilon_dpo_loss_from_hidden(
+                hidden, weight, ref_hidden, ref_weight, input_ids, completion_mask, baseline_beta.value, EPSILON
+            )
             baseline_beta.observe(out.s)
             return out.loss
         logits = policy(**model_inputs).logits
         if variant == "dpo-precomputed":
-            return mean_dpo_loss(epsdpo_chunked.sequence_logps(logits, input_ids, completion_mask), precomputed_ref_logps)
+            return mean_dpo_loss(
+                epsdpo_chunked.sequence_logps(logits, input_ids, completion_mask), precomputed_ref_logps
+            )
         with torch.no_grad():
             ref_logits = reference(**model_inputs).logits
         if variant == "dpo":
-            return mean_dpo_loss(epsdpo_chunked.sequence_logps(logits, input_ids, completion_mask),
-                                 epsdpo_chunked.sequence_logps(ref_logits, input_ids, completion_mask))
+            return mean_dpo_loss(
+                epsdpo_chunked.sequence_logps(logits, input_ids, completion_mask),
+                epsdpo_chunked.sequence_logps(ref_logits, input_ids, completion_mask),
+            )
         if variant == "epsilon-dpo":
-            out = epsdpo_chunked.epsilon_dpo_loss(logits, ref_logits, input_ids, completion_mask, baseline_beta.value, EPSILON)
+            out = epsdpo_chunked.epsilon_dpo_loss(
+                logits, ref_logits, input_ids, completion_mask, baseline_beta.value, EPSILON
+            )
             baseline_beta.observe(out.s)
             return out.loss
         return naive_epsilon_dpo_loss(logits, ref_logits, input_ids, completion_mask, baseline_beta)
 
     def step():
-        with autocast:                                                  # the forward passes, as train.py runs them
+        with autocast:  # the forward passes, as train.py runs them
             loss = loss_of_step()
         loss.backward()
         optimizer.step()
@@ -200,8 +210,8 @@ def measure_step_times(shape, device, warmup, repeats, variants):
     if device.type == "cpu":
         # Keep freed memory for reuse, as PyTorch's CUDA caching allocator does: the times then measure the
         # computation, not the kernel handing out fresh zeroed pages (which made steps vary by ±20 % here).
-        glibc_malloc_option(-4, 0)                                     # M_MMAP_MAX: no mmap
-        glibc_malloc_option(-1, 2**30)                                 # M_TRIM_THRESHOLD: keep 1 GiB
+        glibc_malloc_option(-4, 0)  # M_MMAP_MAX: no mmap
+        glibc_malloc_option(-1, 2**30)  # M_TRIM_THRESHOLD: keep 1 GiB
     setup = make_models_and_batch(shape, device)
     steps = {variant: make_step(variant, copy.deepcopy(setup[0]), *setup[1:]) for variant in variants}
 
@@ -213,9 +223,11 @@ def measure_step_times(shape, device, warmup, repeats, variants):
         return time.perf_counter() - start
 
     times = {variant: [] for variant in variants}
-    extra_times = []                                                    # ε-DPO minus DPO, one per round
+    extra_times = []  # ε-DPO minus DPO, one per round
     for round_ in range(warmup + repeats):
-        dpo_first, epsilon_first, epsilon_second, dpo_second = (timed(v) for v in ("dpo", "epsilon-dpo", "epsilon-dpo", "dpo"))
+        dpo_first, epsilon_first, epsilon_second, dpo_second = (
+            timed(v) for v in ("dpo", "epsilon-dpo", "epsilon-dpo", "dpo")
+        )
         others = {variant: timed(variant) for variant in variants[2:]}
         if round_ >= warmup:
             times["dpo"] += [dpo_first, dpo_second]
@@ -232,16 +244,16 @@ def measure_step_memory(shape, variant, device):
         # Every allocation of 64 KiB or more gets pages of its own, returned when freed, so resident memory
         # follows what is alive rather than what the allocator keeps for later. (Not in the timing process:
         # the page faults cost time.)
-        glibc_malloc_option(-3, 64 * 1024)                             # M_MMAP_THRESHOLD
+        glibc_malloc_option(-3, 64 * 1024)  # M_MMAP_THRESHOLD
     step = make_step(variant, *make_models_and_batch(shape, device))
-    step()                                                              # allocates AdamW's state
+    step()  # allocates AdamW's state
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated()
         step()
         return (torch.cuda.max_memory_allocated() - before) / 2**20
     with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")                                                    # reset the peak (VmHWM) to the current RSS
+        f.write("5")  # reset the peak (VmHWM) to the current RSS
     before = cpu_memory_kib("VmRSS")
     step()
     return (cpu_memory_kib("VmHWM") - before) / 1024
@@ -250,7 +262,7 @@ def measure_step_memory(shape, variant, device):
 def measure_extra_work(shape, device, warmup, repeats):
     """The inherent extra work of ε-DPO: one subtraction and two float32 logsumexps over
     (completion positions × vocabulary); and the time epsdpo.py's decision takes on the step's logits."""
-    if device.type == "cpu":                                            # as for the steps
+    if device.type == "cpu":  # as for the steps
         glibc_malloc_option(-4, 0)
         glibc_malloc_option(-1, 2**30)
     policy, reference, input_ids, attention_mask, completion_mask = make_models_and_batch(shape, device)
@@ -288,8 +300,14 @@ def measure_extra_work(shape, device, warmup, repeats):
         times.append(time.perf_counter() - start)
 
     ref_logits_bytes = ref_logits.numel() * ref_logits.element_size()
-    return {"median_s": min(medians.values()), **medians, "decision_s": statistics.median(times[warmup:]),
-            "positions": positions, "vocab": vocab, "ref_logits_mib": ref_logits_bytes / 2**20}
+    return {
+        "median_s": min(medians.values()),
+        **medians,
+        "decision_s": statistics.median(times[warmup:]),
+        "positions": positions,
+        "vocab": vocab,
+        "ref_logits_mib": ref_logits_bytes / 2**20,
+    }
 
 
 def _in_own_process(function, *args):
@@ -309,25 +327,39 @@ def _in_own_process(function, *args):
 def _child(results, function, args):
     try:
         results.put(function(*args))
-    except BaseException as error:                                      # reported by the parent
+    except BaseException as error:  # reported by the parent
         results.put(error)
         raise
 
 
 def run(shapes, devices, warmup, repeats):
-    report = {"machine": {"processor": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-                          "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-                          "cuda": torch.cuda.get_device_name() if "cuda" in map(str, devices) else None},
-              "runs": []}
+    report = {
+        "machine": {
+            "processor": platform.processor() or platform.machine(),
+            "cores": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "cuda": torch.cuda.get_device_name() if "cuda" in map(str, devices) else None,
+        },
+        "runs": [],
+    }
     for device in devices:
         for name, shape in shapes.items():
             variants = [v for v in VARIANTS if v != "naive" or shape is None or shape[0] <= NAIVE_LARGEST_VOCAB]
             times, extra_times = _in_own_process(measure_step_times, shape, device, warmup, repeats, variants)
-            run_report = {"device": str(device), "shape": name, "extra_times_s": extra_times, "variants": {
-                variant: {"median_s": statistics.median(times[variant]), "times_s": times[variant],
-                          "peak_mib": _in_own_process(measure_step_memory, shape, variant, device)}
-                for variant in variants
-            }}
+            run_report = {
+                "device": str(device),
+                "shape": name,
+                "extra_times_s": extra_times,
+                "variants": {
+                    variant: {
+                        "median_s": statistics.median(times[variant]),
+                        "times_s": times[variant],
+                        "peak_mib": _in_own_process(measure_step_memory, shape, variant, device),
+                    }
+                    for variant in variants
+                },
+            }
             run_report["inherent"] = _in_own_process(measure_extra_work, shape, device, warmup, repeats)
             run_report["ratios"] = ratios(run_report)
             print_run(run_report)
@@ -360,16 +392,20 @@ def ratios(run_report):
 
 def print_run(run_report):
     inherent = run_report["inherent"]
-    print(f"\n{run_report['shape']} on {run_report['device']}: {inherent['positions']} completion positions × "
-          f"{inherent['vocab']} vocabulary; reference logits {inherent['ref_logits_mib']:.0f} MiB")
+    print(
+        f"\n{run_report['shape']} on {run_report['device']}: {inherent['positions']} completion positions × "
+        f"{inherent['vocab']} vocabulary; reference logits {inherent['ref_logits_mib']:.0f} MiB"
+    )
     print(f"{'variant':18}{'median step':>14}{'peak memory':>14}")
     for variant, figures in run_report["variants"].items():
         print(f"{variant:18}{figures['median_s'] * 1000:>11.1f} ms{figures['peak_mib']:>10.0f} MiB")
     print(f"{'inherent extra':18}{inherent['median_s'] * 1000:>11.1f} ms   (one subtraction, two logsumexps)")
     print(f"{'ε-DPO decision':18}{inherent['decision_s'] * 1000:>11.1f} ms   (epsdpo_chunked.criterion alone)")
     low, high = run_report["extra_time_middle_half_s"]
-    print(f"{'ε-DPO − DPO step':18}{run_report['extra_time_s'] * 1000:>11.1f} ms   "
-          f"(median over rounds; middle half {low * 1000:.0f} to {high * 1000:.0f} ms)")
+    print(
+        f"{'ε-DPO − DPO step':18}{run_report['extra_time_s'] * 1000:>11.1f} ms   "
+        f"(median over rounds; middle half {low * 1000:.0f} to {high * 1000:.0f} ms)"
+    )
     for name, value in run_report["ratios"].items():
         print(f"  {name:34}{value:7.3f}")
 
@@ -377,21 +413,30 @@ def print_run(run_report):
 # ----------------------------------------------------------------------------------------------------
 # The losses at scale: operations and extra peak memory of one forward + backward, on FakeTensors
 
-# (pairs, tokens, completion tokens, vocabulary): 4 pairs × 1,024 tokens at Llama-3-8B's vocabulary, then twice T, twice V.
+# (pairs, tokens, completion tokens, vocabulary): 4 pairs × 1,024 tokens at Llama-3-8B's vocabulary, then twice T,
+# then twice V.
 COST_SHAPES = [(4, 1024, 768, 128_256), (4, 2048, 1536, 128_256), (4, 1024, 768, 256_000)]
 
 
 def loss_costs(shapes):
-    """{shape: {path: bench_counts.loss_costs(path, ...)}}, printed as a table (extra peaks in float32 logits tensors)."""
-    print("\nThe losses at scale, one forward + backward in bf16 (FakeTensors, hidden size 256): torch operations and "
-          "extra peak in float32 (2B, T, V) logits tensors, the returned gradients left out (with them)")
+    """{shape: {path: bench_counts.loss_costs(path, ...)}}, printed as a table (extra peaks in float32 logits
+    tensors)."""
+    print(
+        "\nThe losses at scale, one forward + backward in bf16 (FakeTensors, hidden size 256): torch operations and "
+        "extra peak in float32 (2B, T, V) logits tensors, the returned gradients left out (with them)"
+    )
     print(f"{'pairs × tokens (completion), V':34}{'from logits in chunks':>34}{'from hidden states':>34}")
     costs = {}
     for pairs, length, completion, vocab in shapes:
         shape = f"{pairs} × {length:,} ({completion:,}), {vocab:,}"
-        costs[shape] = {path: bench_counts.loss_costs(path, pairs, length, completion, vocab) for path in ("logits", "hidden")}
-        cells = [f"{c['operations']:>6,} ops {c['extra_peak'] / c['logits']:6.3f} ({c['extra_peak_with_gradients'] / c['logits']:.3f})"
-                 for c in costs[shape].values()]
+        costs[shape] = {
+            path: bench_counts.loss_costs(path, pairs, length, completion, vocab) for path in ("logits", "hidden")
+        }
+        cells = [
+            f"{c['operations']:>6,} ops {c['extra_peak'] / c['logits']:6.3f} "
+            f"({c['extra_peak_with_gradients'] / c['logits']:.3f})"
+            for c in costs[shape].values()
+        ]
         print(f"{shape:34}" + "".join(f"{cell:>34}" for cell in cells))
     return costs
 
@@ -402,23 +447,38 @@ def loss_costs(shapes):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--memory", action="store_true",
-                        help="only the memory tables computed from public models' shapes (and LoRA's row measured on tiny_data)")
+    parser.add_argument(
+        "--memory",
+        action="store_true",
+        help="only the memory tables computed from public models' shapes (and LoRA's row measured on tiny_data)",
+    )
     parser.add_argument("--gpus", type=int, default=8, help="with --memory: GPUs FSDP shards across (default 8)")
-    parser.add_argument("--hidden-memory", action="store_true",
-                        help="only the peak memory of the loss from hidden states against from logits at 128k words (CPU)")
-    parser.add_argument("--costs", action="store_true", help="only the losses' operations and extra peaks at scale (FakeTensors)")
+    parser.add_argument(
+        "--hidden-memory",
+        action="store_true",
+        help="only the peak memory of the loss from hidden states against from logits at 128k words (CPU)",
+    )
+    parser.add_argument(
+        "--costs", action="store_true", help="only the losses' operations and extra peaks at scale (FakeTensors)"
+    )
     parser.add_argument("--quick", action="store_true", help="smaller shapes, fewer steps (a smoke test)")
     parser.add_argument("--json", metavar="PATH", help="write every figure to this file")
-    parser.add_argument("--device", choices=("cpu", "cuda"), action="append",
-                        help="measure on this device (default: cpu, and cuda when present)")
+    parser.add_argument(
+        "--device",
+        choices=("cpu", "cuda"),
+        action="append",
+        help="measure on this device (default: cpu, and cuda when present)",
+    )
     parser.add_argument("--shape", choices=list(SHAPES), action="append", help="measure this shape only (default: all)")
+
     def rounds(text):
         if not text.isdigit() or int(text) < 2:
             raise argparse.ArgumentTypeError(f"{text!r}: at least 2 rounds (the quartiles need two)")
         return int(text)
 
-    parser.add_argument("--repeats", type=rounds, help="rounds measured after one round of warm-up (default: 15 after 3)")
+    parser.add_argument(
+        "--repeats", type=rounds, help="rounds measured after one round of warm-up (default: 15 after 3)"
+    )
     args = parser.parse_args()
     if args.memory:
         return bench_memory.print_memory(args.gpus)

@@ -11,11 +11,11 @@ computed once.
 
 import os
 
-os.environ["OMP_NUM_THREADS"] = "1"                     # before any test module imports torch
+os.environ["OMP_NUM_THREADS"] = "1"  # before any test module imports torch
 
 import pytest
 
-SHARED_FIXTURES = ("two_ranks", "lora_run", "tiny_run", "two_checkpoints")   # the two_ranks fixture takes lora_run's
+SHARED_FIXTURES = ("two_ranks", "lora_run", "tiny_run", "two_checkpoints")  # the two_ranks fixture takes lora_run's
 
 
 @pytest.hookimpl(tryfirst=True)

@@ -46,6 +46,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+
 # 1. Sequence log-probabilities
 def sequence_logps(logits, input_ids, completion_mask):
     """log π(y|x) = Σ_i log softmax(f(x, y_<i))[y_i], i over each sequence's completion tokens only.
@@ -60,11 +61,11 @@ def sequence_logps(logits, input_ids, completion_mask):
 
 
 def _sequence_logps(logits, input_ids, completion_mask):
-    scored = completion_mask[:, 1:] != 0                                        # the logits at t predict token t + 1
+    scored = completion_mask[:, 1:] != 0  # the logits at t predict token t + 1
     next_tokens = torch.where(scored, input_ids[:, 1:], 0)[..., None].long()
-    logits = logits[:, :-1].to(torch.promote_types(logits.dtype, torch.float32))   # float32 at least: bf16 loses ε
-    token_logps = logits.log_softmax(-1).gather(-1, next_tokens).squeeze(-1)       # (N, T-1)
-    return torch.where(scored, token_logps, 0).sum(-1)                              # (N,)
+    logits = logits[:, :-1].to(torch.promote_types(logits.dtype, torch.float32))  # float32 at least: bf16 loses ε
+    token_logps = logits.log_softmax(-1).gather(-1, next_tokens).squeeze(-1)  # (N, T-1)
+    return torch.where(scored, token_logps, 0).sum(-1)  # (N,)
 
 
 # 2. DPO
@@ -76,22 +77,28 @@ def dpo_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
         h = (log π_θ(y_w) − log π_θ(y_l)) − (log π_ref(y_w) − log π_ref(y_l)) = z_θ − γ;   loss = −log σ(β h)
         r_w = β (log π_θ(y_w) − log π_ref(y_w)),   r_l = β (log π_θ(y_l) − log π_ref(y_l))   (detached, to log)
     """
-    named = dict(chosen_logps=chosen_logps, rejected_logps=rejected_logps, ref_chosen_logps=ref_chosen_logps,
-                 ref_rejected_logps=ref_rejected_logps)
+    named = dict(
+        chosen_logps=chosen_logps,
+        rejected_logps=rejected_logps,
+        ref_chosen_logps=ref_chosen_logps,
+        ref_rejected_logps=ref_rejected_logps,
+    )
     for name, logps in named.items():
         _check_tensor(logps, f"{name} (log-probabilities)", "(B,)", chosen_logps.device)
     beta, shapes = _check_beta(beta), [tuple(logps.shape) for logps in named.values()]
     if len(set(shapes)) != 1 or not len(chosen_logps) or getattr(beta, "shape", ()) not in ((), chosen_logps.shape):
-        raise ValueError(f"{', '.join(named)} must all have the same shape (B,) with B ≥ 1, and beta be a number or "
-                         f"(B,), got {shapes} and beta {tuple(getattr(beta, 'shape', ()))}")
+        raise ValueError(
+            f"{', '.join(named)} must all have the same shape (B,) with B ≥ 1, and beta be a number or "
+            f"(B,), got {shapes} and beta {tuple(getattr(beta, 'shape', ()))}"
+        )
     losses, _, chosen_rewards, rejected_rewards = _dpo_loss(*named.values(), beta)
     return losses, chosen_rewards, rejected_rewards
 
 
 def _dpo_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, beta):
     beta = torch.as_tensor(beta, dtype=chosen_logps.dtype, device=chosen_logps.device)
-    h = (chosen_logps - rejected_logps) - (ref_chosen_logps - ref_rejected_logps)      # z_θ − γ
-    losses = -F.logsigmoid(beta * h)                                    # logsigmoid stays finite for any h
+    h = (chosen_logps - rejected_logps) - (ref_chosen_logps - ref_rejected_logps)  # z_θ − γ
+    losses = -F.logsigmoid(beta * h)  # logsigmoid stays finite for any h
     chosen_rewards = (beta * (chosen_logps - ref_chosen_logps)).detach()
     rejected_rewards = (beta * (rejected_logps - ref_rejected_logps)).detach()
     return losses, h, chosen_rewards, rejected_rewards
@@ -113,8 +120,12 @@ def perturbed_logps(policy_logits, ref_logits, input_ids, completion_mask, epsil
 
 @torch.no_grad()
 def _perturbed_logps(policy_logits, ref_logits, input_ids, completion_mask, epsilon):
-    policy, ref = (logits.to(torch.promote_types(policy_logits.dtype, torch.float32)) for logits in (policy_logits, ref_logits))
-    return tuple(_sequence_logps(torch.lerp(ref, policy, lam), input_ids, completion_mask) for lam in (1 + epsilon, 1 - epsilon))
+    policy, ref = (
+        logits.to(torch.promote_types(policy_logits.dtype, torch.float32)) for logits in (policy_logits, ref_logits)
+    )
+    return tuple(
+        _sequence_logps(torch.lerp(ref, policy, lam), input_ids, completion_mask) for lam in (1 + epsilon, 1 - epsilon)
+    )
 
 
 # 4. The criterion and the per-pair β (paper Eq. 5)
@@ -131,17 +142,21 @@ def criterion(policy_logits, ref_logits, input_ids, completion_mask, epsilon):
     """
     _check_logits(policy_logits, ref_logits, input_ids, completion_mask)
     policy_logps = _sequence_logps(policy_logits.detach(), input_ids, completion_mask)
-    return _criterion(policy_logps, *_perturbed_logps(policy_logits, ref_logits, input_ids, completion_mask, _check_epsilon(epsilon)))
+    return _criterion(
+        policy_logps, *_perturbed_logps(policy_logits, ref_logits, input_ids, completion_mask, _check_epsilon(epsilon))
+    )
 
 
 @torch.no_grad()
 def _criterion(policy_logps, weaker_logps, stronger_logps):
     """s (B,) from the sequence log-probabilities (2B,) of the policy and of the two perturbed policies."""
     half = policy_logps.shape[0] // 2
-    z_theta, z_weaker, z_stronger = (logps[:half] - logps[half:] for logps in
-                                     (policy_logps.detach().to(weaker_logps.dtype), weaker_logps, stronger_logps))
-    weaker = (z_weaker > z_theta) & (z_theta > z_stronger)                 # s = +1
-    stronger = (z_weaker < z_theta) & (z_theta < z_stronger)               # s = −1
+    z_theta, z_weaker, z_stronger = (
+        logps[:half] - logps[half:]
+        for logps in (policy_logps.detach().to(weaker_logps.dtype), weaker_logps, stronger_logps)
+    )
+    weaker = (z_weaker > z_theta) & (z_theta > z_stronger)  # s = +1
+    stronger = (z_weaker < z_theta) & (z_theta < z_stronger)  # s = −1
     return weaker.long() - stronger.long()
 
 
@@ -174,7 +189,7 @@ class BaselineBeta:
         (self.value, self.epsilon), self.min_beta, self.max_beta = beta_and_epsilon(beta, epsilon), min_beta, max_beta
         if not 0 <= min_beta <= self.value <= max_beta:
             raise ValueError(f"expected 0 <= min_beta <= beta <= max_beta, got {min_beta}, {beta}, {max_beta}")
-        self.counts = torch.zeros(4, dtype=torch.int64, device=device)    # pairs seen with s = +1, 0, −1, other
+        self.counts = torch.zeros(4, dtype=torch.int64, device=device)  # pairs seen with s = +1, 0, −1, other
 
     def observe(self, s):
         """Count the criterion s (B,) of one micro-batch, on its device: no wait for it."""
@@ -186,31 +201,44 @@ class BaselineBeta:
         """β ← the mean β̃ of the step's pairs; returns it. counts: (number of s = +1, 0, −1) over all of the step."""
         if counts is None:
             counts, backend = self.counts, dist.get_backend() if dist.is_available() and dist.is_initialized() else None
-            if backend in ("gloo", "mpi"):                              # they reduce on the host
+            if backend in ("gloo", "mpi"):  # they reduce on the host
                 counts = counts.cpu()
-            elif backend and counts.device.type == "cpu":               # NCCL: on the GPU of s, never GPU 0 by default
-                raise ValueError(f"under {backend} the counts must be on this rank's GPU: observe() s there, or create "
-                                 f"BaselineBeta(beta, epsilon, device=...) for a step() with nothing observed")
+            elif backend and counts.device.type == "cpu":  # NCCL: on the GPU of s, never GPU 0 by default
+                raise ValueError(
+                    f"under {backend} the counts must be on this rank's GPU: observe() s there, or create "
+                    f"BaselineBeta(beta, epsilon, device=...) for a step() with nothing observed"
+                )
             if backend:
                 dist.all_reduce(counts)
             *counts, other = counts.tolist()
             if other:
-                raise ValueError(f"s must all be -1, 0 or +1: {other} of the {sum(counts) + other} observed since the last step were not")
+                raise ValueError(
+                    f"s must all be -1, 0 or +1: {other} of the {sum(counts) + other} observed since the last step "
+                    "were not"
+                )
         weaker, kept, stronger = counts
-        if weaker + kept + stronger:                                     # no pair seen: β stays
-            mean_factor = (weaker / (1 + self.epsilon) + kept + stronger / (1 - self.epsilon)) / (weaker + kept + stronger)
+        if weaker + kept + stronger:  # no pair seen: β stays
+            mean_factor = (weaker / (1 + self.epsilon) + kept + stronger / (1 - self.epsilon)) / (
+                weaker + kept + stronger
+            )
             self.value = min(max(self.value * mean_factor, self.min_beta), self.max_beta)
         self.counts = torch.zeros_like(self.counts)
         return self.value
 
-    def state_dict(self):                             # counts pending in a half-accumulated step included
+    def state_dict(self):  # counts pending in a half-accumulated step included
         return {"beta": self.value, "epsilon": self.epsilon, "counts": self.counts[:3].tolist()}
 
     def load_state_dict(self, state):
         counts = state.get("counts") if isinstance(state, dict) else None
-        if not (isinstance(counts, (list, tuple)) and len(counts) == 3 and sum(counts) < 2**63
-                and all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in counts)):
-            raise ValueError(f"a BaselineBeta state holds beta, epsilon and 3 counts >= 0 (sum < 2**63), got {state!r}"[:200])
+        if not (
+            isinstance(counts, (list, tuple))
+            and len(counts) == 3
+            and sum(counts) < 2**63
+            and all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in counts)
+        ):
+            raise ValueError(
+                f"a BaselineBeta state holds beta, epsilon and 3 counts >= 0 (sum < 2**63), got {state!r}"[:200]
+            )
         self.value, self.epsilon = beta_and_epsilon(state.get("beta"), state.get("epsilon"))
         self.counts = torch.tensor([*counts, 0], dtype=torch.int64, device=self.counts.device)
 
@@ -219,7 +247,9 @@ def beta_and_epsilon(beta, epsilon):
     """(β, ε), checked: from a BaselineBeta (an ε given too must be its own), or as given."""
     if isinstance(beta, BaselineBeta):
         if epsilon not in (None, beta.epsilon):
-            raise ValueError(f"epsilon {epsilon!r} differs from the BaselineBeta's {beta.epsilon}: pass the BaselineBeta alone")
+            raise ValueError(
+                f"epsilon {epsilon!r} differs from the BaselineBeta's {beta.epsilon}: pass the BaselineBeta alone"
+            )
         return beta.value, beta.epsilon
     if epsilon is None:
         raise ValueError("epsilon is required when beta is a number (or pass the BaselineBeta as beta)")
@@ -233,17 +263,17 @@ def beta_and_epsilon(beta, epsilon):
 class EpsilonDPOOutput:
     """What epsilon_dpo_loss returns. loss is a scalar; every other field is (B,)."""
 
-    loss: torch.Tensor               # mean of losses: call .backward() on it
-    losses: torch.Tensor             # −log σ(β̃ h) per pair
-    h: torch.Tensor                  # the margin z_θ − γ, detached: compare runs by it (β̃ h moves with β)
-    s: torch.Tensor                  # the criterion, ∈ {−1, 0, +1}: observe() it
-    pair_betas: torch.Tensor         # β̃ = β / (1 + ε s), held constant in the loss
-    chosen_rewards: torch.Tensor     # β̃ (log π_θ(y_w) − log π_ref(y_w)), detached
-    rejected_rewards: torch.Tensor   # β̃ (log π_θ(y_l) − log π_ref(y_l)), detached
-    chosen_logps: torch.Tensor       # log π_θ(y_w), differentiable
-    rejected_logps: torch.Tensor     # log π_θ(y_l), differentiable
-    ref_chosen_logps: torch.Tensor   # log π_ref(y_w)
-    ref_rejected_logps: torch.Tensor # log π_ref(y_l)
+    loss: torch.Tensor  # mean of losses: call .backward() on it
+    losses: torch.Tensor  # −log σ(β̃ h) per pair
+    h: torch.Tensor  # the margin z_θ − γ, detached: compare runs by it (β̃ h moves with β)
+    s: torch.Tensor  # the criterion, ∈ {−1, 0, +1}: observe() it
+    pair_betas: torch.Tensor  # β̃ = β / (1 + ε s), held constant in the loss
+    chosen_rewards: torch.Tensor  # β̃ (log π_θ(y_w) − log π_ref(y_w)), detached
+    rejected_rewards: torch.Tensor  # β̃ (log π_θ(y_l) − log π_ref(y_l)), detached
+    chosen_logps: torch.Tensor  # log π_θ(y_w), differentiable
+    rejected_logps: torch.Tensor  # log π_θ(y_l), differentiable
+    ref_chosen_logps: torch.Tensor  # log π_ref(y_w)
+    ref_rejected_logps: torch.Tensor  # log π_ref(y_l)
 
 
 def epsilon_dpo_loss(policy_logits, ref_logits, input_ids, completion_mask, beta, epsilon=None):
@@ -254,14 +284,15 @@ def epsilon_dpo_loss(policy_logits, ref_logits, input_ids, completion_mask, beta
     with 0 ≤ epsilon < 1. Returns an EpsilonDPOOutput (out.loss to backward, out.h the margins). It changes nothing:
     a training loop calls observe(out.s) and logs baseline_beta.value before step(); evaluation calls neither.
 
-        s_i = criterion(...), from the logits alone;   β̃_i = β / (1 + ε s_i), a constant;   loss = mean_i −log σ(β̃_i h_i)
+        s_i = criterion(...), from the logits alone;   β̃_i = β / (1 + ε s_i), a constant
+        loss = mean_i −log σ(β̃_i h_i)
 
     At ε = 0 every s is 0: DPO's loss and gradient, bit for bit. One host sync (the input checks). NaN or infinite
     logits are not checked (another sync): they give a NaN loss, which the caller must stop on.
     """
     beta, epsilon = beta_and_epsilon(beta, epsilon)
     _check_logits(policy_logits, ref_logits, input_ids, completion_mask)
-    policy_logps = _sequence_logps(policy_logits, input_ids, completion_mask)                 # (2B,)
+    policy_logps = _sequence_logps(policy_logits, input_ids, completion_mask)  # (2B,)
     with torch.no_grad():
         ref_logps = _sequence_logps(ref_logits, input_ids, completion_mask)
         s = _criterion(policy_logps, *_perturbed_logps(policy_logits, ref_logits, input_ids, completion_mask, epsilon))
@@ -271,19 +302,38 @@ def epsilon_dpo_loss(policy_logits, ref_logits, input_ids, completion_mask, beta
 def epsilon_dpo_output(policy_logps, ref_logps, s, beta, epsilon):
     """The EpsilonDPOOutput of both models' sequence log-probabilities (2B,) and s (B,)."""
     half = policy_logps.shape[0] // 2
-    pair_betas = beta / (1 + epsilon * s.to(torch.float32))                                   # (B,)
+    pair_betas = beta / (1 + epsilon * s.to(torch.float32))  # (B,)
     losses, h, chosen_rewards, rejected_rewards = _dpo_loss(
-        policy_logps[:half], policy_logps[half:], ref_logps[:half], ref_logps[half:], pair_betas)
-    return EpsilonDPOOutput(losses.mean(), losses, h.detach(), s, pair_betas, chosen_rewards, rejected_rewards,
-                            policy_logps[:half], policy_logps[half:], ref_logps[:half], ref_logps[half:])
+        policy_logps[:half], policy_logps[half:], ref_logps[:half], ref_logps[half:], pair_betas
+    )
+    return EpsilonDPOOutput(
+        losses.mean(),
+        losses,
+        h.detach(),
+        s,
+        pair_betas,
+        chosen_rewards,
+        rejected_rewards,
+        policy_logps[:half],
+        policy_logps[half:],
+        ref_logps[:half],
+        ref_logps[half:],
+    )
 
 
 # Checks: bad input fails here, saying what is wrong, not deep inside torch.
 def _check_tensor(tensor, name, shape, device=None, floats=True):
-    if not (isinstance(tensor, torch.Tensor) and tensor.is_floating_point() == floats and tensor.dtype != torch.bool
-            and (shape[0] != "(" or tensor.dim() == shape.count(",") + (not shape.endswith(",)")))):
-        raise ValueError(f"{name} must be {'a floating-point' if floats else 'an integer'} tensor {'of shape ' * (shape[0] == '(')}{shape}, got "
-                         f"{getattr(tensor, 'dtype', type(tensor).__name__)} {tuple(getattr(tensor, 'shape', ()))}")
+    if not (
+        isinstance(tensor, torch.Tensor)
+        and tensor.is_floating_point() == floats
+        and tensor.dtype != torch.bool
+        and (shape[0] != "(" or tensor.dim() == shape.count(",") + (not shape.endswith(",)")))
+    ):
+        raise ValueError(
+            f"{name} must be {'a floating-point' if floats else 'an integer'} tensor "
+            f"{'of shape ' * (shape[0] == '(')}{shape}, got "
+            f"{getattr(tensor, 'dtype', type(tensor).__name__)} {tuple(getattr(tensor, 'shape', ()))}"
+        )
     _check_device(tensor, name, device)
 
 
@@ -298,7 +348,9 @@ def _check_logits(policy_logits, ref_logits, input_ids, completion_mask, values=
     _check_tensor(policy_logits, "policy_logits", "(2B, T, V)")
     _check_tensor(ref_logits, "ref_logits", "(2B, T, V)", policy_logits.device)
     if ref_logits.shape != policy_logits.shape:
-        raise ValueError(f"ref_logits {tuple(ref_logits.shape)} must have the shape of policy_logits {tuple(policy_logits.shape)}")
+        raise ValueError(
+            f"ref_logits {tuple(ref_logits.shape)} must have the shape of policy_logits {tuple(policy_logits.shape)}"
+        )
     _check_batch(input_ids, completion_mask, policy_logits.shape, policy_logits.device, "policy_logits", values=values)
 
 
@@ -312,39 +364,48 @@ def _check_batch(input_ids, completion_mask, shape, device, name, pairs=True, va
             raise ValueError(f"{tensor_name} must be a tensor of shape (N, T), got {type(tensor).__name__}")
         _check_device(tensor, tensor_name, device)
     if input_ids.shape != shape[:2] or completion_mask.shape != shape[:2]:
-        raise ValueError(f"input_ids {tuple(input_ids.shape)} and completion_mask {tuple(completion_mask.shape)} must "
-                         f"both have the shape (N, T) = {tuple(shape[:2])} of {name} {tuple(shape)}")
-    if input_ids.dtype not in (torch.int64, torch.int32):                      # what an embedding layer takes
+        raise ValueError(
+            f"input_ids {tuple(input_ids.shape)} and completion_mask {tuple(completion_mask.shape)} must "
+            f"both have the shape (N, T) = {tuple(shape[:2])} of {name} {tuple(shape)}"
+        )
+    if input_ids.dtype not in (torch.int64, torch.int32):  # what an embedding layer takes
         raise ValueError(f"input_ids must hold token ids as torch.int64 or torch.int32, got {input_ids.dtype}")
     if not values:
         return
     mask_on, ids = completion_mask != 0, input_ids[:, 1:]
     bad_ids = mask_on[:, 1:] & ((ids < 0) | (ids >= shape[2]))
-    flags = torch.cat([torch.stack([(mask_on & (completion_mask != 1)).any(), mask_on[:, 0].any(), bad_ids.any()]),
-                       ~mask_on.any(-1)]).tolist()                             # the one host sync
+    flags = torch.cat(
+        [torch.stack([(mask_on & (completion_mask != 1)).any(), mask_on[:, 0].any(), bad_ids.any()]), ~mask_on.any(-1)]
+    ).tolist()  # the one host sync
     if flags[0]:
         raise ValueError(f"completion_mask must hold only 0 and 1, got {completion_mask.unique().tolist()[:8]}")
     if flags[1]:
         raise ValueError("completion_mask[:, 0] must be 0: the first token has no logit before it to predict it")
     if flags[2]:
-        raise ValueError(f"input_ids must be in [0, {shape[2]}) wherever completion_mask is 1, got {ids[bad_ids].tolist()[:8]}")
-    if pairs and any(flags[3:]):   # a sequence without a completion has log-probability 0: nothing to learn from
+        raise ValueError(
+            f"input_ids must be in [0, {shape[2]}) wherever completion_mask is 1, got {ids[bad_ids].tolist()[:8]}"
+        )
+    if pairs and any(flags[3:]):  # a sequence without a completion has log-probability 0: nothing to learn from
         row, num_pairs = flags[3:].index(True), shape[0] // 2
-        raise ValueError(f"pair {row % num_pairs}: its {'chosen' if row < num_pairs else 'rejected'} sequence (row {row} "
-                         f"of input_ids) has no completion token: completion_mask is 0 on all of it")
+        raise ValueError(
+            f"pair {row % num_pairs}: its {'chosen' if row < num_pairs else 'rejected'} sequence (row {row} "
+            f"of input_ids) has no completion token: completion_mask is 0 on all of it"
+        )
 
 
-def _check_beta(beta):                                 # a float (from a Fraction or NumPy float too), or a tensor
+def _check_beta(beta):  # a float (from a Fraction or NumPy float too), or a tensor
     if isinstance(beta, torch.Tensor):
-        if not (beta.is_floating_point() and beta.device.type != "meta" and torch.isfinite(beta).all() and (beta > 0).all()):
+        if not (
+            beta.is_floating_point() and beta.device.type != "meta" and torch.isfinite(beta).all() and (beta > 0).all()
+        ):
             raise ValueError(f"beta must be finite and > 0 for every pair, got {beta!r}"[:200])
         return beta
-    if isinstance(beta, bool) or not (isinstance(beta, numbers.Real) and 1.2e-38 <= beta <= 1e30):   # β̃ is float32
+    if isinstance(beta, bool) or not (isinstance(beta, numbers.Real) and 1.2e-38 <= beta <= 1e30):  # β̃ is float32
         raise ValueError(f"beta must be a finite number > 0, in [1.2e-38, 1e30], got {beta!r}"[:200])
     return float(beta)
 
 
 def _check_epsilon(epsilon):
-    if isinstance(epsilon, bool) or not (isinstance(epsilon, numbers.Real) and 0 <= epsilon < 1):   # NaN fails too
+    if isinstance(epsilon, bool) or not (isinstance(epsilon, numbers.Real) and 0 <= epsilon < 1):  # NaN fails too
         raise ValueError(f"epsilon must be a number in [0, 1), got {epsilon!r}"[:200])
     return float(epsilon)

@@ -20,9 +20,9 @@ import torch.nn.functional as F
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-import bench_counts
 import epsdpo
 import epsdpo_chunked
+from training import bench_counts
 
 # Each fact of the method holds for both implementations: the plain one, and the one in chunks at scale.
 IMPLEMENTATIONS = [pytest.param(epsdpo, id="plain"), pytest.param(epsdpo_chunked, id="chunked")]
@@ -42,7 +42,7 @@ def slow_sequence_logps(logits, input_ids, completion_mask):
     """log π(y|x) one token at a time, in float64: the logits at t − 1 score the token at t."""
     totals = []
     for n in range(logits.shape[0]):
-        total = 0 * logits[n].double().sum()          # 0, but part of the graph even if no token is scored
+        total = 0 * logits[n].double().sum()  # 0, but part of the graph even if no token is scored
         for t in range(1, logits.shape[1]):
             if completion_mask[n, t]:
                 total = total + torch.log_softmax(logits[n, t - 1].double(), dim=-1)[input_ids[n, t]]
@@ -69,7 +69,7 @@ def slow_log_ratios(policy_logits, ref_logits, input_ids, completion_mask, epsil
 def slow_s(z_weaker, z_theta, z_stronger):
     """The criterion (paper Eq. 5), one pair at a time."""
     s_values = []
-    for weaker, theta, stronger in zip(z_weaker.tolist(), z_theta.tolist(), z_stronger.tolist()):
+    for weaker, theta, stronger in zip(z_weaker.tolist(), z_theta.tolist(), z_stronger.tolist(), strict=True):
         if weaker > theta > stronger:
             s_values.append(1)
         elif weaker < theta < stronger:
@@ -95,7 +95,7 @@ def batches(draw, dtype=torch.float64):
     length = draw(st.integers(2, 8))
     vocab = draw(st.integers(2, 12))
     scale = draw(st.floats(0.01, 30))
-    closeness = draw(st.sampled_from([0.01, 0.3, 1.0]))        # how far the policy is from the reference
+    closeness = draw(st.sampled_from([0.01, 0.3, 1.0]))  # how far the policy is from the reference
     mask_density = draw(st.floats(0, 1))
     generator = torch.Generator().manual_seed(draw(st.integers(0, 2**32 - 1)))
 
@@ -122,20 +122,29 @@ betas = st.floats(1e-3, 10)
 def test_the_chunked_code_gives_the_plain_methods_loss_s_and_gradients(batch, beta, epsilon):
     policy_logits, ref_logits, input_ids, completion_mask = batch
     half = policy_logits.shape[0] // 2
-    logps = [epsdpo.sequence_logps(policy_logits, input_ids, completion_mask),
-             *epsdpo.perturbed_logps(policy_logits, ref_logits, input_ids, completion_mask, epsilon)]
+    logps = [
+        epsdpo.sequence_logps(policy_logits, input_ids, completion_mask),
+        *epsdpo.perturbed_logps(policy_logits, ref_logits, input_ids, completion_mask, epsilon),
+    ]
     z_theta, z_weaker, z_stronger = (x[:half] - x[half:] for x in logps)
-    assume(separation(z_weaker, z_theta, z_stronger) > 1e-9)   # no tie that rounding could break either way
+    assume(separation(z_weaker, z_theta, z_stronger) > 1e-9)  # no tie that rounding could break either way
     plain_logits, chunked_logits = policy_logits.clone().requires_grad_(), policy_logits.clone().requires_grad_()
     plain = epsdpo.epsilon_dpo_loss(plain_logits, ref_logits, input_ids, completion_mask, beta, epsilon)
     plain.loss.backward()
     chunked = epsdpo_chunked.epsilon_dpo_loss(chunked_logits, ref_logits, input_ids, completion_mask, beta, epsilon)
     chunked.loss.backward()
-    assert type(chunked) is type(plain) and torch.equal(chunked.s, plain.s) and torch.equal(chunked.pair_betas, plain.pair_betas)
+    assert (
+        type(chunked) is type(plain)
+        and torch.equal(chunked.s, plain.s)
+        and torch.equal(chunked.pair_betas, plain.pair_betas)
+    )
     for field in ("loss", "losses", "h", "chosen_rewards", "rejected_rewards", "chosen_logps", "ref_rejected_logps"):
         torch.testing.assert_close(getattr(chunked, field), getattr(plain, field))
     torch.testing.assert_close(chunked_logits.grad, plain_logits.grad)
-    torch.testing.assert_close(plain.h, (plain.chosen_logps - plain.rejected_logps - plain.ref_chosen_logps + plain.ref_rejected_logps).detach())
+    torch.testing.assert_close(
+        plain.h,
+        (plain.chosen_logps - plain.rejected_logps - plain.ref_chosen_logps + plain.ref_rejected_logps).detach(),
+    )
 
 
 def slow_completion_kls(policy_logits, ref_logits, completion_mask):
@@ -150,7 +159,9 @@ def test_for_small_epsilon_s_is_the_sign_of_h_minus_the_kl_difference(impl, batc
     # README, "What s measures": dz/dλ at λ = 1 is h − (K_w − K_l), so z(1 ± ε) − z(1) = ± ε (h − ΔK) + O(ε²).
     policy_logits, ref_logits, input_ids, completion_mask = batch
     half = policy_logits.shape[0] // 2
-    logps, ref_logps = (slow_sequence_logps(logits, input_ids, completion_mask) for logits in (policy_logits, ref_logits))
+    logps, ref_logps = (
+        slow_sequence_logps(logits, input_ids, completion_mask) for logits in (policy_logits, ref_logits)
+    )
     kls = slow_completion_kls(policy_logits, ref_logits, completion_mask)
     slope = (logps[:half] - logps[half:]) - (ref_logps[:half] - ref_logps[half:]) - (kls[:half] - kls[half:])
     # d²z/dλ² is a difference of sums of the variances of f_θ − f_ref under π_λ, each at most (its range)² / 4
@@ -170,7 +181,7 @@ def test_the_module_docstring_example_runs_as_written(monkeypatch):
     names = {}
     exec(compile(code, "epsdpo.__doc__", "exec"), names)
     trained, reference = names["policy"].state_dict(), names["reference"].state_dict()
-    assert any(not torch.equal(trained[key], reference[key]) for key in reference)   # it trained
+    assert any(not torch.equal(trained[key], reference[key]) for key in reference)  # it trained
     assert names["out"].s.shape == (1,) and not names["policy"].training
 
 
@@ -245,7 +256,9 @@ def test_chunks_of_a_few_positions_give_what_whole_rows_give(monkeypatch):
     policy_logits = torch.randn(4, 12, 7, generator=generator, requires_grad=True)
     ref_logits = torch.randn(4, 12, 7, generator=generator)
     input_ids = torch.randint(0, 7, (4, 12), generator=generator)
-    completion_mask = torch.tensor([[0] * 3 + [1] * 9, [0] * 5 + [1] * 6 + [0], [0] * 12, [0, 1, 0, 1, 1, 0, 0, 1, 1, 1, 1, 1]])
+    completion_mask = torch.tensor(
+        [[0] * 3 + [1] * 9, [0] * 5 + [1] * 6 + [0], [0] * 12, [0, 1, 0, 1, 1, 0, 0, 1, 1, 1, 1, 1]]
+    )
 
     def everything():
         logps = impl.sequence_logps(policy_logits, input_ids, completion_mask)
@@ -253,9 +266,12 @@ def test_chunks_of_a_few_positions_give_what_whole_rows_give(monkeypatch):
         return logps, grad, *impl.perturbed_logps(policy_logits, ref_logits, input_ids, completion_mask, 0.3)
 
     whole = everything()
-    monkeypatch.setattr(epsdpo_chunked, "CHUNK_BYTES", 3 * 7 * 4)   # three float32 positions per chunk
-    assert len(epsdpo_chunked._scored_positions(input_ids, completion_mask, torch.empty(0, 0, 7, device="meta")).chunks) == 3 + 2 + 0 + 4
-    for chunked, expected in zip(everything(), whole):
+    monkeypatch.setattr(epsdpo_chunked, "CHUNK_BYTES", 3 * 7 * 4)  # three float32 positions per chunk
+    assert (
+        len(epsdpo_chunked._scored_positions(input_ids, completion_mask, torch.empty(0, 0, 7, device="meta")).chunks)
+        == 3 + 2 + 0 + 4
+    )
+    for chunked, expected in zip(everything(), whole, strict=True):
         torch.testing.assert_close(chunked, expected)
 
 
@@ -269,8 +285,13 @@ def tiny_causal_lm(vocab_size):
 
         torch.manual_seed(0)
         config = LlamaConfig(
-            vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64,
+            vocab_size=vocab_size,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            max_position_embeddings=64,
         )
         _causal_lm_cache[vocab_size] = LlamaForCausalLM(config).eval()
     return _causal_lm_cache[vocab_size]
@@ -333,13 +354,22 @@ def test_an_all_masked_row_gives_zero_not_nan_and_a_pair_with_one_is_refused_nam
     assert torch.equal(logits.grad[0], torch.zeros_like(logits.grad[0]))
 
     # As a pair (row 0 chosen, row 1 rejected), it has no preference to learn: refused, naming the pair.
-    with pytest.raises(ValueError, match=r"^pair 0: its chosen sequence \(row 0 of input_ids\) has no completion token"):
+    with pytest.raises(
+        ValueError, match=r"^pair 0: its chosen sequence \(row 0 of input_ids\) has no completion token"
+    ):
         impl.epsilon_dpo_loss(logits, logits.detach() + 1, input_ids, completion_mask, 0.1, 0.5)
-    with pytest.raises(ValueError, match=r"^pair 0: its chosen sequence \(row 0 of input_ids\) has no completion token"):
+    with pytest.raises(
+        ValueError, match=r"^pair 0: its chosen sequence \(row 0 of input_ids\) has no completion token"
+    ):
         impl.criterion(logits, logits.detach() + 1, input_ids, completion_mask, 0.5)
     with pytest.raises(ValueError, match=r"^pair 1: its rejected sequence \(row 3 of input_ids\)"):
-        impl.criterion(logits.repeat(2, 1, 1), logits.repeat(2, 1, 1), input_ids.repeat(2, 1),
-                             torch.tensor([[0, 0, 1, 0, 0]] * 3 + [[0] * 5]), 0.5)
+        impl.criterion(
+            logits.repeat(2, 1, 1),
+            logits.repeat(2, 1, 1),
+            input_ids.repeat(2, 1),
+            torch.tensor([[0, 0, 1, 0, 0]] * 3 + [[0] * 5]),
+            0.5,
+        )
 
 
 @pytest.mark.parametrize("impl", IMPLEMENTATIONS)
@@ -347,9 +377,10 @@ def test_an_all_masked_row_gives_zero_not_nan_and_a_pair_with_one_is_refused_nam
 def test_a_constant_per_position_changes_neither_logps_nor_s(impl, batch, seed, epsilon, which):
     policy_logits, ref_logits, input_ids, completion_mask = batch
     z = slow_log_ratios(policy_logits, ref_logits, input_ids, completion_mask, epsilon)
-    assume(separation(*z) > 1e-9)                                # float64 rounding cannot flip a decision
-    shifts = 100 * torch.randn(policy_logits.shape[:2] + (1,), generator=torch.Generator().manual_seed(seed),
-                               dtype=policy_logits.dtype)        # one constant per (row, position)
+    assume(separation(*z) > 1e-9)  # float64 rounding cannot flip a decision
+    shifts = 100 * torch.randn(
+        policy_logits.shape[:2] + (1,), generator=torch.Generator().manual_seed(seed), dtype=policy_logits.dtype
+    )  # one constant per (row, position)
     shifted_policy = policy_logits + shifts if which == "policy" else policy_logits
     shifted_ref = ref_logits + shifts if which == "reference" else ref_logits
 
@@ -435,12 +466,13 @@ def test_epsilon_zero_is_dpo(impl, batch, beta):
     dpo_logits = policy_logits.clone().requires_grad_()
     logps = impl.sequence_logps(dpo_logits, input_ids, completion_mask)
     ref_logps = impl.sequence_logps(ref_logits, input_ids, completion_mask)
-    dpo_losses, _, _ = epsdpo.dpo_loss(logps[:num_pairs], logps[num_pairs:], ref_logps[:num_pairs],
-                                       ref_logps[num_pairs:], beta)
+    dpo_losses, _, _ = epsdpo.dpo_loss(
+        logps[:num_pairs], logps[num_pairs:], ref_logps[:num_pairs], ref_logps[num_pairs:], beta
+    )
     dpo_losses.mean().backward()
 
     assert out.s.eq(0).all()
-    assert torch.equal(out.losses, dpo_losses)                 # bit for bit
+    assert torch.equal(out.losses, dpo_losses)  # bit for bit
     assert torch.equal(eps_logits.grad, dpo_logits.grad)
 
 
@@ -576,7 +608,7 @@ def test_beta_update_leaves_beta_unchanged_at_epsilon_zero(beta, micro_batches_o
     baseline = epsdpo.BaselineBeta(beta, 0.0)
     for s in micro_batches_of_step:
         baseline.observe(torch.tensor(s))
-    assert baseline.step() == beta                              # bit for bit
+    assert baseline.step() == beta  # bit for bit
 
 
 def test_beta_update_stays_positive_and_moves_the_right_way():
@@ -594,7 +626,7 @@ def test_beta_update_stays_positive_and_moves_the_right_way():
 
 def test_without_a_floor_beta_falls_as_beta_over_one_plus_epsilon_to_the_t_and_min_beta_stops_it():
     unbounded, floored = epsdpo.BaselineBeta(0.1, 0.01), epsdpo.BaselineBeta(0.1, 0.01, min_beta=0.08, max_beta=0.1)
-    for step in range(1, 50):                                   # every pair of every step gets s = +1
+    for step in range(1, 50):  # every pair of every step gets s = +1
         for baseline in (unbounded, floored):
             baseline.observe(torch.ones(4, dtype=torch.long))
             baseline.step()
@@ -606,7 +638,7 @@ def test_without_a_floor_beta_falls_as_beta_over_one_plus_epsilon_to_the_t_and_m
     for _ in range(30):
         floored.observe(-torch.ones(4, dtype=torch.long))
         floored.step()
-    assert floored.value == 0.1                                 # max_beta bounds it from above
+    assert floored.value == 0.1  # max_beta bounds it from above
 
 
 @pytest.mark.parametrize("impl", IMPLEMENTATIONS)
@@ -626,7 +658,7 @@ def test_beta_state_round_trips_mid_accumulation():
     original = epsdpo.BaselineBeta(0.05, 0.2)
     original.observe(torch.tensor([1, 1, 0]))
     original.step()
-    original.observe(torch.tensor([-1, 1]))                    # pending: half of an accumulated step
+    original.observe(torch.tensor([-1, 1]))  # pending: half of an accumulated step
     resumed = epsdpo.BaselineBeta(1.0, 0.0)
     resumed.load_state_dict(torch.load(_saved(original.state_dict()), weights_only=True))
     for baseline in (original, resumed):
@@ -659,8 +691,10 @@ def test_beta_update_averages_over_every_rank(tmp_path):
     s_per_rank = [[1, 1, 1], [-1, 0]]
     results = mp.Manager().dict()
     # Forked, not spawned: the two processes start with torch imported, in milliseconds rather than seconds.
-    mp.start_processes(_beta_on_one_rank, args=(2, tmp_path / "rendezvous", s_per_rank, results), nprocs=2, start_method="fork")
-    expected = (3 * 0.1 / 1.25 + 0.1 / 0.75 + 0.1) / 5          # the mean β̃ over both ranks' pairs
+    mp.start_processes(
+        _beta_on_one_rank, args=(2, tmp_path / "rendezvous", s_per_rank, results), nprocs=2, start_method="fork"
+    )
+    expected = (3 * 0.1 / 1.25 + 0.1 / 0.75 + 0.1) / 5  # the mean β̃ over both ranks' pairs
     assert results[0] == results[1] == pytest.approx(expected, rel=1e-12)
 
 
@@ -721,13 +755,17 @@ def test_mismatched_shapes_are_rejected(impl):
         impl.sequence_logps(logits, input_ids[:, :3], completion_mask)
     with pytest.raises(ValueError, match=r"must both have the shape"):
         impl.sequence_logps(logits, input_ids, completion_mask[:1])
-    with pytest.raises(ValueError, match=r"must be a floating-point tensor of shape \(N, T, V\), got torch.float32 \(4, 5\)"):
+    with pytest.raises(
+        ValueError, match=r"must be a floating-point tensor of shape \(N, T, V\), got torch.float32 \(4, 5\)"
+    ):
         impl.sequence_logps(logits[0], input_ids, completion_mask)
     with pytest.raises(ValueError, match=r"ref_logits \(2, 4, 6\) must have the shape of policy_logits \(2, 4, 5\)"):
         impl.criterion(logits, torch.randn(2, 4, 6), input_ids, completion_mask, 0.1)
     with pytest.raises(ValueError, match=r"must all have the same shape \(B,\)"):
         epsdpo.dpo_loss(torch.zeros(2), torch.zeros(3), torch.zeros(2), torch.zeros(2), 0.1)
-    with pytest.raises(ValueError, match=r"and beta be a number or \(B,\), got \[\(2,\), \(2,\), \(2,\), \(2,\)\] and beta \(3,\)"):
+    with pytest.raises(
+        ValueError, match=r"and beta be a number or \(B,\), got \[\(2,\), \(2,\), \(2,\), \(2,\)\] and beta \(3,\)"
+    ):
         epsdpo.dpo_loss(torch.zeros(2), torch.zeros(2), torch.zeros(2), torch.zeros(2), torch.full((3,), 0.1))
 
 
@@ -742,12 +780,12 @@ def test_a_completion_on_the_first_token_is_rejected(impl):
 def test_s_outside_minus_one_zero_one_is_rejected():
     baseline = epsdpo.BaselineBeta(0.1, 0.1)
     baseline.observe(torch.tensor([0, 1]))
-    baseline.observe(torch.tensor([0, 2]))                      # observe() does not wait for the device ...
+    baseline.observe(torch.tensor([0, 2]))  # observe() does not wait for the device ...
     with pytest.raises(ValueError, match=r"s must all be -1, 0 or \+1: 1 of the 4 observed since the last step"):
-        baseline.step()                                        # ... step() checks, before β moves
+        baseline.step()  # ... step() checks, before β moves
     assert baseline.value == 0.1
     with pytest.raises(ValueError, match=r"s must be an integer tensor of -1, 0 and \+1"):
-        epsdpo.betas_from_s(0.1, torch.tensor([1, -2]), 0.5)     # β/(1 − 2ε) would be negative
+        epsdpo.betas_from_s(0.1, torch.tensor([1, -2]), 0.5)  # β/(1 − 2ε) would be negative
 
 
 @pytest.mark.parametrize("impl", IMPLEMENTATIONS)
@@ -765,11 +803,13 @@ def test_a_mask_value_other_than_zero_or_one_is_rejected(impl, mask_value):
 @pytest.mark.parametrize("impl", IMPLEMENTATIONS)
 @pytest.mark.parametrize("token_id", [-1, 5, 10**6])
 def test_a_scored_token_id_outside_the_vocabulary_is_rejected(impl, token_id):
-    logits, input_ids, completion_mask = _pairs(vocab=5)      # completion_mask is on at positions 2 and 3
+    logits, input_ids, completion_mask = _pairs(vocab=5)  # completion_mask is on at positions 2 and 3
     input_ids[0, 3] = token_id
-    with pytest.raises(ValueError, match=rf"input_ids must be in \[0, 5\) wherever completion_mask is 1, got \[{token_id}\]"):
+    with pytest.raises(
+        ValueError, match=rf"input_ids must be in \[0, 5\) wherever completion_mask is 1, got \[{token_id}\]"
+    ):
         impl.sequence_logps(logits, input_ids, completion_mask)
-    input_ids[0, 3], input_ids[0, 1] = 0, token_id             # off the mask: never read, so allowed
+    input_ids[0, 3], input_ids[0, 1] = 0, token_id  # off the mask: never read, so allowed
     impl.sequence_logps(logits, input_ids, completion_mask)
 
 
@@ -786,7 +826,9 @@ def test_logits_that_are_not_floating_point_are_rejected(impl, dtype):
 @pytest.mark.parametrize("impl", IMPLEMENTATIONS)
 def test_an_empty_batch_is_rejected(impl):
     logits, input_ids, completion_mask = _pairs()
-    with pytest.raises(ValueError, match=r"policy_logits \(0, 4, 5\): expected positions, words and an even number of rows"):
+    with pytest.raises(
+        ValueError, match=r"policy_logits \(0, 4, 5\): expected positions, words and an even number of rows"
+    ):
         impl.epsilon_dpo_loss(logits[:0], logits[:0], input_ids[:0], completion_mask[:0], 0.1, 0.1)
     with pytest.raises(ValueError, match=r"with B ≥ 1"):
         epsdpo.dpo_loss(*torch.zeros(4, 0), 0.1)
@@ -808,17 +850,20 @@ def test_beta_must_be_a_real_number_and_may_be_a_numpy_float(impl):
         assert epsdpo.BaselineBeta(beta, 0.1).value == pytest.approx(0.1)
 
 
-@pytest.mark.parametrize("state", [
-    {"beta": 0.1, "epsilon": 0.1, "counts": [1, 2]},
-    {"beta": 0.1, "epsilon": 0.1, "counts": [1, -2, 0]},
-    {"beta": 0.1, "epsilon": 0.1, "counts": [1.5, 2, 0]},
-    {"beta": 0.1, "epsilon": 0.1, "counts": "123"},
-    {"beta": 0.1, "epsilon": 0.1},
-    {"beta": -1.0, "epsilon": 0.1, "counts": [0, 0, 0]},
-    [0.1, 0.1, [0, 0, 0]],
-    {"beta": 0.1, "epsilon": 0.1, "counts": [10**30, 0, 0]},
-    {"beta": 0.1, "epsilon": 0.1, "counts": [2**62, 2**62, 0]},           # each fits in int64, their sum does not
-])
+@pytest.mark.parametrize(
+    "state",
+    [
+        {"beta": 0.1, "epsilon": 0.1, "counts": [1, 2]},
+        {"beta": 0.1, "epsilon": 0.1, "counts": [1, -2, 0]},
+        {"beta": 0.1, "epsilon": 0.1, "counts": [1.5, 2, 0]},
+        {"beta": 0.1, "epsilon": 0.1, "counts": "123"},
+        {"beta": 0.1, "epsilon": 0.1},
+        {"beta": -1.0, "epsilon": 0.1, "counts": [0, 0, 0]},
+        [0.1, 0.1, [0, 0, 0]],
+        {"beta": 0.1, "epsilon": 0.1, "counts": [10**30, 0, 0]},
+        {"beta": 0.1, "epsilon": 0.1, "counts": [2**62, 2**62, 0]},  # each fits in int64, their sum does not
+    ],
+)
 def test_a_malformed_beta_state_is_rejected_and_changes_nothing(state):
     baseline = epsdpo.BaselineBeta(0.05, 0.2)
     with pytest.raises(ValueError):
@@ -858,16 +903,30 @@ def operations_of_a_step(vocab, dtype, completion_tokens=256, num_pairs=4, impl=
 def test_the_number_of_operations_follows_the_rows_not_the_vocabulary_or_the_length(dtype):
     operations = operations_of_a_step(16, dtype)
     assert operations <= 500
-    assert operations_of_a_step(2048, dtype) == operations                 # vocabulary × 128
+    assert operations_of_a_step(2048, dtype) == operations  # vocabulary × 128
     assert operations_of_a_step(16, dtype, completion_tokens=512) == operations
-    assert operations_of_a_step(16, dtype, num_pairs=8) > operations      # rows: more operations
+    assert operations_of_a_step(16, dtype, num_pairs=8) > operations  # rows: more operations
     # What the counts above stand for: with the real chunk budget, each of the 8 rows of 4 pairs × 256
     # completion tokens is one chunk up to a 262,144-word vocabulary, and is split only beyond it.
     completion_mask = torch.zeros(8, 300, dtype=torch.long)
     completion_mask[:, 44:] = 1
     input_ids = torch.zeros(8, 300, dtype=torch.long)
-    assert len(epsdpo_chunked._scored_positions(input_ids, completion_mask, torch.empty(0, 0, 262_144, device="meta")).chunks) == 8
-    assert len(epsdpo_chunked._scored_positions(input_ids, completion_mask, torch.empty(0, 0, 262_145, device="meta")).chunks) == 16
+    assert (
+        len(
+            epsdpo_chunked._scored_positions(
+                input_ids, completion_mask, torch.empty(0, 0, 262_144, device="meta")
+            ).chunks
+        )
+        == 8
+    )
+    assert (
+        len(
+            epsdpo_chunked._scored_positions(
+                input_ids, completion_mask, torch.empty(0, 0, 262_145, device="meta")
+            ).chunks
+        )
+        == 16
+    )
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -886,7 +945,9 @@ def test_epsdpo_imports_torch_and_the_standard_library_only():
     import sys
 
     tree = ast.parse(pathlib.Path(epsdpo.__file__).read_text())
-    imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+    imported = {
+        alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names
+    }
     imported |= {node.module.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
     assert imported - {"torch"} <= set(sys.stdlib_module_names), imported
 
@@ -907,14 +968,20 @@ def test_tensors_without_values_or_on_two_devices_are_refused_naming_the_argumen
         impl.sequence_logps(logits, input_ids.to("meta"), completion_mask)
     with pytest.raises(ValueError, match=r"^chosen_logps \(log-probabilities\) is on the meta device"):
         epsdpo.dpo_loss(*torch.zeros(4, 2, device="meta"), 0.1)
-    with FakeTensorMode(allow_non_fake_inputs=True):                     # two GPUs, without a GPU
+    with FakeTensorMode(allow_non_fake_inputs=True):  # two GPUs, without a GPU
         on_1, on_0 = logits.to("cuda:1"), input_ids.to("cuda:0")
-        with pytest.raises(ValueError, match=r"^input_ids is on cuda:0, the other tensors on cuda:1: put them on one device"):
+        with pytest.raises(
+            ValueError, match=r"^input_ids is on cuda:0, the other tensors on cuda:1: put them on one device"
+        ):
             impl.epsilon_dpo_loss(on_1, on_1, on_0, completion_mask.to("cuda:1"), 0.1, 0.1)
         with pytest.raises(ValueError, match=r"^completion_mask is on cpu, the other tensors on cuda:1"):
             impl.criterion(on_1, on_1, input_ids.to("cuda:1"), completion_mask, 0.1)
-        with pytest.raises(ValueError, match=r"^rejected_logps \(log-probabilities\) is on cuda:0, the other tensors on cuda:1"):
-            epsdpo.dpo_loss(torch.zeros(2).to("cuda:1"), torch.zeros(2).to("cuda:0"), *torch.zeros(2, 2).to("cuda:1"), 0.1)
+        with pytest.raises(
+            ValueError, match=r"^rejected_logps \(log-probabilities\) is on cuda:0, the other tensors on cuda:1"
+        ):
+            epsdpo.dpo_loss(
+                torch.zeros(2).to("cuda:1"), torch.zeros(2).to("cuda:0"), *torch.zeros(2, 2).to("cuda:1"), 0.1
+            )
 
 
 @pytest.mark.parametrize("impl", IMPLEMENTATIONS)
@@ -926,20 +993,31 @@ def test_ids_that_are_not_an_integer_tensor_an_embedding_takes_are_refused_and_i
     with pytest.raises(ValueError, match=r"^completion_mask must be a tensor of shape \(N, T\), got list"):
         impl.sequence_logps(logits, input_ids, completion_mask.tolist())
     for dtype in (torch.uint8, torch.int16, torch.bool, torch.float32):
-        with pytest.raises(ValueError, match=rf"^input_ids must hold token ids as torch.int64 or torch.int32, got {dtype}"):
+        with pytest.raises(
+            ValueError, match=rf"^input_ids must hold token ids as torch.int64 or torch.int32, got {dtype}"
+        ):
             impl.epsilon_dpo_loss(logits, logits, input_ids.to(dtype), completion_mask, 0.1, 0.1)
     policy_logits = logits.clone().requires_grad_()
     results = []
     for ids in (input_ids, input_ids.int()):
-        out = impl.epsilon_dpo_loss(policy_logits, logits + 0.5 * torch.randn(logits.shape, generator=torch.Generator().manual_seed(0)),
-                                      ids, completion_mask, 0.1, 0.5)
+        out = impl.epsilon_dpo_loss(
+            policy_logits,
+            logits + 0.5 * torch.randn(logits.shape, generator=torch.Generator().manual_seed(0)),
+            ids,
+            completion_mask,
+            0.1,
+            0.5,
+        )
         results.append((out.loss.detach(), out.s, torch.autograd.grad(out.loss, policy_logits)[0]))
-    assert all(torch.equal(int64, int32) for int64, int32 in zip(*results))
+    assert all(torch.equal(int64, int32) for int64, int32 in zip(*results, strict=True))
 
 
 def test_log_probabilities_that_are_not_floating_point_tensors_are_refused_naming_which():
     logps = torch.zeros(2)
-    with pytest.raises(ValueError, match=r"^ref_chosen_logps \(log-probabilities\) must be a floating-point tensor of shape \(B,\), got torch.int64"):
+    with pytest.raises(
+        ValueError,
+        match=r"^ref_chosen_logps \(log-probabilities\) must be a floating-point tensor of shape \(B,\), got torch.int64",
+    ):
         epsdpo.dpo_loss(logps, logps, torch.zeros(2, dtype=torch.long), logps, 0.1)
     with pytest.raises(ValueError, match=r"^chosen_logps \(log-probabilities\) must be a floating-point tensor"):
         epsdpo.dpo_loss(torch.zeros(2, dtype=torch.int32), *torch.zeros(3, 2), 0.1)
@@ -956,11 +1034,15 @@ def test_a_fraction_is_a_number_like_any_other_for_beta_and_epsilon(impl):
     as_floats = impl.epsilon_dpo_loss(logits, reference, input_ids, completion_mask, 0.1, 0.5)
     as_fractions = impl.epsilon_dpo_loss(logits, reference, input_ids, completion_mask, Fraction(1, 10), Fraction(1, 2))
     assert all(torch.equal(getattr(as_floats, f), getattr(as_fractions, f)) for f in ("loss", "pair_betas", "s"))
-    assert torch.equal(epsdpo.betas_from_s(Fraction(1, 10), torch.tensor([1, 0, -1]), Fraction(1, 2)),
-                       epsdpo.betas_from_s(0.1, torch.tensor([1, 0, -1]), 0.5))
-    assert torch.equal(epsdpo.dpo_loss(*torch.ones(4, 2), Fraction(1, 10))[0], epsdpo.dpo_loss(*torch.ones(4, 2), 0.1)[0])
+    assert torch.equal(
+        epsdpo.betas_from_s(Fraction(1, 10), torch.tensor([1, 0, -1]), Fraction(1, 2)),
+        epsdpo.betas_from_s(0.1, torch.tensor([1, 0, -1]), 0.5),
+    )
+    assert torch.equal(
+        epsdpo.dpo_loss(*torch.ones(4, 2), Fraction(1, 10))[0], epsdpo.dpo_loss(*torch.ones(4, 2), 0.1)[0]
+    )
     baselines = epsdpo.BaselineBeta(Fraction(1, 10), Fraction(1, 2)), epsdpo.BaselineBeta(0.1, 0.5)
-    for baseline, (beta, epsilon) in zip(baselines, ((Fraction(1, 5), Fraction(1, 4)), (0.2, 0.25))):
+    for baseline, (beta, epsilon) in zip(baselines, ((Fraction(1, 5), Fraction(1, 4)), (0.2, 0.25)), strict=True):
         baseline.load_state_dict({"beta": beta, "epsilon": epsilon, "counts": [1, 0, 0]})
     assert baselines[0].step() == baselines[1].step() and type(baselines[0].value) is float
 
@@ -976,24 +1058,25 @@ def test_the_beta_update_under_nccl_reduces_on_the_device_of_s_never_the_current
 
     def all_reduce(tensor):
         reduced_on.append(tensor.device)
-        raise _Reduced                                                  # a fake tensor has no values to go on with
+        raise _Reduced  # a fake tensor has no values to go on with
 
     def current_device():
         raise AssertionError("torch.cuda.current_device() is GPU 0 on every rank that never called set_device")
+
     monkeypatch.setattr(epsdpo.dist, "is_initialized", lambda: True)
     monkeypatch.setattr(epsdpo.dist, "get_backend", lambda: "nccl")
     monkeypatch.setattr(epsdpo.dist, "all_reduce", all_reduce)
     monkeypatch.setattr(torch.cuda, "current_device", current_device)
-    with FakeTensorMode(allow_non_fake_inputs=True):                     # rank 3's GPU, without a GPU
+    with FakeTensorMode(allow_non_fake_inputs=True):  # rank 3's GPU, without a GPU
         baseline = epsdpo.BaselineBeta(0.1, 0.1)
         baseline.observe(torch.tensor([1, 0, -1]).to("cuda:3"))
         with pytest.raises(_Reduced):
             baseline.step()
-        with pytest.raises(_Reduced):                                  # nothing observed: the device it was given
+        with pytest.raises(_Reduced):  # nothing observed: the device it was given
             epsdpo.BaselineBeta(0.1, 0.1, device="cuda:2").step()
     assert reduced_on == [torch.device("cuda:3"), torch.device("cuda:2")]
     with pytest.raises(ValueError, match=r"^under nccl the counts must be on this rank's GPU"):
-        epsdpo.BaselineBeta(0.1, 0.1).step()                            # on the CPU: refused, not moved to GPU 0
+        epsdpo.BaselineBeta(0.1, 0.1).step()  # on the CPU: refused, not moved to GPU 0
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -1013,7 +1096,9 @@ def hidden_state_batch(vocab=300, width=16, length=40, seed=0):
     input_ids = torch.randint(0, vocab, (6, length), generator=generator)
     ref_weight = weight.detach() + 0.1 * torch.randn(vocab, width, generator=generator)
     completion_mask = torch.zeros(6, length, dtype=torch.long)
-    for row, (first, stop) in enumerate([(5, length), (3, 29), (length - 2, length), (2, length), (9, 20), (1, length)]):
+    for row, (first, stop) in enumerate(
+        [(5, length), (3, 29), (length - 2, length), (2, length), (9, 20), (1, length)]
+    ):
         completion_mask[row, first:stop] = 1
     completion_mask[4, 12:14] = 0
     ref_hidden = torch.tanh(ref_weight[input_ids] @ mixing)
@@ -1026,31 +1111,51 @@ def test_the_loss_from_hidden_states_equals_the_loss_from_their_logits(precision
     weight, mixing, ref_weight, ref_hidden, input_ids, completion_mask = hidden_state_batch()
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16 autocast")
     if precision == "bf16 tensors":
-        weight, ref_weight, ref_hidden = (t.detach().bfloat16().requires_grad_(t.requires_grad)
-                                          for t in (weight, ref_weight, ref_hidden))
+        weight, ref_weight, ref_hidden = (
+            t.detach().bfloat16().requires_grad_(t.requires_grad) for t in (weight, ref_weight, ref_hidden)
+        )
 
     def loss_and_gradient(from_hidden):
         with autocast:
-            hidden = torch.tanh(weight[input_ids] @ mixing.to(weight.dtype))    # the tied weight, used twice
+            hidden = torch.tanh(weight[input_ids] @ mixing.to(weight.dtype))  # the tied weight, used twice
             if from_hidden:
-                out = epsdpo_chunked.epsilon_dpo_loss_from_hidden(hidden, weight, ref_hidden, ref_weight, input_ids,
-                                                          completion_mask, 0.5, 0.3, cap)
+                out = epsdpo_chunked.epsilon_dpo_loss_from_hidden(
+                    hidden, weight, ref_hidden, ref_weight, input_ids, completion_mask, 0.5, 0.3, cap
+                )
             else:
-                out = epsdpo_chunked.epsilon_dpo_loss(softcapped(hidden @ weight.T, cap), softcapped(ref_hidden @ ref_weight.T, cap),
-                                              input_ids, completion_mask, 0.5, 0.3)
+                out = epsdpo_chunked.epsilon_dpo_loss(
+                    softcapped(hidden @ weight.T, cap),
+                    softcapped(ref_hidden @ ref_weight.T, cap),
+                    input_ids,
+                    completion_mask,
+                    0.5,
+                    0.3,
+                )
         (gradient,) = torch.autograd.grad(out.loss, weight)
         return out, gradient
 
     (out, gradient), (expected, expected_gradient) = loss_and_gradient(True), loss_and_gradient(False)
-    assert out.s.abs().sum() > 0                                            # the criterion has something to do
-    for name in ("s", "pair_betas", "losses", "chosen_logps", "rejected_logps", "ref_chosen_logps",
-                 "ref_rejected_logps", "chosen_rewards", "rejected_rewards", "loss"):
+    assert out.s.abs().sum() > 0  # the criterion has something to do
+    for name in (
+        "s",
+        "pair_betas",
+        "losses",
+        "chosen_logps",
+        "rejected_logps",
+        "ref_chosen_logps",
+        "ref_rejected_logps",
+        "chosen_rewards",
+        "rejected_rewards",
+        "loss",
+    ):
         torch.testing.assert_close(getattr(out, name), getattr(expected, name), rtol=1e-5, atol=1e-5)
     assert gradient.dtype == weight.dtype
     # float32: the same up to float32 rounding; bf16: the gradients of the logits are rounded to bf16 in both,
     # at different places, before the matrix products.
     tolerance = 1e-5 if precision == "float32" else 2e-2
-    torch.testing.assert_close(gradient.float(), expected_gradient.float(), rtol=0, atol=tolerance * expected_gradient.abs().max().item())
+    torch.testing.assert_close(
+        gradient.float(), expected_gradient.float(), rtol=0, atol=tolerance * expected_gradient.abs().max().item()
+    )
 
 
 def test_hidden_state_chunks_of_a_few_positions_give_what_one_chunk_gives_and_never_exceed_max_chunks(monkeypatch):
@@ -1058,23 +1163,24 @@ def test_hidden_state_chunks_of_a_few_positions_give_what_one_chunk_gives_and_ne
     hidden = (weight.detach()[input_ids] @ mixing).requires_grad_()
 
     def everything():
-        out = epsdpo_chunked.epsilon_dpo_loss_from_hidden(hidden, weight, ref_hidden, ref_weight, input_ids, completion_mask,
-                                                  0.5, 0.3, 5.0)
+        out = epsdpo_chunked.epsilon_dpo_loss_from_hidden(
+            hidden, weight, ref_hidden, ref_weight, input_ids, completion_mask, 0.5, 0.3, 5.0
+        )
         return out.losses, out.chosen_logps, out.ref_rejected_logps, *torch.autograd.grad(out.loss, (hidden, weight))
 
     def chunks():
         positions = epsdpo_chunked._hidden_positions(input_ids, completion_mask, 50, torch.device("cpu"))
         return positions.num_positions, positions.chunk_size, len(positions.rows) // positions.chunk_size
 
-    assert chunks() == (42, 42, 1)                                   # 42 positions × 50 words: one chunk of 32 MiB
+    assert chunks() == (42, 42, 1)  # 42 positions × 50 words: one chunk of 32 MiB
     whole = everything()
-    monkeypatch.setattr(epsdpo_chunked, "CHUNK_FLOAT32_BYTES", 4 * 50 * 4)    # 4 float32 positions a chunk ...
-    assert chunks() == (42, 4, 11)                                   # ... the last one with 2 padded positions
-    for chunked, expected in zip(everything(), whole):
+    monkeypatch.setattr(epsdpo_chunked, "CHUNK_FLOAT32_BYTES", 4 * 50 * 4)  # 4 float32 positions a chunk ...
+    assert chunks() == (42, 4, 11)  # ... the last one with 2 padded positions
+    for chunked, expected in zip(everything(), whole, strict=True):
         torch.testing.assert_close(chunked, expected)
-    monkeypatch.setattr(epsdpo_chunked, "MAX_CHUNKS", 5)            # ... unless that makes more than MAX_CHUNKS:
-    assert chunks() == (42, 9, 5)                                    # then 5 chunks, 3 padded positions
-    for chunked, expected in zip(everything(), whole):
+    monkeypatch.setattr(epsdpo_chunked, "MAX_CHUNKS", 5)  # ... unless that makes more than MAX_CHUNKS:
+    assert chunks() == (42, 9, 5)  # then 5 chunks, 3 padded positions
+    for chunked, expected in zip(everything(), whole, strict=True):
         torch.testing.assert_close(chunked, expected)
 
 
@@ -1083,12 +1189,13 @@ def test_the_loss_from_hidden_states_is_under_a_thousand_operations_flat_in_leng
     torch operations forward and backward, and an extra peak of at most 0.1 × one float32 logits tensor; the same
     count at twice the length and twice the vocabulary (MAX_CHUNKS chunks, however large). It runs on FakeTensors,
     which cannot be read: no host read of a device value. FakeTensors count as real ones (checked small)."""
+
     def operations(**shape):
         return bench_counts.loss_costs("hidden", **shape)["operations"]
 
     small = dict(length=64, completion=40, vocab=300, width=8)
     assert operations(**small) == operations(**small, fake=False)
-    costs = bench_counts.loss_costs("hidden")                               # 4 pairs × 1,024 tokens, V = 128,256
+    costs = bench_counts.loss_costs("hidden")  # 4 pairs × 1,024 tokens, V = 128,256
     assert costs["operations"] <= 1000 and costs["extra_peak"] <= 0.1 * costs["logits"], costs
     assert operations(vocab=256_000) == operations(length=2048, completion=1536) == costs["operations"]
     # Before the cap the number of chunks follows the scored float32 logits: fewer operations, not more.
@@ -1103,9 +1210,16 @@ def test_the_compiled_chunks_are_one_graph_each_and_give_what_the_eager_ones_giv
     hidden = (weight.detach()[input_ids] @ mixing).requires_grad_()
 
     def everything(rows):
-        out = epsdpo_chunked.epsilon_dpo_loss_from_hidden(hidden[rows], weight, ref_hidden[rows], ref_weight,
-                                                          input_ids[rows], completion_mask[rows], 0.5, 0.3, 5.0)
-        return out.losses, out.s, out.chosen_logps, out.ref_rejected_logps, *torch.autograd.grad(out.loss, (hidden, weight))
+        out = epsdpo_chunked.epsilon_dpo_loss_from_hidden(
+            hidden[rows], weight, ref_hidden[rows], ref_weight, input_ids[rows], completion_mask[rows], 0.5, 0.3, 5.0
+        )
+        return (
+            out.losses,
+            out.s,
+            out.chosen_logps,
+            out.ref_rejected_logps,
+            *torch.autograd.grad(out.loss, (hidden, weight)),
+        )
 
     graphs = []
 
@@ -1113,14 +1227,14 @@ def test_the_compiled_chunks_are_one_graph_each_and_give_what_the_eager_ones_giv
         graphs.append(graph)
         return torch._dynamo.lookup_backend("aot_eager")(graph, example_inputs)
 
-    monkeypatch.setattr(epsdpo_chunked, "CHUNK_FLOAT32_BYTES", 4 * 50 * 4)      # chunks of 4 positions, the last padded
-    batches = [[0, 1, 2, 3, 4, 5], [0, 2, 3, 5], [1, 4]]                          # 42, 28 and 12 positions
+    monkeypatch.setattr(epsdpo_chunked, "CHUNK_FLOAT32_BYTES", 4 * 50 * 4)  # chunks of 4 positions, the last padded
+    batches = [[0, 1, 2, 3, 4, 5], [0, 2, 3, 5], [1, 4]]  # 42, 28 and 12 positions
     eager = [everything(rows) for rows in batches]
     monkeypatch.setattr(epsdpo_chunked, "COMPILE_BACKENDS", {"cpu": backend})
     monkeypatch.setattr(epsdpo_chunked, "_compiled", {})
     torch._dynamo.reset()
-    for rows, expected in zip(batches, eager):
-        for compiled, eagerly in zip(everything(rows), expected):
+    for rows, expected in zip(batches, eager, strict=True):
+        for compiled, eagerly in zip(everything(rows), expected, strict=True):
             torch.testing.assert_close(compiled, eagerly, rtol=0, atol=0)
     assert len(graphs) == 2
 
@@ -1133,29 +1247,57 @@ def test_what_evaluation_reads_from_hidden_states_is_what_the_logits_give():
     completion_mask[2] = 0
     hidden = weight.detach()[input_ids] @ mixing
     lambdas = (0.0, 1.0, 0.7, 1.3)
-    logps, kls = epsdpo_chunked.completion_measures_from_hidden(hidden, weight, ref_hidden, ref_weight, input_ids,
-                                                                 completion_mask, lambdas, logit_softcap=5.0)
-    policy_logits, ref_logits = (softcapped(h.double() @ w.detach().double().T, 5.0) for h, w in ((hidden, weight), (ref_hidden, ref_weight)))
-    for lam, row in zip(lambdas, logps):
-        torch.testing.assert_close(row.double(), slow_sequence_logps(torch.lerp(ref_logits, policy_logits, lam), input_ids,
-                                                                     completion_mask), rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(kls.double(), slow_completion_kls(policy_logits, ref_logits, completion_mask), rtol=1e-5, atol=1e-6)
+    logps, kls = epsdpo_chunked.completion_measures_from_hidden(
+        hidden, weight, ref_hidden, ref_weight, input_ids, completion_mask, lambdas, logit_softcap=5.0
+    )
+    policy_logits, ref_logits = (
+        softcapped(h.double() @ w.detach().double().T, 5.0) for h, w in ((hidden, weight), (ref_hidden, ref_weight))
+    )
+    for lam, row in zip(lambdas, logps, strict=True):
+        torch.testing.assert_close(
+            row.double(),
+            slow_sequence_logps(torch.lerp(ref_logits, policy_logits, lam), input_ids, completion_mask),
+            rtol=1e-5,
+            atol=1e-5,
+        )
+    torch.testing.assert_close(
+        kls.double(), slow_completion_kls(policy_logits, ref_logits, completion_mask), rtol=1e-5, atol=1e-6
+    )
     assert kls[2] == 0 and (logps[:, 2] == 0).all() and (kls[[0, 1, 3, 4, 5]] > 0).all()
 
 
-@pytest.mark.parametrize("change, message", [
-    (dict(policy_hidden=torch.zeros(4, 6)), "policy_hidden must be a floating-point tensor of shape (2B, T, H), got torch.float32 (4, 6)"),
-    (dict(policy_weight=torch.zeros(5, 3)), "policy_weight (5, 3) must have the shape (V, H) with V ≥ 1 and H = 4 as in policy_hidden"),
-    (dict(ref_weight=torch.zeros(7, 4)), "ref_weight (7, 4) and policy_weight (5, 4) must have the same vocabulary"),
-    (dict(ref_hidden=torch.zeros(4, 5, 4)), "input_ids (4, 6) and completion_mask (4, 6) must both have the shape"),
-    (dict(logit_softcap=0.0), "logit_softcap must be None or a finite number > 0"),
-    (dict(logit_softcap=True), "logit_softcap must be None or a finite number > 0"),
-    (dict(epsilon=1.0), "epsilon must be a number in [0, 1)"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (
+            dict(policy_hidden=torch.zeros(4, 6)),
+            "policy_hidden must be a floating-point tensor of shape (2B, T, H), got torch.float32 (4, 6)",
+        ),
+        (
+            dict(policy_weight=torch.zeros(5, 3)),
+            "policy_weight (5, 3) must have the shape (V, H) with V ≥ 1 and H = 4 as in policy_hidden",
+        ),
+        (
+            dict(ref_weight=torch.zeros(7, 4)),
+            "ref_weight (7, 4) and policy_weight (5, 4) must have the same vocabulary",
+        ),
+        (dict(ref_hidden=torch.zeros(4, 5, 4)), "input_ids (4, 6) and completion_mask (4, 6) must both have the shape"),
+        (dict(logit_softcap=0.0), "logit_softcap must be None or a finite number > 0"),
+        (dict(logit_softcap=True), "logit_softcap must be None or a finite number > 0"),
+        (dict(epsilon=1.0), "epsilon must be a number in [0, 1)"),
+    ],
+)
 def test_bad_input_to_the_loss_from_hidden_states_is_rejected_naming_it(change, message):
-    arguments = dict(policy_hidden=torch.zeros(4, 6, 4), policy_weight=torch.zeros(5, 4), ref_hidden=torch.zeros(4, 6, 4),
-                     ref_weight=torch.zeros(5, 4), input_ids=torch.zeros(4, 6, dtype=torch.long),
-                     completion_mask=torch.tensor([[0, 0, 1, 1, 1, 1]] * 4), beta=0.1, epsilon=0.1)
+    arguments = dict(
+        policy_hidden=torch.zeros(4, 6, 4),
+        policy_weight=torch.zeros(5, 4),
+        ref_hidden=torch.zeros(4, 6, 4),
+        ref_weight=torch.zeros(5, 4),
+        input_ids=torch.zeros(4, 6, dtype=torch.long),
+        completion_mask=torch.tensor([[0, 0, 1, 1, 1, 1]] * 4),
+        beta=0.1,
+        epsilon=0.1,
+    )
     with pytest.raises(ValueError) as error:
         epsdpo_chunked.epsilon_dpo_loss_from_hidden(**{**arguments, **change})
     assert message in str(error.value)
@@ -1166,7 +1308,7 @@ def test_bad_input_to_the_loss_from_hidden_states_is_rejected_naming_it(change, 
 
 
 @pytest.mark.parametrize("impl", IMPLEMENTATIONS)
-@pytest.mark.parametrize("beta", [1e-40, 10**400, 1e31])     # subnormal in float32, past float64, past float32
+@pytest.mark.parametrize("beta", [1e-40, 10**400, 1e31])  # subnormal in float32, past float64, past float32
 def test_a_beta_float32_cannot_hold_is_refused(impl, beta):
     logits, input_ids, completion_mask = _pairs()
     with pytest.raises(ValueError, match=r"beta must be a finite number > 0, in \[1.2e-38, 1e30\]"):
@@ -1187,10 +1329,15 @@ def test_a_bool_s_is_refused_by_betas_from_s_as_by_observe():
 def test_the_criterion_takes_logits_alone_and_non_finite_logits_are_the_callers_to_stop_on(impl):
     import inspect
 
-    assert list(inspect.signature(impl.criterion).parameters) == ["policy_logits", "ref_logits", "input_ids",
-                                                                  "completion_mask", "epsilon"]
+    assert list(inspect.signature(impl.criterion).parameters) == [
+        "policy_logits",
+        "ref_logits",
+        "input_ids",
+        "completion_mask",
+        "epsilon",
+    ]
     logits, input_ids, completion_mask = _pairs()
     broken = logits.clone()
-    broken[0, 2, 1] = float("nan")                                    # a scored position: no check, no host sync
+    broken[0, 2, 1] = float("nan")  # a scored position: no check, no host sync
     assert math.isnan(impl.epsilon_dpo_loss(broken, logits, input_ids, completion_mask, 0.1, 0.1).loss.item())
     assert "NaN or infinite" in epsdpo.epsilon_dpo_loss.__doc__ and "caller" in epsdpo.epsilon_dpo_loss.__doc__

@@ -29,10 +29,34 @@ HERE = pathlib.Path(__file__).parent
 SEED = 0
 NUM_TRAIN, NUM_TEST = 2000, 300
 NOISE_FRACTION = 0.2
-PRODUCTS = ("kettle", "phone", "laptop", "blender", "camera", "backpack", "lamp", "chair", "watch", "toaster",
-            "speaker", "bike")
-ASPECTS = ("battery", "price", "design", "sound", "screen", "size", "build", "delivery", "handle", "color",
-           "manual", "fit")
+PRODUCTS = (
+    "kettle",
+    "phone",
+    "laptop",
+    "blender",
+    "camera",
+    "backpack",
+    "lamp",
+    "chair",
+    "watch",
+    "toaster",
+    "speaker",
+    "bike",
+)
+ASPECTS = (
+    "battery",
+    "price",
+    "design",
+    "sound",
+    "screen",
+    "size",
+    "build",
+    "delivery",
+    "handle",
+    "color",
+    "manual",
+    "fit",
+)
 CONNECTORS = ("and", "but", "while")
 SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<unk>")
 
@@ -59,26 +83,48 @@ def preference_pairs(rng, num_pairs, noise_fraction):
         prompt = prompt_for(rng.choice(PRODUCTS))
         first, second = random_review(rng), random_review(rng)
         if score(prompt, first) == score(prompt, second):
-            continue                                            # no preference to learn
+            continue  # no preference to learn
         chosen, rejected = sorted((first, second), key=lambda review: -score(prompt, review))
         noisy = rng.random() < noise_fraction
         if noisy:
             chosen, rejected = rejected, chosen
-        rows.append({"prompt": prompt, "chosen": chosen, "rejected": rejected, "noisy": noisy,
-                     "score_chosen": score(prompt, chosen), "score_rejected": score(prompt, rejected)})
+        rows.append(
+            {
+                "prompt": prompt,
+                "chosen": chosen,
+                "rejected": rejected,
+                "noisy": noisy,
+                "score_chosen": score(prompt, chosen),
+                "score_rejected": score(prompt, rejected),
+            }
+        )
     return rows
 
 
 def build_tokenizer():
-    words = ["review", "of", "the", ":", ".", "is", INTENSIFIER, *PRODUCTS, *ASPECTS, *CONNECTORS,
-             *POSITIVE, *NEGATIVE, *NEUTRAL]
+    words = [
+        "review",
+        "of",
+        "the",
+        ":",
+        ".",
+        "is",
+        INTENSIFIER,
+        *PRODUCTS,
+        *ASPECTS,
+        *CONNECTORS,
+        *POSITIVE,
+        *NEGATIVE,
+        *NEUTRAL,
+    ]
     vocab = {token: i for i, token in enumerate([*SPECIAL_TOKENS, *words])}
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     backend.normalizer = normalizers.Lowercase()
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
     backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", vocab["<s>"])])
-    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", bos_token="<s>",
-                                   eos_token="</s>", unk_token="<unk>")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
 
 
 def supervised_fine_tuning(model, tokenizer, texts, epochs=6, batch_size=64, lr=3e-3):
@@ -115,9 +161,17 @@ def main():
 
     tokenizer = build_tokenizer()
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64, tie_word_embeddings=True,
-        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=64,
+        tie_word_embeddings=True,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
     )
     model = LlamaForCausalLM(config)
     texts = [row["prompt"] + row[side] + tokenizer.eos_token for row in train_rows for side in ("chosen", "rejected")]

@@ -13,26 +13,34 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from adapters import add_lora, adapter_base, quiet_peft
-from data import ReportedError
-from sharding import allocate_shards, broadcast_weights, load_sharded_weights, local, reshard_root, shard
+from training.adapters import adapter_base, add_lora, quiet_peft
+from training.errors import ReportedError
+from training.sharding import allocate_shards, broadcast_weights, load_sharded_weights, local, reshard_root, shard
 
-# The ε-DPO loss from the last hidden states (epsdpo_chunked.epsilon_dpo_loss_from_hidden) wherever the output layer is a
-# plain linear map. False: from the full logits everywhere (the tests set it to compare the two).
+# The ε-DPO loss from the last hidden states (epsdpo_chunked.epsilon_dpo_loss_from_hidden) wherever the output
+# layer is a plain linear map. False: from the full logits everywhere (the tests set it to compare the two).
 FROM_HIDDEN_STATES = True
+
 
 def pick_device(name):
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu")
+        return torch.device(
+            "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+        )
     try:
         device = torch.device(name)
     except RuntimeError:
         raise ReportedError(f"--device {name}: not a device (cpu, cuda, cuda:N, mps or auto)") from None
-    available = {"cpu": True, "cuda": torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count(),
-                 "mps": torch.backends.mps.is_available()}
+    available = {
+        "cpu": True,
+        "cuda": torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count(),
+        "mps": torch.backends.mps.is_available(),
+    }
     if not available.get(device.type):
-        raise ReportedError(f"--device {name}: no such device on this machine (cuda: {torch.cuda.device_count()} GPUs, "
-                            f"mps: {torch.backends.mps.is_available()})")
+        raise ReportedError(
+            f"--device {name}: no such device on this machine (cuda: {torch.cuda.device_count()} GPUs, "
+            f"mps: {torch.backends.mps.is_available()})"
+        )
     return device
 
 
@@ -47,11 +55,14 @@ def init_distributed(device_name):
         return 0, 1, pick_device(device_name)
     local_rank = int(os.environ["LOCAL_RANK"])
     if device_name not in ("auto", "cuda", "cpu"):
-        raise ReportedError(f"--device {device_name}: under torchrun each process uses the GPU of its LOCAL_RANK "
-                            f"(choose them with CUDA_VISIBLE_DEVICES); give --device cuda, cpu or auto")
+        raise ReportedError(
+            f"--device {device_name}: under torchrun each process uses the GPU of its LOCAL_RANK "
+            f"(choose them with CUDA_VISIBLE_DEVICES); give --device cuda, cpu or auto"
+        )
     if device_name == "cuda" and torch.cuda.device_count() <= local_rank:
-        raise ReportedError(f"--device cuda: process {local_rank} of this machine has no GPU "
-                            f"(cuda: {torch.cuda.device_count()} GPUs)")
+        raise ReportedError(
+            f"--device cuda: process {local_rank} of this machine has no GPU (cuda: {torch.cuda.device_count()} GPUs)"
+        )
     on_gpus = device_name == "cuda" or (device_name == "auto" and torch.cuda.device_count() > local_rank)
     if on_gpus:
         torch.cuda.set_device(local_rank)
@@ -73,21 +84,27 @@ def precision(name, device):
     if name == "auto":
         name = "bfloat16" if has_bf16_arithmetic(device) else "float32"
     if name == "float32":
-        if has_bf16_arithmetic(device):                                 # the GPUs with bf16 units have TF32 units
-            torch.set_float32_matmul_precision("high")                  # TF32 in matrix products (cuBLAS)
-            torch.backends.cudnn.allow_tf32 = True                      # and in cuDNN's (torch's default already)
+        if has_bf16_arithmetic(device):  # the GPUs with bf16 units have TF32 units
+            torch.set_float32_matmul_precision("high")  # TF32 in matrix products (cuBLAS)
+            torch.backends.cudnn.allow_tf32 = True  # and in cuDNN's (torch's default already)
         return None
     if device.type == "cuda" and not has_bf16_arithmetic(device):
-        raise ReportedError(f"--dtype bfloat16: {torch.cuda.get_device_name(device)} (compute capability "
-                            f"{'.'.join(map(str, torch.cuda.get_device_capability(device)))}) has no bf16 arithmetic; "
-                            f"torch would emulate it, slower than float32: use --dtype float32")
+        raise ReportedError(
+            f"--dtype bfloat16: {torch.cuda.get_device_name(device)} (compute capability "
+            f"{'.'.join(map(str, torch.cuda.get_device_capability(device)))}) has no bf16 arithmetic; "
+            f"torch would emulate it, slower than float32: use --dtype float32"
+        )
     return torch.autocast(device.type, dtype=torch.bfloat16)
 
 
 def precision_note(device):
     """What the start line says of float32 matrix products on `device`: ", float32 products in TF32" when
     precision() allowed TF32 there, else nothing."""
-    return ", float32 products in TF32" if device.type == "cuda" and torch.get_float32_matmul_precision() != "highest" else ""
+    return (
+        ", float32 products in TF32"
+        if device.type == "cuda" and torch.get_float32_matmul_precision() != "highest"
+        else ""
+    )
 
 
 def has_bf16_arithmetic(device):
@@ -109,7 +126,7 @@ def frozen_weights_in_bf16(model):
     tied = model.get_input_embeddings().weight
     for module in model.modules():
         experts = getattr(getattr(module, "config", None), "_experts_implementation", None) == "eager"
-        for name, parameter in module.named_parameters(recurse=False):
+        for parameter in module.parameters(recurse=False):
             if parameter.requires_grad:
                 raise ValueError("frozen_weights_in_bf16: the model has trainable parameters; freeze it first")
             product = isinstance(module, torch.nn.Linear) or (experts and parameter.dim() == 3)
@@ -127,15 +144,19 @@ def load_model(name, device, trust_remote_code, frozen_in_bf16=False, base=None)
 
     base = base or adapter_base(name)
     try:
-        model = AutoModelForCausalLM.from_pretrained(base or name, dtype=torch.float32, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(
+            base or name, dtype=torch.float32, trust_remote_code=trust_remote_code
+        )
         if base:
             from peft import PeftModel
 
-            with quiet_peft():                                          # peft freezes the base it loads onto
+            with quiet_peft():  # peft freezes the base it loads onto
                 model = PeftModel.from_pretrained(model, name).merge_and_unload().requires_grad_(True)
-    except Exception as error:                                          # no such model, code it would run, bad files
+    except Exception as error:  # no such model, code it would run, bad files
         on = f" (an adapter on {base})" if base else ""
-        raise ReportedError(f"model {name}{on}: {type(error).__name__}: {(str(error).splitlines() or [''])[0]}") from None
+        raise ReportedError(
+            f"model {name}{on}: {type(error).__name__}: {(str(error).splitlines() or [''])[0]}"
+        ) from None
     if frozen_in_bf16:
         frozen_weights_in_bf16(model.requires_grad_(False))
     # eval() for the policy too: dropout off, as DPO assumes; gradients flow all the same.
@@ -148,8 +169,8 @@ class AdaptersOff:
     the policy's logits bit for bit. Called as a model: reference(**inputs).logits."""
 
     def __init__(self, policy):
-        self.policy = policy                                            # the peft model, never its DDP wrapper
-        self.config, self.get_output_embeddings = policy.config, policy.get_output_embeddings   # the base's head
+        self.policy = policy  # the peft model, never its DDP wrapper
+        self.config, self.get_output_embeddings = policy.config, policy.get_output_embeddings  # the base's head
 
     def __call__(self, **inputs):
         with torch.no_grad(), self.policy.disable_adapter():
@@ -175,7 +196,7 @@ def checkpointed_layers(policy):
 @contextlib.contextmanager
 def training_mode(layers):
     for layer in layers:
-        layer.training = True                                           # this module alone, not its children
+        layer.training = True  # this module alone, not its children
     try:
         yield
     finally:
@@ -187,39 +208,53 @@ def check_models(policy, reference, tokenizer, pairs, args, checkpoint_folder=No
     """The models, the tokenizer and the pairs fit together: one vocabulary, every token id inside it, and every
     pair (and, sampled for a gold reward, every prompt with --max-new-tokens) inside the models' positions."""
     vocab, ref_vocab = (model.get_output_embeddings().weight.shape[0] for model in (policy, reference))
-    if ref_vocab != vocab and checkpoint_folder:                        # the policy is the checkpoint's
-        raise ReportedError(f"{checkpoint_folder}: its model has {vocab} words, the run's --model "
-                            f"{args.ref_model or args.model} {ref_vocab}: it is not a checkpoint of this run")
+    if ref_vocab != vocab and checkpoint_folder:  # the policy is the checkpoint's
+        raise ReportedError(
+            f"{checkpoint_folder}: its model has {vocab} words, the run's --model "
+            f"{args.ref_model or args.model} {ref_vocab}: it is not a checkpoint of this run"
+        )
     if ref_vocab != vocab:
         raise ReportedError(f"--ref-model {args.ref_model}: its vocabulary has {ref_vocab} words, the policy's {vocab}")
     vocab = min(vocab, policy.get_input_embeddings().weight.shape[0])
     largest = max(tokenizer.pad_token_id, *(max(p["prompt_ids"] + p["chosen_ids"] + p["rejected_ids"]) for p in pairs))
     if largest >= vocab:
-        raise ReportedError(f"--model {args.model}: its tokenizer gives token id {largest}, but the model has only {vocab} words")
+        raise ReportedError(
+            f"--model {args.model}: its tokenizer gives token id {largest}, but the model has only {vocab} words"
+        )
     # Known now rather than as an IndexError at some step: a pair, or a prompt and its sample, beyond the positions
     # the model has (GPT-2's learned ones; past a rotary model's it was never trained either).
-    positions, model = min((getattr(model.config, "max_position_embeddings", None) or 2**62, flag) for model, flag in
-                           ((policy, f"--model {args.model}"), (reference, f"--ref-model {args.ref_model}")))
+    positions, model = min(
+        (getattr(model.config, "max_position_embeddings", None) or 2**62, flag)
+        for model, flag in ((policy, f"--model {args.model}"), (reference, f"--ref-model {args.ref_model}"))
+    )
     longest = max(len(p["prompt_ids"]) + max(len(p["chosen_ids"]), len(p["rejected_ids"])) for p in pairs)
     if longest > positions:
-        raise ReportedError(f"{model}: it takes at most {positions} positions (max_position_embeddings), and a pair "
-                            f"has {longest} tokens; give --max-length {positions} or less")
+        raise ReportedError(
+            f"{model}: it takes at most {positions} positions (max_position_embeddings), and a pair "
+            f"has {longest} tokens; give --max-length {positions} or less"
+        )
     longest_prompt = max(len(p["prompt_ids"]) for p in pairs)
-    if args.gold_reward and longest_prompt + args.max_new_tokens > positions:      # samples, for the gold reward
-        raise ReportedError(f"--max-new-tokens {args.max_new_tokens}: a prompt of {longest_prompt} tokens and its sample "
-                            f"would pass the {positions} positions of {model}; give --max-new-tokens "
-                            f"{max(1, positions - longest_prompt)} or less, or a smaller --max-prompt-length")
+    if args.gold_reward and longest_prompt + args.max_new_tokens > positions:  # samples, for the gold reward
+        raise ReportedError(
+            f"--max-new-tokens {args.max_new_tokens}: a prompt of {longest_prompt} tokens and its sample "
+            f"would pass the {positions} positions of {model}; give --max-new-tokens "
+            f"{max(1, positions - longest_prompt)} or less, or a smaller --max-prompt-length"
+        )
 
 
 def held_bytes(policy, optimizer, reference):
     """Bytes this rank holds of the policy's weights, their gradients, AdamW's state and the reference's
     weights: its shards under FSDP, everything otherwise (a LoRA reference is the policy's own weights)."""
+
     def size(tensors):
         return sum(local(t).numel() * local(t).element_size() for t in tensors if torch.is_tensor(t))
 
-    return {"parameters": size(policy.parameters()), "gradients": size(p.grad for p in policy.parameters()),
-            "optimizer": size(value for state in optimizer.state.values() for value in state.values()),
-            "reference": size(reference.parameters()) if isinstance(reference, torch.nn.Module) else 0}   # LoRA: the policy's
+    return {
+        "parameters": size(policy.parameters()),
+        "gradients": size(p.grad for p in policy.parameters()),
+        "optimizer": size(value for state in optimizer.state.values() for value in state.values()),
+        "reference": size(reference.parameters()) if isinstance(reference, torch.nn.Module) else 0,
+    }  # LoRA: the policy's
 
 
 @dataclass
@@ -227,7 +262,7 @@ class LinearHead:
     """A model whose logits are softcap(last hidden state @ weight.T), weight its output layer's (V, H)."""
 
     vocab_size: int
-    logit_softcap: float = None    # Gemma-2's final_logit_softcapping; None: no soft-cap
+    logit_softcap: float = None  # Gemma-2's final_logit_softcapping; None: no soft-cap
 
 
 def last_hidden_states(model, inputs):
@@ -240,8 +275,13 @@ def last_hidden_states(model, inputs):
     the pass, L + 1 tensors of (N, T, H), where the reference's no-grad pass frees each once the next layer
     has it: at 8B in float32, 33 × 16 KiB a token, 4.1 GiB for 4 pairs × 1,024 tokens. Under FSDP the
     root stays gathered after the forward pass (shard), so the weight is whole."""
-    unwrapped = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else \
-        model.policy if isinstance(model, AdaptersOff) else model
+    unwrapped = (
+        model.module
+        if isinstance(model, torch.nn.parallel.DistributedDataParallel)
+        else model.policy
+        if isinstance(model, AdaptersOff)
+        else model
+    )
     caught = []
     hook = unwrapped.get_decoder().register_forward_hook(lambda decoder, args, output: caught.append(output[0]))
     try:
@@ -257,19 +297,25 @@ def linear_head(model, input_ids):
     head, softcap = model.get_output_embeddings(), getattr(model.config, "final_logit_softcapping", None)
     if not FROM_HIDDEN_STATES:
         return None, "models.FROM_HIDDEN_STATES is False"
-    if hasattr(head, "base_layer"):                                     # peft's: LoRA adapts the output layer
+    if hasattr(head, "base_layer"):  # peft's: LoRA adapts the output layer
         return None, "LoRA adapts its output layer (--lora-target), so its logits are not one matrix product"
     if type(head) is not torch.nn.Linear or head.bias is not None:
-        return None, f"its output layer is a {type(head).__name__}{' with a bias' if getattr(head, 'bias', None) is not None else ''}"
+        return (
+            None,
+            "its output layer is a "
+            f"{type(head).__name__}{' with a bias' if getattr(head, 'bias', None) is not None else ''}",
+        )
     with torch.no_grad():
         try:
             hidden, weight = last_hidden_states(model, dict(input_ids=input_ids))
-        except Exception as error:                                      # no logits_to_keep, no hidden states, ...
+        except Exception as error:  # no logits_to_keep, no hidden states, ...
             return None, f"its forward pass gives no last hidden states ({type(error).__name__})"
         logits = hidden @ weight.T
         logits = logits if softcap is None else torch.tanh(logits / softcap) * softcap
         expected, tolerance = model(input_ids=input_ids).logits, 1e-4 if logits.dtype == torch.float32 else 1e-2
-        if hidden.shape[:2] != input_ids.shape or not torch.allclose(logits.float(), expected.float(), rtol=tolerance, atol=tolerance / 10):
+        if hidden.shape[:2] != input_ids.shape or not torch.allclose(
+            logits.float(), expected.float(), rtol=tolerance, atol=tolerance / 10
+        ):
             return None, "its logits are not softcap(last hidden state @ output weight.T)"
     return LinearHead(weight.shape[0], softcap), ""
 
@@ -289,12 +335,14 @@ def shared_linear_head(policy, reference, pair, device, mixed_precision):
 class Models:
     """What train.py trains with."""
 
-    policy: torch.nn.Module        # the model being trained, unwrapped: the optimizer's parameters, what is saved
-    trained: torch.nn.Module       # what the training step calls: the policy (sharded in place by FSDP), or DDP's wrapper
-    reference: object              # frozen, in eval mode, called under no_grad: a model (sharded under FSDP), or AdaptersOff(policy)
-    layers: list                   # the policy's layers recomputed in backward (--gradient-checkpointing)
-    head: LinearHead               # both models' logits from their last hidden states; None: from full logits
-    loss_note: str                 # which loss runs at scale, and why, for the line train.py starts with
+    policy: torch.nn.Module  # the model being trained, unwrapped: the optimizer's parameters, what is saved
+    trained: torch.nn.Module  # what the training step calls: the policy (sharded in place by FSDP), or DDP's wrapper
+    reference: (
+        object  # frozen, in eval mode, called under no_grad: a model (sharded under FSDP), or AdaptersOff(policy)
+    )
+    layers: list  # the policy's layers recomputed in backward (--gradient-checkpointing)
+    head: LinearHead  # both models' logits from their last hidden states; None: from full logits
+    loss_note: str  # which loss runs at scale, and why, for the line train.py starts with
 
     def no_sync(self, last_micro_batch):
         """Under DDP, gradients are averaged across ranks once per optimizer step, at the last micro-batch.
@@ -313,32 +361,54 @@ def setup_models(args, device, world_size, mixed_precision, tokenizer, pairs, ch
     With --lora-r, the policy is --model's frozen weights with LoRA adapters, and the reference the same model
     with its adapters off: no second model unless --ref-model names one. With --fsdp, setup_sharded_models."""
     if args.fsdp and args.lora_r:
-        raise ReportedError("--fsdp with --lora-r: not supported; LoRA keeps one frozen copy of the base on each GPU, "
-                            "so run it under torchrun without --fsdp (DDP reduces only the adapters' gradients)")
+        raise ReportedError(
+            "--fsdp with --lora-r: not supported; LoRA keeps one frozen copy of the base on each GPU, "
+            "so run it under torchrun without --fsdp (DDP reduces only the adapters' gradients)"
+        )
     if args.fsdp and world_size == 1:
-        raise ReportedError("--fsdp shards the models across the processes torchrun starts, and one process has nothing "
-                            "to shard: run torchrun --nproc_per_node N train.py --fsdp ..., or leave --fsdp out")
+        raise ReportedError(
+            "--fsdp shards the models across the processes torchrun starts, and one process has nothing "
+            "to shard: run torchrun --nproc_per_node N train.py --fsdp ..., or leave --fsdp out"
+        )
     if args.fsdp:
         return setup_sharded_models(args, device, mixed_precision, tokenizer, pairs, checkpoint)
     lora, from_checkpoint = args.lora_r > 0, checkpoint[0] if checkpoint else None
     # In float32: the weights the optimizer updates; with bf16, the frozen weights autocast casts, in bf16.
     if lora:
-        policy = add_lora(load_model(args.model, device, args.trust_remote_code, mixed_precision, args.model_base), args,
-                          from_checkpoint)
+        policy = add_lora(
+            load_model(args.model, device, args.trust_remote_code, mixed_precision, args.model_base),
+            args,
+            from_checkpoint,
+        )
     else:
-        policy = load_model(from_checkpoint or args.model, device, args.trust_remote_code, False,
-                            None if from_checkpoint else args.model_base)
+        policy = load_model(
+            from_checkpoint or args.model,
+            device,
+            args.trust_remote_code,
+            False,
+            None if from_checkpoint else args.model_base,
+        )
     reference = None
     if args.ref_model or not lora:
-        reference = load_model(args.ref_model or args.model, device, args.trust_remote_code, mixed_precision,
-                               None if args.ref_model else args.model_base).requires_grad_(False)
+        reference = load_model(
+            args.ref_model or args.model,
+            device,
+            args.trust_remote_code,
+            mixed_precision,
+            None if args.ref_model else args.model_base,
+        ).requires_grad_(False)
     check_models(policy, reference or policy, tokenizer, pairs, args, from_checkpoint)
     head, note = shared_linear_head(policy, reference or AdaptersOff(policy), pairs[0], device, mixed_precision)
     layers = checkpointed_layers(policy) if args.gradient_checkpointing else []
     # DDP averages the gradients over the ranks. Its buffers (rotary inv_freq) are constants: broadcasting
     # them from rank 0 before every forward pass would be one more collective per micro-batch.
-    trained = policy if world_size == 1 else torch.nn.parallel.DistributedDataParallel(
-        policy, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
+    trained = (
+        policy
+        if world_size == 1
+        else torch.nn.parallel.DistributedDataParallel(
+            policy, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False
+        )
+    )
     return Models(policy, trained, reference or AdaptersOff(policy), layers, head, note)
 
 
@@ -352,25 +422,28 @@ def setup_sharded_models(args, device, mixed_precision, tokenizer, pairs, checkp
 
     Where every process read both models whole in float32, at 8B that was 59.8 GiB of CPU memory per process
     (479 GiB on a node of 8 GPUs); now it is 29.9 GiB on process 0 and none on the others (computed)."""
-    model_base = {args.model: args.model_base} if args.model_base else {}     # --model an adapter: its base
+    model_base = {args.model: args.model_base} if args.model_base else {}  # --model an adapter: its base
     policy = empty_model(args.model, args.trust_remote_code, model_base.get(args.model))
-    reference = empty_model(args.ref_model or args.model, args.trust_remote_code,
-                            model_base.get(args.ref_model or args.model)).requires_grad_(False)
+    reference = empty_model(
+        args.ref_model or args.model, args.trust_remote_code, model_base.get(args.ref_model or args.model)
+    ).requires_grad_(False)
     check_models(policy, reference, tokenizer, pairs, args)
     layers = checkpointed_layers(policy) if args.gradient_checkpointing else []
     # Under FSDP's mixed precision the policy computes wholly in bf16, so the reference is stored wholly in
     # bf16 and sharded alike: the same bf16 weights, the same casts of each unit's inputs, and at the start
     # the same logits bit for bit (every s is 0).
     param_dtype = torch.bfloat16 if mixed_precision else None
-    for weight in reference.parameters() if param_dtype else ():      # not the buffers, as FSDP's casts:
-        weight.data = weight.data.to(param_dtype)                       # rotary frequencies stay float32
+    for weight in reference.parameters() if param_dtype else ():  # not the buffers, as FSDP's casts:
+        weight.data = weight.data.to(param_dtype)  # rotary frequencies stay float32
     policy, reference = (allocate_shards(shard(model, param_dtype), device) for model in (policy, reference))
-    read = {}                                                           # process 0's: one model at a time
+    read = {}  # process 0's: one model at a time
 
     def weights(name):
         if dist.get_rank() == 0 and name not in read:
             read.clear()
-            read[name] = load_model(name, torch.device("cpu"), args.trust_remote_code, False, model_base.get(name)).state_dict()
+            read[name] = load_model(
+                name, torch.device("cpu"), args.trust_remote_code, False, model_base.get(name)
+            ).state_dict()
         return read.get(name, {})
 
     if checkpoint:
@@ -381,7 +454,7 @@ def setup_sharded_models(args, device, mixed_precision, tokenizer, pairs, checkp
     read.clear()
     head, note = shared_linear_head(policy, reference, pairs[0], device, mixed_precision)
     for model in (policy, reference):
-        reshard_root(model)                                             # the check's forward passes gathered them
+        reshard_root(model)  # the check's forward passes gathered them
     return Models(policy, policy, reference, layers, head, note)
 
 
@@ -397,12 +470,12 @@ def empty_model(name, trust_remote_code, base=None):
         config = AutoConfig.from_pretrained(base, trust_remote_code=trust_remote_code)
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, trust_remote_code=trust_remote_code)
-    except Exception as error:                                          # no such model, code it would run, bad files
+    except Exception as error:  # no such model, code it would run, bad files
         raise ReportedError(f"model {name}: {type(error).__name__}: {(str(error).splitlines() or [''])[0]}") from None
     for buffer_name, buffer in list(model.named_non_persistent_buffers()):
         module, _, attribute = buffer_name.rpartition(".")
         model.get_submodule(module).register_buffer(attribute, torch.zeros_like(buffer, device="cpu"), persistent=False)
     model.initialize_weights()
-    with contextlib.suppress(OSError):                                  # the model's own, as from_pretrained loads it
+    with contextlib.suppress(OSError):  # the model's own, as from_pretrained loads it
         model.generation_config = GenerationConfig.from_pretrained(base)
     return model.eval()

@@ -30,15 +30,21 @@ def _in_torch(filename):
     return pathlib.Path(torch.__file__).parent in pathlib.Path(filename).parents
 
 
-def _ours(filename):                            # this project's code (its folder, not the libraries it runs)
-    return pathlib.Path(filename).parent == pathlib.Path(__file__).parent
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+def _ours(filename):  # this project's code (its files, not the libraries it runs)
+    path = pathlib.Path(filename).resolve()
+    return ROOT in path.parents and "site-packages" not in path.parts
 
 
 def _tensors(tree):
     if isinstance(tree, torch.Tensor):
         return [tree]
-    if isinstance(tree, (list, tuple)) and all(isinstance(leaf, (torch.Tensor, int, float, bool)) or leaf is None for leaf in tree):
-        return [leaf for leaf in tree if isinstance(leaf, torch.Tensor)]                 # most calls: quick
+    if isinstance(tree, (list, tuple)) and all(
+        isinstance(leaf, (torch.Tensor, int, float, bool)) or leaf is None for leaf in tree
+    ):
+        return [leaf for leaf in tree if isinstance(leaf, torch.Tensor)]  # most calls: quick
     return [leaf for leaf in tree_leaves(tree) if isinstance(leaf, torch.Tensor)]
 
 
@@ -70,14 +76,17 @@ class PeakBytes(TorchDispatchMode):
             storage = tensor.untyped_storage()
             if id(storage) not in inputs and storage not in self.serials and storage.nbytes():
                 serial = self.serials[storage] = len(self.events)
-                self.events.append((serial, storage.nbytes()))
-                self._references.append(weakref.ref(storage, lambda _, s=serial, n=storage.nbytes(): self.events.append((s, -n))))
+                nbytes = storage.nbytes()
+                self.events.append((serial, nbytes))
+                self._references.append(weakref.ref(storage, lambda _, s=serial, n=nbytes: self.events.append((s, -n))))
         return out
 
     def peak(self, leave_out=()):
         """The peak, leaving out the storages of the tensors leave_out (alive at the end: a call's results,
         such as the gradients any implementation returns)."""
-        left_out = {self.serials[tensor.untyped_storage()] for tensor in leave_out if tensor.untyped_storage() in self.serials}
+        left_out = {
+            self.serials[tensor.untyped_storage()] for tensor in leave_out if tensor.untyped_storage() in self.serials
+        }
         alive = peak = 0
         for serial, change in self.events:
             if serial not in left_out:
@@ -87,9 +96,17 @@ class PeakBytes(TorchDispatchMode):
 
 
 # Operations that read device values on the host, or whose output size depends on them: each waits for the GPU.
-SYNCING = {aten._local_scalar_dense.default, aten.nonzero.default, aten.masked_select.default, aten._unique2.default,
-           aten.unique_dim.default, aten.unique_consecutive.default, aten.repeat_interleave.Tensor, aten.equal.default,
-           aten.bincount.default}
+SYNCING = {
+    aten._local_scalar_dense.default,
+    aten.nonzero.default,
+    aten.masked_select.default,
+    aten._unique2.default,
+    aten.unique_dim.default,
+    aten.unique_consecutive.default,
+    aten.repeat_interleave.Tensor,
+    aten.equal.default,
+    aten.bincount.default,
+}
 BOOLEAN_INDEXING = {aten.index.Tensor, aten.index_put.default, aten.index_put_.default, aten._index_put_impl_.default}
 
 
@@ -128,7 +145,9 @@ class HostSyncs(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        if any(tensor in self.on_device for tensor in _tensors(args) + _tensors(list(kwargs.values()) if kwargs else [])):
+        if any(
+            tensor in self.on_device for tensor in _tensors(args) + _tensors(list(kwargs.values()) if kwargs else [])
+        ):
             if func in SYNCING or (func in BOOLEAN_INDEXING and any(t.dtype == torch.bool for t in _tensors(args[1]))):
                 self.record(str(func))
             self.mark(_tensors(out))
@@ -142,10 +161,11 @@ class HostSyncs(TorchDispatchMode):
             def read(tensor, *args, **kwargs):
                 if tensor in self.on_device:
                     self.record(f"Tensor.{name}")
-                    if name == "cpu":                       # the copy on the host is a host tensor
+                    if name == "cpu":  # the copy on the host is a host tensor
                         with _disable_current_modes():
                             return tensor.clone()
                 return method(tensor, *args, **kwargs)
+
             return read
 
         # Copies to the device are looked for in this project's own code: a CPU run cannot tell a library's host
@@ -205,8 +225,9 @@ def loss_costs(path, pairs=4, length=1024, completion=768, vocab=128_256, width=
     """
     import contextlib
 
-    import epsdpo_chunked
     from torch._subclasses.fake_tensor import FakeTensorMode
+
+    import epsdpo_chunked
 
     generator = torch.Generator().manual_seed(0)
     input_ids = torch.randint(0, vocab, (2 * pairs, length), generator=generator)
@@ -214,19 +235,31 @@ def loss_costs(path, pairs=4, length=1024, completion=768, vocab=128_256, width=
     completion_mask[:, length - completion :] = 1
     with FakeTensorMode(allow_non_fake_inputs=True) if fake else contextlib.nullcontext():
         if path == "hidden":
-            ref_hidden, hidden = torch.randn(2, 2 * pairs, length, width, generator=None if fake else generator).bfloat16()
+            ref_hidden, hidden = torch.randn(
+                2, 2 * pairs, length, width, generator=None if fake else generator
+            ).bfloat16()
             weight = torch.randn(vocab, width, generator=None if fake else generator)
-            inputs, ref_inputs = (hidden.requires_grad_(), weight.requires_grad_()), (ref_hidden, (weight.detach() + 0.1).bfloat16())
+            inputs, ref_inputs = (
+                (hidden.requires_grad_(), weight.requires_grad_()),
+                (ref_hidden, (weight.detach() + 0.1).bfloat16()),
+            )
         else:
-            ref_logits, logits = torch.randn(2, 2 * pairs, length, vocab, generator=None if fake else generator).bfloat16()
+            ref_logits, logits = torch.randn(
+                2, 2 * pairs, length, vocab, generator=None if fake else generator
+            ).bfloat16()
             inputs, ref_inputs = (logits.requires_grad_(),), (ref_logits,)
     with Operations() as operations, PeakBytes() as memory:
         with torch.autocast("cpu", dtype=torch.bfloat16):
             if path == "hidden":
-                out = epsdpo_chunked.epsilon_dpo_loss_from_hidden(inputs[0], inputs[1], *ref_inputs, input_ids, completion_mask,
-                                                                  0.1, 0.01)
+                out = epsdpo_chunked.epsilon_dpo_loss_from_hidden(
+                    inputs[0], inputs[1], *ref_inputs, input_ids, completion_mask, 0.1, 0.01
+                )
             else:
                 out = epsdpo_chunked.epsilon_dpo_loss(inputs[0], *ref_inputs, input_ids, completion_mask, 0.1, 0.01)
         out.loss.backward()
-    return {"operations": operations.count, "extra_peak": memory.peak(leave_out=[tensor.grad for tensor in inputs]),
-            "extra_peak_with_gradients": memory.peak(), "logits": 2 * pairs * length * vocab * 4}
+    return {
+        "operations": operations.count,
+        "extra_peak": memory.peak(leave_out=[tensor.grad for tensor in inputs]),
+        "extra_peak_with_gradients": memory.peak(),
+        "logits": 2 * pairs * length * vocab * 4,
+    }

@@ -12,7 +12,7 @@ import warnings
 
 import torch
 
-from data import ReportedError
+from training.errors import ReportedError
 
 
 def adapter_base(name):
@@ -26,7 +26,7 @@ def adapter_base(name):
 
     try:
         config_file = find_adapter_config_file(name)
-    except Exception:                                                   # not a folder nor an id: loading says so
+    except Exception:  # not a folder nor an id: loading says so
         return None
     if config_file is None:
         return None
@@ -37,16 +37,20 @@ def adapter_base(name):
     if not isinstance(base, str) or not base:
         raise ReportedError(f"--model {name}: its adapter_config.json names no base_model_name_or_path")
     if _trained_on_sft(base):
-        raise ReportedError(f"--model {name}: this adapter was trained on another adapter merged into its base ({base}); "
-                            f"merge them into a model folder and give that as --model")
+        raise ReportedError(
+            f"--model {name}: this adapter was trained on another adapter merged into its base ({base}); "
+            f"merge them into a model folder and give that as --model"
+        )
     path = pathlib.Path(base).expanduser()
     for folder in (pathlib.Path.cwd(), pathlib.Path(config_file).parent):
         if (folder / path).exists():
             return str((folder / path).resolve())
     if path.is_absolute() or base.startswith((".", "~")):
-        raise ReportedError(f"--model {name}: its adapter_config.json names the base {base}, which is not there "
-                            f"(from the working directory or the adapter's folder); give --model-base")
-    return base                                                         # a Hub id
+        raise ReportedError(
+            f"--model {name}: its adapter_config.json names the base {base}, which is not there "
+            f"(from the working directory or the adapter's folder); give --model-base"
+        )
+    return base  # a Hub id
 
 
 def tokenizer_name(name, base=None):
@@ -55,8 +59,12 @@ def tokenizer_name(name, base=None):
     from transformers.utils import cached_file
 
     base = base or adapter_base(name)
-    if base is None or cached_file(name, "tokenizer_config.json", _raise_exceptions_for_missing_entries=False,
-                                   _raise_exceptions_for_connection_errors=False):
+    if base is None or cached_file(
+        name,
+        "tokenizer_config.json",
+        _raise_exceptions_for_missing_entries=False,
+        _raise_exceptions_for_connection_errors=False,
+    ):
         return name
     return base
 
@@ -84,17 +92,23 @@ def add_lora(model, args, checkpoint_folder=None):
         if checkpoint_folder:
             check_checkpoint_adapter(model, layers, args, checkpoint_folder)
             return PeftModel.from_pretrained(model, checkpoint_folder, is_trainable=True).eval()
-        sizes = sorted((min(module.weight.shape), name) for name, module in layers.items()
-                       if isinstance(getattr(module, "weight", None), torch.Tensor) and module.weight.dim() == 2)
-        if sizes and args.lora_r > sizes[0][0]:                         # weights that add nothing (and 10**20 of them)
-            raise ReportedError(f"--lora-r {args.lora_r}: more than the rank of a layer it adapts ({sizes[0][1]}: "
-                                f"{' × '.join(map(str, layers[sizes[0][1]].weight.shape))}); give --lora-r {sizes[0][0]} or less")
-        target = "all-linear" if args.lora_target == ["all-linear"] else args.lora_target   # not the output head
-        config = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, target_modules=target, lora_dropout=0.0,
-                            task_type="CAUSAL_LM")
+        sizes = sorted(
+            (min(module.weight.shape), name)
+            for name, module in layers.items()
+            if isinstance(getattr(module, "weight", None), torch.Tensor) and module.weight.dim() == 2
+        )
+        if sizes and args.lora_r > sizes[0][0]:  # weights that add nothing (and 10**20 of them)
+            raise ReportedError(
+                f"--lora-r {args.lora_r}: more than the rank of a layer it adapts ({sizes[0][1]}: "
+                f"{' × '.join(map(str, layers[sizes[0][1]].weight.shape))}); give --lora-r {sizes[0][0]} or less"
+            )
+        target = "all-linear" if args.lora_target == ["all-linear"] else args.lora_target  # not the output head
+        config = LoraConfig(
+            r=args.lora_r, lora_alpha=args.lora_alpha, target_modules=target, lora_dropout=0.0, task_type="CAUSAL_LM"
+        )
         try:
             policy = get_peft_model(model, config)
-        except ValueError as error:                                     # a layer of a kind LoRA does not adapt
+        except ValueError as error:  # a layer of a kind LoRA does not adapt
             raise ReportedError(f"--lora-target {' '.join(args.lora_target)}: {str(error).splitlines()[0]}") from None
     policy.peft_config["default"].base_model_name_or_path = lora_base(args)
     return policy.eval()
@@ -105,8 +119,11 @@ def lora_layers(model, targets):
     head; else each module whose name is a target or ends with "." and one, as peft matches them. A target that
     names no layer is refused: peft would adapt the others and drop it silently."""
     output_layer, modules = model.get_output_embeddings(), dict(model.named_modules())
-    linear = {name: module for name, module in modules.items() if isinstance(module, torch.nn.Linear) or
-              type(module).__name__ == "Conv1D"}                        # transformers' Conv1D: GPT-2's linear layers
+    linear = {
+        name: module
+        for name, module in modules.items()
+        if isinstance(module, torch.nn.Linear) or type(module).__name__ == "Conv1D"
+    }  # transformers' Conv1D: GPT-2's linear layers
     if targets == ["all-linear"]:
         return {name: module for name, module in linear.items() if module is not output_layer}
     adapted = {}
@@ -114,7 +131,9 @@ def lora_layers(model, targets):
         found = {name: module for name, module in modules.items() if name == target or name.endswith("." + target)}
         if not found:
             kinds = ", ".join(sorted({name.rsplit(".", 1)[-1] for name in linear}))
-            raise ReportedError(f"--lora-target {target}: the model has no layer of that name (its linear layers: {kinds})")
+            raise ReportedError(
+                f"--lora-target {target}: the model has no layer of that name (its linear layers: {kinds})"
+            )
         adapted.update(found)
     return adapted
 
@@ -125,17 +144,23 @@ def check_checkpoint_adapter(model, layers, args, folder):
     try:
         config = json.loads((pathlib.Path(folder) / "adapter_config.json").read_text())
         targets = config["target_modules"]
-        if isinstance(targets, str) and targets != "all-linear":      # a regular expression, as peft takes one
+        if isinstance(targets, str) and targets != "all-linear":  # a regular expression, as peft takes one
             theirs = {name for name, _ in model.named_modules() if re.fullmatch(targets, name)}
         else:
             theirs = set(lora_layers(model, ["all-linear"] if targets == "all-linear" else list(targets)))
-        same = (config.get("peft_type"), config.get("r"), config.get("lora_alpha")) == ("LORA", args.lora_r, args.lora_alpha)
+        same = (config.get("peft_type"), config.get("r"), config.get("lora_alpha")) == (
+            "LORA",
+            args.lora_r,
+            args.lora_alpha,
+        )
     except (OSError, ValueError, KeyError, TypeError, re.error, ReportedError):
         theirs, same = set(), False
     if not same or theirs != set(layers):
-        raise ReportedError(f"{folder}: its adapter ({pathlib.Path(folder) / 'adapter_config.json'}) is not the run's "
-                            f"(--lora-r {args.lora_r} --lora-alpha {args.lora_alpha:g} --lora-target "
-                            f"{' '.join(args.lora_target)}, {len(layers)} layers): it is not a checkpoint of this run")
+        raise ReportedError(
+            f"{folder}: its adapter ({pathlib.Path(folder) / 'adapter_config.json'}) is not the run's "
+            f"(--lora-r {args.lora_r} --lora-alpha {args.lora_alpha:g} --lora-target "
+            f"{' '.join(args.lora_target)}, {len(layers)} layers): it is not a checkpoint of this run"
+        )
 
 
 # What a LoRA adapter trained on a supervised fine-tuning adapter's model names as its base: no model loads by these
@@ -160,7 +185,9 @@ model = PeftModel.from_pretrained(sft_model, "THIS_FOLDER")
 
 def _trained_on_sft(base_name):
     """(the SFT adapter, its base) when an adapter's base_model_name_or_path is SFT_BASE's words; else None."""
-    return re.fullmatch(re.escape(SFT_BASE).replace(r"\{adapter\}", "(.+)").replace(r"\{base\}", "(.+)"), base_name or "")
+    return re.fullmatch(
+        re.escape(SFT_BASE).replace(r"\{adapter\}", "(.+)").replace(r"\{base\}", "(.+)"), base_name or ""
+    )
 
 
 def sft_model_card(base_name):

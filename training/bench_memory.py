@@ -22,15 +22,12 @@ import torch
 import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-import adapters
-import batches
-import data
 import epsdpo_chunked
-import models
-import train
-from bench_counts import cpu_memory_kib, glibc_malloc_option
+from training import adapters, arguments, batches, data, models
+from training.bench_counts import cpu_memory_kib, glibc_malloc_option
+from training.loss import micro_batch_loss
 
-HERE = pathlib.Path(__file__).resolve().parent
+ROOT = pathlib.Path(__file__).resolve().parent.parent
 # The loss alone: (vocabulary, hidden size, pairs, tokens per sequence, completion tokens), bench.py's realistic-128k.
 LOSS_SHAPE = (128256, 256, 4, 384, 256)
 
@@ -41,21 +38,83 @@ LOSS_SHAPE = (128256, 256, 4, 384, 256)
 
 # Their config.json numbers, written here (no Hub access); the models are made on the meta device: no weights.
 PUBLIC_MODELS = {
-    "Qwen2.5-0.5B": ("qwen2", dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
-                                   num_attention_heads=14, num_key_value_heads=2, tie_word_embeddings=True)),
-    "Llama-3.2-1B": ("llama", dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
-                                   num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=True)),
-    "Gemma-2-2B": ("gemma2", dict(vocab_size=256000, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26,
-                                  num_attention_heads=8, num_key_value_heads=4, head_dim=256, tie_word_embeddings=True)),
-    "Mistral-7B-v0.1": ("mistral", dict(vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                                        num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=False)),
-    "Llama-3-8B": ("llama", dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                                 num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=False)),
-    "Mixtral-8x7B": ("mixtral", dict(vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                                     num_attention_heads=32, num_key_value_heads=8, num_local_experts=8,
-                                     num_experts_per_tok=2, tie_word_embeddings=False)),
+    "Qwen2.5-0.5B": (
+        "qwen2",
+        dict(
+            vocab_size=151936,
+            hidden_size=896,
+            intermediate_size=4864,
+            num_hidden_layers=24,
+            num_attention_heads=14,
+            num_key_value_heads=2,
+            tie_word_embeddings=True,
+        ),
+    ),
+    "Llama-3.2-1B": (
+        "llama",
+        dict(
+            vocab_size=128256,
+            hidden_size=2048,
+            intermediate_size=8192,
+            num_hidden_layers=16,
+            num_attention_heads=32,
+            num_key_value_heads=8,
+            tie_word_embeddings=True,
+        ),
+    ),
+    "Gemma-2-2B": (
+        "gemma2",
+        dict(
+            vocab_size=256000,
+            hidden_size=2304,
+            intermediate_size=9216,
+            num_hidden_layers=26,
+            num_attention_heads=8,
+            num_key_value_heads=4,
+            head_dim=256,
+            tie_word_embeddings=True,
+        ),
+    ),
+    "Mistral-7B-v0.1": (
+        "mistral",
+        dict(
+            vocab_size=32000,
+            hidden_size=4096,
+            intermediate_size=14336,
+            num_hidden_layers=32,
+            num_attention_heads=32,
+            num_key_value_heads=8,
+            tie_word_embeddings=False,
+        ),
+    ),
+    "Llama-3-8B": (
+        "llama",
+        dict(
+            vocab_size=128256,
+            hidden_size=4096,
+            intermediate_size=14336,
+            num_hidden_layers=32,
+            num_attention_heads=32,
+            num_key_value_heads=8,
+            tie_word_embeddings=False,
+        ),
+    ),
+    "Mixtral-8x7B": (
+        "mixtral",
+        dict(
+            vocab_size=32000,
+            hidden_size=4096,
+            intermediate_size=14336,
+            num_hidden_layers=32,
+            num_attention_heads=32,
+            num_key_value_heads=8,
+            num_local_experts=8,
+            num_experts_per_tok=2,
+            tie_word_embeddings=False,
+        ),
+    ),
 }
-FINE_TUNED_MODELS = ("Gemma-2-2B", "Mistral-7B-v0.1", "Llama-3-8B")     # the tables of full fine-tuning and LoRA
+FINE_TUNED_MODELS = ("Gemma-2-2B", "Mistral-7B-v0.1", "Llama-3-8B")  # the tables of full fine-tuning and LoRA
 GIB = 2**30
 
 
@@ -90,16 +149,24 @@ def reference_memory():
             model = meta_model(name, **({"experts_implementation": experts} if experts else {}))
             before = weight_bytes(model)
             models.frozen_weights_in_bf16(model.requires_grad_(False))
-            parameters = list(model.parameters())                       # a tied weight counts once
-            rows.append({"model": name + (f" ({experts} experts)" if experts else ""),
-                         "parameters": weight_count(parameters), "float32_gib": before / GIB,
-                         "bf16_gib": weight_bytes(model) / GIB,
-                         "fraction_bf16": weight_count(p for p in parameters if p.dtype == torch.bfloat16)
-                         / weight_count(parameters)})
+            parameters = list(model.parameters())  # a tied weight counts once
+            rows.append(
+                {
+                    "model": name + (f" ({experts} experts)" if experts else ""),
+                    "parameters": weight_count(parameters),
+                    "float32_gib": before / GIB,
+                    "bf16_gib": weight_bytes(model) / GIB,
+                    "fraction_bf16": weight_count(p for p in parameters if p.dtype == torch.bfloat16)
+                    / weight_count(parameters),
+                }
+            )
     print(f"{'model':34}{'parameters':>12}{'float32':>10}{'--dtype bfloat16':>18}{'in bf16':>9}")
     for row in rows:
-        print(f"{row['model']:34}{row['parameters'] / 1e9:>11.2f}B{row['float32_gib']:>7.2f} GiB{row['bf16_gib']:>14.2f} GiB"
-              f"{row['fraction_bf16']:>9.0%}")
+        print(
+            f"{row['model']:34}{row['parameters'] / 1e9:>11.2f}B{row['float32_gib']:>7.2f} GiB{row['bf16_gib']:>14.2f} "
+            "GiB"
+            f"{row['fraction_bf16']:>9.0%}"
+        )
     return rows
 
 
@@ -119,28 +186,37 @@ def reference_memory():
 def bytes_per_gpu(model, gpus):
     """{"ddp": {...}, "fsdp": {...}}: bytes on each of `gpus` GPUs (FSDP's shards rounded up, as it pads them)."""
     weights = weight_count(model.parameters())
-    per_shard = sum(-(-p.numel() // gpus) for p in model.parameters())   # dim 0 split in `gpus`, padded
+    per_shard = sum(-(-p.numel() // gpus) for p in model.parameters())  # dim 0 split in `gpus`, padded
     names = set(model._no_split_modules)
     layers = [m for m in model.modules() if type(m).__name__ in names]
     in_layers = {id(p) for layer in layers for p in layer.parameters()}
     root = weight_count(p for p in model.parameters() if id(p) not in in_layers)
-    reference = weight_bytes(models.frozen_weights_in_bf16(model.requires_grad_(False)))   # meta: nothing stored
-    return {"ddp": {"policy": 16 * weights, "reference": reference},
-            "fsdp": {"policy": 16 * per_shard, "reference": 2 * per_shard,
-                     "gathered": 2 * max(root, *(weight_count(layer.parameters()) for layer in layers))},
-            "weights": weights}
+    reference = weight_bytes(models.frozen_weights_in_bf16(model.requires_grad_(False)))  # meta: nothing stored
+    return {
+        "ddp": {"policy": 16 * weights, "reference": reference},
+        "fsdp": {
+            "policy": 16 * per_shard,
+            "reference": 2 * per_shard,
+            "gathered": 2 * max(root, *(weight_count(layer.parameters()) for layer in layers)),
+        },
+        "weights": weights,
+    }
 
 
 def ddp_fsdp_table(gpus):
-    lines = [f"| model | weights | DDP: policy + reference | FSDP on {gpus}: policy + reference (+ one unit gathered) |",
-             "|---|---:|---:|---:|"]
+    lines = [
+        f"| model | weights | DDP: policy + reference | FSDP on {gpus}: policy + reference (+ one unit gathered) |",
+        "|---|---:|---:|---:|",
+    ]
     for name in FINE_TUNED_MODELS:
         b = bytes_per_gpu(meta_model(name), gpus)
         ddp, fsdp = b["ddp"], b["fsdp"]
-        lines.append(f"| {name} | {b['weights'] / 1e9:.2f} B | {ddp['policy'] / GIB:.1f} + {ddp['reference'] / GIB:.1f} = "
-                     f"**{(ddp['policy'] + ddp['reference']) / GIB:.1f} GiB** | {fsdp['policy'] / GIB:.1f} + "
-                     f"{fsdp['reference'] / GIB:.1f} = **{(fsdp['policy'] + fsdp['reference']) / GIB:.1f} GiB** "
-                     f"(+ {fsdp['gathered'] / GIB:.2f}) |")
+        lines.append(
+            f"| {name} | {b['weights'] / 1e9:.2f} B | {ddp['policy'] / GIB:.1f} + {ddp['reference'] / GIB:.1f} = "
+            f"**{(ddp['policy'] + ddp['reference']) / GIB:.1f} GiB** | {fsdp['policy'] / GIB:.1f} + "
+            f"{fsdp['reference'] / GIB:.1f} = **{(fsdp['policy'] + fsdp['reference']) / GIB:.1f} GiB** "
+            f"(+ {fsdp['gathered'] / GIB:.2f}) |"
+        )
     return "\n".join(lines)
 
 
@@ -169,7 +245,7 @@ def lora_computed(rank=16):
         models.frozen_weights_in_bf16(reference.requires_grad_(False))
         parameters = weight_count(policy.parameters())
         full = (weight_bytes(policy) + weight_bytes(reference), 4 * parameters, 8 * parameters)
-        with torch.device("meta"):                                      # as setup_models: base in bf16, then adapters
+        with torch.device("meta"):  # as setup_models: base in bf16, then adapters
             lora = adapters.add_lora(models.frozen_weights_in_bf16(base.requires_grad_(False)), lora_args(rank))
         trainable = weight_count(p for p in lora.parameters() if p.requires_grad)
         rows[name] = (parameters, trainable, {"full": full, "lora": (weight_bytes(lora), 4 * trainable, 8 * trainable)})
@@ -180,7 +256,7 @@ def lora_measured(rank=8):
     """The same on tiny_data, from the tensors after one training step: {mode: (weights, gradients, state)}."""
     rows, trainable_fraction = {}, None
     for mode, flags in (("full", []), ("lora", ["--lora-r", str(rank)])):
-        args, _ = train.parse_args(["--dtype", "bfloat16", *flags])
+        args, _ = arguments.parse_args(["--dtype", "bfloat16", *flags])
         tokenizer = data.load_tokenizer(adapters.tokenizer_name(args.model))
         rows_read, _, _ = data.load_splits(args.dataset, "train", "test", 0.05, 0)
         pairs, _, _ = data.tokenize_rows(rows_read[:16], tokenizer, args.max_length, args.max_prompt_length)
@@ -189,8 +265,13 @@ def lora_measured(rank=8):
         weights = [p for p in built.policy.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(weights, lr=args.lr)
         with models.precision("bfloat16", torch.device("cpu")):
-            out = train.forward(built.trained, built.reference, batches.collate(pairs, tokenizer.pad_token_id, torch.device("cpu")),
-                                args.beta, args.epsilon)
+            out = micro_batch_loss(
+                built.trained,
+                built.reference,
+                batches.collate(pairs, tokenizer.pad_token_id, torch.device("cpu")),
+                args.beta,
+                args.epsilon,
+            )
         out.loss.backward()
         optimizer.step()
         reference = [] if isinstance(built.reference, models.AdaptersOff) else [built.reference]
@@ -203,26 +284,39 @@ def lora_measured(rank=8):
 
 
 def lora_table(rows, unit, scale):
-    lines = [f"| model | mode | weights | gradients | optimizer state | total ({unit}) |", "|---|---|---:|---:|---:|---:|"]
+    lines = [
+        f"| model | mode | weights | gradients | optimizer state | total ({unit}) |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
     for name, by_mode in rows.items():
         for mode, (weights, gradients, state) in by_mode.items():
-            cells = [f"{x / scale:,.2f}" if scale > 1 else f"{x:,}" for x in (weights, gradients, state, weights + gradients + state)]
+            cells = [
+                f"{x / scale:,.2f}" if scale > 1 else f"{x:,}"
+                for x in (weights, gradients, state, weights + gradients + state)
+            ]
             lines.append(f"| {name} | {'full fine-tuning' if mode == 'full' else 'LoRA'} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def print_lora_memory():
     rows = lora_computed()
-    print("Computed from the shapes (meta device), --dtype bfloat16, LoRA r = 16 on every linear layer of the decoder:\n")
+    print(
+        "Computed from the shapes (meta device), --dtype bfloat16, LoRA r = 16 on every linear layer of the decoder:\n"
+    )
     print(lora_table({name: by_mode for name, (_, _, by_mode) in rows.items()}, "GiB", GIB))
     print()
     for name, (parameters, trainable, _) in rows.items():
-        print(f"{name}: {parameters / 1e9:.2f} B parameters; LoRA r = 16 trains {trainable:,} ({trainable / parameters:.2%})")
+        print(
+            f"{name}: {parameters / 1e9:.2f} B parameters; LoRA r = 16 trains {trainable:,} "
+            f"({trainable / parameters:.2%})"
+        )
     tiny, (trainable, total) = lora_measured()
     print("\nMeasured on tiny_data after one step (CPU, --dtype bfloat16, LoRA r = 8 on every linear layer):\n")
     print(lora_table({"tiny_data": tiny}, "bytes", 1))
-    print(f"\ntiny_data, LoRA r = 8: {trainable:,} of {total:,} parameters trained ({trainable / total:.1%}); "
-          f"the base alone has {total - trainable:,}")
+    print(
+        f"\ntiny_data, LoRA r = 8: {trainable:,} of {total:,} parameters trained ({trainable / total:.1%}); "
+        f"the base alone has {total - trainable:,}"
+    )
 
 
 def print_memory(gpus):
@@ -246,46 +340,83 @@ HIDDEN_RUN_VOCAB, HIDDEN_RUN_PAIRS, HIDDEN_RUN_LENGTH = 131_072, 4, 512
 HIDDEN_RUN_CHILD = """
 import resource, sys, json
 sys.path.insert(0, {here!r})
-import models, train
+import train
+from training import evaluation, models
 models.FROM_HIDDEN_STATES = {from_hidden}
-real_forward = train.forward
+real_forward = train.micro_batch_loss
 shapes, before = [], []
 def forward(policy, reference, batch, *rest):
     if not before:                      # resident memory once everything is loaded, before the first loss
         before.append(int(open("/proc/self/status").read().split("VmRSS:")[1].split()[0]))
     shapes.append(tuple(batch.input_ids.shape))
     return real_forward(policy, reference, batch, *rest)
-train.forward = forward
+train.micro_batch_loss = evaluation.micro_batch_loss = forward
 train.main({argv!r})
-print("RESULT", json.dumps({{"maxrss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, "before_kib": before[0], "shapes": shapes,
-                           "criterion_png": (train.pathlib.Path({argv!r}[-1]) / "criterion.png").exists()}}))
+maxrss_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+criterion_png = (train.pathlib.Path({argv!r}[-1]) / "criterion.png").exists()
+print("RESULT", json.dumps({{"maxrss_kib": maxrss_kib, "before_kib": before[0], "shapes": shapes,
+                           "criterion_png": criterion_png}}))
 """
 
 
 def make_131k_model_and_data(folder):
     """A tied 2-layer Llama (hidden size 64) with a 131,072-word vocabulary, and 12 pairs of ~300-token completions."""
-    LlamaForCausalLM(LlamaConfig(vocab_size=HIDDEN_RUN_VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                 num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=HIDDEN_RUN_LENGTH,
-                                 tie_word_embeddings=True)).save_pretrained(folder / "model")
-    AutoTokenizer.from_pretrained(train.TINY_MODEL).save_pretrained(folder / "model")
+    LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=HIDDEN_RUN_VOCAB,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            max_position_embeddings=HIDDEN_RUN_LENGTH,
+            tie_word_embeddings=True,
+        )
+    ).save_pretrained(folder / "model")
+    AutoTokenizer.from_pretrained(arguments.TINY_MODEL).save_pretrained(folder / "model")
     words = "the price is great and the fit is good but the lamp is poor".split()
-    rows = [{"prompt": f"Review {i}:", "chosen": " " + " ".join(words[(i + j) % len(words)] for j in range(300)),
-             "rejected": " " + " ".join(words[(i + 2 * j) % len(words)] for j in range(280))} for i in range(12)]
+    rows = [
+        {
+            "prompt": f"Review {i}:",
+            "chosen": " " + " ".join(words[(i + j) % len(words)] for j in range(300)),
+            "rejected": " " + " ".join(words[(i + 2 * j) % len(words)] for j in range(280)),
+        }
+        for i in range(12)
+    ]
     (folder / "pairs.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
 
 
 def run_train_131k(folder, from_hidden):
     """Two steps of train.py on that model, evaluation and criterion.png (every train pair) included, in a process of
     its own: its peak RSS, its RSS before the first loss, the shapes of the batches its losses took."""
-    argv = ["--model", str(folder / "model"), "--dataset", str(folder / "pairs.jsonl"), "--eval-fraction", "0.2",
-            "--batch-size", str(HIDDEN_RUN_PAIRS), "--max-steps", "2", "--eval-every", "1000",
-            "--max-length", str(HIDDEN_RUN_LENGTH), "--max-prompt-length", "16", "--output-dir", str(folder / f"out-{from_hidden}")]
-    code = HIDDEN_RUN_CHILD.format(here=str(HERE), from_hidden=from_hidden, argv=argv)
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    argv = [
+        "--model",
+        str(folder / "model"),
+        "--dataset",
+        str(folder / "pairs.jsonl"),
+        "--eval-fraction",
+        "0.2",
+        "--batch-size",
+        str(HIDDEN_RUN_PAIRS),
+        "--max-steps",
+        "2",
+        "--eval-every",
+        "1000",
+        "--max-length",
+        str(HIDDEN_RUN_LENGTH),
+        "--max-prompt-length",
+        "16",
+        "--output-dir",
+        str(folder / f"out-{from_hidden}"),
+    ]
+    code = HIDDEN_RUN_CHILD.format(here=str(ROOT), from_hidden=from_hidden, argv=argv)
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}
+    )
     lines = [line for line in result.stdout.splitlines() if line.startswith("RESULT ")]
     if not lines:
         raise SystemExit(result.stderr[-3000:])
-    return json.loads(lines[-1][len("RESULT "):])
+    return json.loads(lines[-1][len("RESULT ") :])
 
 
 def train_peak_memory_131k():
@@ -297,20 +428,28 @@ def train_peak_memory_131k():
         for from_hidden in (True, False):
             figures = run_train_131k(folder, from_hidden)
             peak_mib, above_mib = figures["maxrss_kib"] / 1024, (figures["maxrss_kib"] - figures["before_kib"]) / 1024
-            largest = max(figures["shapes"], key=lambda shape: shape[0] * shape[1])            # criterion.png's batch
-            training = max((shape for shape in figures["shapes"] if shape[0] == 2 * HIDDEN_RUN_PAIRS), key=lambda shape: shape[1])
-            print(f"{'hidden states' if from_hidden else 'full logits':14} peak RSS {peak_mib:5.0f} MiB, {above_mib:5.0f} MiB above "
-                  f"the RSS before the first loss; criterion.png written: {figures['criterion_png']}")
+            largest = max(figures["shapes"], key=lambda shape: shape[0] * shape[1])  # criterion.png's batch
+            training = max(
+                (shape for shape in figures["shapes"] if shape[0] == 2 * HIDDEN_RUN_PAIRS), key=lambda shape: shape[1]
+            )
+            print(
+                f"{'hidden states' if from_hidden else 'full logits':14} peak RSS {peak_mib:5.0f} MiB, "
+                f"{above_mib:5.0f} MiB above "
+                f"the RSS before the first loss; criterion.png written: {figures['criterion_png']}"
+            )
             for name, (rows, length) in (("largest batch", largest), ("a training micro-batch", training)):
                 logits_mib = rows * length * HIDDEN_RUN_VOCAB * 4 / 2**20
-                print(f"    {name}, {rows} × {length} tokens: one float32 (2B, T, V) logits tensor {logits_mib:5.0f} MiB; "
-                      f"peak RSS {peak_mib / logits_mib:.2f} × it")
+                print(
+                    f"    {name}, {rows} × {length} tokens: one float32 (2B, T, V) logits tensor {logits_mib:5.0f} "
+                    "MiB; "
+                    f"peak RSS {peak_mib / logits_mib:.2f} × it"
+                )
 
 
 def loss_peak_memory_128k():
     """The peak memory one ε-DPO loss adds (forward + backward) at the realistic-128k shape, from hidden states and
     from logits (made from the same hidden states inside the measured region, as a head would); each twice."""
-    glibc_malloc_option(-3, 64 * 1024)             # M_MMAP_THRESHOLD: freed blocks go back, RSS follows what is alive
+    glibc_malloc_option(-3, 64 * 1024)  # M_MMAP_THRESHOLD: freed blocks go back, RSS follows what is alive
     vocab, hidden_size, pairs, length, completion = LOSS_SHAPE
     g = torch.Generator().manual_seed(0)
     hidden = torch.randn(2 * pairs, length, hidden_size, generator=g).requires_grad_()
@@ -322,7 +461,9 @@ def loss_peak_memory_128k():
     mask[:, length - completion :] = 1
 
     def from_hidden():
-        return epsdpo_chunked.epsilon_dpo_loss_from_hidden(hidden, weight, ref_hidden, ref_weight, ids, mask, 0.1, 0.01).loss
+        return epsdpo_chunked.epsilon_dpo_loss_from_hidden(
+            hidden, weight, ref_hidden, ref_weight, ids, mask, 0.1, 0.01
+        ).loss
 
     def from_logits():
         logits = hidden @ weight.T
@@ -334,15 +475,19 @@ def loss_peak_memory_128k():
     for name, loss in (("hidden", from_hidden), ("logits", from_logits)) * 2:
         hidden.grad = weight.grad = None
         with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")                                                # reset the peak (VmHWM) to the current RSS
+            f.write("5")  # reset the peak (VmHWM) to the current RSS
         before = cpu_memory_kib("VmRSS") / 1024
         start = time.perf_counter()
         loss().backward()
         seconds = time.perf_counter() - start
-        extra = cpu_memory_kib("VmHWM") / 1024 - before   # grads of hidden and weight included (also in a real step)
-        print(f"{name}: {seconds:.2f} s, peak {extra:.0f} MiB above the start = {extra / logits_mib:.3f} × one (2B, T, V) "
-              f"float32 logits ({logits_mib:.0f} MiB); grads {(hidden.numel() + weight.numel()) * 4 / 2**20:.0f} MiB of it",
-              flush=True)
+        extra = cpu_memory_kib("VmHWM") / 1024 - before  # grads of hidden and weight included (also in a real step)
+        print(
+            f"{name}: {seconds:.2f} s, peak {extra:.0f} MiB above the start = {extra / logits_mib:.3f} × one (2B, T, "
+            "V) "
+            f"float32 logits ({logits_mib:.0f} MiB); grads {(hidden.numel() + weight.numel()) * 4 / 2**20:.0f} MiB of "
+            "it",
+            flush=True,
+        )
 
 
 def hidden_memory():

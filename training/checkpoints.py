@@ -20,16 +20,25 @@ import torch
 import torch.distributed as dist
 
 import epsdpo
-import sharding
-from adapters import sft_model_card
-from data import ReportedError, note
-from output_folder import INPUTS, _claim_names, _first_line, _write_errors, our_checkpoints, write_atomically
+from training import sharding
+from training.adapters import sft_model_card
+from training.errors import ReportedError, note
+from training.output_folder import INPUTS, _claim_names, _first_line, _write_errors, our_checkpoints, write_atomically
 
 # What a resumed run may change (--resume DIR --max-steps 500); any other flag that differs is refused.
-RESUMABLE = {"max_steps", "eval_every", "save_every", "keep_checkpoints", "eval_batch_size", "max_new_tokens", "device",
-             "criterion_pairs"}
+RESUMABLE = {
+    "max_steps",
+    "eval_every",
+    "save_every",
+    "keep_checkpoints",
+    "eval_batch_size",
+    "max_new_tokens",
+    "device",
+    "criterion_pairs",
+}
 # What runs code: never taken from a checkpoint, only from the command line that resumes it.
 RUNS_CODE = {"trust_remote_code", "gold_reward"}
+
 
 def _saved_files(output_dir):
     """The files the model's save_pretrained wrote, as summary.json lists them."""
@@ -58,7 +67,7 @@ def save_model(model, folder, state_dict=None):
     if hasattr(model, "peft_config"):
         model.save_pretrained(folder, save_embedding_layers=False)
         card = sft_model_card(model.peft_config["default"].base_model_name_or_path)
-        if card:                                                        # its model card begins with what to load it onto
+        if card:  # its model card begins with what to load it onto
             readme = pathlib.Path(folder) / "README.md"
             front, _, rest = readme.read_text().partition("\n---\n") if readme.exists() else ("", "", "")
             readme.write_text(front + "\n---\n" * bool(front) + card + rest)
@@ -79,12 +88,15 @@ def save_pretrained_atomically(output_dir, model, tokenizer, summary=None, state
         names = sorted(path.name for path in temporary.iterdir())
         _claim_names(output_dir, names)
         if summary is not None:
-            write_atomically(pathlib.Path(output_dir) / "summary.json", json.dumps({**summary, "saved": names}, indent=2) + "\n")
+            write_atomically(
+                pathlib.Path(output_dir) / "summary.json", json.dumps({**summary, "saved": names}, indent=2) + "\n"
+            )
         for name in names:
             os.replace(temporary / name, output_dir / name)
     except _write_errors() as error:
-        raise ReportedError(f"could not save the model to {output_dir} ({_first_line(error)}); the checkpoints are "
-                            f"intact") from None
+        raise ReportedError(
+            f"could not save the model to {output_dir} ({_first_line(error)}); the checkpoints are intact"
+        ) from None
     finally:
         shutil.rmtree(temporary, ignore_errors=True)
     return names
@@ -97,9 +109,15 @@ def save_pretrained_atomically(output_dir, model, tokenizer, summary=None, state
 def save_checkpoint(output_dir, step, policy, optimizer, baseline_beta, s_by_noise, args, inputs):
     """checkpoint-STEP of a train.py run: what write_checkpoint writes, with the run's state (inputs: what it read,
     as checked_inputs fingerprinted it; and its number of processes). Called on every rank."""
-    state = {"step": step, "baseline_beta": baseline_beta.state_dict(), "s_by_noise": s_by_noise, "args": vars(args),
-             "rng": {"torch": torch.get_rng_state(), "python": random.getstate()}, "inputs": inputs,
-             "world_size": dist.get_world_size() if dist.is_initialized() else 1}
+    state = {
+        "step": step,
+        "baseline_beta": baseline_beta.state_dict(),
+        "s_by_noise": s_by_noise,
+        "args": vars(args),
+        "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
+        "inputs": inputs,
+        "world_size": dist.get_world_size() if dist.is_initialized() else 1,
+    }
     write_checkpoint(output_dir, step, policy, optimizer, state, args.keep_checkpoints)
 
 
@@ -131,7 +149,7 @@ def write_checkpoint(output_dir, step, policy, optimizer, state, keep):
         return
     temporary = [tempfile.mkdtemp(prefix=f".checkpoint-{step}-", dir=output_dir) if rank == 0 else None]
     if shards:
-        dist.broadcast_object_list(temporary)                          # one folder, rank 0's
+        dist.broadcast_object_list(temporary)  # one folder, rank 0's
     temporary = pathlib.Path(temporary[0])
     try:
         if shards:
@@ -151,29 +169,32 @@ def write_checkpoint(output_dir, step, policy, optimizer, state, keep):
             if final in our_checkpoints(output_dir):
                 shutil.rmtree(final)
             os.replace(temporary, final)
-    except (*_write_errors(), *_checkpoint_errors()) as error:        # a rank's failed write reaches every rank
+    except (*_write_errors(), *_checkpoint_errors()) as error:  # a rank's failed write reaches every rank
         if rank == 0:
             shutil.rmtree(temporary, ignore_errors=True)
         previous = our_checkpoints(output_dir)[-1:]
         error = _first_failure(error)
-        raise ReportedError(f"could not write checkpoint-{step} ({_first_line(error)}); " + (
-            f"the last checkpoint, {previous[0]}, is intact" if previous else "no checkpoint was written")) from None
+        raise ReportedError(
+            f"could not write checkpoint-{step} ({_first_line(error)}); "
+            + (f"the last checkpoint, {previous[0]}, is intact" if previous else "no checkpoint was written")
+        ) from None
     if rank == 0:
         for old in our_checkpoints(output_dir)[:-keep]:
             shutil.rmtree(old)
     if shards:
-        dist.barrier()                                                 # no rank goes on (or exits) before it is whole
+        dist.barrier()  # no rank goes on (or exits) before it is whole
 
 
 def load_checkpoint(folder, state, policy, optimizer):
     """AdamW's state from a checkpoint, and under FSDP the policy's weights with it (each rank reads its
     shards; a run on another number of processes gets them resharded)."""
     if "optimizer" in state:
-        weights = [p for group in optimizer.param_groups for p in group["params"]]     # the weights it trains
+        weights = [p for group in optimizer.param_groups for p in group["params"]]  # the weights it trains
         try:
             saved = state["optimizer"]["state"]
-            fits = sum(len(group["params"]) for group in state["optimizer"]["param_groups"]) == len(weights) and not any(
-                i in saved and saved[i]["exp_avg"].shape != p.shape for i, p in enumerate(weights))
+            fits = sum(len(group["params"]) for group in state["optimizer"]["param_groups"]) == len(
+                weights
+            ) and not any(i in saved and saved[i]["exp_avg"].shape != p.shape for i, p in enumerate(weights))
         except (KeyError, TypeError, AttributeError):
             fits = False
         if not fits:
@@ -189,8 +210,10 @@ def load_checkpoint(folder, state, policy, optimizer):
         dcp.load({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=folder)
     except (*_checkpoint_errors(), RuntimeError, ValueError) as error:
         first = _first_failure(error)
-        raise ReportedError(f"{folder}: its shards do not load into this model ({type(first).__name__}: "
-                            f"{(str(first).splitlines() or [''])[0][:200]})") from None
+        raise ReportedError(
+            f"{folder}: its shards do not load into this model ({type(first).__name__}: "
+            f"{(str(first).splitlines() or [''])[0][:200]})"
+        ) from None
     set_state_dict(policy, optimizer, model_state_dict=model_state, optim_state_dict=optimizer_state)
 
 
@@ -224,21 +247,33 @@ def latest_checkpoint(output_dir):
             _check_model_files(state, folder)
             return folder, state
         except Exception as error:
-            note(f"{folder} cannot be resumed from ({type(error).__name__}: {(str(error).splitlines() or [''])[0][:120]})")
+            note(
+                f"{folder} cannot be resumed from ({type(error).__name__}: "
+                f"{(str(error).splitlines() or [''])[0][:120]})"
+            )
     raise ReportedError(f"--resume {output_dir}: no checkpoint-STEP folder of a train.py run that can be resumed from")
 
 
 def _check_state(state, folder):
-    if not (isinstance(state, dict) and isinstance(state.get("step"), int) and state["step"] >= 1
-            and isinstance(state.get("args"), dict) and (isinstance(state.get("optimizer"), dict) or _whole_shards(folder))
-            and isinstance(state.get("rng"), dict)
-            and isinstance(state["rng"].get("torch"), torch.Tensor) and isinstance(state["rng"].get("python"), tuple)
-            and isinstance(state.get("s_by_noise"), list) and len(state["s_by_noise"]) == 9
-            and all(isinstance(count, int) for count in state["s_by_noise"])
-            and isinstance(state.get("inputs", {}), dict) and all(isinstance(v, dict) for v in state.get("inputs", {}).values())
-            and isinstance(state.get("world_size", 1), int) and state.get("world_size", 1) >= 1):
+    if not (
+        isinstance(state, dict)
+        and isinstance(state.get("step"), int)
+        and state["step"] >= 1
+        and isinstance(state.get("args"), dict)
+        and (isinstance(state.get("optimizer"), dict) or _whole_shards(folder))
+        and isinstance(state.get("rng"), dict)
+        and isinstance(state["rng"].get("torch"), torch.Tensor)
+        and isinstance(state["rng"].get("python"), tuple)
+        and isinstance(state.get("s_by_noise"), list)
+        and len(state["s_by_noise"]) == 9
+        and all(isinstance(count, int) for count in state["s_by_noise"])
+        and isinstance(state.get("inputs", {}), dict)
+        and all(isinstance(v, dict) for v in state.get("inputs", {}).values())
+        and isinstance(state.get("world_size", 1), int)
+        and state.get("world_size", 1) >= 1
+    ):
         raise ValueError("trainer_state.pt lacks what a train.py checkpoint holds")
-    epsdpo.BaselineBeta(1.0, 0.0).load_state_dict(state.get("baseline_beta"))   # raises if malformed
+    epsdpo.BaselineBeta(1.0, 0.0).load_state_dict(state.get("baseline_beta"))  # raises if malformed
 
 
 def _check_model_files(state, folder):
@@ -249,12 +284,18 @@ def _check_model_files(state, folder):
     if state["args"].get("lora_r"):
         json.loads((folder / "adapter_config.json").read_text())
         if not (folder / "adapter_model.safetensors").is_file():
-            raise ValueError("adapter_model.safetensors is not there" + (" (adapter_model.bin is a pickle: never loaded)"
-                                                                          if (folder / "adapter_model.bin").exists() else ""))
+            raise ValueError(
+                "adapter_model.safetensors is not there"
+                + (" (adapter_model.bin is a pickle: never loaded)" if (folder / "adapter_model.bin").exists() else "")
+            )
         files = ["adapter_model.safetensors"]
     else:
         index = folder / "model.safetensors.index.json"
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else ["model.safetensors"]
+        files = (
+            sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            if index.exists()
+            else ["model.safetensors"]
+        )
     for name in files:
         _check_safetensors(folder / pathlib.Path(name).name)
 
@@ -306,19 +347,23 @@ def resumed_args(args, given, parse):
     if wrong:
         raise ReportedError(f"{checkpoint[0]}: its arguments {', '.join(wrong)} are not of the types train.py writes")
     command_line = []
-    for name, value in saved.items():                              # the saved values as a command line
+    for name, value in saved.items():  # the saved values as a command line
         if value != defaults[name] and name not in RUNS_CODE | {"resume", "overwrite"}:
             flag = "--" + name.replace("_", "-")
-            command_line += [flag] if value is True else [flag, *map(str, value if isinstance(value, list) else [value])]
+            command_line += (
+                [flag] if value is True else [flag, *map(str, value if isinstance(value, list) else [value])]
+            )
     try:
         checked = vars(parse(command_line))
     except ReportedError as error:
         raise ReportedError(f"{checkpoint[0]}: its saved arguments are not valid ({error})") from None
     for name in sorted(set(INPUTS) - RUNS_CODE):
         value, flag = saved[name], "--" + name.replace("_", "-")
-        if value != checked[name]:                                  # relative, or a Hub id now a folder here
-            raise ReportedError(f"--resume {output_dir}: the run's {flag} {value} would now read {checked[name]}; "
-                                f"a resumed run reads what the run read")
+        if value != checked[name]:  # relative, or a Hub id now a folder here
+            raise ReportedError(
+                f"--resume {output_dir}: the run's {flag} {value} would now read {checked[name]}; "
+                f"a resumed run reads what the run read"
+            )
         if value and os.path.isabs(value) and not os.path.exists(value):
             raise ReportedError(f"--resume {output_dir}: the run read {flag} {value}, which is no longer there")
     for name in sorted(given - RESUMABLE - RUNS_CODE - {"resume", "batch_size", "grad_accum"}):
@@ -326,20 +371,36 @@ def resumed_args(args, given, parse):
             continue
         if getattr(args, name) != saved[name]:
             flag = "--" + name.replace("_", "-")
-            raise ReportedError(f"--resume {output_dir}: {flag} {getattr(args, name)} differs from the run's {saved[name]}; "
-                                f"a resumed run keeps its arguments, and may change only "
-                                f"{', '.join('--' + n.replace('_', '-') for n in sorted(RESUMABLE))}")
+            raise ReportedError(
+                f"--resume {output_dir}: {flag} {getattr(args, name)} differs from the run's {saved[name]}; "
+                f"a resumed run keeps its arguments, and may change only "
+                f"{', '.join('--' + n.replace('_', '-') for n in sorted(RESUMABLE))}"
+            )
     for name in sorted(RUNS_CODE - given):
         if saved[name]:
-            note(f"the run had --{name.replace('_', '-')}; it runs code, so it applies only when given again with --resume")
-    resumed = argparse.Namespace(**{**saved, **{name: getattr(args, name) for name in given & RESUMABLE | RUNS_CODE},
-                                    "resume": str(output_dir), "output_dir": str(output_dir), "overwrite": False})
+            note(
+                f"the run had --{name.replace('_', '-')}; it runs code, so it applies only when given again with "
+                "--resume"
+            )
+    resumed = argparse.Namespace(
+        **{
+            **saved,
+            **{name: getattr(args, name) for name in given & RESUMABLE | RUNS_CODE},
+            "resume": str(output_dir),
+            "output_dir": str(output_dir),
+            "overwrite": False,
+        }
+    )
     keep_pairs_a_step(resumed, args, given, checkpoint[1].get("world_size"), output_dir)
     step = checkpoint[1]["step"]
     # At --max-steps with its final save incomplete (killed while saving): the resumed run only saves.
-    if resumed.max_steps is not None and (resumed.max_steps < step or resumed.max_steps == step and run_is_saved(output_dir, step)):
-        raise ReportedError(f"--resume {output_dir}: {checkpoint[0].name} is at or past --max-steps {resumed.max_steps}; "
-                            f"give a larger --max-steps to train on")
+    if resumed.max_steps is not None and (
+        resumed.max_steps < step or resumed.max_steps == step and run_is_saved(output_dir, step)
+    ):
+        raise ReportedError(
+            f"--resume {output_dir}: {checkpoint[0].name} is at or past --max-steps {resumed.max_steps}; "
+            f"give a larger --max-steps to train on"
+        )
     return resumed, checkpoint
 
 
@@ -349,27 +410,41 @@ def keep_pairs_a_step(resumed, args, given, run_world_size, output_dir):
     and accumulation are set to keep them, the batch at most the run's (no process needs more memory), else
     ReportedError saying how to resume. The data order gives every step the same pairs (batches.micro_batches)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    run_world_size = run_world_size or world_size                      # a checkpoint that does not say: as now
+    run_world_size = run_world_size or world_size  # a checkpoint that does not say: as now
     batch_size, grad_accum = (getattr(args, name) if name in given else None for name in ("batch_size", "grad_accum"))
-    if world_size == run_world_size and batch_size in (None, resumed.batch_size) and grad_accum in (None, resumed.grad_accum):
+    if (
+        world_size == run_world_size
+        and batch_size in (None, resumed.batch_size)
+        and grad_accum in (None, resumed.grad_accum)
+    ):
         return
     step_pairs = resumed.batch_size * resumed.grad_accum * run_world_size
-    ran = (f"the run trains {step_pairs} pairs a step (--batch-size {resumed.batch_size} × --grad-accum "
-           f"{resumed.grad_accum} × {run_world_size} process{'es' * (run_world_size > 1)})")
+    ran = (
+        f"the run trains {step_pairs} pairs a step (--batch-size {resumed.batch_size} × --grad-accum "
+        f"{resumed.grad_accum} × {run_world_size} process{'es' * (run_world_size > 1)})"
+    )
     if resumed.fsdp and world_size == 1:
-        raise ReportedError(f"--resume {output_dir}: the run shards its models (--fsdp) over {run_world_size} processes; "
-                            f"resume it under torchrun: {resume_command(output_dir, run_world_size)}")
+        raise ReportedError(
+            f"--resume {output_dir}: the run shards its models (--fsdp) over {run_world_size} processes; "
+            f"resume it under torchrun: {resume_command(output_dir, run_world_size)}"
+        )
     if step_pairs % world_size:
-        raise ReportedError(f"--resume {output_dir}: {ran}, which {world_size} processes cannot share evenly; resume it "
-                            f"as it ran ({resume_command(output_dir, run_world_size)}) or on processes that divide {step_pairs}")
+        raise ReportedError(
+            f"--resume {output_dir}: {ran}, which {world_size} processes cannot share evenly; resume it "
+            f"as it ran ({resume_command(output_dir, run_world_size)}) or on processes that divide {step_pairs}"
+        )
     per_process = step_pairs // world_size
-    if batch_size is None and grad_accum is None:                      # the largest batch up to the run's
-        batch_size = next(size for size in range(min(resumed.batch_size, per_process), 0, -1) if per_process % size == 0)
+    if batch_size is None and grad_accum is None:  # the largest batch up to the run's
+        batch_size = next(
+            size for size in range(min(resumed.batch_size, per_process), 0, -1) if per_process % size == 0
+        )
     batch_size = batch_size or max(1, per_process // grad_accum)
     grad_accum = grad_accum or max(1, per_process // batch_size)
     if batch_size * grad_accum != per_process:
-        raise ReportedError(f"--resume {output_dir}: {ran}; --batch-size {batch_size} × --grad-accum {grad_accum} × "
-                            f"{world_size} would make {batch_size * grad_accum * world_size}: a resumed run keeps its pairs a step")
+        raise ReportedError(
+            f"--resume {output_dir}: {ran}; --batch-size {batch_size} × --grad-accum {grad_accum} × "
+            f"{world_size} would make {batch_size * grad_accum * world_size}: a resumed run keeps its pairs a step"
+        )
     note(f"{ran}; now --batch-size {batch_size} × --grad-accum {grad_accum} × {world_size}: the same pairs a step")
     resumed.batch_size, resumed.grad_accum = batch_size, grad_accum
 

@@ -22,28 +22,21 @@ when the pair does not fit in max_length, and then the completions (from the rig
 import json
 import math
 import numbers
-import os
 import pathlib
 import re
 
 import torch
 
+from training.errors import ReportedError
 
-SUFFIXES = (".json", ".jsonl", ".parquet")                  # the files read, in any case (train.JSONL too)
+SUFFIXES = (".json", ".jsonl", ".parquet")  # the files read, in any case (train.JSONL too)
 # The split a file in a dataset folder belongs to, by a word of its path (datasets' own convention).
-SPLIT_WORDS = {"train": {"train", "training"}, "validation": {"validation", "valid", "val", "dev"},
-               "test": {"test", "testing", "eval", "evaluation"}}
-HELD_OUT = ("test", "validation", "valid")                  # the held-out split when --eval-split is not given
-
-
-class ReportedError(Exception):
-    """A problem with the user's data, paths or run: train.py reports it in one line, without a traceback."""
-
-
-def note(text):
-    """Print "note: text" once: under torchrun every process runs the same code, and the first alone says it."""
-    if os.environ.get("RANK", "0") == "0":
-        print(f"note: {text}")
+SPLIT_WORDS = {
+    "train": {"train", "training"},
+    "validation": {"validation", "valid", "val", "dev"},
+    "test": {"test", "testing", "eval", "evaluation"},
+}
+HELD_OUT = ("test", "validation", "valid")  # the held-out split when --eval-split is not given
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -60,9 +53,11 @@ def load_splits(dataset, train_split="train", eval_split=None, eval_fraction=0.0
     type reaches check_row as it is (a loader that unifies types would turn the number 0 into "0").
     """
     if eval_split == train_split:
-        raise ReportedError(f"--eval-split {eval_split} is the training split: held-out metrics would be "
-                            f"measured on the data trained on. Name another split, or none to hold out "
-                            f"--eval-fraction of {train_split}")
+        raise ReportedError(
+            f"--eval-split {eval_split} is the training split: held-out metrics would be "
+            f"measured on the data trained on. Name another split, or none to hold out "
+            f"--eval-fraction of {train_split}"
+        )
     path, notes = pathlib.Path(dataset).expanduser(), []
     if path.is_file():
         if path.suffix.lower() not in SUFFIXES:
@@ -71,32 +66,42 @@ def load_splits(dataset, train_split="train", eval_split=None, eval_fraction=0.0
     elif path.is_dir() and not ((path / "dataset_dict.json").exists() or (path / "state.json").exists()):
         splits, notes = _read_folder(path)
     elif path.is_dir() or not _looks_local(dataset):
-        splits = _load_with_datasets(dataset, path)                 # a save_to_disk folder, or a Hub id
+        splits = _load_with_datasets(dataset, path)  # a save_to_disk folder, or a Hub id
     else:
         raise ReportedError(f"--dataset {dataset}: no such file or folder")
     if train_split not in splits:
         raise ReportedError(f"--dataset {dataset} has no split {train_split!r} (it has {sorted(splits)})")
-    if eval_split is not None and eval_split not in splits:       # a typo must not hold out train rows
-        raise ReportedError(f"--dataset {dataset} has no split {eval_split!r} for --eval-split (it has {sorted(splits)}); "
-                            f"leave --eval-split out to hold out --eval-fraction of {train_split}")
+    if eval_split is not None and eval_split not in splits:  # a typo must not hold out train rows
+        raise ReportedError(
+            f"--dataset {dataset} has no split {eval_split!r} for --eval-split (it has {sorted(splits)}); "
+            f"leave --eval-split out to hold out --eval-fraction of {train_split}"
+        )
     eval_split = eval_split or next((name for name in HELD_OUT if name in splits and name != train_split), None)
     unused = sorted(set(splits) - {train_split, eval_split})
     if unused:
-        notes.append(f"--dataset {dataset}: its split{'s' * (len(unused) > 1)} {', '.join(map(repr, unused))} "
-                     f"{'are' if len(unused) > 1 else 'is'} not used (--eval-split NAME holds one out)")
+        notes.append(
+            f"--dataset {dataset}: its split{'s' * (len(unused) > 1)} {', '.join(map(repr, unused))} "
+            f"{'are' if len(unused) > 1 else 'is'} not used (--eval-split NAME holds one out)"
+        )
     if eval_split in splits:
         return splits[train_split], splits[eval_split], notes
     rows = splits[train_split]
     order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed)).tolist()
     held_out = set(order[: max(1, int(eval_fraction * len(rows)))])
-    return ([row for i, row in enumerate(rows) if i not in held_out],
-            [row for i, row in enumerate(rows) if i in held_out], notes)
+    return (
+        [row for i, row in enumerate(rows) if i not in held_out],
+        [row for i, row in enumerate(rows) if i in held_out],
+        notes,
+    )
 
 
 def _looks_local(name):
     path = pathlib.Path(name).expanduser()
-    return name.startswith((".", "/", "~")) or path.suffix.lower() in SUFFIXES or (
-        len(path.parts) > 1 and pathlib.Path(path.parts[0]).exists())
+    return (
+        name.startswith((".", "/", "~"))
+        or path.suffix.lower() in SUFFIXES
+        or (len(path.parts) > 1 and pathlib.Path(path.parts[0]).exists())
+    )
 
 
 def _read_folder(folder):
@@ -111,7 +116,7 @@ def _read_folder(folder):
     by_split = {}
     for file in data_files:
         by_split.setdefault(split_of(file), []).append(file)
-    if list(by_split) == [None]:                                    # no file names a split: all are train
+    if list(by_split) == [None]:  # no file names a split: all are train
         by_split = {"train": by_split[None]}
     not_loaded = [p for p in files if p not in data_files] + by_split.pop(None, [])
     if not by_split:
@@ -121,7 +126,9 @@ def _read_folder(folder):
         names = ", ".join(str(p.relative_to(folder)) for p in not_loaded[:10])
         more = f" and {len(not_loaded) - 10} more" if len(not_loaded) > 10 else ""
         notes.append(f"not loaded from {folder} (not .json, .jsonl or .parquet, or in no split): {names}{more}")
-    return {split: [row for file in split_files for row in _read_rows(file)] for split, split_files in by_split.items()}, notes
+    return {
+        split: [row for file in split_files for row in _read_rows(file)] for split, split_files in by_split.items()
+    }, notes
 
 
 def _read_rows(path):
@@ -130,14 +137,18 @@ def _read_rows(path):
         if path.suffix.lower() == ".parquet":
             import pyarrow.parquet
 
-            return [(f"{path}, row {number}", row)
-                    for number, row in enumerate(pyarrow.parquet.read_table(path).to_pylist(), start=1)]
+            return [
+                (f"{path}, row {number}", row)
+                for number, row in enumerate(pyarrow.parquet.read_table(path).to_pylist(), start=1)
+            ]
         text = path.read_text(encoding="utf-8")
-    except Exception as error:                                       # unreadable, not UTF-8, not Parquet
-        raise ReportedError(f"{path}: could not be read ({type(error).__name__}: {(str(error).splitlines() or [''])[0]})") from None
+    except Exception as error:  # unreadable, not UTF-8, not Parquet
+        raise ReportedError(
+            f"{path}: could not be read ({type(error).__name__}: {(str(error).splitlines() or [''])[0]})"
+        ) from None
     if path.suffix.lower() == ".json" and text.lstrip().startswith("["):
         return _json_array_rows(text, path)
-    rows = []                                                        # JSON Lines (a .json file may be too)
+    rows = []  # JSON Lines (a .json file may be too)
     for number, line in enumerate(text.splitlines(), start=1):
         if line.strip():
             try:
@@ -164,13 +175,18 @@ def _json_array_rows(text, path):
                 position = space.match(text, position + 1).end()
             elif text[position] != "]":
                 raise json.JSONDecodeError("Expecting ',' delimiter", text, position)
-        if text[position + 1 :].strip():                                # a second array, or any other text
-            raise json.JSONDecodeError("more text after the array; a .json file holds one array, or JSON Lines",
-                                       text, space.match(text, position + 1).end())
+        if text[position + 1 :].strip():  # a second array, or any other text
+            raise json.JSONDecodeError(
+                "more text after the array; a .json file holds one array, or JSON Lines",
+                text,
+                space.match(text, position + 1).end(),
+            )
     except (json.JSONDecodeError, IndexError) as error:
         where = text.count("\n", 0, getattr(error, "pos", len(text))) + 1
-        raise ReportedError(f"{path}, line {where}: not valid JSON ({getattr(error, 'msg', 'unexpected end')})") from None
-    except RecursionError:                                           # in the row that starts on `line`
+        raise ReportedError(
+            f"{path}, line {where}: not valid JSON ({getattr(error, 'msg', 'unexpected end')})"
+        ) from None
+    except RecursionError:  # in the row that starts on `line`
         raise ReportedError(f"{path}, line {line}: JSON nested too deeply to read") from None
     return rows
 
@@ -181,13 +197,15 @@ def _load_with_datasets(dataset, path):
 
     try:
         splits = load_from_disk(str(path)) if path.is_dir() else load_dataset(dataset)
-    except Exception as error:                                      # datasets' own errors, in one line
+    except Exception as error:  # datasets' own errors, in one line
         message = str(error).splitlines()[0] if str(error) else ""
         raise ReportedError(f"--dataset {dataset}: could not be loaded ({type(error).__name__}: {message})") from None
     if isinstance(splits, Dataset):
         splits = {"train": splits}
-    return {split: [(f"{dataset} (split {split}), row {number}", row)
-                    for number, row in enumerate(rows.to_list(), start=1)] for split, rows in splits.items()}
+    return {
+        split: [(f"{dataset} (split {split}), row {number}", row) for number, row in enumerate(rows.to_list(), start=1)]
+        for split, rows in splits.items()
+    }
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -196,7 +214,8 @@ def _load_with_datasets(dataset, path):
 
 def _is_messages(value):
     return isinstance(value, list) and all(
-        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in value)
+        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in value
+    )
 
 
 def check_row(row):
@@ -220,12 +239,14 @@ def check_row(row):
         raise ValueError(f"field 'prompt' must be a string or a list of messages, not {_describe(prompt)}")
     if isinstance(prompt, list) and isinstance(row["chosen"], str):
         raise ValueError("field 'prompt' is a list of messages but 'chosen' and 'rejected' are strings")
-    if row.get("noisy") is not None and not isinstance(row["noisy"], bool):           # not even 0 or 1
+    if row.get("noisy") is not None and not isinstance(row["noisy"], bool):  # not even 0 or 1
         raise ValueError(f"field 'noisy' must be true, false or null, not {_describe(row['noisy'])}")
     for field in ("chosen", "rejected"):
         if prompt is not None and _repeats(prompt, row[field]):
-            raise ValueError(f"field {field!r} repeats the prompt: a completion holds what follows the prompt alone "
-                             f"(or leave 'prompt' out and give whole conversations)")
+            raise ValueError(
+                f"field {field!r} repeats the prompt: a completion holds what follows the prompt alone "
+                f"(or leave 'prompt' out and give whole conversations)"
+            )
 
 
 def _repeats(prompt, completion):
@@ -233,8 +254,9 @@ def _repeats(prompt, completion):
     if isinstance(completion, str):
         return bool(prompt.strip()) and completion.lstrip().startswith(prompt.strip())
     messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
-    return len(completion) > len(messages) and [(m["role"], m["content"].strip()) for m in completion[: len(messages)]] == \
-        [(m["role"], m["content"].strip()) for m in messages]
+    return len(completion) > len(messages) and [
+        (m["role"], m["content"].strip()) for m in completion[: len(messages)]
+    ] == [(m["role"], m["content"].strip()) for m in messages]
 
 
 def _describe(value):
@@ -252,7 +274,7 @@ def render(row, tokenizer):
     chosen, rejected, prompt = row["chosen"], row["rejected"], row.get("prompt")
     if isinstance(chosen, str):
         return prompt, chosen, rejected, True
-    if prompt is None:                               # whole conversations: the prompt is what they share
+    if prompt is None:  # whole conversations: the prompt is what they share
         if chosen[:-1] != rejected[:-1]:
             raise ValueError("fields 'chosen' and 'rejected' differ before their last message (the prompt)")
         prompt, chosen, rejected = chosen[:-1], chosen[-1:], rejected[-1:]
@@ -260,20 +282,24 @@ def render(row, tokenizer):
         prompt = [{"role": "user", "content": prompt}]
     if tokenizer.chat_template is None:
         raise ValueError("a conversational row, but the tokenizer has no chat template to render it")
-    special = set(tokenizer.all_special_tokens) | {t.content for t in tokenizer.added_tokens_decoder.values() if t.special}
+    special = set(tokenizer.all_special_tokens) | {
+        t.content for t in tokenizer.added_tokens_decoder.values() if t.special
+    }
     for field, messages in (("prompt", prompt), ("chosen", chosen), ("rejected", rejected)):
         for message in messages:
             token = next((token for token in special if token in message["content"]), None)
             if token is not None:
-                raise ValueError(f"field {field!r} holds the text {token!r}, a special token of the tokenizer: in a "
-                                 f"conversation it would become that token (the standard format keeps it as text)")
+                raise ValueError(
+                    f"field {field!r} holds the text {token!r}, a special token of the tokenizer: in a "
+                    f"conversation it would become that token (the standard format keeps it as text)"
+                )
     prompt_text = _apply_chat_template(tokenizer, prompt, add_generation_prompt=True)
     completions = []
     for completion in (chosen, rejected):
         conversation = _apply_chat_template(tokenizer, prompt + completion)
         if not conversation.startswith(prompt_text):
             raise ValueError("the chat template does not render the prompt as the start of the conversation")
-        completions.append(conversation[len(prompt_text):])
+        completions.append(conversation[len(prompt_text) :])
     return prompt_text, completions[0], completions[1], False
 
 
@@ -286,13 +312,15 @@ def _apply_chat_template(tokenizer, messages, **options):
     try:
         return tokenizer.apply_chat_template(messages, tokenize=False, **options)
     except TemplateSyntaxError as error:
-        raise ReportedError(f"--model {tokenizer.name_or_path}: its chat template, line {error.lineno}: "
-                            f"{error.message}") from None
+        raise ReportedError(
+            f"--model {tokenizer.name_or_path}: its chat template, line {error.lineno}: {error.message}"
+        ) from None
     except TemplateError as error:
         raise ValueError(f"the chat template refused it: {error}") from None
-    except Exception as error:                                       # the template's own code failed on this row
-        raise ValueError(f"the chat template failed on it ({type(error).__name__}: "
-                         f"{(str(error).splitlines() or [''])[0][:200]})") from None
+    except Exception as error:  # the template's own code failed on this row
+        raise ValueError(
+            f"the chat template failed on it ({type(error).__name__}: {(str(error).splitlines() or [''])[0][:200]})"
+        ) from None
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -312,7 +340,7 @@ def load_tokenizer(name, trust_remote_code=False, model=None):
     if tokenizer.eos_token_id is None:
         raise ReportedError(f"--model {name}: its tokenizer has no EOS token, which must end every completion")
     if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token                   # padding is masked out anyway
+        tokenizer.pad_token = tokenizer.eos_token  # padding is masked out anyway
     return tokenizer
 
 
@@ -335,13 +363,16 @@ def tokenize_pair(row, tokenizer, max_length, max_prompt_length):
       the right to what is left. Since max_prompt_length < max_length, every completion keeps a token.
     """
     if not 1 <= max_prompt_length < max_length:
-        raise ValueError(f"max_prompt_length ({max_prompt_length}) must be at least 1 and less than "
-                         f"max_length ({max_length})")
+        raise ValueError(
+            f"max_prompt_length ({max_prompt_length}) must be at least 1 and less than max_length ({max_length})"
+        )
     check_row(row)
     prompt, chosen, rejected, add_special_tokens = render(row, tokenizer)
 
     def encode(text):
-        return tokenizer(text, add_special_tokens=add_special_tokens, split_special_tokens=add_special_tokens)["input_ids"]
+        return tokenizer(text, add_special_tokens=add_special_tokens, split_special_tokens=add_special_tokens)[
+            "input_ids"
+        ]
 
     prompt_alone, chosen_whole, rejected_whole = encode(prompt), encode(prompt + chosen), encode(prompt + rejected)
     shared = 0
@@ -359,16 +390,22 @@ def tokenize_pair(row, tokenizer, max_length, max_prompt_length):
             special = set(tokenizer.all_special_ids)
             lead = 0
             while lead < max_prompt_length - 1 and prompt_ids[lead] in special:
-                lead += 1                                           # BOS (and the like) stays in front
-            prompt_ids = prompt_ids[:lead] + prompt_ids[len(prompt_ids) - (max_prompt_length - lead):]
+                lead += 1  # BOS (and the like) stays in front
+            prompt_ids = prompt_ids[:lead] + prompt_ids[len(prompt_ids) - (max_prompt_length - lead) :]
         room = max_length - len(prompt_ids)
         chosen_ids, rejected_ids = chosen_ids[:room], rejected_ids[:room]
-    return {"prompt_ids": prompt_ids, "chosen_ids": chosen_ids, "rejected_ids": rejected_ids, "prompt": prompt,
-            "boundary_moved": shared < len(prompt_alone), "truncated": truncated}
+    return {
+        "prompt_ids": prompt_ids,
+        "chosen_ids": chosen_ids,
+        "rejected_ids": rejected_ids,
+        "prompt": prompt,
+        "boundary_moved": shared < len(prompt_alone),
+        "truncated": truncated,
+    }
 
 
 def _ending_with_eos_once(ids, eos_token_id):
-    if eos_token_id in ids:                          # a chat template closed the turn: drop what follows ("\n")
+    if eos_token_id in ids:  # a chat template closed the turn: drop what follows ("\n")
         return ids[: len(ids) - ids[::-1].index(eos_token_id)]
     return ids + [eos_token_id]
 
@@ -397,30 +434,55 @@ def tokenize_rows(rows, tokenizer, max_length, max_prompt_length, skip_invalid=F
         if row["chosen"] == row["rejected"]:
             skip("chosen identical to rejected")
         elif pair["chosen_ids"] == pair["rejected_ids"]:
-            skip("identical once truncated to --max-length" if pair["truncated"] else "chosen and rejected tokenize alike")
+            skip(
+                "identical once truncated to --max-length"
+                if pair["truncated"]
+                else "chosen and rejected tokenize alike"
+            )
         else:
             boundary_moved += pair["boundary_moved"]
             pairs.append({**pair, "noisy": row.get("noisy")})
     return pairs, skipped, boundary_moved
 
 
-def load_pairs(dataset, train_split, eval_split, eval_fraction, seed, tokenizer, max_length, max_prompt_length,
-               skip_invalid=False, least=1):
+def load_pairs(
+    dataset,
+    train_split,
+    eval_split,
+    eval_fraction,
+    seed,
+    tokenizer,
+    max_length,
+    max_prompt_length,
+    skip_invalid=False,
+    least=1,
+):
     """The train and held-out pairs of a dataset, tokenized: {"pairs": {"train", "eval"}, "skipped", "boundary_moved",
     "notes"}, the last three for the report of what was left out or changed. At least `least` train pairs and one
     held-out pair, or ReportedError."""
     train_rows, eval_rows, notes = load_splits(dataset, train_split, eval_split, eval_fraction, seed)
-    tokenized = {split: tokenize_rows(rows, tokenizer, max_length, max_prompt_length, skip_invalid)
-                 for split, rows in (("train", train_rows), ("eval", eval_rows))}
+    tokenized = {
+        split: tokenize_rows(rows, tokenizer, max_length, max_prompt_length, skip_invalid)
+        for split, rows in (("train", train_rows), ("eval", eval_rows))
+    }
     pairs = {split: pairs for split, (pairs, _, _) in tokenized.items()}
     if len(pairs["train"]) < least or not pairs["eval"]:
-        skipped = ", ".join(f"{count} {split} rows: {reason}" for split, (_, reasons, _) in tokenized.items()
-                            for reason, count in reasons.items())
-        raise ReportedError(f"--dataset {dataset}: {len(pairs['train'])} usable train pairs and {len(pairs['eval'])} "
-                            f"held-out pairs; need at least a step's pairs (--batch-size × --grad-accum × processes, "
-                            f"{least}) and 1" + (f"; skipped {skipped}" if skipped else ""))
-    return {"pairs": pairs, "skipped": {split: skipped for split, (_, skipped, _) in tokenized.items()},
-            "boundary_moved": {split: moved for split, (_, _, moved) in tokenized.items()}, "notes": notes}
+        skipped = ", ".join(
+            f"{count} {split} rows: {reason}"
+            for split, (_, reasons, _) in tokenized.items()
+            for reason, count in reasons.items()
+        )
+        raise ReportedError(
+            f"--dataset {dataset}: {len(pairs['train'])} usable train pairs and {len(pairs['eval'])} "
+            f"held-out pairs; need at least a step's pairs (--batch-size × --grad-accum × processes, "
+            f"{least}) and 1" + (f"; skipped {skipped}" if skipped else "")
+        )
+    return {
+        "pairs": pairs,
+        "skipped": {split: skipped for split, (_, skipped, _) in tokenized.items()},
+        "boundary_moved": {split: moved for split, (_, _, moved) in tokenized.items()},
+        "notes": notes,
+    }
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -437,7 +499,9 @@ def load_gold_reward(path):
     if not pathlib.Path(path).is_file():
         raise ReportedError(f"--gold-reward {path}: no such file")
     if pathlib.Path(path).suffix != ".py":
-        raise ReportedError(f"--gold-reward {path}: expected a Python file (.py) that defines score(prompt, completion)")
+        raise ReportedError(
+            f"--gold-reward {path}: expected a Python file (.py) that defines score(prompt, completion)"
+        )
     try:
         spec = importlib.util.spec_from_file_location("gold_reward", path)
         module = importlib.util.module_from_spec(spec)

@@ -10,12 +10,17 @@ import time
 def stop_at_once_on_ctrl_c():
     """Before stop_signals takes over (while torch and transformers import, seconds): Ctrl-C exits with one line
     and the signal's status, not a KeyboardInterrupt's traceback from inside an import."""
+
     def stop(number, frame):
-        if os.environ.get("RANK", "0") == "0":                          # under torchrun, once in all
-            print(f"stopped by signal {number} before training started; nothing was written to resume from", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun, once in all
+            print(
+                f"stopped by signal {number} before training started; nothing was written to resume from",
+                file=sys.stderr,
+            )
         sys.exit(128 + number)
 
     signal.signal(signal.SIGINT, stop)
+
 
 class StopNow(KeyboardInterrupt):
     """The first SIGINT or SIGTERM before training: there is nothing to save, so the run stops at once."""
@@ -70,4 +75,4 @@ class StopOnSignal:
             raise KeyboardInterrupt
 
 
-stop_signals = StopOnSignal()                              # one per process: main() holds it while it runs
+stop_signals = StopOnSignal()  # one per process: main() holds it while it runs

@@ -20,21 +20,25 @@ import tempfile
 import torch
 import torch.distributed as dist
 
-from data import ReportedError
+from training.errors import ReportedError
 
-LOCK = ".train.lock"                                        # held (flock) while a run writes to the folder
-OURS = ".train.files"                                       # the names of the files the project wrote there, one a line
+LOCK = ".train.lock"  # held (flock) while a run writes to the folder
+OURS = ".train.files"  # the names of the files the project wrote there, one a line
 RUN_FILES = ("metrics.jsonl", "summary.json", "curves.png", "criterion.png")
 COMPARE_FILES, FRONTIER_FILES = ("compare.png",), ("frontier.json", "frontier.png")
 # What a run reads: a folder holding one of them is never its output folder.
 INPUTS = ("model", "model_base", "ref_model", "dataset", "gold_reward")
 # Temporaries of ours, by name: what a killed run leaves behind, removed by the next run in the folder.
-TEMPORARY = re.compile(r"\.saving-\w{8}|\.checkpoint-[0-9]+-\w{8}|\.(metrics\.jsonl|summary\.json|curves\.png|"
-                       r"compare\.png|frontier\.json|frontier\.png)\.\w{8}")
+TEMPORARY = re.compile(
+    r"\.saving-\w{8}|\.checkpoint-[0-9]+-\w{8}|\.(metrics\.jsonl|summary\.json|curves\.png|"
+    r"compare\.png|frontier\.json|frontier\.png)\.\w{8}"
+)
 # The names of a model's files that save_pretrained writes (besides the tokenizer's), and of a peft adapter's
 # (its model card README.md among them).
-MODEL_FILES = re.compile(r"config\.json|generation_config\.json|model\.safetensors(\.index\.json)?|"
-                         r"model-[0-9]+-of-[0-9]+\.safetensors")
+MODEL_FILES = re.compile(
+    r"config\.json|generation_config\.json|model\.safetensors(\.index\.json)?|"
+    r"model-[0-9]+-of-[0-9]+\.safetensors"
+)
 ADAPTER_FILES = re.compile(r"adapter_config\.json|adapter_model\.(safetensors|bin)|README\.md")
 
 
@@ -53,12 +57,18 @@ def claim_output_dir(output_dir, args):
     if output_dir.exists() and not output_dir.is_dir():
         raise ReportedError(f"--output-dir {output_dir} is a file, not a folder")
     check_not_an_input(output_dir, args)
-    lock = _lock(output_dir) if (output_dir / LOCK).exists() else None   # a run of ours: is it still going?
-    if not (args.overwrite or args.resume) and output_dir.exists() and any(p.name != LOCK for p in output_dir.iterdir()):
+    lock = _lock(output_dir) if (output_dir / LOCK).exists() else None  # a run of ours: is it still going?
+    if (
+        not (args.overwrite or args.resume)
+        and output_dir.exists()
+        and any(p.name != LOCK for p in output_dir.iterdir())
+    ):
         if lock:
             lock.close()
-        raise ReportedError(f"--output-dir {output_dir} is not empty; nothing in it was touched. Pass --overwrite "
-                            f"to replace its run, --resume {output_dir} to continue it, or another --output-dir")
+        raise ReportedError(
+            f"--output-dir {output_dir} is not empty; nothing in it was touched. Pass --overwrite "
+            f"to replace its run, --resume {output_dir} to continue it, or another --output-dir"
+        )
     return lock or _lock(output_dir)
 
 
@@ -69,12 +79,14 @@ def check_not_an_input(output_dir, args):
     for name in INPUTS:
         value = getattr(args, name, None)
         path = pathlib.Path(value).expanduser().resolve() if value else None
-        if path is None or not path.exists():                          # a Hub id, or nothing
+        if path is None or not path.exists():  # a Hub id, or nothing
             continue
         if path == resolved or resolved in path.parents or (path.is_dir() and path in resolved.parents):
             relation = "is" if path == resolved else "holds" if resolved in path.parents else "is inside"
-            raise ReportedError(f"--output-dir {output_dir} {relation} --{name.replace('_', '-')} {value}: a run never "
-                                f"writes where it reads; choose another --output-dir")
+            raise ReportedError(
+                f"--output-dir {output_dir} {relation} --{name.replace('_', '-')} {value}: a run never "
+                f"writes where it reads; choose another --output-dir"
+            )
 
 
 def ours(folder):
@@ -84,7 +96,9 @@ def ours(folder):
         names = set((folder / OURS).read_text().splitlines())
     except OSError:
         names = set()
-    return {n for n in names if n and n == pathlib.Path(n).name and n[:1] != "."} | {p.name for p in our_checkpoints(folder)}
+    return {n for n in names if n and n == pathlib.Path(n).name and n[:1] != "."} | {
+        p.name for p in our_checkpoints(folder)
+    }
 
 
 def _claim_names(folder, names):
@@ -92,8 +106,10 @@ def _claim_names(folder, names):
     folder, known = pathlib.Path(folder), ours(folder)
     for name in names:
         if name not in known and (os.path.lexists(folder / name)):
-            raise ReportedError(f"{folder} holds {name}, which this project did not write; it was not replaced. "
-                                f"Move it, or choose another --output-dir")
+            raise ReportedError(
+                f"{folder} holds {name}, which this project did not write; it was not replaced. "
+                f"Move it, or choose another --output-dir"
+            )
     new = [name for name in names if name not in known]
     if new:
         with _naming(folder / OURS), open(folder / OURS, "a") as listing:
@@ -119,18 +135,24 @@ def check_only_ours_replaced(output_dir, will_write):
     known = ours(output_dir)
     for path in sorted(output_dir.iterdir()):
         if will_write(path.name) and path.name not in known:
-            raise ReportedError(f"--output-dir {output_dir} holds {path.name}, which this project did not write and its run "
-                                f"would replace; nothing was touched. Move it, or choose another --output-dir")
+            raise ReportedError(
+                f"--output-dir {output_dir} holds {path.name}, which this project did not write and its run "
+                f"would replace; nothing was touched. Move it, or choose another --output-dir"
+            )
 
 
 def run_writes(tokenizer, lora):
     """will_write for check_only_ours_replaced: the names a training run may write in its output folder."""
-    with tempfile.TemporaryDirectory() as names_of:                    # which files the tokenizer writes
+    with tempfile.TemporaryDirectory() as names_of:  # which files the tokenizer writes
         tokenizer.save_pretrained(names_of)
         tokenizer_files = set(os.listdir(names_of))
     model_files = ADAPTER_FILES if lora else MODEL_FILES
-    return lambda name: bool(name in RUN_FILES or name in tokenizer_files or model_files.fullmatch(name)
-                             or re.fullmatch(r"checkpoint-[0-9]+", name))
+    return lambda name: bool(
+        name in RUN_FILES
+        or name in tokenizer_files
+        or model_files.fullmatch(name)
+        or re.fullmatch(r"checkpoint-[0-9]+", name)
+    )
 
 
 @contextlib.contextmanager
@@ -146,7 +168,7 @@ def claim_on_rank_zero(output_dir, args, rank, world_size, device):
         refused = torch.tensor([refusal is not None], dtype=torch.float32, device=device)
         dist.broadcast(refused, src=0)
         if refused.item() and rank != 0:
-            sys.exit(1)                                                 # rank 0 says why, once
+            sys.exit(1)  # rank 0 says why, once
     if refusal:
         raise refusal
     with lock:
@@ -165,8 +187,9 @@ def _lock(output_dir):
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         handle.close()
-        raise ReportedError(f"--output-dir {output_dir} is in use by another run (it holds {LOCK}); "
-                            f"nothing was touched") from None
+        raise ReportedError(
+            f"--output-dir {output_dir} is in use by another run (it holds {LOCK}); nothing was touched"
+        ) from None
     return handle
 
 
@@ -174,7 +197,7 @@ def prepare_output_dir(output_dir, resumed_step):
     """Resuming: forget the metrics written after the checkpoint. Otherwise (--overwrite): remove the
     previous run's own files and checkpoints. Called once the data and models are known to be good."""
     output_dir = pathlib.Path(output_dir)
-    for path in output_dir.iterdir():                  # what a killed run of ours left: ours by name and place
+    for path in output_dir.iterdir():  # what a killed run of ours left: ours by name and place
         if TEMPORARY.fullmatch(path.name) and not path.is_symlink():
             shutil.rmtree(path) if path.is_dir() else path.unlink()
     if resumed_step is not None:
@@ -183,7 +206,7 @@ def prepare_output_dir(output_dir, resumed_step):
         return
     for checkpoint in our_checkpoints(output_dir):
         shutil.rmtree(checkpoint)
-    for name in ours(output_dir):                                      # files only: no folder is listed
+    for name in ours(output_dir):  # files only: no folder is listed
         (output_dir / name).unlink(missing_ok=True)
     (output_dir / OURS).unlink(missing_ok=True)
 
@@ -200,7 +223,7 @@ def read_metrics(output_dir):
     """The rows of metrics.jsonl; a line a crash tore in half is left out."""
     path = pathlib.Path(output_dir) / "metrics.jsonl"
     rows = []
-    for line in (path.read_text().splitlines() if path.exists() else []):
+    for line in path.read_text().splitlines() if path.exists() else []:
         try:
             rows.append(json.loads(line))
         except json.JSONDecodeError:

@@ -11,15 +11,15 @@ from dataclasses import dataclass
 
 import torch
 
-NOISE_CODES = {None: 0, False: 1, True: 2}                     # a pair's "noisy" flag, as a number
+NOISE_CODES = {None: 0, False: 1, True: 2}  # a pair's "noisy" flag, as a number
 
 
 @dataclass
 class Batch:
-    input_ids: torch.Tensor          # (2B, T): B chosen sequences, then B rejected ones, right-padded
-    attention_mask: torch.Tensor     # (2B, T)
-    completion_mask: torch.Tensor    # (2B, T): 1 on completion tokens
-    noise: torch.Tensor              # (B,): the row's "noisy" flag: 0 absent, 1 false (clean), 2 true (mislabelled)
+    input_ids: torch.Tensor  # (2B, T): B chosen sequences, then B rejected ones, right-padded
+    attention_mask: torch.Tensor  # (2B, T)
+    completion_mask: torch.Tensor  # (2B, T): 1 on completion tokens
+    noise: torch.Tensor  # (B,): the row's "noisy" flag: 0 absent, 1 false (clean), 2 true (mislabelled)
     # input_ids and completion_mask as collate made them, on the host (the CPU): the loss at scale finds the scored
     # positions there, so that it never waits for the device to read them back.
     host_input_ids: torch.Tensor = None
@@ -28,7 +28,9 @@ class Batch:
 
 def collate(pairs, pad_token_id, device):
     """One batch of 2B rows for one concatenated forward pass: the B chosen sequences, then the B rejected."""
-    sequences = [(p["prompt_ids"], p["chosen_ids"]) for p in pairs] + [(p["prompt_ids"], p["rejected_ids"]) for p in pairs]
+    sequences = [(p["prompt_ids"], p["chosen_ids"]) for p in pairs] + [
+        (p["prompt_ids"], p["rejected_ids"]) for p in pairs
+    ]
     length = max(len(prompt) + len(completion) for prompt, completion in sequences)
     input_ids = torch.full((len(sequences), length), pad_token_id, dtype=torch.long)
     attention_mask = torch.zeros_like(input_ids)

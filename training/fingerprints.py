@@ -12,13 +12,15 @@ import pathlib
 import re
 import struct
 
-from adapters import adapter_base
-from data import ReportedError, note
+from training.adapters import adapter_base
+from training.errors import ReportedError, note
 
 # The files of a model's folder that loading it reads (weights, configuration, tokenizer, a model's own code).
-READ_BY_LOADING = re.compile(r".*\.(safetensors|bin|model|py|tiktoken)|.*\.index\.json|(adapter_|generation_)?config\.json|"
-                             r"tokenizer.*|special_tokens_map\.json|added_tokens\.json|vocab\..*|merges\.txt|chat_template\..*")
-WHOLE, SAMPLE = 64 * 2**20, 4096                   # files up to WHOLE bytes are hashed whole; weights, in samples
+READ_BY_LOADING = re.compile(
+    r".*\.(safetensors|bin|model|py|tiktoken)|.*\.index\.json|(adapter_|generation_)?config\.json|"
+    r"tokenizer.*|special_tokens_map\.json|added_tokens\.json|vocab\..*|merges\.txt|chat_template\..*"
+)
+WHOLE, SAMPLE = 64 * 2**20, 4096  # files up to WHOLE bytes are hashed whole; weights, in samples
 
 
 def checked_inputs(args, data, checkpoint=None):
@@ -31,20 +33,32 @@ def checked_inputs(args, data, checkpoint=None):
     saved = checkpoint[1].get("inputs") if checkpoint else inputs
     if not saved:
         note(f"{checkpoint[0]} holds no fingerprints of what the run read (an older checkpoint): not compared")
-    for what, then in (saved or {}).items():                           # as written: --model first, then the pairs
+    for what, then in (saved or {}).items():  # as written: --model first, then the pairs
         now = inputs.get(what)
         if now == then:
             continue
-        named = {"--model": f"--model {args.model}", "--model-base": f"--model-base {args.model_base}",
-                 "--ref-model": f"--ref-model {args.ref_model}"}.get(what, what)
+        named = {
+            "--model": f"--model {args.model}",
+            "--model-base": f"--model-base {args.model_base}",
+            "--ref-model": f"--ref-model {args.ref_model}",
+        }.get(what, what)
         if now is None or not isinstance(then, dict):
             change = f"the run read {named}, which it does not now"
         elif "pairs" in what:
-            change = f"the {what} of --dataset {args.dataset} differ from the run's ({then.get('pairs')} then, {now['pairs']} now)"
+            change = (
+                f"the {what} of --dataset {args.dataset} differ from the run's "
+                f"({then.get('pairs')} then, {now['pairs']} now)"
+            )
         else:
             changed = sorted({*then, *now} - {name for name in then if then[name] == now.get(name)})
-            change = f"{named} changed since the run (" + ", ".join(
-                f"{name} {'is new' if name not in then else 'is gone' if name not in now else 'differs'}" for name in changed[:4]) + ")"
+            change = (
+                f"{named} changed since the run ("
+                + ", ".join(
+                    f"{name} {'is new' if name not in then else 'is gone' if name not in now else 'differs'}"
+                    for name in changed[:4]
+                )
+                + ")"
+            )
         raise ReportedError(f"--resume {args.resume}: {change}; a resumed run trains on what the run trained on")
     return inputs
 
@@ -80,12 +94,17 @@ def model_fingerprint(name):
     of a tensor, or any part of its first, middle or last 4 KiB) change it, at a few reads per tensor."""
     folder = pathlib.Path(name)
     if folder.is_dir():
-        return {path.name: _file_digest(path) for path in sorted(folder.iterdir())
-                if path.is_file() and READ_BY_LOADING.fullmatch(path.name)}
+        return {
+            path.name: _file_digest(path)
+            for path in sorted(folder.iterdir())
+            if path.is_file() and READ_BY_LOADING.fullmatch(path.name)
+        }
     from transformers.utils import cached_file
 
     for file in ("config.json", "adapter_config.json"):
-        found = cached_file(name, file, _raise_exceptions_for_missing_entries=False, _raise_exceptions_for_connection_errors=False)
+        found = cached_file(
+            name, file, _raise_exceptions_for_missing_entries=False, _raise_exceptions_for_connection_errors=False
+        )
         if found:
             return {"revision": pathlib.Path(found).parent.name}
     return {}
@@ -110,8 +129,13 @@ def _sampled_offsets(file, size, safetensors):
             raise ValueError
         length = struct.unpack("<Q", file.read(8))[0]
         header = json.loads(file.read(length)) if length <= 2**27 else None
-        starts = [0] + [8 + length + at for key, entry in header.items() if key != "__metadata__"
-                        for begin, end in [entry["data_offsets"]] for at in (begin, (begin + end) // 2, max(begin, end - SAMPLE))]
-        return starts + list(range(SAMPLE, 8 + length, SAMPLE))          # the whole header too
+        starts = [0] + [
+            8 + length + at
+            for key, entry in header.items()
+            if key != "__metadata__"
+            for begin, end in [entry["data_offsets"]]
+            for at in (begin, (begin + end) // 2, max(begin, end - SAMPLE))
+        ]
+        return starts + list(range(SAMPLE, 8 + length, SAMPLE))  # the whole header too
     except (ValueError, AttributeError, KeyError, TypeError, struct.error):
         return [size * i // 256 for i in range(256)] + [max(0, size - SAMPLE)]

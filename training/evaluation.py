@@ -2,7 +2,7 @@
 names), held-out evaluation, samples of the policy scored by the gold reward and by their KL from the reference,
 and what the criterion measures on the final policy.
 
-forward, passed in by train.py, is the ε-DPO loss of a micro-batch (train.forward): evaluation computes what
+loss.micro_batch_loss is the ε-DPO loss of a micro-batch, as training computes it: evaluation computes what
 training computes, with the same memory.
 """
 
@@ -11,18 +11,31 @@ import torch.distributed as dist
 
 import epsdpo
 import epsdpo_chunked
-from batches import NOISE_CODES, collate, collate_prompts
-from data import gold_score
-from models import last_hidden_states
-from sharding import gathered_once, sharded
+from training.batches import NOISE_CODES, collate, collate_prompts
+from training.data import gold_score
+from training.loss import micro_batch_loss
+from training.models import last_hidden_states
+from training.sharding import gathered_once, sharded
 
 # ----------------------------------------------------------------------------------------------------
 # Metrics: sums kept on the device, gathered from every rank once per optimizer step or evaluation
 
 
-SUMS = ("pairs", "loss", "beta/pairs_mean", "s/weaker", "s/stronger", "rewards/chosen", "rewards/rejected",
-        "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected", "h")
-NOISE = [(noisy, s) for noisy in NOISE_CODES for s in (1, 0, -1)]       # pairs counted by noise flag and s
+SUMS = (
+    "pairs",
+    "loss",
+    "beta/pairs_mean",
+    "s/weaker",
+    "s/stronger",
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/accuracies",
+    "rewards/margins",
+    "logps/chosen",
+    "logps/rejected",
+    "h",
+)
+NOISE = [(noisy, s) for noisy in NOISE_CODES for s in (1, 0, -1)]  # pairs counted by noise flag and s
 
 
 def pair_sums(out, noise, pairs=None):
@@ -33,10 +46,22 @@ def pair_sums(out, noise, pairs=None):
     accuracies = (chosen > rejected).float() + 0.5 * (chosen == rejected).float()
     # h = z_θ − γ, the margin: comparable across runs, unlike the rewards' β̃ h when β differs.
     h = (out.chosen_logps - out.ref_chosen_logps) - (out.rejected_logps - out.ref_rejected_logps)
-    sums = [torch.ones_like(chosen), out.losses.detach(), out.pair_betas, s == 1, s == -1, chosen, rejected,
-            accuracies, chosen - rejected, out.chosen_logps.detach(), out.rejected_logps.detach(), h.detach()]
+    sums = [
+        torch.ones_like(chosen),
+        out.losses.detach(),
+        out.pair_betas,
+        s == 1,
+        s == -1,
+        chosen,
+        rejected,
+        accuracies,
+        chosen - rejected,
+        out.chosen_logps.detach(),
+        out.rejected_logps.detach(),
+        h.detach(),
+    ]
     sums = torch.stack([values[:pairs].double().sum() for values in sums])
-    codes = (noise * 3 + 1 - s)[:pairs]                                 # the index of (noisy, s) in NOISE
+    codes = (noise * 3 + 1 - s)[:pairs]  # the index of (noisy, s) in NOISE
     return torch.cat([sums, (codes[:, None] == torch.arange(len(NOISE), device=codes.device)).sum(0).double()])
 
 
@@ -59,10 +84,15 @@ def s_fractions(s_by_noise):
 
     s_by_noise: counts of pairs with (flag, s) for flag in (absent, clean, noisy), s in (+1, 0, −1)."""
     groups = {}
-    for name, (weaker, kept, stronger) in zip(("all", "clean", "noisy"), zip(*[iter(s_by_noise)] * 3)):
+    for name, (weaker, kept, stronger) in zip(
+        ("all", "clean", "noisy"), zip(*[iter(s_by_noise)] * 3, strict=True), strict=True
+    ):
         if weaker + kept + stronger:
-            groups[name] = {"pairs": weaker + kept + stronger, "weaker": weaker / (weaker + kept + stronger),
-                            "stronger": stronger / (weaker + kept + stronger)}
+            groups[name] = {
+                "pairs": weaker + kept + stronger,
+                "weaker": weaker / (weaker + kept + stronger),
+                "stronger": stronger / (weaker + kept + stronger),
+            }
     return dict(sorted(groups.items()))
 
 
@@ -81,11 +111,18 @@ def train_row(step, beta, lr, ranks, grad_norm, next_beta):
     step_counts = [int(count) for count in totals[len(SUMS) : len(SUMS) + len(NOISE)].tolist()]
     row = {"step": step, "split": "train", "beta": beta, "lr": lr, **means(totals), "grad_norm": grad_norm}
     if next_beta is not None:
-        row["beta/pairs_mean"] = next_beta                              # the same mean of β̃, in float64
+        row["beta/pairs_mean"] = next_beta  # the same mean of β̃, in float64
     fractions = s_fractions(step_counts)
-    row.update({f"s/{kind}/{group}": f[kind] for group, f in fractions.items() if group != "all" for kind in ("weaker", "stronger")})
+    row.update(
+        {
+            f"s/{kind}/{group}": f[kind]
+            for group, f in fractions.items()
+            if group != "all"
+            for kind in ("weaker", "stronger")
+        }
+    )
     if len(ranks) > 1:
-        row["beta/ranks"] = ranks[:, -2].tolist()                       # the β each rank used: all the same
+        row["beta/ranks"] = ranks[:, -2].tolist()  # the β each rank used: all the same
     return row, step_counts
 
 
@@ -97,33 +134,48 @@ def sample_and_score(policy, reference, tokenizer, pairs, gold_reward, args, dev
     # Pure ancestral sampling: the KL estimate is only unbiased for samples of π_θ itself. generate() fills
     # every field left unset here from the model's own generation_config.json (repetition_penalty, top_k,
     # no_repeat_ngram_size, ...), so while sampling the model's defaults are a bare GenerationConfig.
-    sampling = GenerationConfig(do_sample=True, top_k=0, top_p=1.0, temperature=1.0, max_new_tokens=args.max_new_tokens,
-                                pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    sampling = GenerationConfig(
+        do_sample=True,
+        top_k=0,
+        top_p=1.0,
+        temperature=1.0,
+        max_new_tokens=args.max_new_tokens,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
     rewards, kls, model_defaults = [], [], policy.generation_config
     policy.generation_config = GenerationConfig()
     try:
         # Under FSDP each rank gathers the policy's units once for all its samples, not once per new token.
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), gathered_once(policy, device):
-            torch.manual_seed(args.seed)                                    # the same prompts get the same noise
+            torch.manual_seed(args.seed)  # the same prompts get the same noise
             for start in range(0, len(pairs), args.eval_batch_size):
                 chunk = pairs[start : start + args.eval_batch_size]
                 prompt_ids, attention_mask = collate_prompts(chunk, tokenizer.pad_token_id, device)
-                generated = policy.generate(input_ids=prompt_ids, attention_mask=attention_mask, generation_config=sampling,
-                                            synced_gpus=sharded(policy))[:, prompt_ids.shape[1] :].tolist()
+                generated = policy.generate(
+                    input_ids=prompt_ids,
+                    attention_mask=attention_mask,
+                    generation_config=sampling,
+                    synced_gpus=sharded(policy),
+                )[:, prompt_ids.shape[1] :].tolist()
                 samples = []
-                for pair, new in zip(chunk, generated):
+                for pair, new in zip(chunk, generated, strict=True):
                     new = new[: new.index(tokenizer.eos_token_id) + 1] if tokenizer.eos_token_id in new else new
                     samples.append({"prompt_ids": pair["prompt_ids"], "chosen_ids": new, "rejected_ids": new})
-                    rewards.append(gold_score(gold_reward, pair["prompt"], tokenizer.decode(new, skip_special_tokens=True)))
-                batch = collate(samples, tokenizer.pad_token_id, device)   # scored right-padded, as in training
-                kls += completion_measures(policy, reference, batch, head, rows=len(samples), max_rows=2 * args.batch_size)[1].tolist()
+                    rewards.append(
+                        gold_score(gold_reward, pair["prompt"], tokenizer.decode(new, skip_special_tokens=True))
+                    )
+                batch = collate(samples, tokenizer.pad_token_id, device)  # scored right-padded, as in training
+                kls += completion_measures(
+                    policy, reference, batch, head, rows=len(samples), max_rows=2 * args.batch_size
+                )[1].tolist()
     finally:
-        policy.generation_config = model_defaults                      # saved with the model as it was
+        policy.generation_config = model_defaults  # saved with the model as it was
     return rewards, kls
 
 
 @torch.no_grad()
-def evaluate(forward, models, tokenizer, eval_pairs, beta, gold_reward, args, device):
+def evaluate(models, tokenizer, eval_pairs, beta, gold_reward, args, device):
     """Metrics over the whole held-out split, with the current β (evaluation never moves β). Each rank
     takes its share of the pairs; the metrics are over all of them."""
     policy, reference, head = models.policy, models.reference, models.head
@@ -133,11 +185,17 @@ def evaluate(forward, models, tokenizer, eval_pairs, beta, gold_reward, args, de
     # padded to the longest with a pair that is computed and counted nowhere.
     padded = shard + eval_pairs[:1] * (-(-len(eval_pairs) // ranks) - len(shard))
     sums = torch.zeros(len(SUMS) + len(NOISE), dtype=torch.float64, device=device)
-    size = args.eval_batch_size if head else min(args.eval_batch_size, args.batch_size)   # full logits: as in training
+    size = args.eval_batch_size if head else min(args.eval_batch_size, args.batch_size)  # full logits: as in training
     for i in range(0, len(padded), size):
         batch = collate(padded[i : i + size], tokenizer.pad_token_id, device)
-        sums += pair_sums(forward(policy, reference, batch, beta, args.epsilon, head), batch.noise, pairs=len(shard) - i)
-    rewards, kls = sample_and_score(policy, reference, tokenizer, padded, gold_reward, args, device, head) if gold_reward else ([], [])
+        sums += pair_sums(
+            micro_batch_loss(policy, reference, batch, beta, args.epsilon, head), batch.noise, pairs=len(shard) - i
+        )
+    rewards, kls = (
+        sample_and_score(policy, reference, tokenizer, padded, gold_reward, args, device, head)
+        if gold_reward
+        else ([], [])
+    )
     rewards, kls = rewards[: len(shard)], kls[: len(shard)]
     sample_sums = torch.tensor([sum(rewards), sum(kls), len(rewards)], dtype=torch.float64, device=device)
     totals = across_ranks(torch.cat([sums[: len(SUMS)], sample_sums])).sum(0)
@@ -162,7 +220,7 @@ def sequence_kl(policy_logits, ref_logits):
     removes that token's share of the noise (not the share of which completion was drawn).
     """
     kls = []
-    for policy_row, ref_row in zip(policy_logits, ref_logits):
+    for policy_row, ref_row in zip(policy_logits, ref_logits, strict=True):
         log_p, log_q = policy_row.float().log_softmax(-1), ref_row.float().log_softmax(-1)
         kls.append((log_p.exp() * (log_p - log_q)).sum())
     return torch.stack(kls)
@@ -177,33 +235,61 @@ def completion_measures(policy, reference, batch, head, lambdas=(), rows=None, m
     LinearHead: never a (N, T, V) tensor, whatever the batch. Otherwise from the logits of at most max_rows sequences
     at a time (train.py: --batch-size pairs, as training holds them)."""
     rows = rows or len(batch.input_ids)
-    input_ids, attention_mask, completion_mask = (t[:rows] for t in (batch.input_ids, batch.attention_mask, batch.completion_mask))
+    input_ids, attention_mask, completion_mask = (
+        t[:rows] for t in (batch.input_ids, batch.attention_mask, batch.completion_mask)
+    )
     if head is not None:
-        (hidden, weight), (ref_hidden, ref_weight) = (last_hidden_states(model, dict(input_ids=input_ids, attention_mask=attention_mask))
-                                                      for model in (policy, reference))
-        return epsdpo_chunked.completion_measures_from_hidden(hidden, weight, ref_hidden, ref_weight, batch.host_input_ids[:rows],
-                                                              batch.host_completion_mask[:rows], lambdas, head.logit_softcap)
+        (hidden, weight), (ref_hidden, ref_weight) = (
+            last_hidden_states(model, dict(input_ids=input_ids, attention_mask=attention_mask))
+            for model in (policy, reference)
+        )
+        return epsdpo_chunked.completion_measures_from_hidden(
+            hidden,
+            weight,
+            ref_hidden,
+            ref_weight,
+            batch.host_input_ids[:rows],
+            batch.host_completion_mask[:rows],
+            lambdas,
+            head.logit_softcap,
+        )
     logps, kls = [], []
     for part in (slice(start, start + (max_rows or rows)) for start in range(0, rows, max_rows or rows)):
-        logits, ref_logits = (model(input_ids=input_ids[part], attention_mask=attention_mask[part]).logits.float()
-                              for model in (policy, reference))
-        logps.append(torch.stack([epsdpo.sequence_logps(torch.lerp(ref_logits, logits, lam), input_ids[part], completion_mask[part])
-                                  for lam in lambdas]) if lambdas else logits.new_zeros(0, len(logits)))
-        scored = batch.host_completion_mask[:rows][part, 1:].bool()                            # (n, T-1), on the host
+        logits, ref_logits = (
+            model(input_ids=input_ids[part], attention_mask=attention_mask[part]).logits.float()
+            for model in (policy, reference)
+        )
+        logps.append(
+            torch.stack(
+                [
+                    epsdpo.sequence_logps(torch.lerp(ref_logits, logits, lam), input_ids[part], completion_mask[part])
+                    for lam in lambdas
+                ]
+            )
+            if lambdas
+            else logits.new_zeros(0, len(logits))
+        )
+        scored = batch.host_completion_mask[:rows][part, 1:].bool()  # (n, T-1), on the host
         # A row's scored logits (m, V) at a time: only one row's copies alive at once.
-        kls.append(sequence_kl(*((row[mask] for row, mask in zip(f[:, :-1], scored)) for f in (logits, ref_logits))))
+        kls.append(
+            sequence_kl(
+                *((row[mask] for row, mask in zip(f[:, :-1], scored, strict=True)) for f in (logits, ref_logits))
+            )
+        )
     return torch.cat(logps, 1), torch.cat(kls)
 
 
 @torch.no_grad()
-def criterion_measures(policy, reference, pairs, pad_token_id, epsilon, forward, head, autocast, batch_size=64, logits_batch_size=64):
+def criterion_measures(
+    policy, reference, pairs, pad_token_id, epsilon, head, autocast, batch_size=64, logits_batch_size=64
+):
     """What the criterion measures on the final policy, for reports.plot_criterion: per pair h, ΔK, s and the noise
     flag; how often s = sign(h − ΔK) and s = sign(h) ("agreement"); and z(λ) of a few pairs ("curves" at "lambdas").
     None at ε = 0 or without pairs. Called on every rank (under FSDP each forward pass is a collective).
 
     ΔK = K_w − K_l, with K the KL(π_θ‖π_ref) summed along a completion. To first order in ε,
     z(1 ± ε) − z(1) = ± ε dz/dλ with dz/dλ = h − ΔK, so s = sign(h − ΔK) where that is clear of zero.
-    forward and head: train.py's loss of a batch and the models' LinearHead (None: from full logits). Everything is
+    head: the models' LinearHead (None: from full logits). Everything is
     taken from the hidden states in the loss's chunks (completion_measures) in batches of batch_size pairs, or, where
     the head needs full logits, in batches of logits_batch_size pairs (train.py: --batch-size, as in training).
     """
@@ -211,27 +297,40 @@ def criterion_measures(policy, reference, pairs, pad_token_id, epsilon, forward,
         return None
     device = next(policy.parameters()).device
     batch_size = batch_size if head is not None else logits_batch_size
-    columns = []                                            # per pair: h, ΔK, s, noise flag
+    columns = []  # per pair: h, ΔK, s, noise flag
     for start in range(0, len(pairs), batch_size):
         batch = collate(pairs[start : start + batch_size], pad_token_id, device)
         with autocast:
-            out = forward(policy, reference, batch, 1.0, epsilon, head)
+            out = micro_batch_loss(policy, reference, batch, 1.0, epsilon, head)
             _, kls = completion_measures(policy, reference, batch, head)
         half = len(out.s)
         h = (out.chosen_logps - out.ref_chosen_logps) - (out.rejected_logps - out.ref_rejected_logps)
         columns.append(torch.stack([v.double() for v in (h, kls[:half] - kls[half:], out.s, batch.noise)]).cpu())
     h, delta_k, s, noise = torch.cat(columns, dim=1)
-    agreement = {"pairs": len(s), "s = sign(h − ΔK)": (s == torch.sign(h - delta_k)).double().mean().item(),
-                 "s = sign(h)": (s == torch.sign(h)).double().mean().item()}
+    agreement = {
+        "pairs": len(s),
+        "s = sign(h − ΔK)": (s == torch.sign(h - delta_k)).double().mean().item(),
+        "s = sign(h)": (s == torch.sign(h)).double().mean().item(),
+    }
     # A few pairs' z(λ) from λ = 0 (the reference) to 2: three clean and three mislabelled where marked. On
     # every rank: under FSDP each forward pass is a collective.
     marked = [i for flag in (1, 2) for i in (noise == flag).nonzero().flatten().tolist()[:3]]
     examples = marked if len(marked) > 3 else list(range(min(6, len(s))))
     # λ from 0 to 2, and finely across [1 − 2ε, 1 + 2ε], where the criterion compares z(1 − ε), z(1), z(1 + ε).
-    lambdas = sorted({step / 10 for step in range(21)} | {1 + k * epsilon / 2 for k in range(-4, 5) if 0 <= 1 + k * epsilon / 2 <= 2})
+    lambdas = sorted(
+        {step / 10 for step in range(21)} | {1 + k * epsilon / 2 for k in range(-4, 5) if 0 <= 1 + k * epsilon / 2 <= 2}
+    )
     with autocast:
-        logps, _ = completion_measures(policy, reference, collate([pairs[i] for i in examples], pad_token_id, device), head,
-                                       lambdas, max_rows=2)
-    z = (logps[:, : len(examples)] - logps[:, len(examples) :]).T.tolist()                      # (examples, λ)
-    return {"h": h, "delta_k": delta_k, "s": s, "noise": noise, "agreement": agreement, "curves": dict(zip(examples, z)),
-            "lambdas": lambdas}
+        logps, _ = completion_measures(
+            policy, reference, collate([pairs[i] for i in examples], pad_token_id, device), head, lambdas, max_rows=2
+        )
+    z = (logps[:, : len(examples)] - logps[:, len(examples) :]).T.tolist()  # (examples, λ)
+    return {
+        "h": h,
+        "delta_k": delta_k,
+        "s": s,
+        "noise": noise,
+        "agreement": agreement,
+        "curves": dict(zip(examples, z, strict=True)),
+        "lambdas": lambdas,
+    }

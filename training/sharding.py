@@ -14,7 +14,7 @@ import sys
 
 import torch
 
-from data import ReportedError
+from training.errors import ReportedError
 
 
 def shard(model, param_dtype=None):
@@ -32,14 +32,16 @@ def shard(model, param_dtype=None):
     names = set(getattr(model, "_no_split_modules", None) or ())
     layers = [module for module in model.modules() if type(module).__name__ in names]
     if not layers:
-        raise ReportedError(f"--fsdp: {type(model).__name__} names no decoder layers (_no_split_modules) to shard one by one")
+        raise ReportedError(
+            f"--fsdp: {type(model).__name__} names no decoder layers (_no_split_modules) to shard one by one"
+        )
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     precision = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32 if param_dtype else None)
     for layer in layers:
         fully_shard(layer, mp_policy=precision)
     fully_shard(model, mp_policy=precision, reshard_after_forward=False)
-    model.gathered_dtype = param_dtype or next(model.parameters()).dtype    # for gathered_once
+    model.gathered_dtype = param_dtype or next(model.parameters()).dtype  # for gathered_once
     return model
 
 
@@ -71,12 +73,12 @@ def gathered_once(model, device):
     if not sharded(model) or not gathered_fits(model, device):
         yield
         return
-    model.set_reshard_after_forward(False)                              # every unit
+    model.set_reshard_after_forward(False)  # every unit
     try:
         yield
     finally:
         model.set_reshard_after_forward(True)
-        model.set_reshard_after_forward(False, recurse=False)           # the root, as shard() set it
+        model.set_reshard_after_forward(False, recurse=False)  # the root, as shard() set it
         for unit in model.modules():
             if sharded(unit):
                 unit.reshard()
@@ -108,7 +110,7 @@ def gathered_state_dict(model):
 def allocate_shards(model, device):
     """A sharded model built on the meta device, with its shards allocated on `device` (not yet filled) and
     its real buffers as they were (those on the meta device come with the weights: they are saved with them)."""
-    buffers = {name: buffer for name, buffer in model.named_buffers() if not buffer.is_meta}   # fully_shard moved them
+    buffers = {name: buffer for name, buffer in model.named_buffers() if not buffer.is_meta}  # fully_shard moved them
     model.to_empty(device=device)
     for name, buffer in buffers.items():
         model.get_buffer(name).copy_(buffer)
@@ -121,7 +123,7 @@ def broadcast_weights(model, state_dict):
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
     options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
-    set_model_state_dict(model, dict(state_dict), options=options)     # a copy: it puts the shards in the dict it gets
+    set_model_state_dict(model, dict(state_dict), options=options)  # a copy: it puts the shards in the dict it gets
 
 
 def load_sharded_weights(model, folder):
@@ -134,8 +136,10 @@ def load_sharded_weights(model, folder):
     state = {"model": get_model_state_dict(model)}
     try:
         dcp.load(state, checkpoint_id=folder)
-    except (CheckpointException, RuntimeError, ValueError) as error:    # another model's shards, unreadable files
+    except (CheckpointException, RuntimeError, ValueError) as error:  # another model's shards, unreadable files
         first = next(iter(error.failures.values()), error) if isinstance(error, CheckpointException) else error
-        raise ReportedError(f"{folder}: its shards do not load into this model ({type(first).__name__}: "
-                            f"{(str(first).splitlines() or [''])[0][:200]})") from None
+        raise ReportedError(
+            f"{folder}: its shards do not load into this model ({type(first).__name__}: "
+            f"{(str(first).splitlines() or [''])[0][:200]})"
+        ) from None
     set_model_state_dict(model, state["model"])

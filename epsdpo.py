@@ -172,7 +172,8 @@ def sequence_kl(policy_logits, ref_logits, input_ids, completion_mask):
     scored = completion_mask[:, 1:, None] != 0  # the logits at t predict token t + 1
     dtype = torch.promote_types(policy_logits.dtype, torch.float32)
     log_p, log_q = (torch.where(scored, f[:, :-1], 0).to(dtype).log_softmax(-1) for f in (policy_logits, ref_logits))
-    return (log_p.exp() * (log_p - log_q)).sum(-1).sum(-1)  # positions off the mask: both 0, KL 0
+    kl = (log_p.exp() * (log_p - log_q)).sum(-1).clamp_min(0)  # ≥ 0, but for rounding; off the mask: exactly 0
+    return kl.sum(-1)
 
 
 def betas_from_s(beta, s, epsilon):

@@ -46,6 +46,12 @@ def _path_or_hub_id(text):
     return _path(text) if text.startswith(("~", ".", "/")) or os.path.exists(text) else text
 
 
+def gold_reward_file(args):
+    """The gold reward a run scores its samples with: --gold-reward, or tiny_data's own on tiny_data; None: none."""
+    on_tiny_data = pathlib.Path(args.dataset).resolve() == TINY_DATASET
+    return args.gold_reward or (TINY_GOLD_REWARD if on_tiny_data else None)
+
+
 def parse_args(argv=None, report=False, extra=(), description=None):
     """(args, the names of the arguments given on the command line). report: bad arguments raise
     ReportedError (for a checkpoint's saved arguments) instead of exiting with the usage. extra: (flag, options)

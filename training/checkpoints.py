@@ -23,6 +23,7 @@ import epsdpo
 from training import sharding
 from training.adapters import sft_model_card
 from training.errors import ReportedError, note
+from training.evaluation import NOISE
 from training.output_folder import INPUTS, _claim_names, _first_line, _write_errors, our_checkpoints, write_atomically
 
 # What a resumed run may change (--resume DIR --max-steps 500); any other flag that differs is refused.
@@ -123,7 +124,10 @@ def save_checkpoint(output_dir, step, policy, optimizer, baseline_beta, s_by_noi
 
 def restore_checkpoint(checkpoint, policy, optimizer, baseline_beta):
     """The state of checkpoint (folder, state) put back: the weights under FSDP (otherwise loaded with the model),
-    AdamW's state, the baseline β and the RNGs. Returns (the step to go on from, the s counts so far)."""
+    AdamW's state, the baseline β and the RNGs. Returns (the step to go on from, the s counts so far, as
+    evaluation.NOISE); (1, zeros) with no checkpoint."""
+    if checkpoint is None:
+        return 1, [0] * len(NOISE)
     folder, state = checkpoint
     load_checkpoint(folder, state, policy, optimizer)
     baseline_beta.load_state_dict(state["baseline_beta"])

@@ -11,7 +11,7 @@ import torch.distributed as dist
 
 import epsdpo
 import epsdpo_chunked
-from training.batches import NOISE_CODES, collate, collate_prompts
+from training.batches import NOISE_CODES, collate, collate_prompts, to_device
 from training.data import gold_score
 from training.loss import micro_batch_loss
 from training.models import last_hidden_states
@@ -65,7 +65,7 @@ def pair_sums(out, noise, pairs=None):
     return torch.cat([sums, (codes[:, None] == torch.arange(len(NOISE), device=codes.device)).sum(0).double()])
 
 
-def across_ranks(values):
+def gather_from_every_rank(values):
     """(world size, K) on the host: every rank's vector of K values. One collective, one host sync."""
     if dist.is_available() and dist.is_initialized():
         parts = [torch.empty_like(values) for _ in range(dist.get_world_size())]
@@ -102,9 +102,19 @@ def s_counts(totals):
     return weaker, pairs - weaker - stronger, stronger
 
 
+def gather_step(sums, grad_norm, beta, stopped):
+    """What an optimizer step needs on the host, from every rank: (ranks, totals, gradient norm). ranks (world size,
+    K): each rank's sums of the step (as pair_sums), its gradient norm, the β it trained with and whether it got a
+    signal, last; totals: their sums over the ranks. One collective and one wait for the device, the step's only
+    ones: the two numbers of the host reach the device without waiting for it."""
+    flags = to_device([torch.tensor([beta, stopped], dtype=torch.float64)], sums.device)[0]
+    ranks = gather_from_every_rank(torch.cat([sums, grad_norm.double().reshape(1), flags]))
+    return ranks, ranks.sum(0), ranks[0, -3].item()
+
+
 def train_row(step, beta, lr, ranks, grad_norm, next_beta):
-    """The metrics.jsonl row of an optimizer step, from every rank's sums (ranks, as across_ranks gave them, with the
-    gradient norm, the β and the stop flag last); and the step's counts by (noise flag, s), as NOISE.
+    """The metrics.jsonl row of an optimizer step, from every rank's sums (ranks, as gather_from_every_rank gave
+    them, with the gradient norm, the β and the stop flag last); and the step's counts by (noise flag, s), as NOISE.
 
     next_beta: the baseline β after the step (the mean β̃ of its pairs), None when it does not move."""
     totals = ranks.sum(0)
@@ -198,7 +208,7 @@ def evaluate(models, tokenizer, eval_pairs, beta, gold_reward, args, device):
     )
     rewards, kls = rewards[: len(shard)], kls[: len(shard)]
     sample_sums = torch.tensor([sum(rewards), sum(kls), len(rewards)], dtype=torch.float64, device=device)
-    totals = across_ranks(torch.cat([sums[: len(SUMS)], sample_sums])).sum(0)
+    totals = gather_from_every_rank(torch.cat([sums[: len(SUMS)], sample_sums])).sum(0)
     metrics = means(totals)
     if gold_reward:
         metrics["gold_reward"], metrics["kl"] = (totals[-3] / totals[-1]).item(), (totals[-2] / totals[-1]).item()
@@ -280,29 +290,27 @@ def completion_measures(policy, reference, batch, head, lambdas=(), rows=None, m
 
 
 @torch.no_grad()
-def criterion_measures(
-    policy, reference, pairs, pad_token_id, epsilon, head, autocast, batch_size=64, logits_batch_size=64
-):
+def criterion_measures(models, pairs, pad_token_id, args):
     """What the criterion measures on the final policy, for reports.plot_criterion: per pair h, ΔK, s and the noise
     flag; how often s = sign(h − ΔK) and s = sign(h) ("agreement"); and z(λ) of a few pairs ("curves" at "lambdas").
-    None at ε = 0 or without pairs. Called on every rank (under FSDP each forward pass is a collective).
+    None at ε = 0 or without pairs. Called on every rank (under FSDP each forward pass is a collective), under the
+    run's autocast.
 
     ΔK = K_w − K_l, with K the KL(π_θ‖π_ref) summed along a completion. To first order in ε,
     z(1 ± ε) − z(1) = ± ε dz/dλ with dz/dλ = h − ΔK, so s = sign(h − ΔK) where that is clear of zero.
-    head: the models' LinearHead (None: from full logits). Everything is
-    taken from the hidden states in the loss's chunks (completion_measures) in batches of batch_size pairs, or, where
-    the head needs full logits, in batches of logits_batch_size pairs (train.py: --batch-size, as in training).
+    Everything is taken from the hidden states in the loss's chunks (completion_measures) in batches of
+    --eval-batch-size pairs, or, where the head needs full logits, of --batch-size pairs, as in training.
     """
+    policy, reference, head, epsilon = models.policy, models.reference, models.head, args.epsilon
     if epsilon == 0 or not pairs:
         return None
     device = next(policy.parameters()).device
-    batch_size = batch_size if head is not None else logits_batch_size
+    batch_size = args.eval_batch_size if head is not None else args.batch_size
     columns = []  # per pair: h, ΔK, s, noise flag
     for start in range(0, len(pairs), batch_size):
         batch = collate(pairs[start : start + batch_size], pad_token_id, device)
-        with autocast:
-            out = micro_batch_loss(policy, reference, batch, 1.0, epsilon, head)
-            _, kls = completion_measures(policy, reference, batch, head)
+        out = micro_batch_loss(policy, reference, batch, 1.0, epsilon, head)
+        _, kls = completion_measures(policy, reference, batch, head)
         half = len(out.s)
         h = (out.chosen_logps - out.ref_chosen_logps) - (out.rejected_logps - out.ref_rejected_logps)
         columns.append(torch.stack([v.double() for v in (h, kls[:half] - kls[half:], out.s, batch.noise)]).cpu())
@@ -320,10 +328,8 @@ def criterion_measures(
     lambdas = sorted(
         {step / 10 for step in range(21)} | {1 + k * epsilon / 2 for k in range(-4, 5) if 0 <= 1 + k * epsilon / 2 <= 2}
     )
-    with autocast:
-        logps, _ = completion_measures(
-            policy, reference, collate([pairs[i] for i in examples], pad_token_id, device), head, lambdas, max_rows=2
-        )
+    examples_batch = collate([pairs[i] for i in examples], pad_token_id, device)
+    logps, _ = completion_measures(policy, reference, examples_batch, head, lambdas, max_rows=2)
     z = (logps[:, : len(examples)] - logps[:, len(examples) :]).T.tolist()  # (examples, λ)
     return {
         "h": h,

@@ -243,15 +243,16 @@ def check_models(policy, reference, tokenizer, pairs, args, checkpoint_folder=No
 
 
 def held_bytes(policy, optimizer, reference):
-    """Bytes this rank holds of the policy's weights, their gradients, AdamW's state and the reference's
-    weights: its shards under FSDP, everything otherwise (a LoRA reference is the policy's own weights)."""
+    """Bytes this rank holds of the policy's weights, their gradients (during a step: as large as the weights that
+    train), AdamW's state and the reference's weights: its shards under FSDP, everything otherwise (a LoRA reference
+    is the policy's own weights)."""
 
     def size(tensors):
         return sum(local(t).numel() * local(t).element_size() for t in tensors if torch.is_tensor(t))
 
     return {
         "parameters": size(policy.parameters()),
-        "gradients": size(p.grad for p in policy.parameters()),
+        "gradients": size(weight for weight in policy.parameters() if weight.requires_grad),
         "optimizer": size(value for state in optimizer.state.values() for value in state.values()),
         "reference": size(reference.parameters()) if isinstance(reference, torch.nn.Module) else 0,
     }  # LoRA: the policy's

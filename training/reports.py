@@ -13,21 +13,22 @@ from training.output_folder import write_atomically
 # What the user sees
 
 
-def print_start(
-    args,
-    label,
-    checkpoint,
-    first_step,
-    total_steps,
-    train_pairs,
-    eval_pairs,
-    world_size,
-    device,
-    trained_weights,
-    policy,
-    loss_note,
-):
+def progress_bar(steps, label, rank):
+    """tqdm over the steps, shown by rank 0 alone, with the libraries' own bars (loading, mapping) off."""
+    import datasets
+    import transformers
+    from tqdm.auto import tqdm
+
+    datasets.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
+    return tqdm(steps, desc=label, disable=None if rank == 0 else True)
+
+
+def print_start(args, label, checkpoint, first_step, total_steps, data, world_size, device, models):
     """The line a run starts with: what it trains, on what, how; and what resuming does."""
+    train_pairs, eval_pairs = len(data["pairs"]["train"]), len(data["pairs"]["eval"])
+    policy, loss_note = models.policy, models.loss_note
+    trained_weights = [weight for weight in policy.parameters() if weight.requires_grad]
     if checkpoint:
         print(
             f"resuming from {checkpoint[0]} at step {first_step}"

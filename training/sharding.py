@@ -96,6 +96,12 @@ def local(tensor):
     return tensor.to_local() if dtensor is not None and isinstance(tensor, dtensor.DTensor) else tensor
 
 
+def clip_gradient_norm(weights, max_norm):
+    """Clip the gradients of weights to a total norm of max_norm, and return their norm before clipping: a plain
+    tensor (0-d) on their device, under FSDP the norm over every rank's shards."""
+    return local(torch.nn.utils.clip_grad_norm_(weights, max_norm))
+
+
 def gathered_state_dict(model):
     """A sharded model's whole state, gathered on rank 0 in CPU memory (empty on the other ranks), so that
     no GPU ever holds the whole model, let alone twice; None for a model that is not sharded. Called on

@@ -5,6 +5,8 @@ Nothing here runs a model: train.py and evaluation.py compute, this module draws
 
 import pathlib
 
+import torch
+
 from training.evaluation import s_fractions
 from training.models import precision_note
 from training.output_folder import write_atomically
@@ -45,10 +47,18 @@ def print_start(args, label, checkpoint, first_step, total_steps, data, world_si
     )
     print(
         f"{label}: {train_pairs} train pairs, {eval_pairs} held out, {total_steps} steps of "
-        f"{args.batch_size * args.grad_accum * world_size} pairs on {world_size} × {device}{precision_note(device)}, β "
-        f"= {args.beta}, "
-        f"ε = {args.epsilon}{lora}" + (f"\nthe loss from full (2B, T, V) logits: {loss_note}" if loss_note else "")
+        f"{args.batch_size * args.grad_accum * world_size} pairs on {world_size} × {device_name(device)}"
+        f"{precision_note(device)}, β = {args.beta}, ε = {args.epsilon}{lora}"
+        + (f"\nthe loss from full (2B, T, V) logits: {loss_note}" if loss_note else "")
     )
+
+
+def device_name(device):
+    """The device, and on a CPU the vector instructions torch's kernels use ("cpu (AVX512)"): the last digits of
+    a run depend on them, as on the GPU's model and the torch version."""
+    if device.type == "cpu":
+        return f"cpu ({torch.backends.cpu.get_cpu_capability()})"
+    return f"{device} ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else str(device)
 
 
 def print_data_report(notes, skipped, boundary_moved):
@@ -243,7 +253,8 @@ def run_summary(label, args, device, total_steps, data, final_beta, rows, s_by_n
     return {
         "label": label,
         "args": vars(args),
-        "device": str(device),
+        "device": device_name(device),
+        "torch": torch.__version__,  # with the device, what the digits of the figures depend on
         "steps": total_steps,
         "train_pairs": len(data["pairs"]["train"]),
         "eval_pairs": len(data["pairs"]["eval"]),

@@ -11,8 +11,8 @@ A script that trains with TRL's DPOTrainer trains with ε-DPO by changing two na
 
 What changes from DPOTrainer, and nothing else (data, models, PEFT, accelerate, logging and saving are TRL's):
 
-    the loss      each pair's −log σ(β̃ h), β̃ = β / (1 + ε s), s from the criterion of epsdpo.py (METHOD: Lee et al.
-                  2025, arXiv 2502.13177); computed by epsdpo_chunked from both models' last hidden states where
+    the loss      each pair's −log σ(β̃ h), β̃ = β / (1 + ε s), s from the criterion of epsdpo.py (Lee et al. 2025,
+                  arXiv 2502.13177); computed by epsdpo_chunked from both models' last hidden states where
                   the output layer is a plain linear map (never the (2B, T, V) logits), else from their logits
     β             one epsdpo.BaselineBeta: every micro-batch of an optimizer step trains with the β of the step's
                   start; after the optimizer step, β ← the mean β̃ of the step's pairs, over every micro-batch and
@@ -27,6 +27,7 @@ Tested with trl 1.16 (requirements.txt): another version is refused at import, i
 import json
 import math
 import os
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -41,6 +42,8 @@ if Version(trl.__version__) not in SpecifierSet(TESTED_TRL) and not os.environ.g
         f"epsdpo_trl is tested with trl{TESTED_TRL}, this is trl {trl.__version__}: pip install 'trl{TESTED_TRL}' "
         f"(or set EPSDPO_TRL_ANY_VERSION=1 to try this version)"
     )
+if Version(trl.__version__) not in SpecifierSet(TESTED_TRL):
+    warnings.warn(f"epsdpo_trl: trl {trl.__version__} is untested (EPSDPO_TRL_ANY_VERSION is set)", stacklevel=2)
 
 from accelerate.utils import is_peft_model  # noqa: E402  (after the version check: these names move between versions)
 from transformers import TrainerCallback  # noqa: E402
@@ -53,6 +56,8 @@ import epsdpo  # noqa: E402
 import epsdpo_chunked  # noqa: E402
 
 BETA_FILE = "baseline_beta.json"  # in every checkpoint folder: BaselineBeta.state_dict()
+# Configuration fields by which models scale their logits (Cohere, Granite, Falcon-H1, ...), as TRL's fused head reads.
+LOGIT_SCALES = ("logit_scale", "logits_scaling", "output_multiplier", "lm_head_multiplier")
 
 
 @dataclass
@@ -256,8 +261,9 @@ class EpsilonDPOTrainer(DPOTrainer):
                 return run(self.model, model_inputs)
 
     def _choose_loss_path(self):
-        """From hidden states when both models' logits are softcap(last hidden state @ W.T), checked on the first
-        training pair's first tokens; else from logits, with the reason."""
+        """From hidden states when both models' logits are softcap(last hidden state @ W.T): a bias-free linear output
+        layer, no scale of the logits, and the product equal to the model's own logits on the first training pair's
+        first tokens; else from logits, with the reason."""
         deepspeed_plugin = self.accelerator.state.deepspeed_plugin
         if self.is_deepspeed_enabled and deepspeed_plugin.zero_stage == 3:
             # The loss projects the hidden states again in backward, where ZeRO-3 has partitioned the output layer.
@@ -265,22 +271,21 @@ class EpsilonDPOTrainer(DPOTrainer):
         policy = self.model.get_base_model() if is_peft_model(self.model) else self.model
         models = [policy] if self.ref_model is None else [policy, self.accelerator.unwrap_model(self.ref_model)]
         softcaps = {getattr(model.config.get_text_config(), "final_logit_softcapping", None) for model in models}
+        if len(softcaps) > 1:
+            return LossPath(False, None, f"the two models soft-cap their logits differently ({softcaps})")
+        (softcap,) = softcaps
         for model in models:
             head, config = model.get_output_embeddings(), model.config.get_text_config()
             if type(head) is not torch.nn.Linear or head.bias is not None:
                 return LossPath(False, None, f"{type(model).__name__}'s output layer is not a bias-free nn.Linear")
-            scales = {
-                name: getattr(config, name, None) for name in ("logit_scale", "logits_scaling", "output_multiplier")
-            }
+            scales = {name: getattr(config, name, None) for name in LOGIT_SCALES}
             if any(scale not in (None, 1.0) for scale in scales.values()):
                 return LossPath(False, None, f"{type(model).__name__} scales its logits ({scales})")
-        if len(softcaps) > 1:
-            return LossPath(False, None, f"the two models soft-cap their logits differently ({softcaps})")
-        (softcap,) = softcaps
-        if not self.is_fsdp_enabled:  # a sharded reference would need every process here: its shapes are checked
-            why_not = _head_mismatch(policy, self.train_dataset, softcap)
+            # Under FSDP the reference is sharded already: a forward pass here would need every process.
+            with self.accelerator.autocast():  # as the loss runs: under bf16 both products are bf16
+                why_not = None if self.is_fsdp_enabled else _head_mismatch(model, self.train_dataset, softcap)
             if why_not:
-                return LossPath(False, None, why_not)
+                return LossPath(False, None, f"{type(model).__name__}: {why_not}")
         return LossPath(True, softcap, "")
 
     # ------------------------------------------------------------------------------------------------
@@ -325,9 +330,8 @@ class EpsilonDPOTrainer(DPOTrainer):
             values.update({"s/weaker": (out.s == 1).float(), "s/stronger": (out.s == -1).float()})
             self._metrics[mode]["beta"].append(self.baseline_beta.value)
         gathered = self.accelerator.gather(torch.stack(list(values.values()), dim=1))  # (pairs of all processes, K)
-        for name, mean in zip(
-            values, gathered.T.contiguous().mean(dim=1).tolist(), strict=True
-        ):  # one wait for the device
+        means = gathered.T.contiguous().mean(dim=1).tolist()  # one wait for the device
+        for name, mean in zip(values, means, strict=True):
             self._metrics[mode][name].append(mean)
 
     def _end_optimizer_step(self):
@@ -403,9 +407,9 @@ def _head_mismatch(model, train_dataset, softcap):
     logits = caught[-1] @ model.get_output_embeddings().weight.T  # (1, T, V)
     logits = logits if softcap is None else torch.tanh(logits / softcap) * softcap
     expected = model(input_ids=input_ids).logits
-    tolerance = 1e-4 if expected.dtype == torch.float32 else 1e-2
-    if logits.shape != expected.shape or not torch.allclose(
-        logits.float(), expected.float(), rtol=tolerance, atol=tolerance
-    ):
+    float32 = logits.dtype == expected.dtype == torch.float32  # not under autocast, nor a bf16 model
+    tolerance = 1e-4 if float32 else 1e-2
+    close = logits.shape == expected.shape and torch.allclose(logits.float(), expected.float(), tolerance, tolerance)
+    if not close:
         return "its logits are not softcap(last hidden state @ output weight.T)"
     return None

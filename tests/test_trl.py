@@ -204,13 +204,12 @@ def test_epsilon_zero_gives_dpotrainer_losses_metrics_and_weights(dpo_and_epsilo
     dpo_rows, rows = train_logs(dpo), train_logs(epsilon_zero)
     assert len(rows) == len(dpo_rows) == 3
     names = ("loss", "grad_norm", "learning_rate", *TRL_METRICS)
-    differences = [
-        abs(row[name] - dpo_row[name]) for row, dpo_row in zip(rows, dpo_rows, strict=True) for name in names
+    pairs = [(row[name], dpo_row[name]) for row, dpo_row in zip(rows, dpo_rows, strict=True) for name in names]
+    pairs += [
+        (epsilon_zero.evaluation[f"eval_{name}"], dpo.evaluation[f"eval_{name}"]) for name in ("loss", *TRL_METRICS)
     ]
-    differences += [
-        abs(epsilon_zero.evaluation[f"eval_{name}"] - dpo.evaluation[f"eval_{name}"]) for name in ("loss", *TRL_METRICS)
-    ]
-    assert max(differences) < 1e-6  # 2.4e-7 measured: float32 rounding of two loss paths (logps near -15)
+    # Each to 1e-6 of max(1, |value|): float32 rounding of two loss paths (6.7e-8 at most measured; logps near -15)
+    assert max(abs(value - dpo_value) / max(1, abs(dpo_value)) for value, dpo_value in pairs) < 1e-6
     assert max_weight_difference(epsilon_zero.model, dpo.model) < 1e-6  # 1.3e-7 measured
     assert rows[1]["rewards/margins"] != 0  # the policy moved: the comparison is not of three first steps
     assert [row["beta"] for row in rows] == [0.1] * 3 and all(row["s/weaker"] == row["s/stronger"] == 0 for row in rows)
@@ -254,32 +253,29 @@ def test_evaluation_reports_the_metrics_and_never_moves_beta(epsilon_run):
 
 
 def full_logits_loss(trainer, inputs, policy, reference):
-    """epsdpo.epsilon_dpo_loss on both models' full (2B, T, V) logits: the method as written."""
+    """epsdpo.epsilon_dpo_loss on both models' full (2B, T, V) logits: the method as written. The models run under the
+    trainer's autocast, as in training (a bf16 run's logits are bf16)."""
     model_inputs = {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"]}
-    with torch.no_grad():
+    with torch.no_grad(), trainer.accelerator.autocast():
         logits, ref_logits = policy(**model_inputs).logits, reference(**model_inputs).logits
-    return epsdpo.epsilon_dpo_loss(
-        logits,
-        ref_logits,
-        inputs["input_ids"],
-        inputs["completion_mask"],
-        trainer.baseline_beta.value,
-        trainer.args.epsilon,
-    )
+    input_ids, completion_mask = inputs["input_ids"], inputs["completion_mask"]
+    beta, epsilon = trainer.baseline_beta.value, trainer.args.epsilon
+    return epsdpo.epsilon_dpo_loss(logits, ref_logits, input_ids, completion_mask, beta, epsilon)
 
 
-def assert_equals_epsdpo_on_full_logits(trainer, reference):
-    """On every batch TRL makes from the train pairs (the policy trained for 3 steps): loss to 1e-6, s exactly."""
+def assert_equals_epsdpo_on_full_logits(trainer, reference, tolerance=1e-6):
+    """On every batch TRL makes from the train pairs (the policy trained for 3 steps): the loss to `tolerance`, s and
+    each pair's β̃ exactly; both signs of s among them, so that the comparison covers the criterion."""
     signs = set()
     for batch in trainer.get_train_dataloader():
         inputs = trainer._prepare_inputs(batch)
         with torch.no_grad():
             out = trainer.epsilon_dpo_loss(trainer.model, inputs)
         expected = full_logits_loss(trainer, inputs, trainer.model, reference)
-        assert abs(out.loss.item() - expected.loss.item()) < 1e-6  # a few 1e-8 measured
+        assert abs(out.loss.item() - expected.loss.item()) < tolerance  # 2.4e-7 at most measured (bf16: 1.2e-7)
         assert out.s.tolist() == expected.s.tolist() and torch.equal(out.pair_betas, expected.pair_betas)
         signs.update(out.s.tolist())
-    assert {1, -1} <= signs  # both penalties were chosen somewhere: the comparison covers the criterion
+    assert {1, -1} <= signs
 
 
 def test_loss_and_s_equal_epsdpo_on_full_logits_from_hidden_states_and_from_logits(epsilon_run):
@@ -295,27 +291,42 @@ def test_loss_and_s_equal_epsdpo_on_full_logits_from_hidden_states_and_from_logi
         epsilon_run.loss_path = hidden_path
 
 
-def test_with_lora_the_reference_is_the_model_with_its_adapters_off(tmp_path):
-    from peft import LoraConfig
+@pytest.mark.parametrize("adapter", ["new", "pretrained"])
+def test_with_lora_the_reference_is_the_base_or_the_adapter_trained_from(adapter, tmp_path):
+    """A new adapter (peft_config): the reference is the model with its adapters off. A PeftModel whose adapter was
+    trained before: DPOTrainer copies it into a frozen "ref" adapter, the reference."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
 
     from epsdpo_trl import EpsilonDPOTrainer
 
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear")
     args = run_args(tmp_path, epsilon=0.1, learning_rate=3e-2)
-    trainer = EpsilonDPOTrainer(
-        TINY_MODEL,
-        args=args,
-        train_dataset=tiny_pairs(0, 12),
-        peft_config=LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"),
-    )
+    if adapter == "new":
+        trainer = EpsilonDPOTrainer(TINY_MODEL, args=args, train_dataset=tiny_pairs(0, 12), peft_config=lora)
+    else:
+        model = get_peft_model(AutoModelForCausalLM.from_pretrained(TINY_MODEL), lora)
+        generator = torch.Generator().manual_seed(0)
+        with torch.no_grad():  # as if trained: the adapter is not the base model
+            for weight in (weight for name, weight in model.named_parameters() if "lora_B" in name):
+                weight.add_(torch.randn(weight.shape, generator=generator), alpha=0.05)
+        trainer = EpsilonDPOTrainer(model, args=args, train_dataset=tiny_pairs(0, 12))
     assert trainer.ref_model is None and trainer.loss_path.from_hidden
+    assert ("ref" in trainer.model.peft_config) == (adapter == "pretrained")
     trainer.train()
 
-    class AdaptersOff(torch.nn.Module):
+    class Reference(torch.nn.Module):
         def forward(self, **inputs):
-            with trainer.model.disable_adapter():
+            if adapter == "new":
+                with trainer.model.disable_adapter():
+                    return trainer.model(**inputs)
+            trainer.model.set_adapter("ref")
+            try:
                 return trainer.model(**inputs)
+            finally:
+                trainer.model.set_adapter("default")
 
-    assert_equals_epsdpo_on_full_logits(trainer, AdaptersOff())
+    assert_equals_epsdpo_on_full_logits(trainer, Reference())
 
 
 def test_an_output_layer_with_a_bias_takes_the_logits_path_and_the_same_loss(tmp_path):
@@ -334,6 +345,19 @@ def test_an_output_layer_with_a_bias_takes_the_logits_path_and_the_same_loss(tmp
     assert not trainer.loss_path.from_hidden and "bias" in trainer.loss_path.why
     trainer.train()
     assert_equals_epsdpo_on_full_logits(trainer, trainer.ref_model)
+
+
+def test_under_bf16_autocast_the_loss_and_s_equal_epsdpo_on_the_bf16_logits(tmp_path):
+    """bf16=True on the CPU (accelerate's autocast): the trainer projects the hidden states in bf16, as the model's own
+    output layer does, and takes the softmax in float32, as epsdpo.py does with the model's bf16 logits."""
+    from epsdpo_trl import EpsilonDPOTrainer
+
+    trainer = EpsilonDPOTrainer(
+        TINY_MODEL, args=run_args(tmp_path, epsilon=0.1, bf16=True), train_dataset=tiny_pairs(0, 12)
+    )
+    assert trainer.accelerator.mixed_precision == "bf16" and trainer.loss_path.from_hidden
+    trainer.train()
+    assert_equals_epsdpo_on_full_logits(trainer, trainer.ref_model, tolerance=1e-5)
 
 
 # ----------------------------------------------------------------------------------------------------

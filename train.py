@@ -29,7 +29,7 @@ import torch
 
 import epsdpo
 from training.adapters import tokenizer_name
-from training.arguments import MAX_BETA, TINY_DATASET, TINY_GOLD_REWARD, parse_args
+from training.arguments import MAX_BETA, parse_args
 from training.batches import collate, micro_batches, to_device
 from training.checkpoints import (
     restore_checkpoint,
@@ -38,7 +38,7 @@ from training.checkpoints import (
     save_checkpoint,
     save_pretrained_atomically,
 )
-from training.data import load_gold_reward, load_pairs, load_tokenizer
+from training.data import gold_reward_path, load_gold_reward, load_pairs, load_tokenizer
 from training.errors import ReportedError, run_command
 from training.evaluation import NOISE, SUMS, across_ranks, criterion_measures, evaluate, pair_sums, s_counts, train_row
 from training.fingerprints import checked_inputs
@@ -105,7 +105,7 @@ def check_finite(step, loss, grad_norm, output_dir):
         )
 
 
-def train(args, label="ε-DPO", checkpoint=None):
+def train(args, checkpoint=None):
     """Train one policy into args.output_dir; returns its summary on rank 0. checkpoint: (folder, state) to resume
     from."""
     started = time.time()
@@ -116,11 +116,12 @@ def train(args, label="ε-DPO", checkpoint=None):
     # The folder is checked and locked before anything is loaded, and stays locked while the run lasts.
     with claim_on_rank_zero(output_dir, args, rank, world_size, device):
         tqdm, autocast = one_progress_bar(), precision(args.dtype, device)
+        label = "DPO" if args.epsilon == 0 else "ε-DPO, fixed baseline β" if args.fixed_baseline_beta else "ε-DPO"
 
         # Data
         tokenizer = load_tokenizer(tokenizer_name(args.model, args.model_base), args.trust_remote_code, args.model)
         if rank == 0:
-            check_only_ours_replaced(output_dir, run_writes(tokenizer, args.lora_r > 0))
+            check_only_ours_replaced(output_dir, run_writes(tokenizer, args.lora_r > 0), checkpoint)
         data = load_pairs(
             args.dataset,
             args.train_split,
@@ -137,9 +138,7 @@ def train(args, label="ε-DPO", checkpoint=None):
         if rank == 0:
             print_data_report(data["notes"], data["skipped"], data["boundary_moved"])
         inputs = checked_inputs(args, data, checkpoint)  # resuming: refused unless what the run read
-        gold_reward = load_gold_reward(
-            args.gold_reward or (TINY_GOLD_REWARD if pathlib.Path(args.dataset).resolve() == TINY_DATASET else None)
-        )
+        gold_reward = load_gold_reward(gold_reward_path(args))  # on by default for tiny_data
 
         # Models, optimizer, baseline β; and, resuming, the checkpoint's state
         models = setup_models(
@@ -158,7 +157,7 @@ def train(args, label="ε-DPO", checkpoint=None):
         # This rank's share of every step from first_step: a step's pairs follow from the seed and the pairs a step.
         batches = micro_batches(train_pairs, args.batch_size, args.grad_accum, world_size, rank, args.seed, first_step)
         if rank == 0:
-            prepare_output_dir(output_dir, first_step - 1 if checkpoint else None)  # all checks passed: now change it
+            prepare_output_dir(output_dir, first_step - 1 if checkpoint else None, checkpoint)  # all checks passed
             print_start(
                 args,
                 label,
@@ -189,12 +188,12 @@ def train(args, label="ε-DPO", checkpoint=None):
                     },
                 )
 
-        def stop_after(step):
-            """Ctrl-C or SIGTERM: a checkpoint of the last whole step, and exit with the signal's status."""
+        def stop_after(step, number):
+            """Ctrl-C or SIGTERM (number: on any rank): a checkpoint of the last whole step, exit with its status."""
             progress.close()
             if step >= 1:
                 save_checkpoint(output_dir, step, policy, optimizer, baseline_beta, s_by_noise, args, inputs)
-            exit_stopped(stop.signal, step, output_dir, rank == 0)
+            exit_stopped(number, step, output_dir, rank == 0)
 
         # Loop. Ctrl-C or SIGTERM ends the step under way (one process: drops a half-accumulated one), checkpoints,
         # stops.
@@ -208,7 +207,7 @@ def train(args, label="ε-DPO", checkpoint=None):
                 for micro_batch in range(args.grad_accum):
                     if stop.signal is not None and world_size == 1:
                         optimizer.zero_grad(set_to_none=True)
-                        stop_after(step - 1)
+                        stop_after(step - 1, stop.signal)
                     batch = collate(next(batches), tokenizer.pad_token_id, device)
                     with models.no_sync(last_micro_batch=micro_batch == args.grad_accum - 1):
                         with autocast, training_mode(models.layers):
@@ -221,10 +220,8 @@ def train(args, label="ε-DPO", checkpoint=None):
                     torch.nn.utils.clip_grad_norm_(trained_weights, args.max_grad_norm)
                 )  # FSDP: over all shards
                 # What the step needs on the host, from every rank, in one collective and one wait for the device:
-                # the sums (s counts among them), the gradient norm, the β each rank used and whether it got a signal.
-                flags = to_device([torch.tensor([beta, stop.signal is not None], dtype=torch.float64)], device)[
-                    0
-                ]  # no wait
+                # the sums (s counts among them), the gradient norm, the β each rank used and its signal (0: none).
+                flags = to_device([torch.tensor([beta, stop.signal or 0], dtype=torch.float64)], device)[0]  # no wait
                 ranks = across_ranks(torch.cat([sums, grad_norm.double().reshape(1), flags]))
                 totals, grad_norm = ranks.sum(0), ranks[0, -3].item()
                 check_finite(step, totals[SUMS.index("loss")].item(), grad_norm, output_dir)
@@ -248,8 +245,8 @@ def train(args, label="ε-DPO", checkpoint=None):
                 )
                 if step % args.eval_every == 0 or step == total_steps:
                     log_evaluation(step)
-                if ranks[:, -1].any() and step < total_steps:
-                    stop_after(step)
+                if ranks[:, -1].any() and step < total_steps:  # every rank stops, with the signal one of them got
+                    stop_after(step, int(ranks[:, -1].max().item()))
                 if step % args.save_every == 0:
                     save_checkpoint(output_dir, step, policy, optimizer, baseline_beta, s_by_noise, args, inputs)
 

@@ -257,9 +257,10 @@ def _first_failure(error):
 def latest_checkpoint(output_dir):
     """(folder, state) of the newest checkpoint of this script's in output_dir whose state loads.
 
-    One that does not (torn, garbage, written by something else; its model, adapter or shards cut short or not
-    safetensors) is named and passed over for the one before. Loaded with weights_only=True: nothing in it is
-    unpickled blindly, and a pickled adapter_model.bin is never loaded.
+    One that does not (torn, garbage, written by something else; its model, adapter or shards cut short, not
+    safetensors, or not the files it wrote) is named and passed over for the one before. Nothing in it runs code:
+    trainer_state.pt loads with weights_only=True, a sharded one's .metadata as dcp_files reads it, and a pickled
+    adapter_model.bin is never loaded.
     """
     for folder in reversed(our_checkpoints(output_dir)):
         try:

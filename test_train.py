@@ -84,6 +84,33 @@ def small_data(tmp_path_factory):
     return ["--dataset", str(folder), "--gold-reward", str(TINY_GOLD_REWARD), *QUICK]
 
 
+class RunInThisProcess:
+    """What compare.start_run returns (a train.py run under way), for a run made in this process by train.main: the
+    tests of what a comparison computes need not pay a fresh process's imports for each of its runs."""
+
+    def __init__(self, arguments, environment, quiet):
+        self.status, self.line = 0, ""
+        try:
+            train.main(arguments)
+        except SystemExit as exit_info:
+            self.status = exit_info.code if isinstance(exit_info.code, int) else 1
+            self.line = exit_info.code if isinstance(exit_info.code, str) else ""
+
+    def poll(self):
+        return self.status
+
+    wait = poll
+
+    def send_signal(self, number):
+        pass
+
+    def kill(self):
+        pass
+
+    def last_line(self):
+        return self.line
+
+
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     """Three steps of ε-DPO on tiny_data with two micro-batches per step and a large ε, so β moves."""
@@ -581,7 +608,7 @@ def test_checkpoints_keep_the_last_few(tmp_path, small_data):
     )
     assert sorted(p.name for p in output_dir.glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-5"]
     assert sorted(p.name for p in output_dir.glob(".*")) == [".train.files", ".train.lock"]  # no temporary left behind
-    assert set((output_dir / ".train.files").read_text().split()) == {
+    assert set(json.loads((output_dir / ".train.files").read_text())["files"]) == {
         "metrics.jsonl",
         "curves.png",
         "summary.json",
@@ -1201,6 +1228,9 @@ def test_a_checkpoint_of_another_model_is_refused_before_anything_changes(two_ch
         )
     )
     other.save_pretrained(output_dir / "checkpoint-2")
+    state = torch.load(output_dir / "checkpoint-2/trainer_state.pt", weights_only=True)
+    del state["files"]  # a checkpoint without the proofs of its files (with them, one edited is passed over)
+    torch.save(state, output_dir / "checkpoint-2/trainer_state.pt")
     metrics = (output_dir / "metrics.jsonl").read_bytes()
     error = run_expecting_error(["--resume", str(output_dir), "--max-steps", "3"])
     assert (
@@ -1599,10 +1629,13 @@ def test_the_kl_along_samples_is_unbiased_never_negative_and_steadier_than_the_l
     assert estimate_variance < 0.5 * log_ratio_variance
 
 
-def test_compare_with_betas_draws_the_frontier_of_three_methods_with_lora_too(tmp_path, capsys, small_data):
+def test_compare_with_betas_draws_the_frontier_of_three_methods_with_lora_too(
+    tmp_path, capsys, small_data, monkeypatch
+):
     """Its runs train LoRA adapters, as every run of a comparison takes the --lora-* arguments (the full
-    fine-tuning of a comparison is tested above). One seed: the means over seeds are tested below; one worker
-    process, which trains the 6 runs one after another."""
+    fine-tuning of a comparison is tested above). One seed: the means over seeds are tested below; the 6 runs
+    one after another, each in this process (the runs in processes of their own: the test above)."""
+    monkeypatch.setattr(compare, "start_run", RunInThisProcess)
     compare.main(
         [
             "--betas",
@@ -2066,12 +2099,15 @@ def test_ctrl_c_stops_a_sequential_comparison_with_a_checkpoint_and_says_so(tmp_
         return real_forward(*args)
 
     monkeypatch.setattr(train, "micro_batch_loss", forward_then_ctrl_c)
+    monkeypatch.setattr(compare, "start_run", RunInThisProcess)  # the Ctrl-C reaches the run and the comparison
     with pytest.raises(SystemExit) as exit_info:
         compare.main(["--output-dir", str(tmp_path), "--max-steps", "3", "--eval-every", "1000", *small_data])
     assert exit_info.value.code == 128 + signal.SIGINT
     assert [p.name for p in (tmp_path / "dpo").glob("checkpoint-*")] == ["checkpoint-1"]
     assert not (tmp_path / "epsilon-dpo").exists()
-    assert "the comparison stopped: 0 of 2 runs had finished; the others did not start" in capsys.readouterr().out
+    assert "stopped by signal 2: 0 of 2 runs finished, 1 stopped with a checkpoint, 1 did not start" in (
+        capsys.readouterr().out
+    )
 
 
 def test_ctrl_c_stops_every_run_of_a_frontier_within_seconds_each_with_its_checkpoint(tmp_path, capsys, small_data):
@@ -2910,7 +2946,7 @@ def test_pairs_past_the_models_positions_are_refused_at_load_naming_the_limit(tm
     ]
     assert (
         run_expecting_error(arguments) == f"error: --model {model}: it takes at most 24 positions "
-        f"(max_position_embeddings), and a pair has 37 tokens; give --max-length 24 or less"
+        f"(max_position_embeddings), and a pair has 37 tokens; give --max-length 24 and --max-prompt-length 12 or less"
     )
     dataset = write_jsonl(tmp_path / "pairs.jsonl", good_rows(12))
     error = run_expecting_error([*arguments, "--gold-reward", str(TINY_GOLD_REWARD), "--max-new-tokens", "20"])
@@ -2957,6 +2993,9 @@ def test_a_lora_checkpoint_of_another_adapter_is_refused_in_one_line_naming_its_
     checkpoint = output_dir / "checkpoint-4"
     config = (checkpoint / "adapter_config.json").read_text()
     (checkpoint / "adapter_config.json").write_text(json.dumps({**json.loads(config), "target_modules": ["q_proj"]}))
+    state = torch.load(checkpoint / "trainer_state.pt", weights_only=True)
+    del state["files"]  # a checkpoint without the proofs of its files (with them, one edited is passed over)
+    torch.save(state, checkpoint / "trainer_state.pt")
     error = run_expecting_error(["--resume", str(output_dir), "--max-steps", "5"])
     assert (
         error

@@ -30,7 +30,7 @@ import torch
 
 import epsdpo
 from training.adapters import tokenizer_name
-from training.arguments import MAX_BETA, gold_reward_file, parse_args
+from training.arguments import MAX_BETA, parse_args
 from training.batches import collate, micro_batches
 from training.checkpoints import (
     restore_checkpoint,
@@ -39,7 +39,7 @@ from training.checkpoints import (
     save_checkpoint,
     save_pretrained_atomically,
 )
-from training.data import load_gold_reward, load_pairs, load_tokenizer
+from training.data import gold_reward_path, load_gold_reward, load_pairs, load_tokenizer
 from training.errors import ReportedError, run_command
 from training.evaluation import (
     NOISE,
@@ -70,6 +70,7 @@ from training.reports import (
     print_start,
     print_summary,
     progress_bar,
+    run_label,
     run_summary,
 )
 from training.sharding import clip_gradient_norm, gathered_state_dict
@@ -84,7 +85,7 @@ def learning_rate(step, args, total_steps):
     return args.lr * min(step / (warmup_steps + 1), (total_steps - step + 1) / max(1, total_steps - warmup_steps))
 
 
-def train(args, label="ε-DPO", checkpoint=None):
+def train(args, checkpoint=None):
     """Train one policy into args.output_dir; its summary on rank 0. checkpoint: (folder, state) to resume from."""
     started = time.time()
     random.seed(args.seed)
@@ -109,8 +110,8 @@ def train(args, label="ε-DPO", checkpoint=None):
         first_step, s_by_noise = restore_checkpoint(checkpoint, policy, optimizer, baseline_beta)
         batches = micro_batches(train_pairs, args.batch_size, args.grad_accum, world_size, rank, args.seed, first_step)
         if rank == 0:
-            prepare_output_dir(output_dir, first_step - 1 if checkpoint else None)  # all checks passed: now change it
-            print_start(args, label, checkpoint, first_step, total_steps, data, world_size, device, models)
+            prepare_output_dir(output_dir, first_step - 1 if checkpoint else None, checkpoint)  # all checks passed
+            print_start(args, checkpoint, first_step, total_steps, data, world_size, device, models)
 
         def log_evaluation(step):  # held-out metrics with the β of the next step; evaluation never moves β
             with autocast:
@@ -119,17 +120,17 @@ def train(args, label="ε-DPO", checkpoint=None):
                 lr = learning_rate(step + 1, args, total_steps)
                 append_metrics(output_dir, dict(step=step, split="eval", beta=baseline_beta.value, lr=lr) | metrics)
 
-        def stop_after(step):  # Ctrl-C or SIGTERM: a checkpoint of the last whole step, then exit with its status
+        def stop_after(step, signal):  # Ctrl-C or SIGTERM on any rank: a checkpoint of the last whole step, then exit
             progress.close()
             optimizer.zero_grad(set_to_none=True)  # a half-accumulated step's gradients are dropped
             if step >= 1:
                 save_checkpoint(output_dir, step, policy, optimizer, baseline_beta, s_by_noise, args, inputs)
-            exit_stopped(stop.signal, step, output_dir, rank == 0)
+            exit_stopped(signal, step, output_dir, rank == 0)
 
         # The loop
         if first_step == 1:
             log_evaluation(0)
-        progress = progress_bar(range(first_step, total_steps + 1), label, rank)
+        progress = progress_bar(range(first_step, total_steps + 1), args, rank)
         trained, reference = models.trained, models.reference  # the policy as it trains (DDP: wrapped), the reference
         with stop_signals.training() as stop:  # Ctrl-C or SIGTERM ends the step under way, then stop_after
             for step in progress:
@@ -137,7 +138,7 @@ def train(args, label="ε-DPO", checkpoint=None):
                 sums = torch.zeros(len(SUMS) + len(NOISE), dtype=torch.float64, device=device)
                 for micro_batch in range(args.grad_accum):
                     if stop.signal is not None and world_size == 1:  # one process: the step is dropped at once
-                        stop_after(step - 1)
+                        stop_after(step - 1, stop.signal)
                     batch = collate(next(batches), tokenizer.pad_token_id, device)
                     with models.no_sync(last_micro_batch=micro_batch == args.grad_accum - 1):
                         with autocast, training_mode(models.layers):
@@ -145,8 +146,8 @@ def train(args, label="ε-DPO", checkpoint=None):
                         (out.loss / args.grad_accum).backward()
                     sums += pair_sums(out, batch.noise)  # on the device: no wait
                 grad_norm = clip_gradient_norm(trained_weights, args.max_grad_norm)  # under FSDP: over all shards
-                # One collective and one wait a step: every rank's sums (s counts among them), gradient norm, β, signal
-                ranks, totals, grad_norm = gather_step(sums, grad_norm, beta, stop.signal is not None)
+                # One collective, one wait a step: every rank's sums (s counts among them), gradient norm, β, signal
+                ranks, totals, grad_norm = gather_step(sums, grad_norm, beta, stop.signal or 0)
                 check_finite(step, totals[SUMS.index("loss")].item(), grad_norm, output_dir)
                 lr = learning_rate(step, args, total_steps)
                 for group in optimizer.param_groups:
@@ -162,8 +163,8 @@ def train(args, label="ε-DPO", checkpoint=None):
                 progress.set_postfix(loss=round(row["loss"], 3), acc=row["rewards/accuracies"], beta=round(beta, 4))
                 if step % args.eval_every == 0 or step == total_steps:
                     log_evaluation(step)
-                if ranks[:, -1].any() and step < total_steps:
-                    stop_after(step)
+                if ranks[:, -1].any() and step < total_steps:  # every rank stops, with the signal one of them got
+                    stop_after(step, int(ranks[:, -1].max()))
                 if step % args.save_every == 0:
                     save_checkpoint(output_dir, step, policy, optimizer, baseline_beta, s_by_noise, args, inputs)
 
@@ -177,9 +178,9 @@ def train(args, label="ε-DPO", checkpoint=None):
         if measured:
             plot_criterion(measured, args.epsilon, output_dir / "criterion.png")
         rows, seconds = read_metrics(output_dir), time.time() - started
-        plot_curves({label: rows}, output_dir / "curves.png")
+        plot_curves({run_label(args): rows}, output_dir / "curves.png")
         summary = run_summary(
-            label, args, device, total_steps, data, baseline_beta.value, rows, s_by_noise, measured, seconds, held
+            args, device, total_steps, data, baseline_beta.value, rows, s_by_noise, measured, seconds, held
         )
         # summary.json, listing the model's files, then the files: a run killed in between is known to be unsaved.
         summary["saved"] = save_pretrained_atomically(output_dir, policy, tokenizer, summary, state_dict)
@@ -191,11 +192,11 @@ def load_data(args, output_dir, rank, pairs_a_step, checkpoint):
     step of train(). Resuming, the fingerprints must be the checkpoint's, or ReportedError naming what changed."""
     tokenizer = load_tokenizer(tokenizer_name(args.model, args.model_base), args.trust_remote_code, args.model)
     if rank == 0:
-        check_only_ours_replaced(output_dir, run_writes(tokenizer, args.lora_r > 0))
+        check_only_ours_replaced(output_dir, run_writes(tokenizer, args.lora_r > 0), checkpoint)
     data = load_pairs(args, tokenizer, least=pairs_a_step)
     if rank == 0:
         print_data_report(data["notes"], data["skipped"], data["boundary_moved"])
-    return tokenizer, data, checked_inputs(args, data, checkpoint), load_gold_reward(gold_reward_file(args))
+    return tokenizer, data, checked_inputs(args, data, checkpoint), load_gold_reward(gold_reward_path(args))
 
 
 def check_finite(step, loss, grad_norm, output_dir):

@@ -44,6 +44,11 @@ def adapter_base(name):
     path = pathlib.Path(base).expanduser()
     for folder in (pathlib.Path.cwd(), pathlib.Path(config_file).parent):
         if (folder / path).exists():
+            if (folder / path / "adapter_config.json").exists():  # an adapter of an adapter: merge one first
+                raise ReportedError(
+                    f"--model {name}: its base {base} is an adapter itself; merge {base} into its own base, save "
+                    f"that model to a folder, and give it as --model-base"
+                )
             return str((folder / path).resolve())
     if path.is_absolute() or base.startswith((".", "~")):
         raise ReportedError(

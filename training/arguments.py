@@ -17,6 +17,7 @@ TINY_MODEL, TINY_DATASET, TINY_GOLD_REWARD = (
     ROOT / "tiny_data/gold_reward.py",
 )
 MAX_BETA = 1e6  # --beta is below it, and the baseline β never passes it (ε near 1)
+MIN_BETA = 1.2e-38  # epsdpo.BETA_RANGE[0], the least β the loss takes (β̃ is float32); BaselineBeta never goes below
 
 
 def number(kind, low=None, low_open=True, high=None, what=""):
@@ -46,12 +47,6 @@ def _path_or_hub_id(text):
     return _path(text) if text.startswith(("~", ".", "/")) or os.path.exists(text) else text
 
 
-def gold_reward_file(args):
-    """The gold reward a run scores its samples with: --gold-reward, or tiny_data's own on tiny_data; None: none."""
-    on_tiny_data = pathlib.Path(args.dataset).resolve() == TINY_DATASET
-    return args.gold_reward or (TINY_GOLD_REWARD if on_tiny_data else None)
-
-
 def parse_args(argv=None, report=False, extra=(), description=None):
     """(args, the names of the arguments given on the command line). report: bad arguments raise
     ReportedError (for a checkpoint's saved arguments) instead of exiting with the usage. extra: (flag, options)
@@ -69,7 +64,13 @@ def parse_args(argv=None, report=False, extra=(), description=None):
     p = Parser(description=description, formatter_class=Formatter)
     count, beta = (
         number(int, 1, low_open=False, what="must be >= 1"),
-        number(float, 0, high=MAX_BETA, what="beta must be in (0, 1e6)"),
+        number(
+            float,
+            MIN_BETA,
+            low_open=False,
+            high=MAX_BETA,
+            what=f"beta must be in (0, 1e6), and at least {MIN_BETA} (the least the loss takes)",
+        ),
     )
     add = p.add_argument
     add(
@@ -256,16 +257,16 @@ def parse_args(argv=None, report=False, extra=(), description=None):
     for flag, options in extra:
         add(flag, **options)
     args = p.parse_args(argv)
-    if args.min_beta > args.beta and not getattr(args, "betas", None):  # compare.py checks its --betas
+    if args.min_beta > args.beta and not (getattr(args, "betas", None) or args.resume):  # compare.py: its --betas
         p.error(
-            f"--min-beta {args.min_beta} is more than --beta {args.beta}: the floor of the baseline β is below its "
-            "start"
+            f"--min-beta {args.min_beta} is more than --beta {args.beta}: the floor of the baseline β would be above "
+            "its start"
         )
     if "all-linear" in args.lora_target and len(args.lora_target) > 1:
         p.error(
             "--lora-target all-linear stands alone (every linear layer but the output head): give it, or layer names"
         )
-    if args.max_prompt_length >= args.max_length:
+    if args.max_prompt_length >= args.max_length and not args.resume:  # resuming: the run's (checkpoints.py)
         p.error(
             f"--max-prompt-length {args.max_prompt_length} must be less than --max-length {args.max_length}, "
             f"so that every completion keeps a token"

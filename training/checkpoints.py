@@ -20,11 +20,25 @@ import torch
 import torch.distributed as dist
 
 import epsdpo
-from training import sharding
+from training import dcp_files, sharding
 from training.adapters import sft_model_card
 from training.errors import ReportedError, note
 from training.evaluation import NOISE
-from training.output_folder import INPUTS, _claim_names, _first_line, _write_errors, our_checkpoints, write_atomically
+from training.fingerprints import READ_BY_LOADING
+from training.output_folder import (
+    INPUTS,
+    _claim_names,
+    _first_line,
+    _write_errors,
+    add_proofs,
+    manifest,
+    our_checkpoints,
+    proof,
+    read_record,
+    record_checkpoint,
+    remove_checkpoint,
+    write_atomically,
+)
 
 # What a resumed run may change (--resume DIR --max-steps 500); any other flag that differs is refused.
 RESUMABLE = {
@@ -71,6 +85,8 @@ def save_model(model, folder, state_dict=None):
         if card:  # its model card begins with what to load it onto
             readme = pathlib.Path(folder) / "README.md"
             front, _, rest = readme.read_text().partition("\n---\n") if readme.exists() else ("", "", "")
+            # peft's front matter names the bare base (base_model, a base_model:adapter tag): no model holds it
+            front = "\n".join(line for line in front.splitlines() if not line.lstrip("- ").startswith("base_model:"))
             readme.write_text(front + "\n---\n" * bool(front) + card + rest)
     else:
         model.save_pretrained(folder, state_dict=state_dict)
@@ -92,6 +108,7 @@ def save_pretrained_atomically(output_dir, model, tokenizer, summary=None, state
             write_atomically(
                 pathlib.Path(output_dir) / "summary.json", json.dumps({**summary, "saved": names}, indent=2) + "\n"
             )
+        add_proofs(output_dir, {name: proof(temporary / name) for name in names})  # before they are moved in
         for name in names:
             os.replace(temporary / name, output_dir / name)
     except _write_errors() as error:
@@ -165,13 +182,18 @@ def write_checkpoint(output_dir, step, policy, optimizer, state, keep):
             dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=temporary)
         elif rank == 0:
             save_model(policy, temporary)
-            state = {**state, "optimizer": optimizer.state_dict()}
+            # The proofs of the model's files: a file put in their place later makes the checkpoint one to pass over.
+            state = {**state, "optimizer": optimizer.state_dict(), "files": manifest(temporary)}
         if rank == 0:
-            torch.save(state, temporary / "trainer_state.pt")
+            # A copy of the folder's record: a copy of the folder made without it (cp -r out/* new/) resumes.
+            torch.save({**state, "record": read_record(output_dir)}, temporary / "trainer_state.pt")
             temporary.chmod(0o755)
             final = output_dir / f"checkpoint-{step}"
             if final in our_checkpoints(output_dir):
-                shutil.rmtree(final)
+                remove_checkpoint(final)
+            if os.path.lexists(final):  # a folder of yours, or one a file of yours kept
+                raise OSError(f"{final} holds files this project did not write; move them away")
+            record_checkpoint(output_dir, final.name, manifest(temporary))
             os.replace(temporary, final)
     except (*_write_errors(), *_checkpoint_errors()) as error:  # a rank's failed write reaches every rank
         if rank == 0:
@@ -184,7 +206,7 @@ def write_checkpoint(output_dir, step, policy, optimizer, state, keep):
         ) from None
     if rank == 0:
         for old in our_checkpoints(output_dir)[:-keep]:
-            shutil.rmtree(old)
+            remove_checkpoint(old)
     if shards:
         dist.barrier()  # no rank goes on (or exits) before it is whole
 
@@ -206,12 +228,11 @@ def load_checkpoint(folder, state, policy, optimizer):
             raise ReportedError(f"{folder}: its optimizer state is for another model than {folder / model_file}")
         optimizer.load_state_dict(state["optimizer"])
         return
-    import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
     model_state, optimizer_state = get_state_dict(policy, optimizer)
     try:
-        dcp.load({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=folder)
+        dcp_files.load({"model": model_state, "optimizer": optimizer_state}, folder)  # runs no code of the folder's
     except (*_checkpoint_errors(), RuntimeError, ValueError) as error:
         first = _first_failure(error)
         raise ReportedError(
@@ -240,9 +261,10 @@ def _first_failure(error):
 def latest_checkpoint(output_dir):
     """(folder, state) of the newest checkpoint of this script's in output_dir whose state loads.
 
-    One that does not (torn, garbage, written by something else; its model, adapter or shards cut short or not
-    safetensors) is named and passed over for the one before. Loaded with weights_only=True: nothing in it is
-    unpickled blindly, and a pickled adapter_model.bin is never loaded.
+    One that does not (torn, garbage, written by something else; its model, adapter or shards cut short, not
+    safetensors, or not the files it wrote) is named and passed over for the one before. Nothing in it runs code:
+    trainer_state.pt loads with weights_only=True, a sharded one's .metadata as dcp_files reads it, and a pickled
+    adapter_model.bin is never loaded.
     """
     for folder in reversed(our_checkpoints(output_dir)):
         try:
@@ -282,16 +304,18 @@ def _check_state(state, folder):
 
 def _check_model_files(state, folder):
     """The checkpoint's model reads whole: its adapter (adapter_config.json and adapter_model.safetensors) in a LoRA
-    run, else model.safetensors (or each file its index names); a sharded one's shards are checked with its state."""
+    run, else model.safetensors (or each file its index names); a sharded one's shards are checked with its state.
+    Each file is the one the checkpoint wrote (the proofs its trainer_state.pt keeps), and loading reads no other."""
     if "optimizer" not in state:
         return
     if state["args"].get("lora_r"):
-        json.loads((folder / "adapter_config.json").read_text())
+        config = json.loads((folder / "adapter_config.json").read_text())
         if not (folder / "adapter_model.safetensors").is_file():
             raise ValueError(
                 "adapter_model.safetensors is not there"
                 + (" (adapter_model.bin is a pickle: never loaded)" if (folder / "adapter_model.bin").exists() else "")
             )
+        _check_adapter_rank(folder / "adapter_model.safetensors", config)
         files = ["adapter_model.safetensors"]
     else:
         index = folder / "model.safetensors.index.json"
@@ -302,6 +326,38 @@ def _check_model_files(state, folder):
         )
     for name in files:
         _check_safetensors(folder / pathlib.Path(name).name)
+    written = state.get("files")
+    if isinstance(written, dict):
+        for name, entry in written.items():
+            path = folder / pathlib.Path(str(name)).name
+            if not path.is_file() or path.is_symlink() or proof(path) != entry:
+                raise ValueError(f"{path.name} is not the file this checkpoint wrote")
+        added = sorted(  # that loading the model would read
+            p.name for p in folder.iterdir() if p.name not in written and READ_BY_LOADING.fullmatch(p.name)
+        )
+        if added:
+            raise ValueError(f"{', '.join(added)} came after the checkpoint was written")
+
+
+def _check_adapter_rank(path, config):
+    """Every LoRA weight in the adapter file has the rank its adapter_config.json says (A: r × in, B: out × r)."""
+    rank = config.get("r") if isinstance(config, dict) else None
+    for name, entry in _safetensors_header(path).items():
+        shape = entry.get("shape") if isinstance(entry, dict) else None
+        if ".lora_A." in name or ".lora_B." in name:
+            inner = shape[0] if ".lora_A." in name else shape[-1]
+            if inner != rank:
+                layer = name.removeprefix("base_model.model.").split(".lora_")[0]
+                raise ValueError(f"{path.name} has rank {inner}, its adapter_config.json r = {rank} ({layer})")
+
+
+def _safetensors_header(path):
+    with open(path, "rb") as file:
+        length = struct.unpack("<Q", file.read(8).ljust(8, b"\0"))[0]
+        header = json.loads(file.read(length)) if 2 <= length <= 2**27 else None
+    if not isinstance(header, dict):
+        raise ValueError(f"{path.name} is not a safetensors file")
+    return {name: entry for name, entry in header.items() if name != "__metadata__"}
 
 
 def _check_safetensors(path):
@@ -321,11 +377,10 @@ def _check_safetensors(path):
 
 
 def _whole_shards(folder):
-    """A sharded checkpoint's .metadata reads, and every shard file holds the bytes it names."""
-    from torch.distributed.checkpoint import FileSystemReader
-
+    """A sharded checkpoint's .metadata reads (as the checkpoint's own classes alone: dcp_files), and every shard
+    file holds the bytes it names."""
     sizes = {}
-    for item in FileSystemReader(folder).read_metadata().storage_data.values():
+    for item in dcp_files.read_metadata(folder).storage_data.values():
         if item.relative_path not in sizes:
             sizes[item.relative_path] = (folder / item.relative_path).stat().st_size
         if item.offset + item.length > sizes[item.relative_path]:
@@ -350,13 +405,7 @@ def resumed_args(args, given, parse):
     wrong = sorted(k for k, v in saved.items() if None not in (v, defaults[k]) and type(v) is not type(defaults[k]))
     if wrong:
         raise ReportedError(f"{checkpoint[0]}: its arguments {', '.join(wrong)} are not of the types train.py writes")
-    command_line = []
-    for name, value in saved.items():  # the saved values as a command line
-        if value != defaults[name] and name not in RUNS_CODE | {"resume", "overwrite"}:
-            flag = "--" + name.replace("_", "-")
-            command_line += (
-                [flag] if value is True else [flag, *map(str, value if isinstance(value, list) else [value])]
-            )
+    command_line = as_command_line(saved, defaults, leave_out=RUNS_CODE | {"resume", "overwrite"})
     try:
         checked = vars(parse(command_line))
     except ReportedError as error:
@@ -380,6 +429,11 @@ def resumed_args(args, given, parse):
                 f"a resumed run keeps its arguments, and may change only "
                 f"{', '.join('--' + n.replace('_', '-') for n in sorted(RESUMABLE))}"
             )
+    if "max_new_tokens" in given and args.max_new_tokens != saved["max_new_tokens"]:
+        note(
+            f"--max-new-tokens {args.max_new_tokens}, the run's {saved['max_new_tokens']}: the gold reward and KL of "
+            "samples from now on are of completions of another length than before"
+        )
     for name in sorted(RUNS_CODE - given):
         if saved[name]:
             note(
@@ -406,6 +460,19 @@ def resumed_args(args, given, parse):
             f"give a larger --max-steps to train on"
         )
     return resumed, checkpoint
+
+
+def as_command_line(values, defaults, leave_out=()):
+    """The flags that give `values` (a run's arguments by name) where they differ from `defaults`, as a list of
+    strings for parse_args: what a checkpoint's saved arguments, or a comparison's runs, are parsed from."""
+    command_line = []
+    for name, value in values.items():
+        if name in defaults and value != defaults[name] and name not in leave_out:
+            flag = "--" + name.replace("_", "-")
+            command_line += (
+                [flag] if value is True else [flag, *map(str, value if isinstance(value, list) else [value])]
+            )
+    return command_line
 
 
 def keep_pairs_a_step(resumed, args, given, run_world_size, output_dir):

@@ -27,7 +27,9 @@ import re
 
 import torch
 
+from training.arguments import TINY_DATASET, TINY_GOLD_REWARD
 from training.errors import ReportedError
+from training.signals import StopAtOnce, StopNow
 
 SUFFIXES = (".json", ".jsonl", ".parquet")  # the files read, in any case (train.JSONL too)
 # The split a file in a dataset folder belongs to, by a word of its path (datasets' own convention).
@@ -131,8 +133,20 @@ def _read_folder(folder):
     }, notes
 
 
+class Unreadable:
+    """A line that is not text (not UTF-8): a row check_row refuses, naming why, and --skip-invalid drops."""
+
+    def __init__(self, reason):
+        self.reason = reason
+
+
+def _not_utf8(raw, error):
+    return f"not UTF-8 text (byte {raw[error.start]:#04x} at column {error.start + 1})"
+
+
 def _read_rows(path):
-    """(where, row) for every row of a .jsonl, .json or .parquet file; where names the file and the line."""
+    """(where, row) for every row of a .jsonl, .json or .parquet file; where names the file and the line. UTF-8, a
+    byte-order mark at its start allowed; a line that is not UTF-8 is a row of its own (Unreadable)."""
     try:
         if path.suffix.lower() == ".parquet":
             import pyarrow.parquet
@@ -141,15 +155,24 @@ def _read_rows(path):
                 (f"{path}, row {number}", row)
                 for number, row in enumerate(pyarrow.parquet.read_table(path).to_pylist(), start=1)
             ]
-        text = path.read_text(encoding="utf-8")
-    except Exception as error:  # unreadable, not UTF-8, not Parquet
+        raw = path.read_bytes().removeprefix(b"\xef\xbb\xbf")  # the BOM some editors write
+    except Exception as error:  # unreadable, not Parquet
         raise ReportedError(
             f"{path}: could not be read ({type(error).__name__}: {(str(error).splitlines() or [''])[0]})"
         ) from None
-    if path.suffix.lower() == ".json" and text.lstrip().startswith("["):
-        return _json_array_rows(text, path)
-    rows = []  # JSON Lines (a .json file may be too)
-    for number, line in enumerate(text.splitlines(), start=1):
+    if path.suffix.lower() == ".json" and raw.decode("utf-8", "replace").lstrip().startswith("["):
+        try:
+            return _json_array_rows(raw.decode("utf-8"), path)
+        except UnicodeDecodeError as error:  # one document: not a row to drop
+            line = raw.count(b"\n", 0, error.start) + 1
+            raise ReportedError(f"{path}, line {line}: not UTF-8 text (byte {raw[error.start]:#04x})") from None
+    rows = []  # JSON Lines (a .json file may be too), split on line ends alone (U+2028 is text)
+    for number, line in enumerate(raw.splitlines(), start=1):
+        try:
+            line = line.decode("utf-8")
+        except UnicodeDecodeError as error:
+            rows.append((f"{path}, line {number}", Unreadable(_not_utf8(line, error))))
+            continue
         if line.strip():
             try:
                 rows.append((f"{path}, line {number}", json.loads(line)))
@@ -220,6 +243,8 @@ def _is_messages(value):
 
 def check_row(row):
     """Raise ValueError naming the field if the row is not a preference pair of one of the two formats."""
+    if isinstance(row, Unreadable):
+        raise ValueError(row.reason)
     if not isinstance(row, dict):
         raise ValueError(f"expected an object with prompt, chosen and rejected, not {type(row).__name__}")
     for field in ("chosen", "rejected"):
@@ -241,6 +266,17 @@ def check_row(row):
         raise ValueError("field 'prompt' is a list of messages but 'chosen' and 'rejected' are strings")
     if row.get("noisy") is not None and not isinstance(row["noisy"], bool):  # not even 0 or 1
         raise ValueError(f"field 'noisy' must be true, false or null, not {_describe(row['noisy'])}")
+    for field in ("prompt", "chosen", "rejected"):  # "\ud800" is valid JSON, but no text: no tokenizer takes it
+        value = row.get(field)
+        for text in [value] if isinstance(value, str) else [v for m in value or [] for v in m.values()]:
+            if isinstance(text, str) and not text.isascii():
+                try:
+                    text.encode("utf-8")
+                except UnicodeEncodeError as error:
+                    raise ValueError(
+                        f"field {field!r} holds a lone surrogate ({text[error.start]!r}, character "
+                        f"{error.start + 1}), which is not text"
+                    ) from None
     for field in ("chosen", "rejected"):
         if prompt is not None and _repeats(prompt, row[field]):
             raise ValueError(
@@ -410,13 +446,13 @@ def _ending_with_eos_once(ids, eos_token_id):
     return ids + [eos_token_id]
 
 
-def tokenize_rows(rows, tokenizer, max_length, max_prompt_length, skip_invalid=False):
+def tokenize_rows(rows, tokenizer, max_length, max_prompt_length, skip_invalid=False, dropped=None):
     """(pairs, skipped, boundary_moved) for rows of (where, row).
 
     pairs: what tokenize_pair returns, plus "noisy". skipped: {reason: count} for rows never trained
     (the README promises they are reported). boundary_moved: how many pairs had their prompt/completion
     boundary moved by the tokenizer. A malformed row stops everything with a message naming where it is
-    and the field, unless skip_invalid.
+    and the field, unless skip_invalid; then dropped (a list) gets (where, why) of each row it drops.
     """
     pairs, skipped, boundary_moved = [], {}, 0
 
@@ -430,6 +466,8 @@ def tokenize_rows(rows, tokenizer, max_length, max_prompt_length, skip_invalid=F
             if not skip_invalid:
                 raise ReportedError(f"{where}: {error} (--skip-invalid drops such rows)") from None
             skip("invalid (--skip-invalid)")
+            if dropped is not None:
+                dropped.append((where, str(error)))
             continue
         if row["chosen"] == row["rejected"]:
             skip("chosen identical to rejected")
@@ -452,10 +490,18 @@ def load_pairs(args, tokenizer, least=1):
     train_rows, eval_rows, notes = load_splits(
         args.dataset, args.train_split, args.eval_split, args.eval_fraction, args.seed
     )
+    dropped = {"train": [], "eval": []}
     tokenized = {
-        split: tokenize_rows(rows, tokenizer, args.max_length, args.max_prompt_length, args.skip_invalid)
+        split: tokenize_rows(
+            rows, tokenizer, args.max_length, args.max_prompt_length, args.skip_invalid, dropped[split]
+        )
         for split, rows in (("train", train_rows), ("eval", eval_rows))
     }
+    for split, rows in dropped.items():  # each row --skip-invalid dropped, and why
+        if rows:
+            listed = "; ".join(f"{where}: {why}" for where, why in rows[:10])
+            more = f"; and {len(rows) - 10} more" if len(rows) > 10 else ""
+            notes.append(f"--skip-invalid dropped {len(rows)} {split} rows: {listed}{more}")
     pairs = {split: pairs for split, (pairs, _, _) in tokenized.items()}
     if len(pairs["train"]) < least or not pairs["eval"]:
         skipped = ", ".join(
@@ -480,6 +526,13 @@ def load_pairs(args, tokenizer, least=1):
 # The gold reward: a task's own score of a completion, which evaluation gives to samples of the policy
 
 
+def gold_reward_path(args):
+    """The gold reward a run scores its samples with: --gold-reward, else for tiny_data its own; None: none."""
+    if args.gold_reward:
+        return args.gold_reward
+    return str(TINY_GOLD_REWARD) if pathlib.Path(args.dataset).resolve() == TINY_DATASET else None
+
+
 def load_gold_reward(path):
     """score(prompt, completion) -> float from a Python file (None for None). It runs the file's code: only
     ever for a file the user named on the command line, or tiny_data's own."""
@@ -499,7 +552,9 @@ def load_gold_reward(path):
         spec.loader.exec_module(module)
     except SyntaxError as error:
         raise ReportedError(f"--gold-reward {path}, line {error.lineno}: {error.msg}") from None
-    except Exception as error:
+    except (StopNow, StopAtOnce):  # Ctrl-C or SIGTERM: the run's to handle
+        raise
+    except BaseException as error:  # sys.exit() or a KeyboardInterrupt of its own is its failure, not a stop
         raise ReportedError(f"--gold-reward {path}: running it raised {type(error).__name__}: {error}") from None
     if not callable(getattr(module, "score", None)):
         raise ReportedError(f"--gold-reward {path}: it defines no function score(prompt, completion)")
@@ -510,7 +565,9 @@ def gold_score(gold_reward, prompt, completion):
     """gold_reward(prompt, completion), which must be a finite number."""
     try:
         value = gold_reward(prompt, completion)
-    except Exception as error:
+    except (StopNow, StopAtOnce):  # Ctrl-C or SIGTERM: the run's to handle
+        raise
+    except BaseException as error:  # sys.exit() or a KeyboardInterrupt of its own is its failure, not a stop
         raise ReportedError(f"--gold-reward: score() raised {type(error).__name__}: {error}") from None
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
         raise ReportedError(f"--gold-reward: score() returned {value!r} for {completion!r}, not a finite number")

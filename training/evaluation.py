@@ -102,12 +102,12 @@ def s_counts(totals):
     return weaker, pairs - weaker - stronger, stronger
 
 
-def gather_step(sums, grad_norm, beta, stopped):
+def gather_step(sums, grad_norm, beta, signal):
     """What an optimizer step needs on the host, from every rank: (ranks, totals, gradient norm). ranks (world size,
-    K): each rank's sums of the step (as pair_sums), its gradient norm, the β it trained with and whether it got a
-    signal, last; totals: their sums over the ranks. One collective and one wait for the device, the step's only
-    ones: the two numbers of the host reach the device without waiting for it."""
-    flags = to_device([torch.tensor([beta, stopped], dtype=torch.float64)], sums.device)[0]
+    K): each rank's sums of the step (as pair_sums), its gradient norm, the β it trained with and the number of the
+    signal it got (0: none), last; totals: their sums over the ranks. One collective and one wait for the device, the
+    step's only ones: the two numbers of the host reach the device without waiting for it."""
+    flags = to_device([torch.tensor([beta, signal], dtype=torch.float64)], sums.device)[0]
     ranks = gather_from_every_rank(torch.cat([sums, grad_norm.double().reshape(1), flags]))
     return ranks, ranks.sum(0), ranks[0, -3].item()
 

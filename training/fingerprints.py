@@ -13,6 +13,7 @@ import re
 import struct
 
 from training.adapters import adapter_base
+from training.data import gold_reward_path
 from training.errors import ReportedError, note
 
 # The files of a model's folder that loading it reads (weights, configuration, tokenizer, a model's own code).
@@ -33,6 +34,7 @@ def checked_inputs(args, data, checkpoint=None):
     saved = checkpoint[1].get("inputs") if checkpoint else inputs
     if not saved:
         note(f"{checkpoint[0]} holds no fingerprints of what the run read (an older checkpoint): not compared")
+    _check_gold_reward(args, inputs, saved)
     for what, then in (saved or {}).items():  # as written: --model first, then the pairs
         now = inputs.get(what)
         if now == then:
@@ -61,6 +63,32 @@ def checked_inputs(args, data, checkpoint=None):
             )
         raise ReportedError(f"--resume {args.resume}: {change}; a resumed run trains on what the run trained on")
     return inputs
+
+
+def _check_gold_reward(args, inputs, saved):
+    """The gold reward is an input of the run like its data: its numbers before and after a resume must be one
+    scorer's. Resumed without one (it runs code, so it is never taken from the checkpoint), the samples are not
+    scored; with another file, or the run's file edited since, the run is refused. Its fingerprint is carried on."""
+    path = gold_reward_path(args)
+    if path and pathlib.Path(path).is_file():
+        inputs["--gold-reward"] = {"file": str(path), "digest": _file_digest(pathlib.Path(path))}
+    then, now = (saved or {}).get("--gold-reward"), inputs.get("--gold-reward")
+    if now is None or not isinstance(then, dict):
+        if isinstance(then, dict):
+            inputs["--gold-reward"] = then
+        return
+    if now["file"] != then.get("file"):
+        raise ReportedError(
+            f"--resume {args.resume}: the run scored its samples with --gold-reward {then.get('file')}, not "
+            f"{now['file']}: its gold reward before and after would be two scorers'. Give --gold-reward "
+            f"{then.get('file')}, or leave it out to score nothing from now on"
+        )
+    if now["digest"] != then.get("digest"):
+        raise ReportedError(
+            f"--resume {args.resume}: --gold-reward {now['file']} changed since the run (its bytes differ): its gold "
+            "reward before and after would be two scorers'. Put back the file the run had, or leave --gold-reward "
+            "out to score nothing from now on"
+        )
 
 
 def input_fingerprints(args, pairs):

@@ -14,7 +14,8 @@ import torch
 import torch.distributed as dist
 
 from training.adapters import adapter_base, add_lora, quiet_peft
-from training.errors import ReportedError
+from training.data import gold_reward_path
+from training.errors import ReportedError, note
 from training.sharding import allocate_shards, broadcast_weights, load_sharded_weights, local, reshard_root, shard
 
 # The ε-DPO loss from the last hidden states (epsdpo_chunked.epsilon_dpo_loss_from_hidden) wherever the output
@@ -135,6 +136,9 @@ def frozen_weights_in_bf16(model):
     return model
 
 
+_NOTED = set()  # the models whose own code a note said was not run
+
+
 def load_model(name, device, trust_remote_code, frozen_in_bf16=False, base=None):
     """A model in float32 on `device`, in eval mode. frozen_in_bf16: frozen, with frozen_weights_in_bf16,
     converted on the CPU before it moves, so the device never holds a float32 copy of it. A peft adapter (say
@@ -157,6 +161,12 @@ def load_model(name, device, trust_remote_code, frozen_in_bf16=False, base=None)
         raise ReportedError(
             f"model {name}{on}: {type(error).__name__}: {(str(error).splitlines() or [''])[0]}"
         ) from None
+    if getattr(model.config, "auto_map", None) and not trust_remote_code and name not in _NOTED:
+        _NOTED.add(name)  # once, not once for the policy and once for the reference
+        note(
+            f"{name}: its config.json names code of its own (auto_map), which runs only with --trust-remote-code; "
+            f"it loads as transformers' {type(model).__name__}"
+        )
     if frozen_in_bf16:
         frozen_weights_in_bf16(model.requires_grad_(False))
     # eval() for the policy too: dropout off, as DPO assumes; gradients flow all the same.
@@ -229,12 +239,13 @@ def check_models(policy, reference, tokenizer, pairs, args, checkpoint_folder=No
     )
     longest = max(len(p["prompt_ids"]) + max(len(p["chosen_ids"]), len(p["rejected_ids"])) for p in pairs)
     if longest > positions:
+        prompt_too = f" and --max-prompt-length {positions // 2}" if args.max_prompt_length >= positions else ""
         raise ReportedError(
             f"{model}: it takes at most {positions} positions (max_position_embeddings), and a pair "
-            f"has {longest} tokens; give --max-length {positions} or less"
+            f"has {longest} tokens; give --max-length {positions}{prompt_too} or less"
         )
     longest_prompt = max(len(p["prompt_ids"]) for p in pairs)
-    if args.gold_reward and longest_prompt + args.max_new_tokens > positions:  # samples, for the gold reward
+    if gold_reward_path(args) and longest_prompt + args.max_new_tokens > positions:  # samples, for the gold reward
         raise ReportedError(
             f"--max-new-tokens {args.max_new_tokens}: a prompt of {longest_prompt} tokens and its sample "
             f"would pass the {positions} positions of {model}; give --max-new-tokens "

@@ -15,7 +15,12 @@ from training.output_folder import write_atomically
 # What the user sees
 
 
-def progress_bar(steps, label, rank):
+def run_label(args):
+    """What a run is called in its lines and figures: DPO at ε = 0, else ε-DPO (with a fixed baseline β or not)."""
+    return "DPO" if args.epsilon == 0 else "ε-DPO, fixed baseline β" if args.fixed_baseline_beta else "ε-DPO"
+
+
+def progress_bar(steps, args, rank):
     """tqdm over the steps, shown by rank 0 alone, with the libraries' own bars (loading, mapping) off."""
     import datasets
     import transformers
@@ -23,10 +28,10 @@ def progress_bar(steps, label, rank):
 
     datasets.disable_progress_bars()
     transformers.utils.logging.disable_progress_bar()
-    return tqdm(steps, desc=label, disable=None if rank == 0 else True)
+    return tqdm(steps, desc=run_label(args), disable=None if rank == 0 else True)
 
 
-def print_start(args, label, checkpoint, first_step, total_steps, data, world_size, device, models):
+def print_start(args, checkpoint, first_step, total_steps, data, world_size, device, models):
     """The line a run starts with: what it trains, on what, how; and what resuming does."""
     train_pairs, eval_pairs = len(data["pairs"]["train"]), len(data["pairs"]["eval"])
     policy, loss_note = models.policy, models.loss_note
@@ -46,7 +51,7 @@ def print_start(args, label, checkpoint, first_step, total_steps, data, world_si
         else ""
     )
     print(
-        f"{label}: {train_pairs} train pairs, {eval_pairs} held out, {total_steps} steps of "
+        f"{run_label(args)}: {train_pairs} train pairs, {eval_pairs} held out, {total_steps} steps of "
         f"{args.batch_size * args.grad_accum * world_size} pairs on {world_size} × {device_name(device)}"
         f"{precision_note(device)}, β = {args.beta}, ε = {args.epsilon}{lora}"
         + (f"\nthe loss from full (2B, T, V) logits: {loss_note}" if loss_note else "")
@@ -246,12 +251,12 @@ def plot_criterion(measured, epsilon, path):
     _save_figure(figure, path)
 
 
-def run_summary(label, args, device, total_steps, data, final_beta, rows, s_by_noise, measured, seconds, held):
+def run_summary(args, device, total_steps, data, final_beta, rows, s_by_noise, measured, seconds, held):
     """What summary.json holds: the run's arguments and data, its first and last evaluation, β, the s counts and
     what the criterion measured, its time and the bytes rank 0 held."""
     evaluations = [row for row in rows if row["split"] == "eval"]
     return {
-        "label": label,
+        "label": run_label(args),
         "args": vars(args),
         "device": device_name(device),
         "torch": torch.__version__,  # with the device, what the digits of the figures depend on

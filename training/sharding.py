@@ -135,13 +135,14 @@ def broadcast_weights(model, state_dict):
 def load_sharded_weights(model, folder):
     """A sharded policy's weights from a checkpoint of a sharded run (torch.distributed.checkpoint), each
     process reading its own shards. checkpoints.load_checkpoint reads them again with AdamW's state."""
-    import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint import CheckpointException
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
 
+    from training import dcp_files
+
     state = {"model": get_model_state_dict(model)}
     try:
-        dcp.load(state, checkpoint_id=folder)
+        dcp_files.load(state, folder)  # runs no code from the folder
     except (CheckpointException, RuntimeError, ValueError) as error:  # another model's shards, unreadable files
         first = next(iter(error.failures.values()), error) if isinstance(error, CheckpointException) else error
         raise ReportedError(

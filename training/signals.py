@@ -30,13 +30,17 @@ class StopNow(KeyboardInterrupt):
         self.signal = number
 
 
+class StopAtOnce(KeyboardInterrupt):
+    """A signal more than WINDOW seconds after the first: the run stops at once, whatever it is doing."""
+
+
 class StopOnSignal:
     """SIGINT and SIGTERM while active (`with stop_signals:`, nestable). The first signal stops the run:
     before training at once (StopNow), during training (inside `with stop_signals.training():`) after the
     step under way, with a checkpoint: there it only sets .signal. Under torchrun one Ctrl-C reaches each
     process two or three times within milliseconds (the terminal's SIGINT to the process group, then
     torchrun's forwarded SIGINT and SIGTERM): signals within WINDOW seconds of the first are that same stop.
-    One sent later raises KeyboardInterrupt: it stops at once."""
+    One sent later raises StopAtOnce (a KeyboardInterrupt): it stops at once."""
 
     WINDOW = 2.0
 
@@ -72,7 +76,7 @@ class StopOnSignal:
             if not self.training_now:
                 raise StopNow(number)
         elif now - self.first_at >= self.WINDOW:
-            raise KeyboardInterrupt
+            raise StopAtOnce
 
 
 stop_signals = StopOnSignal()  # one per process: main() holds it while it runs

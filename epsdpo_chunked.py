@@ -295,15 +295,16 @@ def epsilon_dpo_loss(policy_logits, ref_logits, input_ids, completion_mask, beta
 # the scored positions' float32 logits):
 #   - a tile's float32 logits, m × v × 4 (forward holds three at once, backward one and a half);
 #   - a chunk's float32 gradient of its hidden states, m × H × 4, summed over the slices;
-#   - a slice of the weight in float32, v × H × 4 (its bf16 copy and its gradient's product are half that each).
+#   - a slice of the weight in float32, v × H × 4 (its bf16 copy and its gradient's product are half that each), or
+#     1/MAX_CHUNKS of the weight where that is more (a small batch beside a large weight needs no finer slices).
 # Positions are split only where the hidden size asks for it (m × H × 4 ≤ B), then the vocabulary into as few slices
 # as both rules allow. So:
 #   - where H is small beside the vocabulary (H ≤ V / MAX_CHUNKS: 4,008 at V = 128,256), one chunk of every position
 #     and MAX_CHUNKS slices: 32 tiles, 991 torch operations per call (forward and backward, bf16 autocast) whatever
 #     B, T and V from 1 GiB of scored float32 logits on (4 pairs × 1,024 tokens at V = 128,256: 3 GiB), fewer below;
-#   - at larger H, more tiles (44 at H = 4,096, 129 at H = 8,192 for that batch: 1,315 and 3,464 operations), each
-#     product large enough (at least 2,048 × 2,983 × 8,192 there) that a GPU's time goes to it, not to launches;
-#   - memory: a few B at once; counted, 0.074, 0.064 and 0.062 × one float32 (2B, T, V) logits tensor at H = 256,
+#   - at larger H, more tiles (44 at H = 4,096, 96 at H = 8,192 for that batch: 1,315 and 2,639 operations), each
+#     product large enough (at least 2,048 × 4,008 × 8,192 there) that a GPU's time goes to it, not to launches;
+#   - memory: a few B at once; counted, 0.074, 0.064 and 0.072 × one float32 (2B, T, V) logits tensor at H = 256,
 #     4,096 and 8,192 for that batch, the gradients it returns aside (bench_counts.loss_costs).
 # Why slices of the vocabulary before chunks of positions: each product reads its slice of the weight once for all the
 # positions of its chunk, so few chunks keep the weight's reads (and its casts to bf16) to about one per pass, where
@@ -359,7 +360,8 @@ def _tile_sizes(num_positions, vocab_size, width):
     budget = max(CHUNK_FLOAT32_BYTES, -(-num_positions * vocab_size * 4 // MAX_CHUNKS))  # B
     positions = max(1, num_positions)
     chunk = -(-positions // -(-positions * width * 4 // budget))  # m × H × 4 ≤ B
-    slices = max(-(-vocab_size * width * 4 // budget), -(-chunk * vocab_size * 4 // budget))  # v × H, m × v
+    weight_slices = min(MAX_CHUNKS, -(-vocab_size * width * 4 // budget))  # v × H × 4 ≤ B, or 1/MAX_CHUNKS of W
+    slices = max(weight_slices, -(-chunk * vocab_size * 4 // budget))  # m × v × 4 ≤ B
     return chunk, -(-vocab_size // min(slices, vocab_size))
 
 
@@ -452,59 +454,61 @@ def _backward_tile(hidden, hidden_t, weight_t, log_normalizers, local_targets, m
     return grad_logits @ weight_t.T, None if hidden_t is None else hidden_t @ grad_logits
 
 
-class _CompiledOrEager:
-    """A tile body compiled with torch.compile (fullgraph: one graph; dynamic: whatever m and v), run eagerly from
-    the first time compiling it fails on: no Triton, a compiler error. Says so once, as a warning."""
+class _CompiledBodies:
+    """The tile bodies compiled with torch.compile (fullgraph: one graph each; dynamic: whatever m and v), both run
+    eagerly from the first time compiling one fails on (no Triton, a compiler error), which is said once, as a
+    warning: the same values, more kernel launches."""
 
-    def __init__(self, body, backend):
-        self.body, self.backend, self.failed = body, backend, False
-        self.compiled = torch.compile(body, backend=backend, fullgraph=True, dynamic=True)
+    def __init__(self, backend):
+        self.backend, self.failed = backend, False
+        self.bodies = [self._body(body) for body in (_forward_tile, _backward_tile)]
 
-    def __call__(self, *args):
-        if not self.failed:
-            try:
-                return self.compiled(*args)
-            except _COMPILE_ERRORS as error:  # raised while compiling, before the body computed anything
-                self.failed = True
-                first_line = (str(error).strip().splitlines() or [""])[0][:300]
-                warnings.warn(
-                    f"epsdpo_chunked: compiling {self.body.__name__} with torch.compile (backend "
-                    f"{self.backend!r}) failed, so it runs eagerly from now on: same values, more kernel launches "
-                    f"({type(error).__name__}: {first_line})",
-                    RuntimeWarning,
-                    stacklevel=2,
-                )
-        return self.body(*args)
+    def _body(self, body):
+        compiled = torch.compile(body, backend=self.backend, fullgraph=True, dynamic=True)
+
+        def compiled_or_eager(*args):
+            if not self.failed:
+                try:
+                    return compiled(*args)
+                except _compile_errors() as error:  # raised while compiling, before the body computed anything
+                    self.failed = True
+                    cause = getattr(error, "inner_exception", None) or error  # the backend's own, unwrapped
+                    first_line = (str(cause).strip().splitlines() or [""])[0][:300]
+                    warnings.warn(
+                        f"epsdpo_chunked: compiling the loss's tile bodies with torch.compile (backend "
+                        f"{getattr(self.backend, '__name__', self.backend)!r}) failed, so they run eagerly: the "
+                        f"same values, more kernel launches ({type(cause).__name__}: {first_line})",
+                        RuntimeWarning,
+                        stacklevel=2,
+                    )
+            return body(*args)
+
+        return compiled_or_eager
 
 
 def _compile_errors():
-    import torch._dynamo.exc  # what torch.compile raises when compiling fails; imported with torch.compile
+    """What torch.compile raises when compiling fails (a backend's error arrives wrapped in dynamo's)."""
+    import torch._dynamo.exc
 
-    errors = [torch._dynamo.exc.TorchDynamoException]
     try:
         from torch._inductor.exc import InductorError  # inductor's own, in newer torch
     except ImportError:
-        pass
-    else:
-        errors.append(InductorError)
-    return tuple(errors)
+        return (torch._dynamo.exc.TorchDynamoException,)
+    return torch._dynamo.exc.TorchDynamoException, InductorError
 
 
-_COMPILE_ERRORS = ()  # filled when a body is first compiled
-_compiled = {}  # backend: (forward, backward), each a _CompiledOrEager
+_compiled = {}  # backend: _CompiledBodies
 
 
 def _tile_bodies(device):
     """(forward, backward) tile bodies for `device`: compiled, once per backend, where COMPILE_BACKENDS names one,
     else eager."""
-    global _COMPILE_ERRORS
     backend = COMPILE_BACKENDS.get(device.type)
     if backend is None:
         return _forward_tile, _backward_tile
     if backend not in _compiled:
-        _COMPILE_ERRORS = _COMPILE_ERRORS or _compile_errors()
-        _compiled[backend] = [_CompiledOrEager(body, backend) for body in (_forward_tile, _backward_tile)]
-    return _compiled[backend]
+        _compiled[backend] = _CompiledBodies(backend)
+    return _compiled[backend].bodies
 
 
 def _dtypes(policy_hidden, policy_weight, ref_hidden, ref_weight):
@@ -681,7 +685,7 @@ def epsilon_dpo_loss_from_hidden(
     projected, in tiles of positions × words (above), in forward and again in backward; a float32 weight is cast to
     the products' dtype a slice at a time. Counted on FakeTensors at 4 pairs × 1,024 tokens (768 scored) and
     V = 128,256 in bf16: 991 torch operations at H = 256, as many for longer sequences and larger vocabularies; an
-    extra peak (the returned gradients aside) of 0.074, 0.064 and 0.062 × one float32 (2B, T, V) logits tensor at
+    extra peak (the returned gradients aside) of 0.074, 0.064 and 0.072 × one float32 (2B, T, V) logits tensor at
     H = 256, 4,096 and 8,192. On CUDA each tile's body is compiled (eagerly run if that fails). The products run in
     the inputs' dtype (bf16 under a bf16 autocast, as the model's own head), the soft-cap too, the softmax,
     logsumexp and perturbation in float32, as in the logits path.

@@ -11,7 +11,7 @@ import torch.distributed as dist
 
 import epsdpo
 import epsdpo_chunked
-from training.batches import NOISE_CODES, collate, collate_prompts
+from training.batches import NOISE_CODES, collate, collate_prompts, model_inputs
 from training.data import gold_score
 from training.loss import micro_batch_loss
 from training.models import last_hidden_states
@@ -235,13 +235,10 @@ def completion_measures(policy, reference, batch, head, lambdas=(), rows=None, m
     LinearHead: never a (N, T, V) tensor, whatever the batch. Otherwise from the logits of at most max_rows sequences
     at a time (train.py: --batch-size pairs, as training holds them)."""
     rows = rows or len(batch.input_ids)
-    input_ids, attention_mask, completion_mask = (
-        t[:rows] for t in (batch.input_ids, batch.attention_mask, batch.completion_mask)
-    )
+    input_ids, completion_mask = batch.input_ids[:rows], batch.completion_mask[:rows]  # right-padded: no mask needed
     if head is not None:
         (hidden, weight), (ref_hidden, ref_weight) = (
-            last_hidden_states(model, dict(input_ids=input_ids, attention_mask=attention_mask))
-            for model in (policy, reference)
+            last_hidden_states(model, model_inputs(input_ids)) for model in (policy, reference)
         )
         return epsdpo_chunked.completion_measures_from_hidden(
             hidden,
@@ -255,10 +252,7 @@ def completion_measures(policy, reference, batch, head, lambdas=(), rows=None, m
         )
     logps, kls = [], []
     for part in (slice(start, start + (max_rows or rows)) for start in range(0, rows, max_rows or rows)):
-        logits, ref_logits = (
-            model(input_ids=input_ids[part], attention_mask=attention_mask[part]).logits.float()
-            for model in (policy, reference)
-        )
+        logits, ref_logits = (model(**model_inputs(input_ids[part])).logits.float() for model in (policy, reference))
         logps.append(
             torch.stack(
                 [

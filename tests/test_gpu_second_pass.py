@@ -201,3 +201,71 @@ def test_an_optimizer_step_waits_for_the_device_once_counting_every_librarys_wai
     arguments = ["--dataset", str(folder), "--batch-size", "2", "--max-steps", "2", "--grad-accum", str(grad_accum)]
     steps = waits_per_step(tmp_path, monkeypatch, [*arguments, "--criterion-pairs", "0"])
     assert steps == [[("Tensor.cpu", "evaluation.py")]] * 2
+
+
+# ----------------------------------------------------------------------------------------------------
+# 4 and 5. One decision for all ranks; the criterion's figure shared across ranks, each model run once a batch
+
+
+def criterion_pairs():
+    generator = torch.Generator().manual_seed(3)
+
+    def ids(length):
+        return torch.randint(1, 64, (length,), generator=generator).tolist()
+
+    return [
+        {
+            "prompt_ids": ids(3 + i % 3),
+            "chosen_ids": ids(4 + i % 4),
+            "rejected_ids": ids(2 + i % 5),
+            "noisy": i % 2 == 0,
+        }
+        for i in range(5)
+    ]
+
+
+def measure_the_criterion(rank=0, folder=None):
+    """criterion_measures on two tiny models (the loss from hidden states), counting the policy's forward passes; on
+    rank `rank` of a 2-process gloo group when folder is given, where rank 1 alone finds no room to keep units
+    gathered (sharding's answer for this rank, replaced here)."""
+    import torch.distributed as dist
+
+    if folder is not None:
+        dist.init_process_group("gloo", init_method=f"file://{folder}/rendezvous", rank=rank, world_size=2)
+        sharding._fits_on_this_rank = lambda model, device: rank == 0  # this child process's own module
+    try:
+        fits = sharding.gathered_fits(torch.nn.Linear(1, 1), torch.device("cpu"))
+        policy, reference = tiny_llama(seed=1), tiny_llama(seed=0)
+        head, why = models.linear_head(policy, torch.tensor([[1, 2, 3]]))
+        assert head is not None, why
+        forwards = []
+        policy.register_forward_pre_hook(lambda module, args: forwards.append(1))
+        measured = evaluation.criterion_measures(
+            policy, reference, criterion_pairs(), 0, 0.1, head, torch.autocast("cpu", enabled=False), batch_size=2
+        )
+        result = {"fits": fits, "forwards": len(forwards), **{k: measured[k] for k in ("h", "delta_k", "s", "noise")}}
+        if folder is not None:
+            torch.save(result, f"{folder}/rank{rank}.pt")
+        return result
+    finally:
+        if folder is not None:
+            dist.destroy_process_group()
+
+
+def test_ranks_take_one_decision_and_share_the_criterions_pairs_running_each_model_once_a_batch(tmp_path):
+    """Two gloo ranks: rank 1 alone has no room to keep units gathered, and both then answer no (one decision, else
+    their all-gathers would not match). The criterion's measures of 5 pairs: each rank computes its share (3 and 2,
+    padded to 3: 2 batches of 2, then the curves' batch), and both get all 5 back in order, as one process computes
+    them (4 batches with the curves'), each batch running the policy once (twice before: the loss, then the KL)."""
+    import torch.multiprocessing
+
+    alone = measure_the_criterion()
+    assert alone["fits"] and alone["forwards"] == 3 + 1
+    torch.multiprocessing.start_processes(measure_the_criterion, (tmp_path,), nprocs=2, start_method="fork")
+    for rank in (0, 1):
+        shared = torch.load(tmp_path / f"rank{rank}.pt")
+        assert shared["fits"] is False and shared["forwards"] == 2 + 1
+        assert shared["noise"].tolist() == alone["noise"].tolist() == [2.0, 1.0, 2.0, 1.0, 2.0]
+        assert shared["s"].tolist() == alone["s"].tolist() and alone["s"].abs().sum() > 0
+        for name in ("h", "delta_k"):
+            torch.testing.assert_close(shared[name], alone[name], rtol=1e-5, atol=1e-6)

@@ -279,28 +279,40 @@ def criterion_measures(
 ):
     """What the criterion measures on the final policy, for reports.plot_criterion: per pair h, ΔK, s and the noise
     flag; how often s = sign(h − ΔK) and s = sign(h) ("agreement"); and z(λ) of a few pairs ("curves" at "lambdas").
-    None at ε = 0 or without pairs. Called on every rank (under FSDP each forward pass is a collective).
+    None at ε = 0 or without pairs.
 
     ΔK = K_w − K_l, with K the KL(π_θ‖π_ref) summed along a completion. To first order in ε,
     z(1 ± ε) − z(1) = ± ε dz/dλ with dz/dλ = h − ΔK, so s = sign(h − ΔK) where that is clear of zero.
-    head: the models' LinearHead (None: from full logits). Everything is
-    taken from the hidden states in the loss's chunks (completion_measures) in batches of batch_size pairs, or, where
-    the head needs full logits, in batches of logits_batch_size pairs (train.py: --batch-size, as in training).
+
+    Called on every rank: each computes its share of the pairs (pairs[rank::ranks]), and every rank gets all of them
+    back, in order, in one all_gather (under FSDP each forward pass is a collective, so a shorter share is padded with
+    a pair counted nowhere). Each batch runs each model once: completion_measures gives, from the same hidden states
+    (or logits), log π̂_λ at λ = 1, 0, 1 + ε and 1 − ε (the policy, the reference and the criterion's two, which give
+    h and s as the loss computes them) and the KL along each completion. head: the models' LinearHead (None: from
+    full logits); batches of batch_size pairs, or, where the head needs full logits, of logits_batch_size pairs
+    (train.py: --batch-size, as in training).
     """
     if epsilon == 0 or not pairs:
         return None
     device = next(policy.parameters()).device
     batch_size = batch_size if head is not None else logits_batch_size
+    rank, ranks = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
+    share = pairs[rank::ranks]
+    padded = share + pairs[:1] * (-(-len(pairs) // ranks) - len(share))
     columns = []  # per pair: h, ΔK, s, noise flag
-    for start in range(0, len(pairs), batch_size):
-        batch = collate(pairs[start : start + batch_size], pad_token_id, device)
+    for start in range(0, len(padded), batch_size):
+        batch = collate(padded[start : start + batch_size], pad_token_id, device)
         with autocast:
-            out = micro_batch_loss(policy, reference, batch, 1.0, epsilon, head)
-            _, kls = completion_measures(policy, reference, batch, head)
-        half = len(out.s)
-        h = (out.chosen_logps - out.ref_chosen_logps) - (out.rejected_logps - out.ref_rejected_logps)
-        columns.append(torch.stack([v.double() for v in (h, kls[:half] - kls[half:], out.s, batch.noise)]).cpu())
-    h, delta_k, s, noise = torch.cat(columns, dim=1)
+            (logps, ref_logps, weaker_logps, stronger_logps), kls = completion_measures(
+                policy, reference, batch, head, (1.0, 0.0, 1 + epsilon, 1 - epsilon), max_rows=len(batch.input_ids)
+            )
+        half = len(batch.noise)
+        h = (logps[:half] - ref_logps[:half]) - (logps[half:] - ref_logps[half:])  # z_θ − γ
+        s = epsdpo._criterion(logps, weaker_logps, stronger_logps)  # the rule of the loss, on the same numbers
+        columns.append(torch.stack([v.double() for v in (h, kls[:half] - kls[half:], s, batch.noise)]))
+    # Every rank's columns, (ranks, 4 × its padded share), then pair i = rank i % ranks, place i // ranks of its share.
+    gathered = across_ranks(torch.cat(columns, dim=1).flatten()).view(ranks, 4, -1)
+    h, delta_k, s, noise = torch.stack([gathered[i % ranks, :, i // ranks] for i in range(len(pairs))], dim=1)
     agreement = {
         "pairs": len(s),
         "s = sign(h − ΔK)": (s == torch.sign(h - delta_k)).double().mean().item(),

@@ -269,3 +269,19 @@ def test_ranks_take_one_decision_and_share_the_criterions_pairs_running_each_mod
         assert shared["s"].tolist() == alone["s"].tolist() and alone["s"].abs().sum() > 0
         for name in ("h", "delta_k"):
             torch.testing.assert_close(shared[name], alone[name], rtol=1e-5, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------------
+# 6. Loading: process 0 reads the weights in the dtype they are stored in
+
+
+def test_process_zero_reads_weights_in_their_stored_dtype_whose_float32_upcast_is_a_float32_read(tmp_path):
+    """A model saved in bf16 (as Llama-3's weights are): read_weights keeps bf16 (half the memory of a float32
+    read), and their upcast is exactly what a float32 read gives, as each process casts its float32 shards."""
+    tiny_llama().to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
+    stored = models.read_weights(str(tmp_path / "bf16"), False)
+    float32 = models.load_model(str(tmp_path / "bf16"), torch.device("cpu"), False).state_dict()
+    assert {value.dtype for value in stored.values() if value.is_floating_point()} == {torch.bfloat16}
+    assert stored.keys() == float32.keys()
+    for name, value in stored.items():
+        assert torch.equal(value.float(), float32[name]) and float32[name].dtype == torch.float32, name

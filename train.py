@@ -43,7 +43,7 @@ from training.errors import ReportedError, run_command
 from training.evaluation import NOISE, SUMS, across_ranks, criterion_measures, evaluate, pair_sums, s_counts, train_row
 from training.fingerprints import checked_inputs
 from training.loss import micro_batch_loss
-from training.models import held_bytes, init_distributed, precision, setup_models, training_mode
+from training.models import held_bytes, init_distributed, make_optimizer, precision, setup_models, training_mode
 from training.output_folder import (
     append_metrics,
     check_only_ours_replaced,
@@ -111,7 +111,7 @@ def train(args, label="ε-DPO", checkpoint=None):
     started = time.time()
     random.seed(args.seed)
     torch.manual_seed(args.seed)
-    rank, world_size, device = init_distributed(args.device)  # rank 0 alone writes and prints
+    rank, world_size, device = init_distributed(args.device, args.dist_timeout)  # rank 0 alone writes and prints
     output_dir = pathlib.Path(args.output_dir)
     # The folder is checked and locked before anything is loaded, and stays locked while the run lasts.
     with claim_on_rank_zero(output_dir, args, rank, world_size, device):
@@ -147,7 +147,7 @@ def train(args, label="ε-DPO", checkpoint=None):
         )
         policy, autocast = models.policy, autocast or contextlib.nullcontext()
         trained_weights = [weight for weight in policy.parameters() if weight.requires_grad]  # LoRA: the adapters
-        optimizer = torch.optim.AdamW(trained_weights, lr=args.lr, weight_decay=args.weight_decay)
+        optimizer = make_optimizer(trained_weights, args, device)  # AdamW (fused on CUDA)
         baseline_beta = epsdpo.BaselineBeta(args.beta, args.epsilon, min_beta=args.min_beta, max_beta=MAX_BETA)
         total_steps = args.max_steps or max(
             1, int(args.epochs * len(train_pairs) // (args.batch_size * args.grad_accum * world_size))

@@ -285,3 +285,34 @@ def test_process_zero_reads_weights_in_their_stored_dtype_whose_float32_upcast_i
     assert stored.keys() == float32.keys()
     for name, value in stored.items():
         assert torch.equal(value.float(), float32[name]) and float32[name].dtype == torch.float32, name
+
+
+# ----------------------------------------------------------------------------------------------------
+# 7. Long runs on real clusters: the collectives' timeout, the allocator, fused AdamW
+
+
+def test_the_process_group_times_out_after_dist_timeout_and_the_allocator_grows_segments_unless_told(monkeypatch):
+    import datetime
+
+    import torch.distributed as dist
+
+    from training.arguments import parse_args
+
+    joined = []
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", lambda backend, **kwargs: joined.append((backend, kwargs)))
+    monkeypatch.setattr(dist, "get_rank", lambda: 0)
+    args, _ = parse_args(["--dist-timeout", "45"])
+    assert models.init_distributed("cpu", args.dist_timeout) == (0, 2, torch.device("cpu"))
+    assert joined == [("gloo", {"timeout": datetime.timedelta(minutes=45)})]
+    assert parse_args([])[0].dist_timeout == models.DIST_TIMEOUT_MINUTES == 30  # torch's own: 10 minutes
+    assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "max_split_size_mb:512")  # a user's own setting stays
+    models.init_distributed("cpu")
+    assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "max_split_size_mb:512"
+    weights, args = [torch.nn.Parameter(torch.zeros(3))], parse_args([])[0]
+    assert models.make_optimizer(weights, args, torch.device("cuda")).defaults["fused"] is True
+    assert not models.make_optimizer(weights, args, torch.device("cpu")).defaults["fused"]  # foreach, as before

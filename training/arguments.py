@@ -227,6 +227,14 @@ def parse_args(argv=None, report=False, extra=(), description=None):
     )
     add("--device", default="auto", help="cuda, cuda:N, mps or cpu; auto: the first available")
     add(
+        "--dist-timeout",
+        type=number(float, 0, what="must be > 0"),
+        default=30.0,
+        metavar="MINUTES",
+        help="under torchrun: how long a process waits for the others in a collective before the run fails "
+        "(torch's default: 10; process 0 alone reads, or downloads, the weights while the others wait)",
+    )
+    add(
         "--skip-invalid",
         action="store_true",
         help="drop malformed rows (and report how many) instead of stopping at the first",

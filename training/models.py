@@ -7,6 +7,7 @@ at hand is here, one function per concern.
 """
 
 import contextlib
+import datetime
 import os
 from dataclasses import dataclass
 
@@ -44,12 +45,29 @@ def pick_device(name):
     return device
 
 
-def init_distributed(device_name):
+# How long a process waits in a collective for the others before the run fails, in minutes (--dist-timeout). torch's
+# default is 10; at 8B, process 0 alone may read (or first download) the weights while the others wait to receive
+# them, and a sharded checkpoint's collectives wait for the slowest disk.
+DIST_TIMEOUT_MINUTES = 30
+
+
+def cuda_allocator_settings():
+    """PyTorch's CUDA allocator with expandable segments, unless PYTORCH_CUDA_ALLOC_CONF says otherwise; set before
+    the first CUDA allocation (the allocator reads it then). Every micro-batch has the length of its longest pair, so
+    the activations' sizes change from one to the next: fixed-size cached blocks then fragment (memory reserved, not
+    usable, out of memory with room to spare), where an expandable segment grows in place (PyTorch's advice for
+    inputs whose shapes change)."""
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+
+
+def init_distributed(device_name, timeout_minutes=DIST_TIMEOUT_MINUTES):
     """(rank, world size, device). Under torchrun (WORLD_SIZE > 1) this joins the process group: NCCL on
-    GPUs, gloo on CPUs; otherwise one process on the device --device picks.
+    GPUs, gloo on CPUs, its collectives failing after timeout_minutes (--dist-timeout); otherwise one process
+    on the device --device picks.
 
     Under torchrun each process takes the GPU of its LOCAL_RANK (which GPUs: CUDA_VISIBLE_DEVICES), so
     --device may say cuda, cpu or auto, but not one GPU for every process (cuda:N) or mps."""
+    cuda_allocator_settings()
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size == 1:
         return 0, 1, pick_device(device_name)
@@ -67,7 +85,7 @@ def init_distributed(device_name):
     if on_gpus:
         torch.cuda.set_device(local_rank)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if on_gpus else "gloo")
+        dist.init_process_group("nccl" if on_gpus else "gloo", timeout=datetime.timedelta(minutes=timeout_minutes))
     return dist.get_rank(), world_size, torch.device("cuda", local_rank) if on_gpus else torch.device("cpu")
 
 
@@ -256,6 +274,13 @@ def held_bytes(policy, optimizer, reference):
         "optimizer": size(value for state in optimizer.state.values() for value in state.values()),
         "reference": size(reference.parameters()) if isinstance(reference, torch.nn.Module) else 0,
     }  # LoRA: the policy's
+
+
+def make_optimizer(weights, args, device):
+    """AdamW on the trained weights. On CUDA its fused kernel: the update of every weight in a few kernels, not
+    several per weight (torch's foreach default), the same update (checkpoints of either load into the other)."""
+    fused = device.type == "cuda"
+    return torch.optim.AdamW(weights, lr=args.lr, weight_decay=args.weight_decay, fused=fused or None)
 
 
 @dataclass

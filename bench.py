@@ -12,6 +12,10 @@
                                          # 128k words (a train.py run with criterion.png, and the loss alone);
                                          # minutes on 2 cores (bench_memory.py)
     python bench.py --shape realistic-128k --repeats 3   # one shape, fewer steps
+    python bench.py --gpu                # the GPU check (bench_gpu.py): one training step at Llama-3-8B's width
+                                         # (2 layers) for ε-DPO from hidden states, on chunked logits, on full logits
+                                         # and plain DPO: step time, peak memory, host syncs, compiled graphs; a few
+                                         # minutes on one H100; --reduced: at a small shape, as the tests run it
 
 The same training step (forward, loss, backward, AdamW step), on the same model, batch and seed, six ways:
   dpo              DPO through epsdpo.py, the reference's logits computed live (as ε-DPO needs them)
@@ -54,7 +58,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Llama
 
 import epsdpo
 import epsdpo_chunked
-from training import arguments, batches, bench_counts, bench_memory, data, models
+from training import arguments, batches, bench_counts, bench_gpu, bench_memory, data, models
 from training.bench_counts import cpu_memory_kib, glibc_malloc_option
 
 transformers.utils.logging.disable_progress_bar()
@@ -461,6 +465,12 @@ def main():
     parser.add_argument(
         "--costs", action="store_true", help="only the losses' operations and extra peaks at scale (FakeTensors)"
     )
+    parser.add_argument(
+        "--gpu",
+        action="store_true",
+        help="only the GPU check: a training step at Llama-3-8B's width for four losses (bench_gpu.py)",
+    )
+    parser.add_argument("--reduced", action="store_true", help="with --gpu: at a small shape (a CPU runs only this)")
     parser.add_argument("--quick", action="store_true", help="smaller shapes, fewer steps (a smoke test)")
     parser.add_argument("--json", metavar="PATH", help="write every figure to this file")
     parser.add_argument(
@@ -486,6 +496,11 @@ def main():
         return bench_memory.hidden_memory()
     if args.costs:
         return loss_costs(COST_SHAPES)
+    if args.gpu:
+        results = bench_gpu.run(args.device[-1] if args.device else None, args.reduced)
+        if args.json:
+            pathlib.Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+        return results
     devices = [torch.device(d) for d in (args.device or ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))]
     shapes, warmup, repeats = (QUICK_SHAPES, 1, 3) if args.quick else (SHAPES, 3, 15)
     if args.shape:

@@ -316,3 +316,25 @@ def test_the_process_group_times_out_after_dist_timeout_and_the_allocator_grows_
     weights, args = [torch.nn.Parameter(torch.zeros(3))], parse_args([])[0]
     assert models.make_optimizer(weights, args, torch.device("cuda")).defaults["fused"] is True
     assert not models.make_optimizer(weights, args, torch.device("cpu")).defaults["fused"]  # foreach, as before
+
+
+# ----------------------------------------------------------------------------------------------------
+# 8. The GPU check, at a reduced shape on the CPU
+
+
+def test_the_gpu_check_runs_every_loss_at_a_reduced_shape_and_counts_one_wait_a_step(capsys):
+    """bench.py --gpu's measurements, on the CPU at a reduced shape: every loss trains a step; a step waits once (its
+    one read of the loss) but for the method as written on full logits, whose input checks wait once more; nothing is
+    compiled on a CPU."""
+    from training import bench_gpu
+
+    results = bench_gpu.gpu_check(torch.device("cpu"), bench_gpu.REDUCED, warmup=1, repeats=1)
+    assert {name: figures["syncs"] for name, figures in results.items()} == {
+        "hidden": 1,
+        "chunked": 1,
+        "full": 2,
+        "dpo": 1,
+    }
+    assert all(figures["graphs"] == 0 and figures["median_s"] > 0 for figures in results.values())
+    printed = capsys.readouterr().out
+    assert "GPU check on CPU" in printed and all(label in printed for label in bench_gpu.LOSSES.values())

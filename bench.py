@@ -37,7 +37,8 @@ each variant in its own process (forked, so that no two share a high-water mark)
 Then, for both ε-DPO losses at scale (from logits in chunks, and from hidden states), what one forward and backward
 costs a GPU at 4 pairs × 1,024 tokens (768 of them completion) and V = 128,256, in bf16 as train.py runs them: the
 torch operations dispatched (each a kernel launch or more) and the extra peak memory, counted on FakeTensors by
-bench_counts.loss_costs (shapes without memory: a CPU counts them in seconds); also at twice T and twice V.
+bench_counts.loss_costs (shapes without memory: a CPU counts them in seconds); also at twice T and twice V, and the
+loss from hidden states at Llama-3-8B's and Llama-3-70B's hidden sizes (4,096 and 8,192).
 """
 
 import argparse
@@ -417,31 +418,39 @@ def print_run(run_report):
 # ----------------------------------------------------------------------------------------------------
 # The losses at scale: operations and extra peak memory of one forward + backward, on FakeTensors
 
-# (pairs, tokens, completion tokens, vocabulary): 4 pairs × 1,024 tokens at Llama-3-8B's vocabulary, then twice T,
-# then twice V.
-COST_SHAPES = [(4, 1024, 768, 128_256), (4, 2048, 1536, 128_256), (4, 1024, 768, 256_000)]
+# (pairs, tokens, completion tokens, vocabulary, hidden size): 4 pairs × 1,024 tokens at Llama-3-8B's vocabulary, then
+# twice T, then twice V, at the bench's hidden size; then at real ones, Llama-3-8B's and Llama-3-70B's (the logits
+# path does not depend on it: it takes the logits).
+COST_SHAPES = [
+    (4, 1024, 768, 128_256, 256),
+    (4, 2048, 1536, 128_256, 256),
+    (4, 1024, 768, 256_000, 256),
+    (4, 1024, 768, 128_256, 4096),
+    (4, 1024, 768, 128_256, 8192),
+]
 
 
 def loss_costs(shapes):
     """{shape: {path: bench_counts.loss_costs(path, ...)}}, printed as a table (extra peaks in float32 logits
     tensors)."""
     print(
-        "\nThe losses at scale, one forward + backward in bf16 (FakeTensors, hidden size 256): torch operations and "
-        "extra peak in float32 (2B, T, V) logits tensors, the returned gradients left out (with them)"
+        "\nThe losses at scale, one forward + backward in bf16 (FakeTensors): torch operations and extra peak in "
+        "float32 (2B, T, V) logits tensors, the returned gradients left out (with them)"
     )
-    print(f"{'pairs × tokens (completion), V':34}{'from logits in chunks':>34}{'from hidden states':>34}")
+    print(f"{'pairs × tokens (completion), V, H':36}{'from logits in chunks':>34}{'from hidden states':>34}")
     costs = {}
-    for pairs, length, completion, vocab in shapes:
-        shape = f"{pairs} × {length:,} ({completion:,}), {vocab:,}"
+    for pairs, length, completion, vocab, width in shapes:
+        shape = f"{pairs} × {length:,} ({completion:,}), {vocab:,}, {width:,}"
+        paths = ("logits", "hidden") if width == shapes[0][4] else ("hidden",)  # the logits path takes no H
         costs[shape] = {
-            path: bench_counts.loss_costs(path, pairs, length, completion, vocab) for path in ("logits", "hidden")
+            path: bench_counts.loss_costs(path, pairs, length, completion, vocab, width=width) for path in paths
         }
         cells = [
             f"{c['operations']:>6,} ops {c['extra_peak'] / c['logits']:6.3f} "
             f"({c['extra_peak_with_gradients'] / c['logits']:.3f})"
             for c in costs[shape].values()
         ]
-        print(f"{shape:34}" + "".join(f"{cell:>34}" for cell in cells))
+        print(f"{shape:36}" + "".join(f"{cell:>34}" for cell in ([""] * (2 - len(cells)) + cells)))
     return costs
 
 

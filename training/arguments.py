@@ -204,6 +204,12 @@ def parse_args(argv=None, report=False, extra=(), description=None):
         help="recompute the policy's activations in backward (transformers' switch): less memory, more time",
     )
     add(
+        "--full-logits",
+        action="store_true",
+        help="take the loss from the full (2B, T, V) logits even where the output layer allows its last hidden states "
+        "(to compare the two: more memory)",
+    )
+    add(
         "--fsdp",
         action="store_true",
         help="under torchrun: shard the policy, its gradients and AdamW state, and the reference across the processes "

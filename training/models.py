@@ -346,9 +346,12 @@ def linear_head(model, input_ids):
     return LinearHead(weight.shape[0], softcap), ""
 
 
-def shared_linear_head(policy, reference, pair, device, mixed_precision):
+def shared_linear_head(policy, reference, pair, device, mixed_precision, full_logits=False):
     """(LinearHead, "") when both models' logits are softcap(last hidden state @ weight.T) with the same soft-cap,
-    checked on the first tokens of a pair as the models will run (under autocast with bf16); else (None, why)."""
+    checked on the first tokens of a pair as the models will run (under autocast with bf16); else (None, why).
+    full_logits (--full-logits): (None, why) whatever the models."""
+    if full_logits:
+        return None, "--full-logits"
     sample = torch.tensor([(pair["prompt_ids"] + pair["chosen_ids"])[:16]], device=device)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=mixed_precision):
         (head, note), (ref_head, ref_note) = linear_head(policy, sample), linear_head(reference, sample)
@@ -424,7 +427,9 @@ def setup_models(args, device, world_size, mixed_precision, tokenizer, pairs, ch
             None if args.ref_model else args.model_base,
         ).requires_grad_(False)
     check_models(policy, reference or policy, tokenizer, pairs, args, from_checkpoint)
-    head, note = shared_linear_head(policy, reference or AdaptersOff(policy), pairs[0], device, mixed_precision)
+    head, note = shared_linear_head(
+        policy, reference or AdaptersOff(policy), pairs[0], device, mixed_precision, args.full_logits
+    )
     layers = checkpointed_layers(policy) if args.gradient_checkpointing else []
     # DDP averages the gradients over the ranks. Its buffers (rotary inv_freq) are constants: broadcasting
     # them from rank 0 before every forward pass would be one more collective per micro-batch.
@@ -477,7 +482,7 @@ def setup_sharded_models(args, device, mixed_precision, tokenizer, pairs, checkp
         broadcast_weights(policy, weights(args.model))
     broadcast_weights(reference, weights(args.ref_model or args.model))
     read.clear()
-    head, note = shared_linear_head(policy, reference, pairs[0], device, mixed_precision)
+    head, note = shared_linear_head(policy, reference, pairs[0], device, mixed_precision, args.full_logits)
     for model in (policy, reference):
         reshard_root(model)  # the check's forward passes gathered them
     return Models(policy, policy, reference, layers, head, note)
@@ -488,7 +493,7 @@ def read_weights(name, trust_remote_code, base=None):
     (bf16 for most released models): each process casts its part into its shards' dtype as it receives it
     (sharding.broadcast_weights), and bf16 into float32 is exact, so the float32 shards are those of a float32 read,
     from half the memory and half the traffic. Float32 where an adapter is merged into its base."""
-    return load_model(name, torch.device("cpu"), trust_remote_code, False, base, dtype="auto").state_dict()
+    return load_model(name, torch.device("cpu"), trust_remote_code, False, base, "auto").state_dict()
 
 
 def empty_model(name, trust_remote_code, base=None):

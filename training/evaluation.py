@@ -231,11 +231,12 @@ def completion_measures(policy, reference, batch, head, lambdas=(), rows=None, m
     """What both models say along the completion of each sequence of batch (its first `rows`): (logps (K, N), kls (N,)),
     log π̂_λ(y|x) at each of the K lambdas (1: the policy, 0: the reference) and Σ_t KL(π_θ‖π_ref) (sequence_kl).
 
-    From the last hidden states, in the loss's chunks (epsdpo_chunked.completion_measures_from_hidden), when head is a
+    From the last hidden states, in the loss's tiles (epsdpo_chunked.completion_measures_from_hidden), when head is a
     LinearHead: never a (N, T, V) tensor, whatever the batch. Otherwise from the logits of at most max_rows sequences
-    at a time (train.py: --batch-size pairs, as training holds them)."""
+    at a time (train.py: --batch-size pairs, as training holds them), each row's scored positions in float32 one row
+    at a time."""
     rows = rows or len(batch.input_ids)
-    input_ids, completion_mask = batch.input_ids[:rows], batch.completion_mask[:rows]  # right-padded: no mask needed
+    input_ids = batch.input_ids[:rows]  # right-padded: the models need no attention mask (batches.model_inputs)
     if head is not None:
         (hidden, weight), (ref_hidden, ref_weight) = (
             last_hidden_states(model, model_inputs(input_ids)) for model in (policy, reference)
@@ -252,25 +253,16 @@ def completion_measures(policy, reference, batch, head, lambdas=(), rows=None, m
         )
     logps, kls = [], []
     for part in (slice(start, start + (max_rows or rows)) for start in range(0, rows, max_rows or rows)):
-        logits, ref_logits = (model(**model_inputs(input_ids[part])).logits.float() for model in (policy, reference))
-        logps.append(
-            torch.stack(
-                [
-                    epsdpo.sequence_logps(torch.lerp(ref_logits, logits, lam), input_ids[part], completion_mask[part])
-                    for lam in lambdas
-                ]
-            )
-            if lambdas
-            else logits.new_zeros(0, len(logits))
-        )
+        logits, ref_logits = (model(**model_inputs(input_ids[part])).logits for model in (policy, reference))
         scored = batch.host_completion_mask[:rows][part, 1:].bool()  # (n, T-1), on the host
-        # A row's scored logits (m, V) at a time: only one row's copies alive at once.
-        kls.append(
-            sequence_kl(
-                *((row[mask] for row, mask in zip(f[:, :-1], scored, strict=True)) for f in (logits, ref_logits))
-            )
-        )
-    return torch.cat(logps, 1), torch.cat(kls)
+        # A row's scored logits (m, V) in float32 at a time: only one row's copies alive at once, whatever λ.
+        for f, f_ref, ids, mask in zip(logits[:, :-1], ref_logits[:, :-1], input_ids[part, 1:], scored, strict=True):
+            f, f_ref, targets = f[mask].float(), f_ref[mask].float(), ids[mask][:, None]  # (m, V), (m, V), (m, 1)
+            kls.append(sequence_kl([f], [f_ref])[0])
+            # log π̂_λ(y|x) = Σ_t log softmax(f_ref + λ (f_θ − f_ref))[y_t]
+            lambda_logps = [torch.lerp(f_ref, f, lam).log_softmax(-1).gather(-1, targets).sum() for lam in lambdas]
+            logps.append(torch.stack(lambda_logps) if lambdas else f.new_zeros(0))
+    return torch.stack(logps, 1), torch.stack(kls)
 
 
 @torch.no_grad()

@@ -209,7 +209,7 @@ def gpu_check(device, shape=LLAMA_3_8B_WIDTH, warmup=2, repeats=5, losses=tuple(
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(
         f"GPU check on {name} (torch {torch.__version__}): a {shape.layers}-layer Llama, H {shape.width:,}, "
-        f"intermediate {shape.intermediate:,}, V {shape.vocab:,}; {shape.pairs} pairs × {shape.length:,} tokens "
+        f"intermediate {shape.intermediate:,}, V {shape.vocab:,};\n{shape.pairs} pairs × {shape.length:,} tokens "
         f"({shape.completion:,} completion); float32 master weights, bf16 autocast, "
         f"{'fused ' if device.type == 'cuda' else ''}AdamW; median of {repeats} steps after {warmup}"
     )

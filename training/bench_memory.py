@@ -436,7 +436,9 @@ def train_peak_memory_131k():
                 f"{'hidden states' if from_hidden else 'full logits':14} peak RSS {peak_mib:5.0f} MiB; criterion.png "
                 f"written: {figures['criterion_png']}"
             )
-            for name, (rows, length) in (("criterion.png's batch", largest), ("a training micro-batch", training)):
+            # From the logits, criterion.png takes --batch-size pairs at a time, as training does.
+            figure_batch = largest if from_hidden else training
+            for name, (rows, length) in (("criterion.png's batch", figure_batch), ("a training micro-batch", training)):
                 logits_mib = rows * length * HIDDEN_RUN_VOCAB * 4 / 2**20
                 print(
                     f"    {name}, {rows} × {length} tokens: one float32 (2B, T, V) logits tensor {logits_mib:5.0f} "

@@ -2150,7 +2150,7 @@ def test_under_torchrun_each_process_takes_the_gpu_of_its_local_rank_or_refuses(
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     monkeypatch.setattr(torch.cuda, "set_device", lambda index: calls.append(("set_device", index)))
     monkeypatch.setattr(models.dist, "is_initialized", lambda: False)
-    monkeypatch.setattr(models.dist, "init_process_group", lambda backend: calls.append(("backend", backend)))
+    monkeypatch.setattr(models.dist, "init_process_group", lambda backend, **kwargs: calls.append(("backend", backend)))
     monkeypatch.setattr(models.dist, "get_rank", lambda: 1)
     for name in ("auto", "cuda"):
         calls.clear()

@@ -12,6 +12,10 @@
                                          # 128k words (a train.py run with criterion.png, and the loss alone);
                                          # minutes on 2 cores (bench_memory.py)
     python bench.py --shape realistic-128k --repeats 3   # one shape, fewer steps
+    python bench.py --gpu                # the GPU check (bench_gpu.py): one training step at Llama-3-8B's width
+                                         # (2 layers) for ε-DPO from hidden states, on chunked logits, on full logits
+                                         # and plain DPO: step time, peak memory, host syncs, compiled graphs; a few
+                                         # minutes on one H100; --reduced: at a small shape, as the tests run it
 
 The same training step (forward, loss, backward, AdamW step), on the same model, batch and seed, six ways:
   dpo              DPO through epsdpo.py, the reference's logits computed live (as ε-DPO needs them)
@@ -33,7 +37,8 @@ each variant in its own process (forked, so that no two share a high-water mark)
 Then, for both ε-DPO losses at scale (from logits in chunks, and from hidden states), what one forward and backward
 costs a GPU at 4 pairs × 1,024 tokens (768 of them completion) and V = 128,256, in bf16 as train.py runs them: the
 torch operations dispatched (each a kernel launch or more) and the extra peak memory, counted on FakeTensors by
-bench_counts.loss_costs (shapes without memory: a CPU counts them in seconds); also at twice T and twice V.
+bench_counts.loss_costs (shapes without memory: a CPU counts them in seconds); also at twice T and twice V, and the
+loss from hidden states at Llama-3-8B's and Llama-3-70B's hidden sizes (4,096 and 8,192).
 """
 
 import argparse
@@ -54,7 +59,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Llama
 
 import epsdpo
 import epsdpo_chunked
-from training import arguments, batches, bench_counts, bench_memory, data, models
+from training import arguments, batches, bench_counts, bench_gpu, bench_memory, data, models
 from training.bench_counts import cpu_memory_kib, glibc_malloc_option
 
 transformers.utils.logging.disable_progress_bar()
@@ -413,31 +418,39 @@ def print_run(run_report):
 # ----------------------------------------------------------------------------------------------------
 # The losses at scale: operations and extra peak memory of one forward + backward, on FakeTensors
 
-# (pairs, tokens, completion tokens, vocabulary): 4 pairs × 1,024 tokens at Llama-3-8B's vocabulary, then twice T,
-# then twice V.
-COST_SHAPES = [(4, 1024, 768, 128_256), (4, 2048, 1536, 128_256), (4, 1024, 768, 256_000)]
+# (pairs, tokens, completion tokens, vocabulary, hidden size): 4 pairs × 1,024 tokens at Llama-3-8B's vocabulary, then
+# twice T, then twice V, at the bench's hidden size; then at real ones, Llama-3-8B's and Llama-3-70B's (the logits
+# path does not depend on it: it takes the logits).
+COST_SHAPES = [
+    (4, 1024, 768, 128_256, 256),
+    (4, 2048, 1536, 128_256, 256),
+    (4, 1024, 768, 256_000, 256),
+    (4, 1024, 768, 128_256, 4096),
+    (4, 1024, 768, 128_256, 8192),
+]
 
 
 def loss_costs(shapes):
     """{shape: {path: bench_counts.loss_costs(path, ...)}}, printed as a table (extra peaks in float32 logits
     tensors)."""
     print(
-        "\nThe losses at scale, one forward + backward in bf16 (FakeTensors, hidden size 256): torch operations and "
-        "extra peak in float32 (2B, T, V) logits tensors, the returned gradients left out (with them)"
+        "\nThe losses at scale, one forward + backward in bf16 (FakeTensors): torch operations and extra peak in "
+        "float32 (2B, T, V) logits tensors, the returned gradients left out (with them)"
     )
-    print(f"{'pairs × tokens (completion), V':34}{'from logits in chunks':>34}{'from hidden states':>34}")
+    print(f"{'pairs × tokens (completion), V, H':36}{'from logits in chunks':>34}{'from hidden states':>34}")
     costs = {}
-    for pairs, length, completion, vocab in shapes:
-        shape = f"{pairs} × {length:,} ({completion:,}), {vocab:,}"
+    for pairs, length, completion, vocab, width in shapes:
+        shape = f"{pairs} × {length:,} ({completion:,}), {vocab:,}, {width:,}"
+        paths = ("logits", "hidden") if width == shapes[0][4] else ("hidden",)  # the logits path takes no H
         costs[shape] = {
-            path: bench_counts.loss_costs(path, pairs, length, completion, vocab) for path in ("logits", "hidden")
+            path: bench_counts.loss_costs(path, pairs, length, completion, vocab, width=width) for path in paths
         }
         cells = [
             f"{c['operations']:>6,} ops {c['extra_peak'] / c['logits']:6.3f} "
             f"({c['extra_peak_with_gradients'] / c['logits']:.3f})"
             for c in costs[shape].values()
         ]
-        print(f"{shape:34}" + "".join(f"{cell:>34}" for cell in cells))
+        print(f"{shape:36}" + "".join(f"{cell:>34}" for cell in ([""] * (2 - len(cells)) + cells)))
     return costs
 
 
@@ -461,6 +474,12 @@ def main():
     parser.add_argument(
         "--costs", action="store_true", help="only the losses' operations and extra peaks at scale (FakeTensors)"
     )
+    parser.add_argument(
+        "--gpu",
+        action="store_true",
+        help="only the GPU check: a training step at Llama-3-8B's width for four losses (bench_gpu.py)",
+    )
+    parser.add_argument("--reduced", action="store_true", help="with --gpu: at a small shape (a CPU runs only this)")
     parser.add_argument("--quick", action="store_true", help="smaller shapes, fewer steps (a smoke test)")
     parser.add_argument("--json", metavar="PATH", help="write every figure to this file")
     parser.add_argument(
@@ -486,6 +505,11 @@ def main():
         return bench_memory.hidden_memory()
     if args.costs:
         return loss_costs(COST_SHAPES)
+    if args.gpu:
+        results = bench_gpu.run(args.device[-1] if args.device else None, args.reduced)
+        if args.json:
+            pathlib.Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+        return results
     devices = [torch.device(d) for d in (args.device or ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))]
     shapes, warmup, repeats = (QUICK_SHAPES, 1, 3) if args.quick else (SHAPES, 3, 15)
     if args.shape:

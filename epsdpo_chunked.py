@@ -18,6 +18,7 @@ per call with them on the device. epsdpo.py waits once.
 """
 
 import numbers
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -281,39 +282,58 @@ def epsilon_dpo_loss(policy_logits, ref_logits, input_ids, completion_mask, beta
 # ----------------------------------------------------------------------------------------------------
 # From the hidden states
 #
-# The logits are f = softcap(hidden @ W.T), read only at the completion positions: those of all rows are gathered,
-# then projected a chunk of positions at a time over the whole vocabulary, in forward for all four log-probabilities
-# and again in backward for the policy's gradient; never the (2B, T, V) logits (1 GB in bf16 at V = 128,256, 4 × 1,024).
+# The logits are f = softcap(hidden @ W.T), read only at the completion positions. Those of all rows are gathered and
+# worked in tiles: a chunk of m positions × a slice of v words. Forward projects both models on a tile, (m, v) each,
+# and keeps what the loss reads of it: log Σ exp over the slice for π_θ, π_ref and π̂ at λ = 1 ± ε, and the logits of
+# the targets that fall in the slice; the slices' log Σ exp are then combined (log Σ_s exp), as flash attention
+# combines its blocks. Backward projects each tile again and rebuilds its softmax from forward's log-normalizers.
+# So never the (2B, T, V) logits (1 GB in bf16 at V = 128,256, 4 × 1,024), and never a whole (V, H) copy of the
+# weight: mixed precision's float32 output weight is cast to bf16 a slice at a time, inside the tile, and its gradient
+# is summed in place, a slice at a time, into the one float32 (V, H) buffer that becomes it.
 #
-# How many chunks. A GPU pays a launch (some microseconds) per torch operation whatever its size, and a chunk is 23 of
-# them in bf16 (12 in forward, 11 in backward): the number of chunks is the cost to bound. A chunk holds
-# CHUNK_FLOAT32_BYTES of float32 logits (m positions × V words) while that makes at most MAX_CHUNKS chunks; beyond, the
-# chunks grow instead, each 1/MAX_CHUNKS of the scored positions. So:
-#   - operations: at most MAX_CHUNKS chunks whatever B, T and V; 887 per call (forward and backward, bf16 autocast)
-#     from 1 GiB of scored float32 logits on (4 pairs × 1,024 tokens at V = 128,256: 3 GiB), fewer below;
-#   - memory: eager forward holds 4 float32 chunks at once: max(4 × 32 MiB, 1/8 of the scored positions' float32
-#     logits), at most 1/8 of one float32 (2B, T, V) logits tensor (3/32 when 3/4 of the positions are scored);
-#   - a chunk of 32 MiB at least (65 positions at V = 128,256) keeps each kernel large enough to be efficient.
-# All chunks have m positions (the last padded with positions that count nowhere): a compiled body is one graph.
+# How large a tile. Every buffer the loss makes holds at most B bytes, B = max(CHUNK_FLOAT32_BYTES, 1/MAX_CHUNKS of
+# the scored positions' float32 logits):
+#   - a tile's float32 logits, m × v × 4 (forward holds three at once, backward one and a half);
+#   - a chunk's float32 gradient of its hidden states, m × H × 4, summed over the slices;
+#   - a slice of the weight in float32, v × H × 4 (its bf16 copy and its gradient's product are half that each), or
+#     1/MAX_CHUNKS of the weight where that is more (a small batch beside a large weight needs no finer slices).
+# Positions are split only where the hidden size asks for it (m × H × 4 ≤ B), then the vocabulary into as few slices
+# as both rules allow. So:
+#   - where H is small beside the vocabulary (H ≤ V / MAX_CHUNKS: 4,008 at V = 128,256), one chunk of every position
+#     and MAX_CHUNKS slices: 32 tiles, 991 torch operations per call (forward and backward, bf16 autocast) whatever
+#     B, T and V from 1 GiB of scored float32 logits on (4 pairs × 1,024 tokens at V = 128,256: 3 GiB), fewer below;
+#   - at larger H, more tiles (44 at H = 4,096, 96 at H = 8,192 for that batch: 1,315 and 2,639 operations), each
+#     product large enough (at least 2,048 × 4,008 × 8,192 there) that a GPU's time goes to it, not to launches;
+#   - memory: a few B at once; counted, 0.074, 0.064 and 0.072 × one float32 (2B, T, V) logits tensor at H = 256,
+#     4,096 and 8,192 for that batch, the gradients it returns aside (bench_counts.loss_costs).
+# Why slices of the vocabulary before chunks of positions: each product reads its slice of the weight once for all the
+# positions of its chunk, so few chunks keep the weight's reads (and its casts to bf16) to about one per pass, where
+# chunks of a few positions over the whole vocabulary would read all of it again for each.
+# All chunks have m positions (the last padded with positions that count nowhere); a compiled body takes any m and v.
 CHUNK_FLOAT32_BYTES = 32 * 2**20
 MAX_CHUNKS = 32
-# torch.compile's backend for the chunk bodies, by device type. On CUDA, inductor makes a chunk a few kernels (the
-# products, and fused reductions that never write the float32 (m, V) intermediates), as Liger-Kernel compiles its
-# fused linear losses. Elsewhere they run eagerly (a CPU gains little, and inductor needs a C++ compiler there;
-# MPS's inductor is young): the eager bodies are the reference the tests check the compiled ones against.
+# torch.compile's backend for the tile bodies, by device type. On CUDA, inductor makes a tile a few kernels (the
+# products, and fused reductions that never write the float32 (m, v) intermediates), as Liger-Kernel compiles its
+# fused linear losses; where compiling fails (no Triton, a compiler error), the tile runs eagerly instead, said once.
+# Elsewhere they run eagerly (a CPU gains little, and inductor needs a C++ compiler there; MPS's inductor is young):
+# the eager bodies are the reference the tests check the compiled ones against.
 COMPILE_BACKENDS = {"cuda": "inductor"}
 
 
 @dataclass
 class _HiddenPositions:
-    """The scored positions of all rows, in row order, padded to a whole number of chunks, on the device."""
+    """The scored positions of all rows, in row order, padded to a whole number of chunks, on the device; and the
+    tiles: chunks of chunk_size positions × slices of slice_size words."""
 
     hidden_index: torch.Tensor  # (P',) into hidden.flatten(0, 1): row * T + t (0 for padding)
     token_index: torch.Tensor  # (P',) into a flattened (N, T-1): row * (T-1) + t
     rows: torch.Tensor  # (P',) the row of each (N for padding: its gradient is 0)
-    targets: torch.Tensor  # (P', 1) the token it scores (0 for padding)
+    local_targets: torch.Tensor  # (S, P', 1) the target's index in each slice (clamped into it where it lies elsewhere)
+    in_slice: torch.Tensor  # (S, P', 1) whether the target lies in that slice (1) or not (0)
+    target_slice: torch.Tensor  # (P',) the slice the target lies in
     num_positions: int  # P, the scored positions; P' = P rounded up to a multiple of chunk_size
     chunk_size: int  # m, positions per chunk
+    slice_size: int  # v, words per slice (the last slice may hold fewer)
     empty_rows: list  # the rows with no completion token
 
     def row_sums(self, token_values, num_rows, length):
@@ -323,22 +343,62 @@ class _HiddenPositions:
         per_token.index_copy_(1, self.token_index[: self.num_positions], token_values[:, : self.num_positions])
         return per_token.view(-1, num_rows, length - 1).sum(-1)
 
+    def chunks(self, per_tile):
+        """Per chunk of positions: (hidden_index (m,), target_slice (m,), and for each tensor (S, P', ...) of
+        per_tile, its S views (m, ...) of that chunk), views made in one operation per kind, not one per tile."""
+        size = self.chunk_size
+        return zip(
+            self.hidden_index.split(size),
+            self.target_slice.split(size),
+            *([part.unbind(0) for part in tensor.split(size, dim=1)] for tensor in per_tile),
+            strict=True,
+        )
 
-def _hidden_positions(input_ids, completion_mask, vocab_size, device):
-    """The scored positions, found and checked on the host, sent to the device in one copy that does not wait."""
+
+def _tile_sizes(num_positions, vocab_size, width):
+    """(m, v): positions per chunk and words per slice, by the rules above, each split as evenly as it goes."""
+    budget = max(CHUNK_FLOAT32_BYTES, -(-num_positions * vocab_size * 4 // MAX_CHUNKS))  # B
+    positions = max(1, num_positions)
+    chunk = -(-positions // -(-positions * width * 4 // budget))  # m × H × 4 ≤ B
+    weight_slices = min(MAX_CHUNKS, -(-vocab_size * width * 4 // budget))  # v × H × 4 ≤ B, or 1/MAX_CHUNKS of W
+    slices = max(weight_slices, -(-chunk * vocab_size * 4 // budget))  # m × v × 4 ≤ B
+    return chunk, -(-vocab_size // min(slices, vocab_size))
+
+
+def _hidden_positions(input_ids, completion_mask, vocab_size, width, device):
+    """The scored positions and their tiles, found and checked on the host, sent to the device in one copy that does
+    not wait."""
     next_tokens, scored = _on_host(input_ids, completion_mask, vocab_size)
     (num_rows, scored_length), num_positions = scored.shape, int(scored.sum())
-    chunk_size = max(
-        1, min(num_positions, max(-(-num_positions // MAX_CHUNKS), CHUNK_FLOAT32_BYTES // (4 * vocab_size)))
-    )
-    padding = -num_positions % chunk_size if num_positions else 1  # a batch without: one chunk
+    chunk_size, slice_size = _tile_sizes(num_positions, vocab_size, width)
+    padding = -num_positions % chunk_size if num_positions else chunk_size  # a batch without: one chunk
     token_index = scored.flatten().nonzero().squeeze(1)  # (P,) row-major
     rows = token_index // scored_length
     index = torch.stack([token_index + rows, token_index, rows, next_tokens.flatten()[token_index].long()])
     index = torch.cat([index, torch.tensor([[0], [0], [num_rows], [0]]).expand(4, padding)], dim=1)  # (4, P')
-    hidden_index, token_index, rows, targets = _to_device([index], device)[0]
+    targets = index[3]
+    starts = torch.arange(0, vocab_size, slice_size)[:, None]  # (S, 1): the first word of each slice
+    local = targets - starts  # (S, P')
+    in_slice = (local >= 0) & (local < slice_size)
+    local = torch.minimum(local.clamp(min=0), (vocab_size - starts - 1).clamp(max=slice_size - 1))
+    host = torch.cat([index[:3], local, in_slice.long(), (targets // slice_size)[None]])  # (3 + 2S + 1, P')
+    device_index = _to_device([host], device)[0]
+    num_slices = len(starts)
+    hidden_index, token_index, rows = device_index[:3]
+    local_targets, in_slice = device_index[3 : 3 + num_slices], device_index[3 + num_slices : 3 + 2 * num_slices]
     empty_rows = (~scored.any(-1)).nonzero().flatten().tolist()
-    return _HiddenPositions(hidden_index, token_index, rows, targets[:, None], num_positions, chunk_size, empty_rows)
+    return _HiddenPositions(
+        hidden_index,
+        token_index,
+        rows,
+        local_targets[..., None],
+        in_slice[..., None],
+        device_index[-1],
+        num_positions,
+        chunk_size,
+        slice_size,
+        empty_rows,
+    )
 
 
 def _matmul_dtype(hidden, weight):  # autocast's when it is on (bf16 logits, as the model's own head), else theirs
@@ -347,19 +407,9 @@ def _matmul_dtype(hidden, weight):  # autocast's when it is on (bf16 logits, as 
     return torch.promote_types(hidden.dtype, weight.dtype)
 
 
-def _gathered(policy_hidden, policy_weight, ref_hidden, ref_weight, positions):
-    """(policy's and reference's hidden states at the positions (P', H), their weights transposed (H, V), each in the
-    dtype of its products, and the dtype of the softmax: float32, float64 for float64 inputs), under the caller's
-    autocast."""
-    dtypes = (_matmul_dtype(policy_hidden, policy_weight), _matmul_dtype(ref_hidden, ref_weight))
-    hidden, ref_hidden = (
-        states.detach().flatten(0, 1).index_select(0, positions.hidden_index).to(dtype)
-        for states, dtype in zip((policy_hidden, ref_hidden), dtypes, strict=True)
-    )
-    weight_t, ref_weight_t = (
-        weight.detach().to(dtype).T for weight, dtype in zip((policy_weight, ref_weight), dtypes, strict=True)
-    )
-    return hidden, ref_hidden, weight_t, ref_weight_t, torch.promote_types(dtypes[0], torch.float32)
+def _gather(states, index, dtype):
+    """The hidden states (N, T, H) at the positions index (m,) into its flattened rows: (m, H) in dtype."""
+    return states.detach().flatten(0, 1).index_select(0, index).to(dtype)
 
 
 def _softcapped(logits, logit_softcap):
@@ -367,87 +417,151 @@ def _softcapped(logits, logit_softcap):
     return logits if logit_softcap is None else torch.tanh(logits / logit_softcap) * logit_softcap
 
 
-def _forward_chunk(hidden, ref_hidden, weight_t, ref_weight_t, targets, weaker, stronger, logit_softcap, dtype):
-    """One chunk of m positions, both models' logits (m, V) over the whole vocabulary in dtype (float32), and what the
-    loss reads of them: log Σ_v exp f_v of π_θ, π_ref, π̂_weaker, π̂_stronger (m,) each; f[y] of π_θ, π_ref (m, 1)."""
-    policy = _softcapped(hidden @ weight_t, logit_softcap).to(dtype)  # (m, V)
-    ref = _softcapped(ref_hidden @ ref_weight_t, logit_softcap).to(dtype)
+def _forward_tile(hidden, ref_hidden, weight_t, ref_weight_t, local_targets, weaker, stronger, logit_softcap, dtype):
+    """One tile: m positions (hidden, ref_hidden (m, H), in the dtype of the products) × a slice of v words (weight_t,
+    ref_weight_t (H, v), slices of the weights transposed, in their own dtype: cast here, a slice at a time). Both
+    models' logits (m, v) in dtype (float32), and what the loss reads of them: log Σ_v exp f_v over the slice for π_θ,
+    π_ref, π̂_weaker, π̂_stronger, (m,) each; f at local_targets (m, 1) for π_θ and π_ref, (m, 1) each."""
+    policy = _softcapped(hidden @ weight_t.to(hidden.dtype), logit_softcap).to(dtype)  # (m, v)
+    ref = _softcapped(ref_hidden @ ref_weight_t.to(ref_hidden.dtype), logit_softcap).to(dtype)
     return (
         policy.logsumexp(-1),
         ref.logsumexp(-1),  # f_λ = f_ref + λ (f_θ − f_ref), as torch.lerp
         torch.lerp(ref, policy, weaker).logsumexp(-1),
         torch.lerp(ref, policy, stronger).logsumexp(-1),
-        policy.gather(-1, targets),
-        ref.gather(-1, targets),
+        policy.gather(-1, local_targets),
+        ref.gather(-1, local_targets),
     )
 
 
-def _backward_chunk(hidden, weight, weight_t, log_normalizers, targets, minus_grads, logit_softcap, dtype):
-    """(∂/∂hidden (m, H), ∂/∂f (m, V)) of Σ_p g_p log softmax(f_p)[y_p] over one chunk, from minus_grads −g (m, 1)
-    and forward's log_normalizers (m, 1): the logits again, then
-        ∂/∂f = g (onehot(y) − softmax(f)) · (1 − tanh²(f / cap) with a soft-cap);  ∂/∂hidden = ∂/∂f @ W"""
-    logits = hidden @ weight_t  # (m, V)
-    tanh = None if logit_softcap is None else torch.tanh(logits / logit_softcap)
-    logits = logits if tanh is None else tanh * logit_softcap
-    softmax = logits.to(dtype).sub_(log_normalizers).exp_()
+def _backward_tile(hidden, hidden_t, weight_t, log_normalizers, local_targets, minus_onehot, minus_grads, cap, dtype):
+    """One tile's (∂/∂hidden (m, H), ∂/∂W.T (H, v), None without hidden_t) of Σ_p g_p log softmax(f_p)[y_p], from
+    minus_grads −g (m, 1), forward's log-normalizers (m, 1) over the whole vocabulary, and minus_onehot (m, 1), −1
+    where the target lies in this slice (at local_targets), 0 elsewhere: the tile's logits again, then
+        ∂/∂f = g (onehot(y) − softmax(f)) · (1 − tanh²(f / cap) with a soft-cap);  ∂/∂hidden = ∂/∂f @ W;
+        ∂/∂W.T = hidden.T @ ∂/∂f          (each summed over the tiles by the caller)"""
+    weight_t = weight_t.to(hidden.dtype)  # (H, v)
+    logits = hidden @ weight_t  # (m, v)
+    tanh = None if cap is None else torch.tanh(logits / cap)
+    logits = logits if tanh is None else tanh * cap
+    grad_logits = (logits - log_normalizers).exp_()  # softmax(f), in dtype (that of log_normalizers)
     # Subtract the one-hot before rounding to the matmul dtype: for a confident model g (1 − p) is far smaller
     # than g p, and bf16 would round it away.
-    grad_logits = softmax.scatter_(-1, targets, -1.0, reduce="add").mul_(minus_grads)
+    grad_logits.scatter_add_(-1, local_targets, minus_onehot).mul_(minus_grads)
     if tanh is not None:
         grad_logits.mul_(1 - tanh.to(dtype).square())  # d cap·tanh(f/cap) / df
-    grad_logits = grad_logits.to(weight.dtype)
-    return grad_logits @ weight, grad_logits
+    grad_logits = grad_logits.to(hidden.dtype)
+    return grad_logits @ weight_t.T, None if hidden_t is None else hidden_t @ grad_logits
 
 
-_compiled = {}  # backend: (forward, backward), compiled
+class _CompiledBodies:
+    """The tile bodies compiled with torch.compile (fullgraph: one graph each; dynamic: whatever m and v), both run
+    eagerly from the first time compiling one fails on (no Triton, a compiler error), which is said once, as a
+    warning: the same values, more kernel launches."""
+
+    def __init__(self, backend):
+        self.backend, self.failed = backend, False
+        self.bodies = [self._body(body) for body in (_forward_tile, _backward_tile)]
+
+    def _body(self, body):
+        compiled = torch.compile(body, backend=self.backend, fullgraph=True, dynamic=True)
+
+        def compiled_or_eager(*args):
+            if not self.failed:
+                try:
+                    return compiled(*args)
+                except _compile_errors() as error:  # raised while compiling, before the body computed anything
+                    self.failed = True
+                    cause = getattr(error, "inner_exception", None) or error  # the backend's own, unwrapped
+                    first_line = (str(cause).strip().splitlines() or [""])[0][:300]
+                    warnings.warn(
+                        f"epsdpo_chunked: compiling the loss's tile bodies with torch.compile (backend "
+                        f"{getattr(self.backend, '__name__', self.backend)!r}) failed, so they run eagerly: the "
+                        f"same values, more kernel launches ({type(cause).__name__}: {first_line})",
+                        RuntimeWarning,
+                        stacklevel=2,
+                    )
+            return body(*args)
+
+        return compiled_or_eager
 
 
-def _chunk_bodies(device):
-    """(forward, backward) chunk bodies for `device`: compiled, once per backend, where COMPILE_BACKENDS names one
-    (fullgraph: each body one graph; dynamic: one graph whatever m), else eager."""
+def _compile_errors():
+    """What torch.compile raises when compiling fails (a backend's error arrives wrapped in dynamo's)."""
+    import torch._dynamo.exc
+
+    try:
+        from torch._inductor.exc import InductorError  # inductor's own, in newer torch
+    except ImportError:
+        return (torch._dynamo.exc.TorchDynamoException,)
+    return torch._dynamo.exc.TorchDynamoException, InductorError
+
+
+_compiled = {}  # backend: _CompiledBodies
+
+
+def _tile_bodies(device):
+    """(forward, backward) tile bodies for `device`: compiled, once per backend, where COMPILE_BACKENDS names one,
+    else eager."""
     backend = COMPILE_BACKENDS.get(device.type)
-    if backend is not None and backend not in _compiled:
-        _compiled[backend] = [
-            torch.compile(body, backend=backend, fullgraph=True, dynamic=True)
-            for body in (_forward_chunk, _backward_chunk)
-        ]
-    return _compiled[backend] if backend is not None else (_forward_chunk, _backward_chunk)
+    if backend is None:
+        return _forward_tile, _backward_tile
+    if backend not in _compiled:
+        _compiled[backend] = _CompiledBodies(backend)
+    return _compiled[backend].bodies
+
+
+def _dtypes(policy_hidden, policy_weight, ref_hidden, ref_weight):
+    """(the policy's and the reference's matmul dtypes, under the caller's autocast; the softmax's dtype: float32,
+    float64 for float64 inputs)."""
+    dtypes = (_matmul_dtype(policy_hidden, policy_weight), _matmul_dtype(ref_hidden, ref_weight))
+    return dtypes, torch.promote_types(dtypes[0], torch.float32)
+
+
+def _combined(tiles, target_slice):
+    """One chunk's tiles (S of them, each (log Σ exp ... (m,) × K, target logits (m, 1) × 2)) -> log Σ exp over the
+    whole vocabulary, (K, m), log Σ_s exp of the slices'; and the target logits, (2, m), from the slice each lies in."""
+    num_slices, num_sums, size = len(tiles), len(tiles[0]) - 2, len(target_slice)
+    sums = torch.stack([value for tile in tiles for value in tile[:num_sums]]).view(num_slices, num_sums, size)
+    targets = torch.stack([value for tile in tiles for value in tile[num_sums:]]).view(num_slices, 2, size)
+    return sums.logsumexp(0), targets.gather(0, target_slice.expand(1, 2, size))[0]
 
 
 class _LogpsFromHidden(torch.autograd.Function):
     """The four sequence log-probabilities of ε-DPO from hidden states, each (N,): the policy's (with a gradient),
-    the reference's, and the perturbed ones for λ = 1 ± ε. Forward keeps the policy's hidden states at the positions
-    (P', H) and their log-normalizers; backward projects each chunk again and rebuilds its softmax."""
+    the reference's, and the perturbed ones for λ = 1 ± ε. Forward keeps the policy's log-normalizers (P',); backward
+    gathers each chunk's hidden states again and projects each tile again."""
 
     @staticmethod
     def forward(ctx, policy_hidden, policy_weight, ref_hidden, ref_weight, positions, logit_softcap, epsilon):
         (num_rows, length, _), device = policy_hidden.shape, policy_hidden.device
-        forward_chunk, _ = _chunk_bodies(device)
-        hidden, ref_hidden, weight_t, ref_weight_t, dtype = _gathered(
-            policy_hidden, policy_weight, ref_hidden, ref_weight, positions
-        )
+        forward_tile, _ = _tile_bodies(device)
+        (policy_dtype, ref_dtype), dtype = _dtypes(policy_hidden, policy_weight, ref_hidden, ref_weight)
         with torch.autocast(device.type, enabled=False):  # the dtypes are chosen
-            size, lambdas = positions.chunk_size, (1 + epsilon, 1 - epsilon)
+            lambdas = (1 + epsilon, 1 - epsilon)
             # λ as 0-d tensors (filled on the device, no copy): a compiled body takes them as inputs, not constants.
-            lambda_weights = [torch.full((), lam, dtype=dtype, device=device) for lam in lambdas]
-            chunks = [
-                forward_chunk(*parts, weight_t, ref_weight_t, targets, *lambda_weights, logit_softcap, dtype)
-                for *parts, targets in zip(
-                    hidden.split(size), ref_hidden.split(size), positions.targets.split(size), strict=True
-                )
-            ]
-            *log_normalizers, policy_targets, ref_targets = (
-                torch.cat(column) for column in zip(*chunks, strict=True)
-            )  # (P',), (P', 1)
-            policy_targets, ref_targets = policy_targets[:, 0], ref_targets[:, 0]
+            lambda_weights = [policy_hidden.new_full((), lam, dtype=dtype) for lam in lambdas]
+            weight_slices, ref_weight_slices = (
+                weight.detach().T.split(positions.slice_size, dim=1) for weight in (policy_weight, ref_weight)
+            )  # (H, v) views
+            log_normalizers, target_logits = [], []
+            for index, target_slice, local_targets in positions.chunks([positions.local_targets]):
+                hidden, ref_chunk = _gather(policy_hidden, index, policy_dtype), _gather(ref_hidden, index, ref_dtype)
+                tiles = [
+                    forward_tile(hidden, ref_chunk, *slices, targets, *lambda_weights, logit_softcap, dtype)
+                    for *slices, targets in zip(weight_slices, ref_weight_slices, local_targets, strict=True)
+                ]
+                sums, targets = _combined(tiles, target_slice)
+                log_normalizers.append(sums)
+                target_logits.append(targets)
+            log_normalizers, (policy_targets, ref_targets) = torch.cat(log_normalizers, 1), torch.cat(target_logits, 1)
             # log π̂(y_t) = f_λ[y_t] − log Σ_v exp f_λ,v at each position (4, P'): policy, reference, λ = 1 ± ε
             token_logps = torch.stack(
                 [policy_targets, ref_targets, *(torch.lerp(ref_targets, policy_targets, lam) for lam in lambdas)]
             )
-            logps = positions.row_sums(token_logps - torch.stack(log_normalizers), num_rows, length)  # (4, N)
-        ctx.save_for_backward(hidden, policy_weight, log_normalizers[0])
-        ctx.positions, ctx.logit_softcap, ctx.hidden_shape = positions, logit_softcap, policy_hidden.shape
-        ctx.hidden_dtype, ctx.policy_dtype = policy_hidden.dtype, hidden.dtype
+            logps = positions.row_sums(token_logps - log_normalizers, num_rows, length)  # (4, N)
+        ctx.save_for_backward(policy_hidden, policy_weight, log_normalizers[0])
+        ctx.positions, ctx.logit_softcap, ctx.policy_dtype = positions, logit_softcap, policy_dtype
         outputs = tuple(logps.unbind(0))
         ctx.mark_non_differentiable(*outputs[1:])
         return outputs
@@ -455,40 +569,53 @@ class _LogpsFromHidden(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_logps, *_):
-        (hidden, policy_weight, log_normalizers), positions = ctx.saved_tensors, ctx.positions
-        dtype, weight_grad = log_normalizers.dtype, ctx.needs_input_grad[1]
-        _, backward_chunk = _chunk_bodies(hidden.device)
-        with torch.autocast(hidden.device.type, enabled=False):
-            weight_t = (weight := policy_weight.to(ctx.policy_dtype)).T
+        (policy_hidden, policy_weight, log_normalizers), positions = ctx.saved_tensors, ctx.positions
+        dtype, weight_grad, device = log_normalizers.dtype, ctx.needs_input_grad[1], policy_hidden.device
+        _, backward_tile = _tile_bodies(device)
+        with torch.autocast(device.type, enabled=False):
             # −g of the sequence of each position (0 for padding, whose row is N).
-            minus_grads = torch.nn.functional.pad(-grad_logps.to(dtype), (0, 1))[positions.rows]  # (P',)
-            size, grad_weight, grad_hidden = positions.chunk_size, None, []
-            for chunk, *parts in zip(
-                hidden.split(size),
-                log_normalizers[:, None].split(size),
-                positions.targets.split(size),
-                minus_grads[:, None].split(size),
+            minus_grads = torch.nn.functional.pad(-grad_logps.to(dtype), (0, 1))[positions.rows][:, None]  # (P', 1)
+            num_rows, length, width = policy_hidden.shape
+            grad_hidden = policy_hidden.new_zeros(num_rows * length, width)
+            # ∂/∂W in float32 (float64 inputs: float64), summed in place a slice at a time; the weight's gradient
+            # itself when the weight is float32. None for a frozen head (LoRA).
+            grad_weight = policy_weight.new_zeros(policy_weight.shape, dtype=dtype) if weight_grad else None
+            weight_slices = policy_weight.detach().T.split(positions.slice_size, dim=1)  # (H, v) views
+            grad_slices = (
+                grad_weight.T.split(positions.slice_size, dim=1) if weight_grad else [None] * len(weight_slices)
+            )
+            minus_onehot = -positions.in_slice.to(dtype)  # (S, P', 1): −1 where the target lies in the slice
+            for (index, _, local_targets, minus_onehots), normalizers, chunk_minus_grads in zip(
+                positions.chunks([positions.local_targets, minus_onehot]),
+                log_normalizers[:, None].split(positions.chunk_size),
+                minus_grads.split(positions.chunk_size),
                 strict=True,
             ):
-                grad_chunk, grad_logits = backward_chunk(chunk, weight, weight_t, *parts, ctx.logit_softcap, dtype)
-                grad_hidden.append(grad_chunk)
-                # ∂/∂W += ∂/∂f.T @ hidden in float32 (float64 inputs: float64), in place when the products are;
-                # else one (V, H) product at a time, in their dtype. None for a frozen head (LoRA).
-                if weight_grad and grad_weight is None:
-                    grad_weight = (grad_logits.T @ chunk).to(dtype)
-                elif weight_grad and grad_weight.dtype == grad_logits.dtype:
-                    grad_weight.addmm_(grad_logits.T, chunk)
-                elif weight_grad:
-                    grad_weight.add_(grad_logits.T @ chunk)
-            num_rows, length, width = ctx.hidden_shape
-            grad_policy_hidden = torch.zeros(num_rows * length, width, dtype=ctx.hidden_dtype, device=hidden.device)
-            grad_policy_hidden.index_copy_(
-                0,
-                positions.hidden_index[: positions.num_positions],
-                torch.cat(grad_hidden)[: positions.num_positions].to(ctx.hidden_dtype),
-            )
+                hidden = _gather(policy_hidden, index, ctx.policy_dtype)
+                hidden_t = hidden.T if weight_grad else None
+                grad_chunk = hidden.new_zeros(hidden.shape, dtype=dtype)  # ∂/∂hidden, summed over slices
+                for weight_t, grad_slice, targets, tile_minus_onehot in zip(
+                    weight_slices, grad_slices, local_targets, minus_onehots, strict=True
+                ):
+                    grad_part, grad_weight_part = backward_tile(
+                        hidden,
+                        hidden_t,
+                        weight_t,
+                        normalizers,
+                        targets,
+                        tile_minus_onehot,
+                        chunk_minus_grads,
+                        ctx.logit_softcap,
+                        dtype,
+                    )
+                    grad_chunk.add_(grad_part)
+                    if weight_grad:
+                        grad_slice.add_(grad_weight_part)
+                    del grad_part, grad_weight_part  # freed before the next tile's products
+                # Padding positions have −g = 0, so rows of exact zeros, added to position 0 of row 0.
+                grad_hidden.index_add_(0, index, grad_chunk.to(grad_hidden.dtype))
         grad_weight = grad_weight.to(policy_weight.dtype) if weight_grad else None
-        return grad_policy_hidden.view(ctx.hidden_shape), grad_weight, None, None, None, None, None
+        return grad_hidden.view(policy_hidden.shape), grad_weight, None, None, None, None, None
 
 
 def _check_both_models(
@@ -528,7 +655,9 @@ def _check_both_models(
         or not 0 < logit_softcap < float("inf")
     ):
         raise ValueError(f"logit_softcap must be None or a finite number > 0, got {logit_softcap!r}")
-    return _hidden_positions(input_ids, completion_mask, policy_weight.shape[0], policy_hidden.device)
+    return _hidden_positions(
+        input_ids, completion_mask, policy_weight.shape[0], policy_hidden.shape[2], policy_hidden.device
+    )
 
 
 def epsilon_dpo_loss_from_hidden(
@@ -553,11 +682,13 @@ def epsilon_dpo_loss_from_hidden(
         softcap(f) = cap · tanh(f / cap)        (no soft-cap: softcap(f) = f)
 
     within float32 rounding, with gradients for policy_hidden and policy_weight. Only the scored positions are
-    projected, in at most MAX_CHUNKS chunks over the whole vocabulary (above), in forward and again in backward:
-    887 torch operations for 4 pairs × 1,024 tokens at V = 128,256 in bf16, as many for longer sequences and larger
-    vocabularies, and an extra peak of at most 1/8 of one float32 (2B, T, V) logits tensor; on CUDA each chunk's
-    body is compiled. The products run in the inputs' dtype (bf16 under a bf16 autocast, as the model's own head),
-    the soft-cap too, the softmax, logsumexp and perturbation in float32, as in the logits path.
+    projected, in tiles of positions × words (above), in forward and again in backward; a float32 weight is cast to
+    the products' dtype a slice at a time. Counted on FakeTensors at 4 pairs × 1,024 tokens (768 scored) and
+    V = 128,256 in bf16: 991 torch operations at H = 256, as many for longer sequences and larger vocabularies; an
+    extra peak (the returned gradients aside) of 0.074, 0.064 and 0.072 × one float32 (2B, T, V) logits tensor at
+    H = 256, 4,096 and 8,192. On CUDA each tile's body is compiled (eagerly run if that fails). The products run in
+    the inputs' dtype (bf16 under a bf16 autocast, as the model's own head), the soft-cap too, the softmax,
+    logsumexp and perturbation in float32, as in the logits path.
     """
     beta, epsilon = beta_and_epsilon(beta, epsilon)
     positions = _check_both_models(
@@ -586,31 +717,45 @@ def completion_measures_from_hidden(
     positions = _check_both_models(
         policy_hidden, policy_weight, ref_hidden, ref_weight, input_ids, completion_mask, logit_softcap, pairs=False
     )
-    hidden, ref_hidden, weight_t, ref_weight_t, dtype = _gathered(
-        policy_hidden, policy_weight, ref_hidden, ref_weight, positions
-    )
+    (policy_dtype, ref_dtype), dtype = _dtypes(policy_hidden, policy_weight, ref_hidden, ref_weight)
     with torch.autocast(policy_hidden.device.type, enabled=False):  # the dtypes are chosen
-        size, columns = positions.chunk_size, []
-        for hidden_chunk, ref_chunk, targets in zip(
-            hidden.split(size), ref_hidden.split(size), positions.targets.split(size), strict=True
-        ):
-            policy = _softcapped(hidden_chunk @ weight_t, logit_softcap).to(dtype)  # (m, V)
-            ref = _softcapped(ref_chunk @ ref_weight_t, logit_softcap).to(dtype)
-            log_q, log_p = ref.logsumexp(-1, keepdim=True), policy.logsumexp(-1, keepdim=True)
-            # Σ_v p_v ((f_θ − log Σ exp f_θ) − (f_ref − log Σ exp f_ref)), p = softmax(f_θ)
-            kls = ((policy - log_p).exp_() * (policy - ref - (log_p - log_q))).sum(-1)
-            columns.append(
-                torch.stack(
-                    [
-                        kls,
-                        *(
-                            (lambda perturbed: perturbed.gather(-1, targets).squeeze(-1) - perturbed.logsumexp(-1))(
-                                torch.lerp(ref, policy, lam)
-                            )
-                            for lam in lambdas
-                        ),
-                    ]
-                )
-            )
-        kls, *logps = sums = positions.row_sums(torch.cat(columns, 1), *policy_hidden.shape[:2])
-    return sums[1:], kls
+        weight_slices, ref_weight_slices = (
+            weight.detach().T.split(positions.slice_size, dim=1) for weight in (policy_weight, ref_weight)
+        )  # (H, v) views
+        columns = []
+        for index, target_slice, local_targets in positions.chunks([positions.local_targets]):
+            hidden, ref_chunk = _gather(policy_hidden, index, policy_dtype), _gather(ref_hidden, index, ref_dtype)
+            tiles = [
+                _measures_tile(hidden, ref_chunk, *slices, targets, lambdas, logit_softcap, dtype)
+                for *slices, targets in zip(weight_slices, ref_weight_slices, local_targets, strict=True)
+            ]
+            sums, (policy_targets, ref_targets) = _combined([tile[:-1] for tile in tiles], target_slice)
+            log_p, log_q, *perturbed_normalizers = sums  # over the whole vocabulary, (m,) each
+            slice_log_p, slice_weighted = (torch.stack([tile[i] for tile in tiles]) for i in (0, -1))  # (S, m)
+            # Σ_v p_v (f_θ,v − f_ref,v) − log Σ exp f_θ + log Σ exp f_ref, p = softmax(f_θ), a slice at a time
+            kls = ((slice_log_p - log_p).exp_() * slice_weighted).sum(0) - log_p + log_q
+            logps = [
+                torch.lerp(ref_targets, policy_targets, lam) - normalizers
+                for lam, normalizers in zip(lambdas, perturbed_normalizers, strict=True)
+            ]
+            columns.append(torch.stack([kls, *logps]))
+        sums = positions.row_sums(torch.cat(columns, 1), *policy_hidden.shape[:2])
+    return sums[1:], sums[0]
+
+
+def _measures_tile(hidden, ref_hidden, weight_t, ref_weight_t, local_targets, lambdas, logit_softcap, dtype):
+    """One tile of what evaluation reads, as _forward_tile: (log Σ exp over the slice of π_θ and π_ref, then of π̂_λ
+    for each λ, (m,) each; f at local_targets of π_θ and π_ref, (m, 1) each; Σ_v exp(f_θ,v − log Σ exp f_θ) (f_θ,v −
+    f_ref,v) over the slice, (m,))."""
+    policy = _softcapped(hidden @ weight_t.to(hidden.dtype), logit_softcap).to(dtype)  # (m, v)
+    ref = _softcapped(ref_hidden @ ref_weight_t.to(ref_hidden.dtype), logit_softcap).to(dtype)
+    log_p = policy.logsumexp(-1)
+    weighted = ((policy - log_p[:, None]).exp_() * (policy - ref)).sum(-1)
+    return (
+        log_p,
+        ref.logsumexp(-1),
+        *(torch.lerp(ref, policy, lam).logsumexp(-1) for lam in lambdas),
+        policy.gather(-1, local_targets),
+        ref.gather(-1, local_targets),
+        weighted,
+    )

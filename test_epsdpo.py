@@ -1158,7 +1158,7 @@ def test_the_loss_from_hidden_states_equals_the_loss_from_their_logits(precision
     )
 
 
-def test_hidden_state_chunks_of_a_few_positions_give_what_one_chunk_gives_and_never_exceed_max_chunks(monkeypatch):
+def test_hidden_state_tiles_of_a_few_positions_and_words_give_what_one_tile_gives(monkeypatch):
     weight, mixing, ref_weight, ref_hidden, input_ids, completion_mask = hidden_state_batch(vocab=50, length=12)
     hidden = (weight.detach()[input_ids] @ mixing).requires_grad_()
 
@@ -1168,20 +1168,21 @@ def test_hidden_state_chunks_of_a_few_positions_give_what_one_chunk_gives_and_ne
         )
         return out.losses, out.chosen_logps, out.ref_rejected_logps, *torch.autograd.grad(out.loss, (hidden, weight))
 
-    def chunks():
-        positions = epsdpo_chunked._hidden_positions(input_ids, completion_mask, 50, torch.device("cpu"))
-        return positions.num_positions, positions.chunk_size, len(positions.rows) // positions.chunk_size
+    def tiles():  # positions, positions a chunk, chunks, words a slice, slices
+        positions = epsdpo_chunked._hidden_positions(input_ids, completion_mask, 50, 16, torch.device("cpu"))
+        chunks, slices = len(positions.rows) // positions.chunk_size, len(positions.local_targets)
+        return positions.num_positions, positions.chunk_size, chunks, positions.slice_size, slices
 
-    assert chunks() == (42, 42, 1)  # 42 positions × 50 words: one chunk of 32 MiB
+    assert tiles() == (42, 42, 1, 50, 1)  # 42 positions × 50 words: one tile of 32 MiB
     whole = everything()
-    monkeypatch.setattr(epsdpo_chunked, "CHUNK_FLOAT32_BYTES", 4 * 50 * 4)  # 4 float32 positions a chunk ...
-    assert chunks() == (42, 4, 11)  # ... the last one with 2 padded positions
-    for chunked, expected in zip(everything(), whole, strict=True):
-        torch.testing.assert_close(chunked, expected)
-    monkeypatch.setattr(epsdpo_chunked, "MAX_CHUNKS", 5)  # ... unless that makes more than MAX_CHUNKS:
-    assert chunks() == (42, 9, 5)  # then 5 chunks, 3 padded positions
-    for chunked, expected in zip(everything(), whole, strict=True):
-        torch.testing.assert_close(chunked, expected)
+    monkeypatch.setattr(epsdpo_chunked, "CHUNK_FLOAT32_BYTES", 4 * 50 * 4)  # buffers of 800 bytes: 11 positions
+    assert tiles() == (42, 11, 4, 13, 4)  # of 16 floats a chunk (2 padded), 13 words of 16 a slice (the last 11)
+    for tiled, expected in zip(everything(), whole, strict=True):
+        torch.testing.assert_close(tiled, expected)
+    monkeypatch.setattr(epsdpo_chunked, "MAX_CHUNKS", 5)  # buffers of 1/5 of the scored logits, 1,680 bytes:
+    assert tiles() == (42, 21, 2, 17, 3)  # 2 chunks and 3 slices
+    for tiled, expected in zip(everything(), whole, strict=True):
+        torch.testing.assert_close(tiled, expected)
 
 
 def test_the_loss_from_hidden_states_is_under_a_thousand_operations_flat_in_length_and_vocabulary_and_never_reads_the_device():

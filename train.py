@@ -53,7 +53,7 @@ from training.evaluation import (
 )
 from training.fingerprints import checked_inputs
 from training.loss import micro_batch_loss
-from training.models import held_bytes, init_distributed, precision, setup_models, training_mode
+from training.models import held_bytes, init_distributed, make_optimizer, precision, setup_models, training_mode
 from training.output_folder import (
     append_metrics,
     check_only_ours_replaced,
@@ -90,7 +90,7 @@ def train(args, checkpoint=None):
     started = time.time()
     random.seed(args.seed)
     torch.manual_seed(args.seed)
-    rank, world_size, device = init_distributed(args.device)  # rank 0 alone writes and prints
+    rank, world_size, device = init_distributed(args.device, args.dist_timeout)  # rank 0 alone writes and prints
     output_dir, pairs_a_step = pathlib.Path(args.output_dir), args.batch_size * args.grad_accum * world_size
     with claim_on_rank_zero(output_dir, args, rank, world_size, device):  # checked and locked before anything loads
         # Data: the pairs tokenized; resuming, refused unless they are what the run read (inputs, fingerprinted)
@@ -103,7 +103,7 @@ def train(args, checkpoint=None):
         models = setup_models(args, device, world_size, mixed_precision, tokenizer, all_pairs, checkpoint)
         policy, autocast = models.policy, autocast or contextlib.nullcontext()
         trained_weights = [weight for weight in policy.parameters() if weight.requires_grad]  # LoRA: the adapters
-        optimizer = torch.optim.AdamW(trained_weights, lr=args.lr, weight_decay=args.weight_decay)
+        optimizer = make_optimizer(trained_weights, args, device)  # AdamW (fused on CUDA)
         baseline_beta = epsdpo.BaselineBeta(args.beta, args.epsilon, min_beta=args.min_beta, max_beta=MAX_BETA)
         total_steps = args.max_steps or max(1, int(args.epochs * len(train_pairs)) // pairs_a_step)
         # Resuming: the checkpoint's state. batches: this rank's share of each step from first_step, seeded.

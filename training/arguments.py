@@ -211,6 +211,12 @@ def parse_args(argv=None, report=False, extra=(), description=None):
         help="recompute the policy's activations in backward (transformers' switch): less memory, more time",
     )
     add(
+        "--full-logits",
+        action="store_true",
+        help="take the loss from the full (2B, T, V) logits even where the output layer allows its last hidden states "
+        "(to compare the two: more memory)",
+    )
+    add(
         "--fsdp",
         action="store_true",
         help="under torchrun: shard the policy, its gradients and AdamW state, and the reference across the processes "
@@ -233,6 +239,14 @@ def parse_args(argv=None, report=False, extra=(), description=None):
         help="seeds the data order and the sampling",
     )
     add("--device", default="auto", help="cuda, cuda:N, mps or cpu; auto: the first available")
+    add(
+        "--dist-timeout",
+        type=number(float, 0, what="must be > 0"),
+        default=30.0,
+        metavar="MINUTES",
+        help="under torchrun: how long a process waits for the others in a collective before the run fails "
+        "(torch's default: 10; process 0 alone reads, or downloads, the weights while the others wait)",
+    )
     add(
         "--skip-invalid",
         action="store_true",

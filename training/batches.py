@@ -17,7 +17,7 @@ NOISE_CODES = {None: 0, False: 1, True: 2}  # a pair's "noisy" flag, as a number
 @dataclass
 class Batch:
     input_ids: torch.Tensor  # (2B, T): B chosen sequences, then B rejected ones, right-padded
-    attention_mask: torch.Tensor  # (2B, T)
+    attention_mask: torch.Tensor  # (2B, T): 1 on tokens, 0 on padding (the models need none: model_inputs)
     completion_mask: torch.Tensor  # (2B, T): 1 on completion tokens
     noise: torch.Tensor  # (B,): the row's "noisy" flag: 0 absent, 1 false (clean), 2 true (mislabelled)
     # input_ids and completion_mask as collate made them, on the host (the CPU): the loss at scale finds the scored
@@ -42,6 +42,18 @@ def collate(pairs, pad_token_id, device):
         completion_mask[row, len(prompt) : end] = 1
     noise = torch.tensor([NOISE_CODES[p.get("noisy")] for p in pairs])
     return Batch(*to_device([input_ids, attention_mask, completion_mask, noise], device), input_ids, completion_mask)
+
+
+def model_inputs(input_ids):
+    """What a model is called with on right-padded rows (N, T): their ids alone, no attention mask.
+
+    Under causal attention no position attends to the padding after it, and a right-padded row has padding only
+    after its tokens: a mask would change the outputs at padding positions alone, which nothing reads (no completion
+    position is padding), and the positions are 0, 1, ... either way. Without a mask transformers builds the causal one
+    from the shape; given one, its mask preparation first reads on the host whether the mask holds any padding: a
+    wait for the GPU, twice in each model's forward pass (4 a micro-batch). Left-padded prompts (collate_prompts,
+    for sampling) do need theirs."""
+    return dict(input_ids=input_ids)
 
 
 def to_device(tensors, device):

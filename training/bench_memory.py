@@ -2,7 +2,7 @@
 
     python bench.py --memory             # computed: the bf16 reference, DDP against FSDP per GPU (--gpus 8), full
                                          # fine-tuning against LoRA (and that table measured on tiny_data); a minute
-    python bench.py --hidden-memory      # measured: a train.py run at a 131,072-word vocabulary (criterion.png
+    python bench.py --hidden-memory      # measured: python train.py at a 131,072-word vocabulary (criterion.png
                                          # included), the loss from hidden states against from logits, and each loss
                                          # alone at 128k words; minutes on 2 cores
 
@@ -336,28 +336,6 @@ def print_memory(gpus):
 
 HIDDEN_RUN_VOCAB, HIDDEN_RUN_PAIRS, HIDDEN_RUN_LENGTH = 131_072, 4, 512
 
-# One train.py run in a process of its own; it prints its peak and the resident memory before the first loss.
-HIDDEN_RUN_CHILD = """
-import resource, sys, json
-sys.path.insert(0, {here!r})
-import train
-from training import evaluation, models
-models.FROM_HIDDEN_STATES = {from_hidden}
-real_forward = train.micro_batch_loss
-shapes, before = [], []
-def forward(policy, reference, batch, *rest):
-    if not before:                      # resident memory once everything is loaded, before the first loss
-        before.append(int(open("/proc/self/status").read().split("VmRSS:")[1].split()[0]))
-    shapes.append(tuple(batch.input_ids.shape))
-    return real_forward(policy, reference, batch, *rest)
-train.micro_batch_loss = evaluation.micro_batch_loss = forward
-train.main({argv!r})
-maxrss_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-criterion_png = (train.pathlib.Path({argv!r}[-1]) / "criterion.png").exists()
-print("RESULT", json.dumps({{"maxrss_kib": maxrss_kib, "before_kib": before[0], "shapes": shapes,
-                           "criterion_png": criterion_png}}))
-"""
-
 
 def make_131k_model_and_data(folder):
     """A tied 2-layer Llama (hidden size 64) with a 131,072-word vocabulary, and 12 pairs of ~300-token completions."""
@@ -386,10 +364,10 @@ def make_131k_model_and_data(folder):
     (folder / "pairs.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
 
 
-def run_train_131k(folder, from_hidden):
-    """Two steps of train.py on that model, evaluation and criterion.png (every train pair) included, in a process of
-    its own: its peak RSS, its RSS before the first loss, the shapes of the batches its losses took."""
-    argv = [
+def train_arguments_131k(folder, from_hidden):
+    """train.py's arguments for two steps on that model, evaluation and criterion.png (every train pair) included;
+    --full-logits for the loss from the full logits."""
+    return [
         "--model",
         str(folder / "model"),
         "--dataset",
@@ -408,42 +386,65 @@ def run_train_131k(folder, from_hidden):
         "16",
         "--output-dir",
         str(folder / f"out-{from_hidden}"),
+        *([] if from_hidden else ["--full-logits"]),
     ]
-    code = HIDDEN_RUN_CHILD.format(here=str(ROOT), from_hidden=from_hidden, argv=argv)
-    result = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}
-    )
-    lines = [line for line in result.stdout.splitlines() if line.startswith("RESULT ")]
-    if not lines:
-        raise SystemExit(result.stderr[-3000:])
-    return json.loads(lines[-1][len("RESULT ") :])
+
+
+def run_train_131k(folder, from_hidden):
+    """python train.py on that model, as a user runs it, in a process of its own: its peak resident memory (the
+    kernel's count for the finished process, os.wait4), and whether it drew criterion.png."""
+    argv = train_arguments_131k(folder, from_hidden)
+    with tempfile.TemporaryFile("w+") as output:
+        process = subprocess.Popen(
+            [sys.executable, str(ROOT / "train.py"), *argv],
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        )
+        _, status, usage = os.wait4(process.pid, 0)  # waited for here, not by Popen: the child's own rusage
+        process.returncode = os.waitstatus_to_exitcode(status)
+        if process.returncode:
+            output.seek(0)
+            raise SystemExit(output.read()[-3000:])
+    return {"maxrss_kib": usage.ru_maxrss, "criterion_png": (folder / f"out-{from_hidden}/criterion.png").exists()}
+
+
+def batch_shapes_131k(folder):
+    """(rows, tokens) of a training micro-batch and of criterion.png's batch (every train pair at once, as
+    --eval-batch-size allows), from the pairs train.py reads, tokenized by the project's own data functions."""
+    args, _ = arguments.parse_args(train_arguments_131k(folder, True))
+    tokenizer = data.load_tokenizer(str(folder / "model"))
+    pairs = data.load_pairs(
+        args.dataset, "train", None, args.eval_fraction, args.seed, tokenizer, args.max_length, args.max_prompt_length
+    )["pairs"]["train"]
+    longest = max(len(p["prompt_ids"]) + max(len(p["chosen_ids"]), len(p["rejected_ids"])) for p in pairs)
+    return (2 * HIDDEN_RUN_PAIRS, longest), (2 * min(len(pairs), args.eval_batch_size), longest)
 
 
 def train_peak_memory_131k():
     """Peak memory of a train.py run at a 131,072-word vocabulary, loss from hidden states against from logits,
-    beside one float32 (2B, T, V) logits tensor of its batch."""
+    beside one float32 (2B, T, V) logits tensor of its batches."""
     with tempfile.TemporaryDirectory() as folder:
         folder = pathlib.Path(folder)
         make_131k_model_and_data(folder)
+        training, largest = batch_shapes_131k(folder)
+        peaks = {}
         for from_hidden in (True, False):
             figures = run_train_131k(folder, from_hidden)
-            peak_mib, above_mib = figures["maxrss_kib"] / 1024, (figures["maxrss_kib"] - figures["before_kib"]) / 1024
-            largest = max(figures["shapes"], key=lambda shape: shape[0] * shape[1])  # criterion.png's batch
-            training = max(
-                (shape for shape in figures["shapes"] if shape[0] == 2 * HIDDEN_RUN_PAIRS), key=lambda shape: shape[1]
-            )
+            peak_mib = peaks[from_hidden] = figures["maxrss_kib"] / 1024
             print(
-                f"{'hidden states' if from_hidden else 'full logits':14} peak RSS {peak_mib:5.0f} MiB, "
-                f"{above_mib:5.0f} MiB above "
-                f"the RSS before the first loss; criterion.png written: {figures['criterion_png']}"
+                f"{'hidden states' if from_hidden else 'full logits':14} peak RSS {peak_mib:5.0f} MiB; criterion.png "
+                f"written: {figures['criterion_png']}"
             )
-            for name, (rows, length) in (("largest batch", largest), ("a training micro-batch", training)):
+            # From the logits, criterion.png takes --batch-size pairs at a time, as training does.
+            figure_batch = largest if from_hidden else training
+            for name, (rows, length) in (("criterion.png's batch", figure_batch), ("a training micro-batch", training)):
                 logits_mib = rows * length * HIDDEN_RUN_VOCAB * 4 / 2**20
                 print(
                     f"    {name}, {rows} × {length} tokens: one float32 (2B, T, V) logits tensor {logits_mib:5.0f} "
-                    "MiB; "
-                    f"peak RSS {peak_mib / logits_mib:.2f} × it"
+                    f"MiB; peak RSS {peak_mib / logits_mib:.2f} × it"
                 )
+        print(f"from full logits the run peaks {peaks[False] - peaks[True]:,.0f} MiB higher")
 
 
 def loss_peak_memory_128k():

@@ -49,6 +49,7 @@ RESUMABLE = {
     "eval_batch_size",
     "max_new_tokens",
     "device",
+    "dist_timeout",
     "criterion_pairs",
 }
 # What runs code: never taken from a checkpoint, only from the command line that resumes it.

@@ -11,7 +11,7 @@ import torch.distributed as dist
 
 import epsdpo
 import epsdpo_chunked
-from training.batches import NOISE_CODES, collate, collate_prompts, to_device
+from training.batches import NOISE_CODES, collate, collate_prompts, model_inputs, to_device
 from training.data import gold_score
 from training.loss import micro_batch_loss
 from training.models import last_hidden_states
@@ -241,17 +241,15 @@ def completion_measures(policy, reference, batch, head, lambdas=(), rows=None, m
     """What both models say along the completion of each sequence of batch (its first `rows`): (logps (K, N), kls (N,)),
     log π̂_λ(y|x) at each of the K lambdas (1: the policy, 0: the reference) and Σ_t KL(π_θ‖π_ref) (sequence_kl).
 
-    From the last hidden states, in the loss's chunks (epsdpo_chunked.completion_measures_from_hidden), when head is a
+    From the last hidden states, in the loss's tiles (epsdpo_chunked.completion_measures_from_hidden), when head is a
     LinearHead: never a (N, T, V) tensor, whatever the batch. Otherwise from the logits of at most max_rows sequences
-    at a time (train.py: --batch-size pairs, as training holds them)."""
+    at a time (train.py: --batch-size pairs, as training holds them), each row's scored positions in float32 one row
+    at a time."""
     rows = rows or len(batch.input_ids)
-    input_ids, attention_mask, completion_mask = (
-        t[:rows] for t in (batch.input_ids, batch.attention_mask, batch.completion_mask)
-    )
+    input_ids = batch.input_ids[:rows]  # right-padded: the models need no attention mask (batches.model_inputs)
     if head is not None:
         (hidden, weight), (ref_hidden, ref_weight) = (
-            last_hidden_states(model, dict(input_ids=input_ids, attention_mask=attention_mask))
-            for model in (policy, reference)
+            last_hidden_states(model, model_inputs(input_ids)) for model in (policy, reference)
         )
         return epsdpo_chunked.completion_measures_from_hidden(
             hidden,
@@ -265,56 +263,55 @@ def completion_measures(policy, reference, batch, head, lambdas=(), rows=None, m
         )
     logps, kls = [], []
     for part in (slice(start, start + (max_rows or rows)) for start in range(0, rows, max_rows or rows)):
-        logits, ref_logits = (
-            model(input_ids=input_ids[part], attention_mask=attention_mask[part]).logits.float()
-            for model in (policy, reference)
-        )
-        logps.append(
-            torch.stack(
-                [
-                    epsdpo.sequence_logps(torch.lerp(ref_logits, logits, lam), input_ids[part], completion_mask[part])
-                    for lam in lambdas
-                ]
-            )
-            if lambdas
-            else logits.new_zeros(0, len(logits))
-        )
+        logits, ref_logits = (model(**model_inputs(input_ids[part])).logits for model in (policy, reference))
         scored = batch.host_completion_mask[:rows][part, 1:].bool()  # (n, T-1), on the host
-        # A row's scored logits (m, V) at a time: only one row's copies alive at once.
-        kls.append(
-            sequence_kl(
-                *((row[mask] for row, mask in zip(f[:, :-1], scored, strict=True)) for f in (logits, ref_logits))
-            )
-        )
-    return torch.cat(logps, 1), torch.cat(kls)
+        # A row's scored logits (m, V) in float32 at a time: only one row's copies alive at once, whatever λ.
+        for f, f_ref, ids, mask in zip(logits[:, :-1], ref_logits[:, :-1], input_ids[part, 1:], scored, strict=True):
+            f, f_ref, targets = f[mask].float(), f_ref[mask].float(), ids[mask][:, None]  # (m, V), (m, V), (m, 1)
+            kls.append(sequence_kl([f], [f_ref])[0])
+            # log π̂_λ(y|x) = Σ_t log softmax(f_ref + λ (f_θ − f_ref))[y_t]
+            lambda_logps = [torch.lerp(f_ref, f, lam).log_softmax(-1).gather(-1, targets).sum() for lam in lambdas]
+            logps.append(torch.stack(lambda_logps) if lambdas else f.new_zeros(0))
+    return torch.stack(logps, 1), torch.stack(kls)
 
 
 @torch.no_grad()
 def criterion_measures(models, pairs, pad_token_id, args):
     """What the criterion measures on the final policy, for reports.plot_criterion: per pair h, ΔK, s and the noise
     flag; how often s = sign(h − ΔK) and s = sign(h) ("agreement"); and z(λ) of a few pairs ("curves" at "lambdas").
-    None at ε = 0 or without pairs. Called on every rank (under FSDP each forward pass is a collective), under the
-    run's autocast.
+    None at ε = 0 or without pairs. Under the run's autocast.
 
     ΔK = K_w − K_l, with K the KL(π_θ‖π_ref) summed along a completion. To first order in ε,
     z(1 ± ε) − z(1) = ± ε dz/dλ with dz/dλ = h − ΔK, so s = sign(h − ΔK) where that is clear of zero.
-    Everything is taken from the hidden states in the loss's chunks (completion_measures) in batches of
-    --eval-batch-size pairs, or, where the head needs full logits, of --batch-size pairs, as in training.
+
+    Called on every rank: each computes its share of the pairs (pairs[rank::ranks]), and every rank gets all of them
+    back, in order, in one all_gather (under FSDP each forward pass is a collective, so a shorter share is padded with
+    a pair counted nowhere). Each batch runs each model once: completion_measures gives, from the same hidden states
+    (or logits), log π̂_λ at λ = 1, 0, 1 + ε and 1 − ε (the policy, the reference and the criterion's two, which give
+    h and s as the loss computes them) and the KL along each completion; in batches of --eval-batch-size pairs, or,
+    where the head needs full logits (models.head None), of --batch-size pairs, as in training.
     """
     policy, reference, head, epsilon = models.policy, models.reference, models.head, args.epsilon
     if epsilon == 0 or not pairs:
         return None
     device = next(policy.parameters()).device
     batch_size = args.eval_batch_size if head is not None else args.batch_size
+    rank, ranks = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
+    share = pairs[rank::ranks]
+    padded = share + pairs[:1] * (-(-len(pairs) // ranks) - len(share))
     columns = []  # per pair: h, ΔK, s, noise flag
-    for start in range(0, len(pairs), batch_size):
-        batch = collate(pairs[start : start + batch_size], pad_token_id, device)
-        out = micro_batch_loss(policy, reference, batch, 1.0, epsilon, head)
-        _, kls = completion_measures(policy, reference, batch, head)
-        half = len(out.s)
-        h = (out.chosen_logps - out.ref_chosen_logps) - (out.rejected_logps - out.ref_rejected_logps)
-        columns.append(torch.stack([v.double() for v in (h, kls[:half] - kls[half:], out.s, batch.noise)]).cpu())
-    h, delta_k, s, noise = torch.cat(columns, dim=1)
+    for start in range(0, len(padded), batch_size):
+        batch = collate(padded[start : start + batch_size], pad_token_id, device)
+        (logps, ref_logps, weaker_logps, stronger_logps), kls = completion_measures(
+            policy, reference, batch, head, (1.0, 0.0, 1 + epsilon, 1 - epsilon), max_rows=len(batch.input_ids)
+        )
+        half = len(batch.noise)
+        h = (logps[:half] - ref_logps[:half]) - (logps[half:] - ref_logps[half:])  # z_θ − γ
+        s = epsdpo._criterion(logps, weaker_logps, stronger_logps)  # the rule of the loss, on the same numbers
+        columns.append(torch.stack([v.double() for v in (h, kls[:half] - kls[half:], s, batch.noise)]))
+    # Every rank's columns, (ranks, 4 × its padded share), then pair i = rank i % ranks, place i // ranks of its share.
+    gathered = gather_from_every_rank(torch.cat(columns, dim=1).flatten()).view(ranks, 4, -1)
+    h, delta_k, s, noise = torch.stack([gathered[i % ranks, :, i // ranks] for i in range(len(pairs))], dim=1)
     agreement = {
         "pairs": len(s),
         "s = sign(h − ΔK)": (s == torch.sign(h - delta_k)).double().mean().item(),

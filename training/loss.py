@@ -7,6 +7,7 @@ import torch
 
 import epsdpo
 import epsdpo_chunked
+from training.batches import model_inputs
 from training.models import last_hidden_states
 from training.sharding import reshard_root
 
@@ -19,7 +20,7 @@ def micro_batch_loss(policy, reference, batch, beta, epsilon, head=None):
     """One concatenated forward pass of chosen and rejected per model, then the ε-DPO loss: epsdpo.py's when the
     logits are small; at scale from the last hidden states when the output layer is a plain linear map (head, see
     models.linear_head), never a (2B, T, V) tensor, else from the logits in chunks."""
-    inputs = dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+    inputs = dict(model_inputs(batch.input_ids), use_cache=False)  # right-padded: no attention mask, no wait
     on_host = (batch.host_input_ids, batch.host_completion_mask)  # at scale the loss finds the positions there: no wait
     if head and batch.input_ids.numel() * head.vocab_size * 4 > PLAIN_LOSS_BYTES:
         hidden, weight = last_hidden_states(policy, inputs)  # (2B, T, H), (V, H)

@@ -7,6 +7,7 @@ at hand is here, one function per concern.
 """
 
 import contextlib
+import datetime
 import os
 from dataclasses import dataclass
 
@@ -45,12 +46,29 @@ def pick_device(name):
     return device
 
 
-def init_distributed(device_name):
+# How long a process waits in a collective for the others before the run fails, in minutes (--dist-timeout). torch's
+# default is 10; at 8B, process 0 alone may read (or first download) the weights while the others wait to receive
+# them, and a sharded checkpoint's collectives wait for the slowest disk.
+DIST_TIMEOUT_MINUTES = 30
+
+
+def cuda_allocator_settings():
+    """PyTorch's CUDA allocator with expandable segments, unless PYTORCH_CUDA_ALLOC_CONF says otherwise; set before
+    the first CUDA allocation (the allocator reads it then). Every micro-batch has the length of its longest pair, so
+    the activations' sizes change from one to the next: fixed-size cached blocks then fragment (memory reserved, not
+    usable, out of memory with room to spare), where an expandable segment grows in place (PyTorch's advice for
+    inputs whose shapes change)."""
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+
+
+def init_distributed(device_name, timeout_minutes=DIST_TIMEOUT_MINUTES):
     """(rank, world size, device). Under torchrun (WORLD_SIZE > 1) this joins the process group: NCCL on
-    GPUs, gloo on CPUs; otherwise one process on the device --device picks.
+    GPUs, gloo on CPUs, its collectives failing after timeout_minutes (--dist-timeout); otherwise one process
+    on the device --device picks.
 
     Under torchrun each process takes the GPU of its LOCAL_RANK (which GPUs: CUDA_VISIBLE_DEVICES), so
     --device may say cuda, cpu or auto, but not one GPU for every process (cuda:N) or mps."""
+    cuda_allocator_settings()
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size == 1:
         return 0, 1, pick_device(device_name)
@@ -68,7 +86,7 @@ def init_distributed(device_name):
     if on_gpus:
         torch.cuda.set_device(local_rank)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if on_gpus else "gloo")
+        dist.init_process_group("nccl" if on_gpus else "gloo", timeout=datetime.timedelta(minutes=timeout_minutes))
     return dist.get_rank(), world_size, torch.device("cuda", local_rank) if on_gpus else torch.device("cpu")
 
 
@@ -139,17 +157,18 @@ def frozen_weights_in_bf16(model):
 _NOTED = set()  # the models whose own code a note said was not run
 
 
-def load_model(name, device, trust_remote_code, frozen_in_bf16=False, base=None):
+def load_model(name, device, trust_remote_code, frozen_in_bf16=False, base=None, dtype=torch.float32):
     """A model in float32 on `device`, in eval mode. frozen_in_bf16: frozen, with frozen_weights_in_bf16,
     converted on the CPU before it moves, so the device never holds a float32 copy of it. A peft adapter (say
     of supervised fine-tuning) is merged into its base (base: --model-base, else the one its adapter_config.json
-    names): the model is that fine-tuned model, and every weight of it trains."""
+    names): the model is that fine-tuned model, and every weight of it trains. dtype "auto": in the dtype its
+    weights are stored in (config.json's), float32 where an adapter is merged (merged in bf16, it would round)."""
     from transformers import AutoModelForCausalLM
 
     base = base or adapter_base(name)
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            base or name, dtype=torch.float32, trust_remote_code=trust_remote_code
+            base or name, dtype=torch.float32 if base else dtype, trust_remote_code=trust_remote_code
         )
         if base:
             from peft import PeftModel
@@ -269,6 +288,13 @@ def held_bytes(policy, optimizer, reference):
     }  # LoRA: the policy's
 
 
+def make_optimizer(weights, args, device):
+    """AdamW on the trained weights. On CUDA its fused kernel: the update of every weight in a few kernels, not
+    several per weight (torch's foreach default), the same update (checkpoints of either load into the other)."""
+    fused = device.type == "cuda"
+    return torch.optim.AdamW(weights, lr=args.lr, weight_decay=args.weight_decay, fused=fused or None)
+
+
 @dataclass
 class LinearHead:
     """A model whose logits are softcap(last hidden state @ weight.T), weight its output layer's (V, H)."""
@@ -332,9 +358,12 @@ def linear_head(model, input_ids):
     return LinearHead(weight.shape[0], softcap), ""
 
 
-def shared_linear_head(policy, reference, pair, device, mixed_precision):
+def shared_linear_head(policy, reference, pair, device, mixed_precision, full_logits=False):
     """(LinearHead, "") when both models' logits are softcap(last hidden state @ weight.T) with the same soft-cap,
-    checked on the first tokens of a pair as the models will run (under autocast with bf16); else (None, why)."""
+    checked on the first tokens of a pair as the models will run (under autocast with bf16); else (None, why).
+    full_logits (--full-logits): (None, why) whatever the models."""
+    if full_logits:
+        return None, "--full-logits"
     sample = torch.tensor([(pair["prompt_ids"] + pair["chosen_ids"])[:16]], device=device)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=mixed_precision):
         (head, note), (ref_head, ref_note) = linear_head(policy, sample), linear_head(reference, sample)
@@ -410,7 +439,9 @@ def setup_models(args, device, world_size, mixed_precision, tokenizer, pairs, ch
             None if args.ref_model else args.model_base,
         ).requires_grad_(False)
     check_models(policy, reference or policy, tokenizer, pairs, args, from_checkpoint)
-    head, note = shared_linear_head(policy, reference or AdaptersOff(policy), pairs[0], device, mixed_precision)
+    head, note = shared_linear_head(
+        policy, reference or AdaptersOff(policy), pairs[0], device, mixed_precision, args.full_logits
+    )
     layers = checkpointed_layers(policy) if args.gradient_checkpointing else []
     # DDP averages the gradients over the ranks. Its buffers (rotary inv_freq) are constants: broadcasting
     # them from rank 0 before every forward pass would be one more collective per micro-batch.
@@ -433,7 +464,8 @@ def setup_sharded_models(args, device, mixed_precision, tokenizer, pairs, checkp
     process reading its own, and --model's weights are read for the reference only.
 
     Where every process read both models whole in float32, at 8B that was 59.8 GiB of CPU memory per process
-    (479 GiB on a node of 8 GPUs); now it is 29.9 GiB on process 0 and none on the others (computed)."""
+    (479 GiB on a node of 8 GPUs); now process 0 reads them in the dtype they are stored in (read_weights): 15.0 GiB
+    for Llama-3-8B's bf16, none on the others (computed)."""
     model_base = {args.model: args.model_base} if args.model_base else {}  # --model an adapter: its base
     policy = empty_model(args.model, args.trust_remote_code, model_base.get(args.model))
     reference = empty_model(
@@ -453,9 +485,7 @@ def setup_sharded_models(args, device, mixed_precision, tokenizer, pairs, checkp
     def weights(name):
         if dist.get_rank() == 0 and name not in read:
             read.clear()
-            read[name] = load_model(
-                name, torch.device("cpu"), args.trust_remote_code, False, model_base.get(name)
-            ).state_dict()
+            read[name] = read_weights(name, args.trust_remote_code, model_base.get(name))
         return read.get(name, {})
 
     if checkpoint:
@@ -464,10 +494,18 @@ def setup_sharded_models(args, device, mixed_precision, tokenizer, pairs, checkp
         broadcast_weights(policy, weights(args.model))
     broadcast_weights(reference, weights(args.ref_model or args.model))
     read.clear()
-    head, note = shared_linear_head(policy, reference, pairs[0], device, mixed_precision)
+    head, note = shared_linear_head(policy, reference, pairs[0], device, mixed_precision, args.full_logits)
     for model in (policy, reference):
         reshard_root(model)  # the check's forward passes gathered them
     return Models(policy, policy, reference, layers, head, note)
+
+
+def read_weights(name, trust_remote_code, base=None):
+    """Process 0's copy of a model's weights for setup_sharded_models, on the CPU, in the dtype they are stored in
+    (bf16 for most released models): each process casts its part into its shards' dtype as it receives it
+    (sharding.broadcast_weights), and bf16 into float32 is exact, so the float32 shards are those of a float32 read,
+    from half the memory and half the traffic. Float32 where an adapter is merged into its base."""
+    return load_model(name, torch.device("cpu"), trust_remote_code, False, base, "auto").state_dict()
 
 
 def empty_model(name, trust_remote_code, base=None):

@@ -13,6 +13,7 @@ import contextlib
 import sys
 
 import torch
+import torch.distributed as dist
 
 from training.errors import ReportedError
 
@@ -55,7 +56,20 @@ def reshard_root(model):
 def gathered_fits(model, device):
     """Whether a sharded model's weights, all gathered, take at most half of what its GPU has free (what
     torch's allocator holds unused counted as free); the other half is for the KV cache and the logits of
-    generate(). Always on a CPU."""
+    generate(). Always on a CPU.
+
+    One answer for all ranks, the least room any rank has (an all_reduce of each rank's answer, MIN): each rank's
+    answer sets which all-gathers it issues while sampling, and ranks that answered differently would wait on
+    each other's mismatched collectives forever."""
+    fits = _fits_on_this_rank(model, device)
+    if not (dist.is_available() and dist.is_initialized()):
+        return fits
+    answers = torch.tensor([float(fits)], device=device)  # on the GPU under NCCL
+    dist.all_reduce(answers, op=dist.ReduceOp.MIN)
+    return bool(answers.item())  # a wait, once per sampling
+
+
+def _fits_on_this_rank(model, device):
     if device.type != "cuda":
         return True
     free = torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)

@@ -2,9 +2,6 @@
 text, truncation happens only when a pair does not fit, and bad columns stop the run before training."""
 
 import json
-import os
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the tests never download anything
 
 import pytest
 from transformers import AutoTokenizer, PreTrainedTokenizerFast

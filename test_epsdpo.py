@@ -183,7 +183,7 @@ def test_the_module_docstring_example_runs_as_written(monkeypatch):
 
 
 @pytest.mark.parametrize("impl", IMPLEMENTATIONS)
-def test_epsilon_comes_from_the_baseline_beta_and_a_different_one_is_refused(impl):
+def test_epsilon_comes_from_the_baseline_beta_and_another_is_refused(impl):
     ref_logits, input_ids, completion_mask = _pairs()
     policy_logits = ref_logits + torch.randn(ref_logits.shape)
     baseline = epsdpo.BaselineBeta(0.2, 0.3)
@@ -223,7 +223,7 @@ def test_sequence_logps_gradient_equals_the_loops(impl, batch, seed):
 
 
 @pytest.mark.parametrize("impl", IMPLEMENTATIONS)
-def test_sequence_logps_gradient_in_bf16_is_the_float64_gradient_rounded_once(impl):
+def test_the_bf16_logps_gradient_is_the_float64_gradient_rounded_once(impl):
     # A confident model: the target's probability is near 1, so its gradient g (1 − p) is small. Subtracting
     # the one-hot after rounding g p to bf16 would leave an error larger than the value itself.
     logits = torch.zeros(2, 3, 5, dtype=torch.float64)
@@ -340,7 +340,7 @@ def test_masked_positions_change_nothing(impl, batch, seed, epsilon):
 
 
 @pytest.mark.parametrize("impl", IMPLEMENTATIONS)
-def test_an_all_masked_row_gives_zero_not_nan_and_a_pair_with_one_is_refused_naming_it(impl):
+def test_an_all_masked_row_gives_zero_and_a_pair_with_one_is_refused(impl):
     logits = torch.randn(2, 5, 4, requires_grad=True)
     input_ids = torch.randint(0, 4, (2, 5))
     completion_mask = torch.tensor([[0, 0, 0, 0, 0], [0, 0, 1, 1, 0]])
@@ -621,7 +621,7 @@ def test_beta_update_stays_positive_and_moves_the_right_way():
     assert nothing_seen.step() == 0.1
 
 
-def test_without_a_floor_beta_falls_as_beta_over_one_plus_epsilon_to_the_t_and_min_beta_stops_it():
+def test_beta_falls_as_beta_over_one_plus_epsilon_to_the_t_until_min_beta():
     unbounded, floored = epsdpo.BaselineBeta(0.1, 0.01), epsdpo.BaselineBeta(0.1, 0.01, min_beta=0.08, max_beta=0.1)
     for step in range(1, 50):  # every pair of every step gets s = +1
         for baseline in (unbounded, floored):
@@ -640,7 +640,7 @@ def test_without_a_floor_beta_falls_as_beta_over_one_plus_epsilon_to_the_t_and_m
 
 @pytest.mark.parametrize("impl", IMPLEMENTATIONS)
 @pytest.mark.parametrize("mask_dtype", [torch.bool, torch.uint8, torch.int32, torch.float32, torch.bfloat16])
-def test_a_mask_of_zeros_and_ones_in_any_dtype_gives_what_an_int64_mask_gives(impl, mask_dtype):
+def test_a_zero_one_mask_of_any_dtype_gives_what_an_int64_mask_gives(impl, mask_dtype):
     generator = torch.Generator().manual_seed(0)
     ref_logits = torch.randn(4, 6, 9, generator=generator)
     policy_logits = ref_logits + 0.5 * torch.randn(4, 6, 9, generator=generator)
@@ -888,7 +888,7 @@ def test_epsdpo_imports_torch_and_the_standard_library_only():
 
 
 @pytest.mark.parametrize("impl", IMPLEMENTATIONS)
-def test_tensors_without_values_or_on_two_devices_are_refused_naming_the_argument(impl):
+def test_meta_tensors_or_tensors_on_two_devices_are_refused_naming_which(impl):
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     logits, input_ids, completion_mask = _pairs()
@@ -916,7 +916,7 @@ def test_tensors_without_values_or_on_two_devices_are_refused_naming_the_argumen
 
 
 @pytest.mark.parametrize("impl", IMPLEMENTATIONS)
-def test_ids_that_are_not_an_integer_tensor_an_embedding_takes_are_refused_and_int32_ids_are_int64s(impl):
+def test_ids_must_be_an_int64_or_int32_tensor_and_int32_gives_the_same(impl):
     logits, input_ids, completion_mask = _pairs()
     for ids, got in ((input_ids.tolist(), "list"), (None, "NoneType")):
         with pytest.raises(ValueError, match=rf"^input_ids must be a tensor of shape \(N, T\), got {got}"):
@@ -943,7 +943,7 @@ def test_ids_that_are_not_an_integer_tensor_an_embedding_takes_are_refused_and_i
     assert all(torch.equal(int64, int32) for int64, int32 in zip(*results, strict=True))
 
 
-def test_log_probabilities_that_are_not_floating_point_tensors_are_refused_naming_which():
+def test_log_probabilities_not_in_floating_point_are_refused_naming_which():
     logps = torch.zeros(2)
     with pytest.raises(
         ValueError,
@@ -1001,7 +1001,7 @@ def test_a_bool_s_is_refused_by_betas_from_s_as_by_observe():
 
 
 @pytest.mark.parametrize("impl", IMPLEMENTATIONS)
-def test_the_criterion_takes_logits_alone_and_non_finite_logits_are_the_callers_to_stop_on(impl):
+def test_the_criterion_takes_logits_alone_and_leaves_nan_to_the_caller(impl):
     import inspect
 
     assert list(inspect.signature(impl.criterion).parameters) == [

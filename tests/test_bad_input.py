@@ -37,7 +37,7 @@ def test_bad_arguments_are_rejected_when_parsed(flag, value, message, capsys):
     assert message in capsys.readouterr().err
 
 
-def test_paths_are_expanded_and_absolute_and_flags_of_compare_py_are_refused(tmp_path, monkeypatch, capsys):
+def test_paths_are_expanded_and_absolute_and_compare_py_flags_refused(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     (tmp_path / "data").mkdir()
@@ -184,7 +184,7 @@ def test_missing_paths_and_unusable_data_give_one_line_errors(tmp_path):
         ),
     ],
 )
-def test_a_malformed_row_stops_the_run_before_training_naming_file_line_and_field(tmp_path, bad_row, message):
+def test_a_malformed_row_stops_the_run_at_once_naming_file_line_and_field(tmp_path, bad_row, message):
     rows = good_rows()
     rows.insert(2, bad_row)
     dataset = write_jsonl(tmp_path / "pairs.jsonl", rows)
@@ -228,7 +228,7 @@ def test_a_mistyped_eval_split_stops_the_run_naming_the_splits_there_are(tmp_pat
     )
 
 
-def test_pairs_past_the_models_positions_are_refused_at_load_naming_the_limit(tmp_path):
+def test_pairs_past_the_models_positions_are_refused_naming_the_limit(tmp_path):
     model = tiny_model_folder(tmp_path / "m", max_position_embeddings=24)
     long_rows = good_rows(12)  # 18 tokens a pair, 6 a prompt
     long_rows[3]["chosen"] = " The price is great." * 6  # 37 tokens with its prompt and EOS
@@ -269,9 +269,7 @@ def test_code_in_a_model_folder_runs_only_with_trust_remote_code(tmp_path, local
     assert not marker.exists()
 
 
-def test_a_non_finite_loss_stops_the_run_naming_the_step_and_keeps_the_last_checkpoint(
-    tmp_path, monkeypatch, small_data
-):
+def test_a_non_finite_loss_stops_naming_its_step_and_keeps_the_checkpoint(tmp_path, monkeypatch, small_data):
     calls, real_loss = [], epsdpo.epsilon_dpo_loss
     monkeypatch.setattr(models, "FROM_HIDDEN_STATES", False)  # the loss from logits, which this wraps
 

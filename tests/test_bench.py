@@ -42,7 +42,7 @@ def operations_of_a_step(vocab, dtype, completion_tokens=256, num_pairs=4, impl=
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_the_number_of_operations_follows_the_rows_not_the_vocabulary_or_the_length(dtype):
+def test_chunked_operations_follow_the_rows_not_the_vocabulary_or_length(dtype):
     operations = operations_of_a_step(16, dtype)
     assert operations <= 500
     assert operations_of_a_step(2048, dtype) == operations  # vocabulary × 128
@@ -79,7 +79,7 @@ def test_the_plain_loss_is_a_few_operations_whatever_the_batch(dtype):
         assert operations_of_a_step(dtype=dtype, impl=epsdpo, **shape) == operations
 
 
-def test_the_loss_from_hidden_states_is_under_a_thousand_operations_flat_in_length_and_vocabulary_and_never_reads_the_device():
+def test_the_hidden_state_loss_takes_under_1000_operations_at_any_size():
     """At 4 pairs × 1,024 tokens (768 of them completion) and V = 128,256, as train.py runs it in bf16: at most 1,000
     torch operations forward and backward, and an extra peak of at most 0.1 × one float32 logits tensor; the same
     count at twice the length and twice the vocabulary (MAX_CHUNKS chunks, however large). It runs on FakeTensors,

@@ -75,7 +75,7 @@ def test_every_panel_compares_like_with_like(tiny_run, tmp_path, monkeypatch):
         assert list(line.get_xdata()) == [1 - epsilon, 1.0, 1 + epsilon] and line.get_ydata()[1] == 0
 
 
-def test_compare_with_betas_draws_the_frontier_of_three_methods_with_lora_too(tmp_path, capsys, small_data):
+def test_compare_betas_draws_the_frontier_of_three_methods_with_lora(tmp_path, capsys, small_data):
     """Its runs train LoRA adapters, as every run of a comparison takes the --lora-* arguments (the full
     fine-tuning of a comparison is tested above). One seed: the means over seeds are tested below; one worker
     process, which trains the 6 runs one after another."""
@@ -129,7 +129,7 @@ def test_compare_with_betas_draws_the_frontier_of_three_methods_with_lora_too(tm
     assert "ε-DPO, fixed baseline β" in printed and "gold reward" in printed
 
 
-def test_the_frontier_is_the_mean_over_seeds_per_method_and_beta_with_the_lowest_and_highest(tmp_path, capsys):
+def test_the_frontier_is_the_mean_over_seeds_with_lowest_and_highest(tmp_path, capsys):
     """frontier.json's points from the runs' summaries (mean s over every pair seen), and the frontier's table and
     figure from them: per method and β the mean over seeds, with the lowest and highest seed."""
     from training import reports

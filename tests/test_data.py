@@ -56,7 +56,7 @@ def ids(tokenizer, text, **kwargs):
 # Ids like the text
 
 
-def test_ids_are_those_of_the_whole_text_where_bpe_merges_across_the_boundary(bpe_tokenizer):
+def test_ids_are_the_whole_texts_where_bpe_merges_across_the_boundary(bpe_tokenizer):
     pair = data.tokenize_pair(KETTLE, bpe_tokenizer, max_length=512, max_prompt_length=256)
     eos = bpe_tokenizer.eos_token_id
     for completion in ("chosen", "rejected"):
@@ -126,7 +126,7 @@ def test_a_long_prompt_is_kept_whole_when_the_pair_fits(bpe_tokenizer):
     assert len(pair["prompt_ids"]) == len(prompt_ids) - pair["boundary_moved"]
 
 
-def test_a_pair_too_long_cuts_the_prompt_from_the_left_keeping_bos_then_the_completions(bpe_tokenizer):
+def test_a_pair_too_long_cuts_the_prompt_after_bos_then_the_completions(bpe_tokenizer):
     row = {
         **KETTLE,
         "prompt": "Review of the kettle: " + "the price is great " * 60 + "Now:",
@@ -202,7 +202,7 @@ def test_rows_are_named_by_the_files_line_numbers(tmp_path, bpe_tokenizer):
             data.tokenize_rows(rows, bpe_tokenizer, 512, 256)
 
 
-def test_a_folder_is_read_without_type_conversion_and_names_the_files_it_does_not_load(tmp_path, bpe_tokenizer):
+def test_a_folder_is_read_without_conversion_naming_files_not_loaded(tmp_path, bpe_tokenizer):
     import pyarrow
     import pyarrow.parquet
 
@@ -281,7 +281,7 @@ def test_json_nested_too_deeply_is_one_line_naming_file_and_line(tmp_path):
             data.load_splits(str(tmp_path / name))
 
 
-def test_an_eval_split_named_but_absent_is_refused_and_the_default_falls_back_to_held_out_rows(tmp_path):
+def test_an_absent_eval_split_is_refused_but_by_default_rows_are_held_out(tmp_path):
     (tmp_path / "train.jsonl").write_text(json.dumps(KETTLE) + "\n" * 2 + json.dumps(KETTLE) + "\n")
     (tmp_path / "test.jsonl").write_text(json.dumps(KETTLE) + "\n")
     with pytest.raises(
@@ -305,7 +305,7 @@ def test_upper_case_suffixes_are_loaded_in_a_folder_and_as_a_single_file(tmp_pat
 
 
 @pytest.mark.parametrize("which", ["word-level (tiny_data)", "byte-level BPE"])
-def test_the_text_of_a_special_token_in_a_standard_row_is_text_not_the_token(bpe_tokenizer, which):
+def test_a_special_tokens_text_in_a_standard_row_is_text_not_the_token(bpe_tokenizer, which):
     tokenizer = AutoTokenizer.from_pretrained(TINY_MODEL) if which.startswith("word") else bpe_tokenizer
     eos = tokenizer.eos_token
     row = {
@@ -325,7 +325,7 @@ def test_the_text_of_a_special_token_in_a_standard_row_is_text_not_the_token(bpe
         assert tokenizer.decode(pair["prompt_ids"][1:] + pair["chosen_ids"][:-1]) == row["prompt"] + row["chosen"]
 
 
-def test_a_conversational_row_holding_a_special_tokens_text_is_refused_and_the_templates_markup_stays_special(
+def test_a_special_tokens_text_in_a_message_is_refused_the_markup_is_not(
     bpe_tokenizer,
 ):
     prompt = [{"role": "user", "content": "Write about the lamp, please."}]
@@ -344,9 +344,7 @@ def test_a_conversational_row_holding_a_special_tokens_text_is_refused_and_the_t
     assert pair["chosen_ids"][-1] == im_end
 
 
-def test_a_chat_template_that_raises_is_the_rows_fault_and_one_that_does_not_parse_the_tokenizers(
-    bpe_tokenizer, monkeypatch
-):
+def test_a_raising_template_is_the_rows_fault_an_unparsable_one_is_not(bpe_tokenizer, monkeypatch):
     conversation = {
         "prompt": [{"role": "user", "content": "Write about the lamp."}],
         "chosen": [{"role": "assistant", "content": "Good."}],
@@ -397,7 +395,7 @@ def test_a_chat_template_that_fails_with_a_python_error_is_the_rows_fault(bpe_to
     assert len(pairs) == 1 and skipped == {"invalid (--skip-invalid)": 1}
 
 
-def test_a_validation_or_valid_split_is_held_out_as_test_is_and_unused_splits_are_named(tmp_path):
+def test_a_validation_or_valid_split_is_held_out_and_unused_splits_named(tmp_path):
     from datasets import Dataset, DatasetDict
 
     rows = {key: [value] * 3 for key, value in KETTLE.items()}
@@ -446,7 +444,7 @@ def test_a_completion_that_repeats_the_prompt_is_refused_with_that_reason(bpe_to
     )  # whole conversations without a prompt: as before
 
 
-def test_the_pairs_of_a_step_depend_on_its_size_alone_not_on_how_processes_and_micro_batches_share_it():
+def test_a_steps_pairs_depend_on_its_size_not_on_processes_micro_batches():
     """What lets a run resume on another number of processes: 8 pairs a step as 8 × 1 on 1 process, 4 × 2 on 1, 4 × 1
     on 2 or 1 × 2 on 4 are the same pairs, step after step and across epochs (20 pairs: 2 steps an epoch)."""
     pairs = list(range(20))

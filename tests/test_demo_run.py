@@ -300,7 +300,7 @@ def test_a_tokenizer_without_a_pad_token_pads_with_eos(tmp_path, local_model, sm
 # What an evaluation measures
 
 
-def test_the_kl_along_samples_is_unbiased_never_negative_and_steadier_than_the_log_ratio():
+def test_the_sampled_kl_is_unbiased_non_negative_steadier_than_log_ratio():
     """On a model small enough to enumerate every completion (tokens 0, 1 and EOS = 2, at most 3 of them),
     the estimator's mean over π_θ is the exact KL(π_θ ‖ π_ref), computed here from its definition; on this
     model its variance is also less than half the sampled log-ratio's."""
@@ -342,7 +342,7 @@ def test_the_kl_along_samples_is_unbiased_never_negative_and_steadier_than_the_l
     assert estimate_variance < 0.5 * log_ratio_variance
 
 
-def test_evaluation_samples_from_the_policy_alone_whatever_the_models_generation_config(tmp_path, monkeypatch):
+def test_evaluation_samples_the_policy_ignoring_its_generation_config(tmp_path, monkeypatch):
     from transformers import GenerationConfig
     from transformers.generation.utils import GenerationMixin
 

@@ -91,7 +91,7 @@ def test_the_loss_from_hidden_states_equals_the_loss_from_their_logits(precision
     )
 
 
-def test_hidden_state_chunks_of_a_few_positions_give_what_one_chunk_gives_and_never_exceed_max_chunks(monkeypatch):
+def test_hidden_state_chunks_give_what_one_chunk_gives_up_to_max_chunks(monkeypatch):
     weight, mixing, ref_weight, ref_hidden, input_ids, completion_mask = hidden_state_batch(vocab=50, length=12)
     hidden = (weight.detach()[input_ids] @ mixing).requires_grad_()
 
@@ -117,7 +117,7 @@ def test_hidden_state_chunks_of_a_few_positions_give_what_one_chunk_gives_and_ne
         torch.testing.assert_close(chunked, expected)
 
 
-def test_the_compiled_chunks_are_one_graph_each_and_give_what_the_eager_ones_give(monkeypatch):
+def test_compiled_chunks_are_one_graph_each_and_give_the_eager_results(monkeypatch):
     """torch.compile of the chunk bodies, as on a GPU, captured whole (fullgraph) and run with the eager kernels
     ("aot_eager": no C++ compiler needed): the values and gradients of the eager bodies, and one graph for the forward
     body and one for the backward body, whatever the number of positions of the batch (padded chunks, dynamic shapes)."""
@@ -230,7 +230,7 @@ FAMILIES = [
 
 
 @pytest.mark.parametrize("kind, config", FAMILIES)
-def test_a_step_from_hidden_states_gives_the_loss_and_gradients_of_a_step_from_logits(kind, config, monkeypatch):
+def test_a_step_from_hidden_states_gives_the_loss_and_gradients_of_logits(kind, config, monkeypatch):
     """loss.micro_batch_loss on tiny models of three families: the loss, every output and every gradient as from
     the logits, to float32 rounding; and the KL along samples from hidden states as from the logits."""
     from transformers import AutoConfig
@@ -334,7 +334,7 @@ def test_the_loss_from_hidden_states_trains_as_the_loss_from_logits(tmp_path, mo
             ), name
 
 
-def test_the_last_hidden_state_is_taken_alone_not_every_layers_for_every_architecture():
+def test_only_the_last_hidden_state_is_kept_for_every_architecture():
     """models.last_hidden_states calls the model as usual, with logits_to_keep=1 and without output_hidden_states:
     the model returns no hidden state per layer (it would keep L + 1 of them through the pass); the final normed
     hidden state comes from a hook on the decoder, and softcap(it @ weight.T) is the model's logits. Tiny Llama

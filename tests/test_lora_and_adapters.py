@@ -54,7 +54,7 @@ def sft_adapter(folder, base=str(TINY_MODEL), base_name=None, seed=0):
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_lora_reference_is_the_policy_with_its_adapters_off_so_the_first_loss_is_log_2(dtype, monkeypatch):
+def test_lora_reference_is_the_policy_with_adapters_off_so_loss_is_log_2(dtype, monkeypatch):
     loaded = []
     real_load_model = models.load_model
     monkeypatch.setattr(models, "load_model", lambda *a: (loaded.append(a[0]), real_load_model(*a))[1])
@@ -85,7 +85,7 @@ def test_lora_reference_is_the_policy_with_its_adapters_off_so_the_first_loss_is
     assert all(weight.requires_grad for weight in trained.values())  # the reference gave the adapters back
 
 
-def test_lora_gradient_checkpointing_recomputes_the_layers_and_gives_the_same_gradients():
+def test_lora_gradient_checkpointing_gives_the_adapters_the_same_gradients():
     """The embeddings are frozen, so the checkpointed layers' inputs do not require grad: the reentrant
     kind of checkpointing would give the adapters no gradient at all."""
     gradients, layer_calls = {}, []
@@ -106,7 +106,7 @@ def test_lora_gradient_checkpointing_recomputes_the_layers_and_gives_the_same_gr
     assert all(torch.equal(gradients["checkpointed"][name], gradients["plain"][name]) for name in gradients["plain"])
 
 
-def test_a_lora_run_writes_its_adapter_for_the_base_and_checkpoints_without_the_base(lora_run):
+def test_a_lora_run_saves_its_adapter_and_checkpoints_without_the_base(lora_run):
     from peft import PeftModel
 
     _, output_dir = lora_run
@@ -129,7 +129,7 @@ def test_a_lora_run_writes_its_adapter_for_the_base_and_checkpoints_without_the_
     assert all(saved[name].abs().sum() > 0 for name in saved)  # B moved from 0, A from its start
 
 
-def test_a_lora_run_resumes_from_its_adapter_checkpoint_to_the_same_adapter_bit_for_bit(lora_run, tmp_path):
+def test_a_lora_run_resumes_to_the_same_adapter_bit_for_bit(lora_run, tmp_path):
     _, whole = lora_run
     resumed = tmp_path / "resumed"
     shutil.copytree(whole, resumed)
@@ -142,7 +142,7 @@ def test_a_lora_run_resumes_from_its_adapter_checkpoint_to_the_same_adapter_bit_
     assert all(torch.equal(whole_adapter[name], resumed_adapter[name]) for name in whole_adapter)
 
 
-def test_a_lora_checkpoint_of_another_adapter_is_refused_in_one_line_naming_its_adapter(lora_run, tmp_path):
+def test_a_lora_checkpoint_of_another_adapter_is_refused_naming_it(lora_run, tmp_path):
     """An adapter on other layers (q_proj alone) in the run's checkpoint; and, its adapter config put back, an
     optimizer state of other shapes, named after the adapter's file, not model.safetensors."""
     arguments, run = lora_run
@@ -171,7 +171,7 @@ def test_a_lora_checkpoint_of_another_adapter_is_refused_in_one_line_naming_its_
 # SFT adapters as --model
 
 
-def test_an_sft_adapter_as_model_is_merged_so_the_reference_is_the_sft_model(tmp_path):
+def test_an_sft_adapter_as_model_is_merged_into_the_reference(tmp_path):
     """And the LoRA adapter trained on it says in adapter_config.json and README.md what it must be loaded onto:
     AutoPeftModelForCausalLM stops on it rather than loading it onto the base alone, and the README's code gives
     the trained model."""
@@ -213,9 +213,7 @@ def test_an_sft_adapter_as_model_is_merged_so_the_reference_is_the_sft_model(tmp
     assert all(weight.requires_grad for weight in full.policy.parameters())
 
 
-def test_an_sft_adapter_with_a_relative_base_trains_its_merged_model_and_resumes_on_that_base_from_anywhere(
-    tmp_path, monkeypatch, small_data
-):
+def test_an_sft_adapter_with_a_relative_base_keeps_that_base_on_resume(tmp_path, monkeypatch, small_data):
     """--model an SFT adapter without --lora-r: the merged model trains, every weight of it. adapter_config.json names
     its base relatively (base): from the working directory it is there/base, from the adapter's folder
     there/sft/base, another model. Resolved once, from where the run started, and kept (--model-base)."""
@@ -263,7 +261,7 @@ def test_an_sft_adapter_with_a_relative_base_trains_its_merged_model_and_resumes
 @pytest.mark.parametrize(
     "case", ["lora-r 10**20", "lora-r past a layer", "a misspelled lora-target", "an offline Hub base"]
 )
-def test_lora_flags_and_adapters_that_cannot_work_stop_the_run_with_one_line(tmp_path, case, small_data):
+def test_lora_flags_and_adapters_that_cannot_work_stop_with_one_line(tmp_path, case, small_data):
     arguments, expected = {
         "lora-r 10**20": (
             ["--lora-r", str(10**20)],
@@ -290,7 +288,7 @@ def test_lora_flags_and_adapters_that_cannot_work_stop_the_run_with_one_line(tmp
     assert error.startswith(f"error: {expected}") and "\n" not in error, error
 
 
-def test_lora_flags_are_parsed_as_meant_and_the_output_layer_named_is_why_the_logits_path_runs(two_checkpoints, capsys):
+def test_lora_flags_parse_as_meant_and_an_adapted_head_uses_the_logits(two_checkpoints, capsys):
     with pytest.raises(SystemExit):
         parse_args(["--lora-r", "4", "--lora-target", "all-linear", "q_proj"])
     assert "--lora-target all-linear stands alone" in capsys.readouterr().err

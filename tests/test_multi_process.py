@@ -18,12 +18,12 @@ from training import checkpoints, errors, loss, models, output_folder
 from training.arguments import TINY_MODEL, parse_args
 
 
-def test_two_ranks_under_torchrun_agree_on_beta_and_match_one_process_and_a_ctrl_c_stops_both_at_once(two_ranks):
+def test_ddp_on_two_ranks_is_one_process_and_a_ctrl_c_stops_both(two_ranks):
     """2 CPU processes (gloo) with 4 pairs each are one process with 8: the same β at every step on both
     ranks and in the single process, and the same weights up to float rounding, with the loss from hidden states:
     DDP sees the forward pass of models.last_hidden_states and averages the output layer's gradient from both of its
     uses. A Ctrl-C reaches each rank two or three times: one stop, one checkpoint, the torchrun command to go on
-    (the stopped run is resumed by test_a_two_process_run_resumed_in_one_process_trains_each_step_on_the_same_pairs)."""
+    (the stopped run is resumed by test_a_two_process_run_resumed_in_one_trains_on_the_same_pairs)."""
     folder, printed, counted = two_ranks
     assert all(process["losses_from_hidden"] > 0 for process in counted["ddp-whole"])
     stdout, stderr = printed
@@ -45,9 +45,7 @@ def test_two_ranks_under_torchrun_agree_on_beta_and_match_one_process_and_a_ctrl
         torch.testing.assert_close(two[name], one[name], rtol=0, atol=1e-4)
 
 
-def test_a_two_process_run_resumed_in_one_process_trains_each_step_on_the_same_pairs(
-    two_ranks, tmp_path, capsys, monkeypatch
-):
+def test_a_two_process_run_resumed_in_one_trains_on_the_same_pairs(two_ranks, tmp_path, capsys, monkeypatch):
     """The DDP run of 4 + 4 pairs a step, stopped by a Ctrl-C, resumed by python train.py (4 × 2 micro-batches, the
     same memory a process), ends as the same run never stopped, bit for bit, and as the one-process run of 8
     does; the one-process run resumed on 2 processes (in the fixture's torchrun launch, 1 note in all) too. To the
@@ -130,7 +128,7 @@ def test_fsdp_on_two_ranks_is_one_process_with_the_same_global_batch(two_ranks, 
     assert (folder / run / "generation_config.json").read_text() == (folder / "one/generation_config.json").read_text()
 
 
-def test_under_fsdp_process_0_alone_reads_the_weights_once_and_a_resumed_run_reads_only_the_reference(two_ranks):
+def test_under_fsdp_process_0_alone_reads_the_weights_once(two_ranks):
     """Both models are built on the meta device and filled from process 0's one read of --model (the reference
     being --model); resuming, the policy's shards come from the checkpoint, so --model is read for the
     reference alone. DDP reads both models on every process (resumed: the checkpoint's policy). The FSDP runs equal
@@ -144,7 +142,7 @@ def test_under_fsdp_process_0_alone_reads_the_weights_once_and_a_resumed_run_rea
     assert [process["models_read"] for process in counted["one-on-two"]] == [[str(checkpoint), model]] * 2
 
 
-def test_under_fsdp_sampling_gathers_each_unit_once_per_evaluation_not_once_per_token(two_ranks):
+def test_under_fsdp_sampling_gathers_each_unit_once_per_evaluation(two_ranks):
     """generate() runs the policy once per new token; under FSDP every unit (2 layers and the root) would be
     all-gathered at every call, 3 × up to 8 per generate() here. sharding.gathered_once keeps them gathered
     through an evaluation's samples: each unit at most once in its first generate() (the root may still be
@@ -160,7 +158,7 @@ def test_under_fsdp_sampling_gathers_each_unit_once_per_evaluation_not_once_per_
     assert (folder / "fsdp-hidden/criterion.png").exists()
 
 
-def test_fsdp_resumed_after_a_sigterm_to_each_process_is_the_run_never_stopped_bit_for_bit(two_ranks):
+def test_fsdp_stopped_by_sigterm_resumes_to_the_run_never_stopped(two_ranks):
     """A scheduler's SIGTERM to every process of the job: one sharded checkpoint, which the run resumes from."""
     folder, printed, counted = two_ranks
     stdout, stderr = printed
@@ -184,7 +182,7 @@ def test_fsdp_resumed_after_a_sigterm_to_each_process_is_the_run_never_stopped_b
     assert all(torch.equal(whole[name], resumed[name]) for name in whole)
 
 
-def test_under_fsdp_each_rank_holds_half_of_the_weights_gradients_optimizer_state_and_checkpoint(two_ranks):
+def test_under_fsdp_each_rank_holds_half_of_the_state_and_checkpoint(two_ranks):
     folder, _, _ = two_ranks
     one, ddp, fsdp = (
         json.loads((folder / run / "summary.json").read_text())["bytes_held_by_rank_0"]
@@ -209,7 +207,7 @@ def test_under_fsdp_each_rank_holds_half_of_the_weights_gradients_optimizer_stat
     assert sorted(p.name for p in (folder / "fsdp-whole").glob("checkpoint-*")) == ["checkpoint-10", "checkpoint-15"]
 
 
-def test_fsdp_in_bf16_starts_exactly_at_the_reference_and_trains_with_gradient_checkpointing(two_ranks):
+def test_fsdp_in_bf16_with_gradient_checkpointing_starts_at_the_reference(two_ranks):
     """bf16 weights gathered for compute, float32 shards and reductions: at the start the reference (stored
     in bf16) computes the policy's logits bit for bit, so every s is 0 and the loss is log 2; then, with
     layers recomputed in backward, it trains as float32 does within bf16's rounding."""
@@ -224,7 +222,7 @@ def test_fsdp_in_bf16_starts_exactly_at_the_reference_and_trains_with_gradient_c
         assert bf16_row["loss"] == pytest.approx(float32_row["loss"], abs=2**-7)
 
 
-def test_a_cut_shard_makes_the_sharded_checkpoint_before_it_the_one_resumed(two_ranks, tmp_path, capsys):
+def test_a_cut_shard_resumes_the_sharded_checkpoint_before_it(two_ranks, tmp_path, capsys):
     output_dir = copy_of(two_ranks[0] / "fsdp-whole", tmp_path)
     shard = output_dir / "checkpoint-15/__1_0.distcp"
     shard.write_bytes(shard.read_bytes()[:1000])
@@ -236,7 +234,7 @@ def test_a_cut_shard_makes_the_sharded_checkpoint_before_it_the_one_resumed(two_
     )
 
 
-def test_a_model_built_empty_takes_its_shards_from_a_checkpoint_and_another_models_shards_are_refused(tmp_path):
+def test_an_empty_model_takes_its_shards_and_refuses_another_models(tmp_path):
     """models.empty_model has its weights on the meta device and the buffers from_pretrained computes (rotary
     frequencies; Gemma-2's embedding scale; Llama-3.1's scaled rotary frequencies). In a process group of one
     (gloo), in this process: sharded, it takes a sharded checkpoint's weights (sharding.load_sharded_weights, as
@@ -294,7 +292,7 @@ def test_a_model_built_empty_takes_its_shards_from_a_checkpoint_and_another_mode
 # Rank 0 and the others
 
 
-def test_under_torchrun_rank_zero_alone_reports_a_refusal_and_the_others_exit_quietly(tmp_path, monkeypatch, capsys):
+def test_under_torchrun_rank_0_alone_reports_a_refusal_others_exit_quietly(tmp_path, monkeypatch, capsys):
     output_dir = tmp_path / "out"
     output_dir.mkdir()
     (output_dir / "notes.txt").write_text("mine")
@@ -321,7 +319,7 @@ class _Reduced(Exception):
     """Raised by a fake all_reduce once it has seen the tensor it was given."""
 
 
-def test_the_beta_update_under_nccl_reduces_on_the_device_of_s_never_the_current_cuda_device(monkeypatch):
+def test_the_beta_update_under_nccl_reduces_on_the_device_of_s(monkeypatch):
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     reduced_on = []

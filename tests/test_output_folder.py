@@ -48,7 +48,7 @@ def test_a_folder_the_run_reads_is_never_its_output_folder(tmp_path, local_model
     assert not (dataset / "out").exists()
 
 
-def test_a_file_or_checkpoint_name_the_project_did_not_write_is_never_replaced(tmp_path, small_data):
+def test_a_file_or_checkpoint_the_project_did_not_write_is_never_replaced(tmp_path, small_data):
     output_dir = tmp_path / "out"
     output_dir.mkdir()
     (output_dir / "config.json").write_text("mine")  # the final save would write config.json
@@ -74,9 +74,7 @@ def test_a_file_or_checkpoint_name_the_project_did_not_write_is_never_replaced(t
         ("frontier", ["--betas", "0.1", "--seeds", "1"], ["frontier.json", "frontier.png"]),
     ],
 )
-def test_overwrite_never_replaces_a_file_of_any_name_a_mode_writes_that_the_project_did_not_write(
-    tmp_path, small_data, mode, flags, theirs
-):
+def test_overwrite_never_replaces_a_users_file_named_as_a_mode_writes(tmp_path, small_data, mode, flags, theirs):
     """--overwrite replaces the project's own files alone: a LoRA run's adapter and model card, a full run's
     metrics and figures, --compare's and --betas' figures, if they are the user's, stop the run untouched."""
     output_dir = tmp_path / "out"
@@ -215,7 +213,7 @@ def test_a_full_disk_during_a_checkpoint_leaves_the_last_one_intact(tmp_path, mo
     assert [r["step"] for r in read_metrics(output_dir) if r["split"] == "train"] == [1, 2, 3]
 
 
-def test_a_full_disk_in_torch_save_or_safetensors_gives_one_line_and_leaves_nothing(tmp_path):
+def test_a_full_disk_in_a_save_gives_one_line_and_leaves_nothing(tmp_path):
     """Real write failures of torch.save and safetensors (a file-size limit: EFBIG, as a full disk's ENOSPC)."""
     import resource
 
@@ -246,9 +244,7 @@ def test_a_full_disk_in_torch_save_or_safetensors_gives_one_line_and_leaves_noth
     assert list(tmp_path.iterdir()) == []  # no temporary left
 
 
-def test_a_full_disk_names_the_file_and_a_sharded_writes_failure_prints_no_python_objects(
-    tmp_path, monkeypatch, capsys
-):
+def test_a_full_disk_names_the_file_and_sharded_failures_print_no_objects(tmp_path, monkeypatch, capsys):
     import resource
     import traceback
 

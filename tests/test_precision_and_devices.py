@@ -19,7 +19,7 @@ def changed_weights(output_dir):
     return sum(int((trained[name] != reference[name]).sum()) for name in reference), {t.dtype for t in trained.values()}
 
 
-def test_bf16_is_mixed_precision_so_a_small_learning_rate_moves_the_weights_as_in_float32(tmp_path, small_data):
+def test_bf16_is_mixed_precision_moving_the_weights_as_float32_does(tmp_path, small_data):
     arguments = ["--max-steps", "2", "--eval-every", "1000", "--lr", "5e-7", "--warmup-ratio", "0", *small_data]
     train.main(["--output-dir", str(tmp_path / "float32"), "--dtype", "float32", *arguments])
     train.main(["--output-dir", str(tmp_path / "bfloat16"), "--dtype", "bfloat16", *arguments])
@@ -41,7 +41,7 @@ def test_bf16_is_mixed_precision_so_a_small_learning_rate_moves_the_weights_as_i
         assert bfloat16_row["loss"] == pytest.approx(float32_row["loss"], abs=2**-8)  # within bf16's rounding
 
 
-def test_gradient_checkpointing_recomputes_the_layers_and_gives_the_same_losses(tmp_path, monkeypatch, small_data):
+def test_gradient_checkpointing_recomputes_layers_giving_the_same_losses(tmp_path, monkeypatch, small_data):
     real_load_model, layer_calls = models.load_model, []
 
     def load_and_count(name, *args):
@@ -69,7 +69,7 @@ def test_gradient_checkpointing_recomputes_the_layers_and_gives_the_same_losses(
     assert changed_weights(tmp_path / "checkpointed") == changed_weights(tmp_path / "plain")
 
 
-def test_the_bf16_reference_holds_every_product_weight_in_bf16_and_starts_bit_for_bit():
+def test_the_bf16_reference_has_bf16_product_weights_and_starts_exactly():
     """Tiny random Llama (tied and untied), Qwen2, Gemma-2 and Mixtral (both expert implementations): under
     autocast the bf16 reference gives the float32 policy's logits exactly, so every s is 0 and the loss log 2."""
     from transformers import Gemma2Config, LlamaConfig, MixtralConfig, Qwen2Config
@@ -112,7 +112,7 @@ def test_the_bf16_reference_holds_every_product_weight_in_bf16_and_starts_bit_fo
         assert (out.s == 0).all() and torch.equal(out.losses, -torch.nn.functional.logsigmoid(torch.zeros(2))), name
 
 
-def test_the_reference_is_converted_before_it_moves_and_ddp_broadcasts_no_buffers(monkeypatch):
+def test_the_reference_is_cast_before_moving_and_ddp_broadcasts_no_buffers(monkeypatch):
     seen, wrapped = [], []
     real_convert = models.frozen_weights_in_bf16
     monkeypatch.setattr(
@@ -151,7 +151,7 @@ def test_auto_precision_is_bf16_only_on_the_given_gpu_with_bf16_arithmetic(monke
         models.precision("bfloat16", torch.device("cuda", 1))
 
 
-def test_float32_on_a_gpu_with_tf32_units_multiplies_in_tf32_and_the_start_line_says_so(monkeypatch, capsys):
+def test_float32_on_a_tf32_gpu_multiplies_in_tf32_and_the_start_says_so(monkeypatch, capsys):
     """TF32: float32's range with a 10-bit mantissa in matrix products, summed in float32; on the GPUs with bf16
     units (compute capability 8.0 on). Not under bf16 autocast, nor on older GPUs."""
     capability = {0: (8, 0), 1: (7, 0)}  # an A100 and a V100
@@ -176,7 +176,7 @@ def test_float32_on_a_gpu_with_tf32_units_multiplies_in_tf32_and_the_start_line_
         torch.backends.cudnn.allow_tf32 = saved[1]
 
 
-def test_under_torchrun_each_process_takes_the_gpu_of_its_local_rank_or_refuses(monkeypatch):
+def test_under_torchrun_each_process_takes_its_local_ranks_gpu_or_refuses(monkeypatch):
     calls = []
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("LOCAL_RANK", "1")
@@ -219,7 +219,7 @@ def test_batches_go_to_a_gpu_from_pinned_memory_without_waiting(monkeypatch):
     assert copies == [("cpu", {})] * 4
 
 
-def test_sampling_under_fsdp_keeps_the_units_gathered_only_where_they_fit_in_half_the_free_gpu_memory(monkeypatch):
+def test_fsdp_sampling_keeps_units_gathered_only_in_half_the_free_memory(monkeypatch):
     from training import sharding
 
     model = torch.nn.Linear(1000, 1000, bias=False)  # a million weights

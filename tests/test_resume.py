@@ -15,7 +15,7 @@ from training import checkpoints, errors
 from training.arguments import ROOT, TINY_MODEL, parse_args
 
 
-def test_a_resume_never_runs_code_the_checkpoint_names_and_refuses_flags_it_cannot_apply(tmp_path, capsys, small_data):
+def test_a_resume_never_runs_checkpoint_code_and_refuses_changed_flags(tmp_path, capsys, small_data):
     gold = tmp_path / "gold.py"
     gold.write_text("def score(prompt, completion):\n    return 100.0\n")
     output_dir = tmp_path / "out"
@@ -70,7 +70,7 @@ def test_the_flags_trust_md_says_a_resume_may_change_are_those_it_may():
     }
 
 
-def test_a_resumed_run_reads_what_the_run_read_from_anywhere_and_its_schedule_follows_max_steps(tmp_path, monkeypatch):
+def test_a_resume_from_anywhere_reads_the_runs_inputs_and_new_max_steps(tmp_path, monkeypatch):
     first, elsewhere = tmp_path / "first", tmp_path / "elsewhere"
     for folder, pairs in ((first, 40), (elsewhere, 60)):  # the same relative name, other data
         (folder / "data").mkdir(parents=True)
@@ -107,7 +107,7 @@ def test_a_resumed_run_reads_what_the_run_read_from_anywhere_and_its_schedule_fo
     )
 
 
-def test_a_resume_refuses_a_dataset_or_model_changed_since_the_run_naming_it(two_checkpoints, tmp_path, small_data):
+def test_a_resume_refuses_a_dataset_or_model_changed_since_the_run(two_checkpoints, tmp_path, small_data):
     """Fingerprints of the pairs as tokenized and of the model's files (weights sampled per tensor) are in every
     checkpoint; a resume that reads anything else is refused before a model is loaded or a file written. (The
     run's model and data are copied here and its checkpoint pointed at the copies: the same fingerprints.)"""
@@ -152,7 +152,7 @@ def test_a_resume_refuses_a_dataset_or_model_changed_since_the_run_naming_it(two
     }
 
 
-def test_resuming_on_another_number_of_processes_keeps_the_pairs_of_a_step_or_says_how_to_resume(
+def test_resuming_on_n_processes_keeps_a_steps_pairs_or_says_how_to_resume(
     two_checkpoints, tmp_path, monkeypatch, capsys
 ):
     """A one-process run of 4 pairs a step: on 2 processes 2 each, on 3 refused; given flags must keep the 4; an
@@ -224,9 +224,7 @@ def test_an_unreadable_checkpoint_is_named_and_the_one_before_resumed(two_checkp
 @pytest.mark.parametrize(
     "run, break_it", [("two_checkpoints", "torn model"), ("lora_run", "torn adapter"), ("lora_run", "pickled adapter")]
 )
-def test_an_unreadable_model_or_adapter_makes_the_checkpoint_before_it_the_one_resumed(
-    request, tmp_path, capsys, run, break_it
-):
+def test_an_unreadable_model_or_adapter_resumes_the_checkpoint_before_it(request, tmp_path, capsys, run, break_it):
     """As a torn trainer_state.pt does: the checkpoint is named and passed over (a pickle is never loaded)."""
     output_dir = copy_of(
         request.getfixturevalue(run) if run == "two_checkpoints" else request.getfixturevalue(run)[1], tmp_path
@@ -287,9 +285,7 @@ def test_a_torn_last_line_of_the_metrics_is_left_out_on_resume(two_checkpoints, 
     ]
 
 
-def test_a_run_killed_while_saving_is_completed_by_resume_and_its_temporaries_removed(
-    two_checkpoints, tmp_path, capsys
-):
+def test_resume_completes_a_run_killed_while_saving_removing_temporaries(two_checkpoints, tmp_path, capsys):
     output_dir = copy_of(two_checkpoints, tmp_path)
     saved_model = (output_dir / "model.safetensors").read_bytes()
     # What a kill -9 during the final save leaves (temporaries named as mkdtemp and mkstemp name them):

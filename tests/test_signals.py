@@ -20,7 +20,7 @@ from training import signals
 from training.arguments import ROOT, TINY_GOLD_REWARD
 
 
-def test_the_command_line_runs_offline_and_an_interrupted_run_resumes_to_the_same_end_bit_for_bit(tmp_path, small_data):
+def test_a_command_line_run_stopped_by_sigterm_resumes_bit_for_bit(tmp_path, small_data):
     """python train.py as a user types it, in fresh processes with no network: stopped by a SIGTERM mid-run with a
     checkpoint; resumed, it ends as the run never stopped and prints its summary."""
     arguments = ["--max-steps", "60", "--eval-every", "1000", "--save-every", "1000", "--epsilon", "0.2", *small_data]
@@ -76,7 +76,7 @@ def test_the_command_line_runs_offline_and_an_interrupted_run_resumes_to_the_sam
     )
 
 
-def test_ctrl_c_mid_accumulation_drops_the_step_at_once_and_resumes_to_the_same_end(tmp_path, monkeypatch, small_data):
+def test_ctrl_c_mid_accumulation_drops_the_step_and_resumes_bit_for_bit(tmp_path, monkeypatch, small_data):
     arguments = [
         *small_data,
         "--max-steps",
@@ -114,7 +114,7 @@ def test_ctrl_c_mid_accumulation_drops_the_step_at_once_and_resumes_to_the_same_
     assert all(torch.equal(whole[name], resumed[name]) for name in whole)
 
 
-def test_a_first_signal_before_training_stops_cleanly_and_a_burst_of_signals_is_one(tmp_path, monkeypatch, capsys):
+def test_a_signal_before_training_stops_cleanly_and_a_burst_counts_once(tmp_path, monkeypatch, capsys):
     real_load_tokenizer = train.load_tokenizer
 
     def ctrl_c_while_loading(*args):
@@ -160,7 +160,7 @@ def test_ctrl_c_while_torch_imports_stops_with_one_line(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_ctrl_c_stops_a_sequential_comparison_with_a_checkpoint_and_says_so(tmp_path, monkeypatch, capsys, small_data):
+def test_ctrl_c_stops_a_sequential_comparison_checkpointed_and_says_so(tmp_path, monkeypatch, capsys, small_data):
     real_forward = train.micro_batch_loss
 
     def forward_then_ctrl_c(*args):
@@ -177,7 +177,7 @@ def test_ctrl_c_stops_a_sequential_comparison_with_a_checkpoint_and_says_so(tmp_
     assert "the comparison stopped: 0 of 2 runs had finished; the others did not start" in capsys.readouterr().out
 
 
-def test_ctrl_c_stops_every_run_of_a_frontier_within_seconds_each_with_its_checkpoint(tmp_path, capsys, small_data):
+def test_ctrl_c_stops_every_run_of_a_frontier_within_seconds(tmp_path, capsys, small_data):
     """3 runs on one worker process: the run under way checkpoints and stops; the one the worker has taken but not
     begun returns at once, and the one still queued is cancelled. A Ctrl-C in a terminal sends SIGINT to every
     process of the group: here, to the worker and to this process."""

@@ -947,7 +947,8 @@ def test_log_probabilities_not_in_floating_point_are_refused_naming_which():
     logps = torch.zeros(2)
     with pytest.raises(
         ValueError,
-        match=r"^ref_chosen_logps \(log-probabilities\) must be a floating-point tensor of shape \(B,\), got torch.int64",
+        match=r"^ref_chosen_logps \(log-probabilities\) must be a floating-point tensor of shape \(B,\), "
+        r"got torch.int64",
     ):
         epsdpo.dpo_loss(logps, logps, torch.zeros(2, dtype=torch.long), logps, 0.1)
     with pytest.raises(ValueError, match=r"^chosen_logps \(log-probabilities\) must be a floating-point tensor"):

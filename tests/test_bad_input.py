@@ -138,7 +138,8 @@ def test_bad_input_stops_the_run_with_one_line(tmp_path, case, small_data):
         "eval-split is train": (["--eval-split", "train"], "--eval-split train is the training split"),
         "lora-target not in the model": (
             ["--lora-r", "4", "--lora-target", "c_attn"],
-            "--lora-target c_attn: the model has no layer of that name (its linear layers: down_proj, gate_proj, k_proj, lm_head, o_proj, q_proj, up_proj, v_proj)",
+            "--lora-target c_attn: the model has no layer of that name (its linear layers: down_proj, gate_proj, "
+            "k_proj, lm_head, o_proj, q_proj, up_proj, v_proj)",
         ),
         "fsdp on one process": (["--fsdp"], "--fsdp shards the models across the processes torchrun starts"),
         "fsdp with lora": (["--fsdp", "--lora-r", "4"], "--fsdp with --lora-r: not supported"),

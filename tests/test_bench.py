@@ -140,7 +140,10 @@ def syncs_and_collectives_per_step(tmp_path, monkeypatch, arguments):
         "reduce_scatter",
     ):
         wrap(dist, name, before=lambda *_, name=name: None if syncs.paused else collectives.append(name))
-    copy = lambda tensors, device: syncs.mark([tensor.clone() for tensor in tensors])  # to the device, not waiting
+
+    def copy(tensors, device):  # to the device, not waiting
+        return syncs.mark([tensor.clone() for tensor in tensors])
+
     monkeypatch.setattr(batches, "to_device", copy)
     monkeypatch.setattr(train, "to_device", copy)
     real_setup = train.setup_models
@@ -173,9 +176,9 @@ def syncs_and_collectives_per_step(tmp_path, monkeypatch, arguments):
 def test_an_optimizer_step_at_scale_makes_one_collective_and_one_host_sync(tmp_path, monkeypatch, small_data):
     """At scale (loss.PLAIN_LOSS_BYTES = 0: the loss from hidden states), each optimizer step of 3 micro-batches
     makes one collective, the all_gather of the step's sums, and one host synchronization of this project's, reading
-    them back: not one per micro-batch. The models' forward passes wait too, each twice, in transformers' causal-mask builder (it reads
-    whether the attention mask holds padding): 4 per micro-batch, which a caller cannot avoid but by giving its own
-    4-dimensional mask."""
+    them back: not one per micro-batch. The models' forward passes wait too, each twice, in transformers' causal-mask
+    builder (it reads whether the attention mask holds padding): 4 per micro-batch, which a caller cannot avoid but by
+    giving its own 4-dimensional mask."""
     monkeypatch.setattr(loss, "PLAIN_LOSS_BYTES", 0)
     grad_accum = 3
     steps = syncs_and_collectives_per_step(

@@ -40,12 +40,15 @@ def test_every_panel_compares_like_with_like(tiny_run, tmp_path, monkeypatch):
         loss=0.6,
         **{"rewards/accuracies": 0.5, "logps/chosen": -9.0, "logps/rejected": -9.5, "gold_reward": 0.0, "kl": 0.0},
     )
-    s = lambda weaker, stronger: {
-        "s/weaker/clean": weaker,
-        "s/stronger/clean": stronger,
-        "s/weaker/noisy": stronger,
-        "s/stronger/noisy": weaker,
-    }
+
+    def s(weaker, stronger):
+        return {
+            "s/weaker/clean": weaker,
+            "s/stronger/clean": stronger,
+            "s/weaker/noisy": stronger,
+            "s/stronger/noisy": weaker,
+        }
+
     runs = {
         "DPO": [dict(row, step=step, **s(0.0, 0.0)) for step in (1, 2)],
         "ε-DPO": [dict(row, step=step, **s(0.75, 0.25)) for step in (1, 2)],

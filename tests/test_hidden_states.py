@@ -119,8 +119,9 @@ def test_hidden_state_chunks_give_what_one_chunk_gives_up_to_max_chunks(monkeypa
 
 def test_compiled_chunks_are_one_graph_each_and_give_the_eager_results(monkeypatch):
     """torch.compile of the chunk bodies, as on a GPU, captured whole (fullgraph) and run with the eager kernels
-    ("aot_eager": no C++ compiler needed): the values and gradients of the eager bodies, and one graph for the forward
-    body and one for the backward body, whatever the number of positions of the batch (padded chunks, dynamic shapes)."""
+    ("aot_eager": no C++ compiler needed): the values and gradients of the eager bodies, and one graph for the
+    forward body and one for the backward body, whatever the number of positions of the batch (padded chunks,
+    dynamic shapes)."""
     weight, mixing, ref_weight, ref_hidden, input_ids, completion_mask = hidden_state_batch(vocab=50, length=12)
     hidden = (weight.detach()[input_ids] @ mixing).requires_grad_()
 
@@ -372,7 +373,7 @@ def test_only_the_last_hidden_state_is_kept_for_every_architecture():
             called = models.AdaptersOff(called)
         calls = []
         hook = model.register_forward_hook(
-            lambda module, args, kwargs, output: calls.append((kwargs, output)), with_kwargs=True
+            lambda module, args, kwargs, output, calls=calls: calls.append((kwargs, output)), with_kwargs=True
         )
         with torch.no_grad():
             hidden, weight = models.last_hidden_states(called, dict(input_ids=input_ids))

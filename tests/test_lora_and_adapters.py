@@ -97,7 +97,10 @@ def test_lora_gradient_checkpointing_gives_the_adapters_the_same_gradients():
                 torch.nn.init.normal_(weight.data, std=0.1)
         mlp = built.policy.get_base_model().model.layers[0].mlp
         real_forward = mlp.forward
-        mlp.forward = lambda *a: (layer_calls.append((run, torch.is_grad_enabled())), real_forward(*a))[1]
+        mlp.forward = lambda *a, run=run, real_forward=real_forward: (
+            layer_calls.append((run, torch.is_grad_enabled())),
+            real_forward(*a),
+        )[1]
         with models.training_mode(built.layers):
             loss.micro_batch_loss(built.trained, built.reference, batch, 0.1, 0.5).loss.backward()
         gradients[run] = {name: w.grad for name, w in built.policy.named_parameters() if w.requires_grad}
@@ -161,10 +164,8 @@ def test_a_lora_checkpoint_of_another_adapter_is_refused_naming_it(lora_run, tmp
     state["optimizer"]["param_groups"][0]["params"] = state["optimizer"]["param_groups"][0]["params"][:-2]
     torch.save(state, checkpoint / "trainer_state.pt")
     error = run_expecting_error(["--resume", str(output_dir), "--max-steps", "5"])
-    assert (
-        error
-        == f"error: {checkpoint}: its optimizer state is for another model than {checkpoint / 'adapter_model.safetensors'}"
-    )
+    adapter = checkpoint / "adapter_model.safetensors"
+    assert error == f"error: {checkpoint}: its optimizer state is for another model than {adapter}"
 
 
 # ----------------------------------------------------------------------------------------------------

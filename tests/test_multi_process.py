@@ -132,7 +132,8 @@ def test_under_fsdp_process_0_alone_reads_the_weights_once(two_ranks):
     """Both models are built on the meta device and filled from process 0's one read of --model (the reference
     being --model); resuming, the policy's shards come from the checkpoint, so --model is read for the
     reference alone. DDP reads both models on every process (resumed: the checkpoint's policy). The FSDP runs equal
-    one process's (above), so the rotary frequencies, which are not in the weights' files, are right on every process."""
+    one process's (above), so the rotary frequencies, which are not in the weights' files, are right on every
+    process."""
     _, _, counted = two_ranks
     model = str(TINY_MODEL)
     for run in ("fsdp-whole", "fsdp-hidden", "fsdp-bf16", "fsdp-resumed"):

@@ -81,7 +81,7 @@ def test_overwrite_never_replaces_a_users_file_named_as_a_mode_writes(tmp_path, 
     output_dir.mkdir()
     for name in theirs:
         (output_dir / name).write_text(f"my {name}")
-    for name in theirs:
+    for _ in theirs:  # one refusal for each of their files, which is then moved away
         error = run_expecting_error(
             ["--output-dir", str(output_dir), "--overwrite", "--max-steps", "1", *flags, *small_data],
             compare.main if mode in ("compare", "frontier") else train.main,

@@ -6,10 +6,12 @@ tokens in float64) and against what a transformers causal LM computes itself.
 """
 
 import ast
+import functools
 import io
 import math
 import os
 import pathlib
+import sys
 import textwrap
 
 import pytest
@@ -182,6 +184,15 @@ def test_the_module_docstring_example_runs_as_written(monkeypatch):
     assert names["out"].s.shape == (1,) and not names["policy"].training
 
 
+def test_epsdpo_imports_torch_and_the_standard_library_only():
+    tree = ast.parse(pathlib.Path(epsdpo.__file__).read_text())
+    imported = {
+        alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names
+    }
+    imported |= {node.module.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    assert imported - {"torch"} <= set(sys.stdlib_module_names), imported
+
+
 @pytest.mark.parametrize("impl", IMPLEMENTATIONS)
 def test_epsilon_comes_from_the_baseline_beta_and_another_is_refused(impl):
     ref_logits, input_ids, completion_mask = _pairs()
@@ -272,26 +283,22 @@ def test_chunks_of_a_few_positions_give_what_whole_rows_give(monkeypatch):
         torch.testing.assert_close(chunked, expected)
 
 
-_causal_lm_cache = {}
-
-
+@functools.cache
 def tiny_causal_lm(vocab_size):
-    """A small random transformers causal LM, made locally (no download)."""
-    if vocab_size not in _causal_lm_cache:
-        from transformers import LlamaConfig, LlamaForCausalLM
+    """A small random transformers causal LM, made locally (no download), once per vocabulary size."""
+    from transformers import LlamaConfig, LlamaForCausalLM
 
-        torch.manual_seed(0)
-        config = LlamaConfig(
-            vocab_size=vocab_size,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=4,
-            max_position_embeddings=64,
-        )
-        _causal_lm_cache[vocab_size] = LlamaForCausalLM(config).eval()
-    return _causal_lm_cache[vocab_size]
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=64,
+    )
+    return LlamaForCausalLM(config).eval()
 
 
 @pytest.mark.parametrize("impl", IMPLEMENTATIONS)
@@ -656,20 +663,15 @@ def test_beta_state_round_trips_mid_accumulation():
     original.observe(torch.tensor([1, 1, 0]))
     original.step()
     original.observe(torch.tensor([-1, 1]))  # pending: half of an accumulated step
+    checkpoint_file = io.BytesIO()  # the state as torch.save writes it to a checkpoint
+    torch.save(original.state_dict(), checkpoint_file)
+    checkpoint_file.seek(0)
     resumed = epsdpo.BaselineBeta(1.0, 0.0)
-    resumed.load_state_dict(torch.load(_saved(original.state_dict()), weights_only=True))
+    resumed.load_state_dict(torch.load(checkpoint_file, weights_only=True))
     for baseline in (original, resumed):
         baseline.observe(torch.tensor([0, -1]))
     assert resumed.step() == original.step()
     assert resumed.state_dict() == original.state_dict()
-
-
-def _saved(state):
-    """The state as torch.save writes it to a checkpoint file."""
-    buffer = io.BytesIO()
-    torch.save(state, buffer)
-    buffer.seek(0)
-    return buffer
 
 
 def _beta_on_one_rank(rank, world_size, init_file, s_per_rank, results):
@@ -696,7 +698,7 @@ def test_beta_update_averages_over_every_rank(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Bad input: a ValueError that says what is wrong
+# Bad input: a ValueError that says what is wrong; and what is left to the caller
 
 
 def _pairs(num_rows=2, length=4, vocab=5):
@@ -868,25 +870,6 @@ def test_a_malformed_beta_state_is_rejected_and_changes_nothing(state):
     assert baseline.state_dict() == {"beta": 0.05, "epsilon": 0.2, "counts": [0, 0, 0]}
 
 
-# ----------------------------------------------------------------------------------------------------
-# The module itself
-
-
-def test_epsdpo_imports_torch_and_the_standard_library_only():
-    import sys
-
-    tree = ast.parse(pathlib.Path(epsdpo.__file__).read_text())
-    imported = {
-        alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names
-    }
-    imported |= {node.module.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
-    assert imported - {"torch"} <= set(sys.stdlib_module_names), imported
-
-
-# ----------------------------------------------------------------------------------------------------
-# Trust: the library (issue 15)
-
-
 @pytest.mark.parametrize("impl", IMPLEMENTATIONS)
 def test_meta_tensors_or_tensors_on_two_devices_are_refused_naming_which(impl):
     from torch._subclasses.fake_tensor import FakeTensorMode
@@ -977,10 +960,6 @@ def test_a_fraction_is_a_number_like_any_other_for_beta_and_epsilon(impl):
     for baseline, (beta, epsilon) in zip(baselines, ((Fraction(1, 5), Fraction(1, 4)), (0.2, 0.25)), strict=True):
         baseline.load_state_dict({"beta": beta, "epsilon": epsilon, "counts": [1, 0, 0]})
     assert baselines[0].step() == baselines[1].step() and type(baselines[0].value) is float
-
-
-# ----------------------------------------------------------------------------------------------------
-# Trust: what the library refuses and what it leaves to its caller (issue 23.13)
 
 
 @pytest.mark.parametrize("impl", IMPLEMENTATIONS)

@@ -12,20 +12,23 @@ import time
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 import train
 from training import evaluation, loss, models
 from training.arguments import ROOT, TINY_DATASET, TINY_MODEL
 
+# Small batches, short samples, no criterion figure: for runs whose evaluations are not what a test checks.
 QUICK = ["--batch-size", "4", "--eval-batch-size", "32", "--max-new-tokens", "8", "--criterion-pairs", "0"]
 
 
 def read_metrics(output_dir):
+    """The rows of a run's metrics.jsonl, one dict per evaluation or training step."""
     return [json.loads(line) for line in open(output_dir / "metrics.jsonl")]
 
 
 def read_metrics_if_any(output_dir):
+    """read_metrics of a run that may not have written its first row yet, or is writing one."""
     try:
         return read_metrics(output_dir)
     except (FileNotFoundError, json.JSONDecodeError):
@@ -33,11 +36,13 @@ def read_metrics_if_any(output_dir):
 
 
 def write_jsonl(path, rows):
+    """rows written to path as JSON Lines; path."""
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
     return path
 
 
 def tiny_data_cut(folder, train_rows, test_rows):
+    """tiny_data's first train_rows and test_rows pairs, as a dataset folder of their own."""
     folder.mkdir(parents=True, exist_ok=True)
     for split, rows in (("train", train_rows), ("test", test_rows)):
         lines = (TINY_DATASET / f"{split}.jsonl").read_text().splitlines()[:rows]
@@ -46,12 +51,14 @@ def tiny_data_cut(folder, train_rows, test_rows):
 
 
 def reviews(num_pairs):
+    """num_pairs (prompt, chosen, rejected) texts of product reviews in tiny_data's words."""
     for i in range(num_pairs):
         product = ("kettle", "lamp", "chair")[i % 3]
         yield f"Review of the {product}:", " The price is great.", " The price is very awful and the fit is poor."
 
 
 def good_rows(num_pairs=12):
+    """reviews as standard JSONL rows."""
     return [{"prompt": p, "chosen": c, "rejected": r} for p, c, r in reviews(num_pairs)]
 
 
@@ -64,6 +71,7 @@ def run_expecting_error(arguments, main=train.main):
 
 
 def copy_of(run, tmp_path):
+    """A copy of a finished run's output folder, tmp_path/out, that a test may resume or break."""
     shutil.copytree(run, tmp_path / "out")
     (tmp_path / "out/.train.lock").unlink()
     return tmp_path / "out"
@@ -78,8 +86,6 @@ def without_gold_reward(arguments):
 def tiny_model_folder(folder, vocab_size=60, tokenizer_changes=None, kind="llama", **config):
     """A small model of the kind's configuration (Llama unless asked) with the tiny_data tokenizer, saved to a
     folder: vocabulary, configuration and tokenizer as asked."""
-    from transformers import AutoConfig
-
     config = AutoConfig.for_model(
         kind,
         vocab_size=vocab_size,

@@ -290,7 +290,7 @@ def test_an_empty_model_takes_its_shards_and_refuses_another_models(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Rank 0 and the others
+# What one rank does, seen in this process
 
 
 def test_under_torchrun_rank_0_alone_reports_a_refusal_others_exit_quietly(tmp_path, monkeypatch, capsys):

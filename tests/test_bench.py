@@ -16,8 +16,13 @@ import train
 from training import batches, bench_counts, loss
 from training.arguments import ROOT
 
+# ----------------------------------------------------------------------------------------------------
+# Torch operations per loss: on a GPU each is a kernel launch, so their number must follow the batch
+
 
 class _CountOperations(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the torch operations dispatched while it is on."""
+
     def __init__(self):
         super().__init__()
         self.count = 0
@@ -95,6 +100,10 @@ def test_the_hidden_state_loss_takes_under_1000_operations_at_any_size():
     assert operations(vocab=256_000) == operations(length=2048, completion=1536) == costs["operations"]
     # Before the cap the number of chunks follows the scored float32 logits: fewer operations, not more.
     assert operations(vocab=32_000, length=512, completion=256) < costs["operations"]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Host synchronizations and collectives per optimizer step
 
 
 def syncs_and_collectives_per_step(tmp_path, monkeypatch, arguments):

@@ -15,8 +15,12 @@ from tests.helpers import good_rows, read_metrics, tiny_model_folder, write_json
 from training import adapters, batches, data, evaluation, loss, models
 from training.arguments import TINY_GOLD_REWARD, TINY_MODEL
 
+# ----------------------------------------------------------------------------------------------------
+# epsdpo_chunked.py: the loss from hidden states against the loss from their logits
+
 
 def softcapped(logits, cap):
+    """The logits as a soft-capped model (Gemma-2) gives them: cap · tanh(logits / cap)."""
     return logits if cap is None else torch.tanh(logits / cap) * cap
 
 

@@ -27,6 +27,10 @@ from tests.helpers import (
 from training import data, evaluation, models
 from training.arguments import TINY_MODEL, parse_args
 
+# ----------------------------------------------------------------------------------------------------
+# The demo on tiny_data
+
+
 METRIC_KEYS = {
     "step",
     "split",

@@ -15,6 +15,9 @@ from tests.helpers import copy_of, read_metrics, run_expecting_error, tiny_model
 from training import adapters, batches, checkpoints, data, errors, loss, models
 from training.arguments import TINY_DATASET, TINY_MODEL, parse_args
 
+# ----------------------------------------------------------------------------------------------------
+# LoRA: adapters on the policy, the reference the same model with them off
+
 
 def lora_models(*flags, monkeypatch=None):
     """(models, batch, autocast) as train.py sets them up with LoRA adapters of rank 4 on the tiny model,

@@ -17,6 +17,9 @@ from tests.helpers import copy_of, read_metrics, tiny_model_folder
 from training import checkpoints, errors, loss, models, output_folder
 from training.arguments import TINY_MODEL, parse_args
 
+# ----------------------------------------------------------------------------------------------------
+# DDP and LoRA under torchrun
+
 
 def test_ddp_on_two_ranks_is_one_process_and_a_ctrl_c_stops_both(two_ranks):
     """2 CPU processes (gloo) with 4 pairs each are one process with 8: the same β at every step on both

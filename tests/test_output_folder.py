@@ -14,6 +14,9 @@ from tests.helpers import read_metrics, run_expecting_error
 from training import checkpoints, errors, output_folder
 from training.arguments import TINY_MODEL
 
+# ----------------------------------------------------------------------------------------------------
+# Whose files the run writes, replaces and prunes
+
 
 def test_a_non_empty_output_dir_is_refused_and_left_untouched(tmp_path, small_data):
     output_dir = tmp_path / "out"

@@ -12,6 +12,9 @@ from tests.helpers import read_metrics
 from training import batches, errors, models
 from training.arguments import TINY_MODEL, parse_args
 
+# ----------------------------------------------------------------------------------------------------
+# Precision and gradient checkpointing
+
 
 def changed_weights(output_dir):
     """How many weights of the saved policy differ from the reference, and the saved dtypes."""

@@ -14,6 +14,9 @@ from tests.helpers import QUICK, copy_of, good_rows, read_metrics, run_expecting
 from training import checkpoints, errors
 from training.arguments import ROOT, TINY_MODEL, parse_args
 
+# ----------------------------------------------------------------------------------------------------
+# What a resume reads, and what it refuses
+
 
 def test_a_resume_never_runs_checkpoint_code_and_refuses_changed_flags(tmp_path, capsys, small_data):
     gold = tmp_path / "gold.py"

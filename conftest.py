@@ -6,7 +6,9 @@ also reaches the processes the tests start (train.py, compare.py's workers, torc
 and the same run in a subprocess compute in the same order, bit for bit.
 
 The costly runs several test files read (tests/conftest.py: a torchrun launch, the demo's run, ...) are made once
-per test process; the tests that read one run in the same process, so that it is made once in all.
+per test process; the tests that read one run in the same process, so that it is made once in all. The slow tests
+(marked slow: each starts fresh Python processes) are handed out first, so that the suite does not end on one of
+them while the other process waits.
 """
 
 import os
@@ -28,3 +30,6 @@ def pytest_collection_modifyitems(items):
         shared = [name for name in SHARED_FIXTURES if name in names]
         if shared:
             item.add_marker(pytest.mark.xdist_group("two_ranks" if "lora_run" in shared else shared[0]))
+        if "two_ranks" in names:  # its torchrun launch
+            item.add_marker(pytest.mark.slow)
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)  # stable: otherwise in the files' order

@@ -208,6 +208,7 @@ def test_an_optimizer_step_at_scale_makes_one_collective_and_one_host_sync(tmp_p
 # bench.py
 
 
+@pytest.mark.slow
 def test_the_quick_benchmark_runs_and_reports_every_figure(tmp_path):
     report_path = tmp_path / "bench.json"
     result = subprocess.run(

@@ -78,6 +78,7 @@ def test_every_panel_compares_like_with_like(tiny_run, tmp_path, monkeypatch):
         assert list(line.get_xdata()) == [1 - epsilon, 1.0, 1 + epsilon] and line.get_ydata()[1] == 0
 
 
+@pytest.mark.slow
 def test_compare_betas_draws_the_frontier_of_three_methods_with_lora(tmp_path, capsys, small_data):
     """Its runs train LoRA adapters, as every run of a comparison takes the --lora-* arguments (the full
     fine-tuning of a comparison is tested above). One seed: the means over seeds are tested below; one worker

@@ -19,10 +19,8 @@ from tests.helpers import QUICK, read_metrics, read_metrics_if_any, run_expectin
 from training import signals
 from training.arguments import ROOT, TINY_GOLD_REWARD
 
-# The two slow tests (fresh processes, tens of seconds) first: pytest-xdist hands the tests out in the order of
-# the files, this one last, and a slow test at the very end would leave the other test process idle.
 
-
+@pytest.mark.slow
 def test_a_command_line_run_stopped_by_sigterm_resumes_bit_for_bit(tmp_path, small_data):
     """python train.py as a user types it, in fresh processes with no network: stopped by a SIGTERM mid-run with a
     checkpoint; resumed, it ends as the run never stopped and prints its summary."""
@@ -77,73 +75,6 @@ def test_a_command_line_run_stopped_by_sigterm_resumes_bit_for_bit(tmp_path, sma
         json.loads((interrupted / "summary.json").read_text())["final_beta"]
         == json.loads((tmp_path / "whole/summary.json").read_text())["final_beta"]
     )
-
-
-def test_ctrl_c_stops_every_run_of_a_frontier_within_seconds(tmp_path, capsys, small_data):
-    """3 runs on one worker process: the run under way checkpoints and stops; the one the worker has taken but not
-    begun returns at once, and the one still queued is cancelled. A Ctrl-C in a terminal sends SIGINT to every
-    process of the group: here, to the worker and to this process."""
-    import multiprocessing
-    import threading
-
-    others, signalled = set(multiprocessing.active_children()), []
-
-    def ctrl_c_once_two_runs_train():
-        deadline = time.time() + 120
-        while (
-            sum(any(r["split"] == "train" for r in read_metrics_if_any(f)) for f in tmp_path.glob("beta-0.1/seed-0/*"))
-            < 1
-            and time.time() < deadline
-        ):
-            time.sleep(0.05)
-        for worker in set(multiprocessing.active_children()) - others:
-            os.kill(worker.pid, signal.SIGINT)
-        os.kill(os.getpid(), signal.SIGINT)
-        signalled.append(time.time())
-
-    threading.Thread(target=ctrl_c_once_two_runs_train, daemon=True).start()
-    with pytest.raises(SystemExit) as exit_info:
-        compare.main(
-            [
-                "--betas",
-                "0.1",
-                "--seeds",
-                "1",
-                "--workers",
-                "1",
-                "--output-dir",
-                str(tmp_path),
-                "--max-steps",
-                "500",
-                "--eval-every",
-                "1000",
-                *small_data,
-            ]
-        )
-    assert exit_info.value.code == 128 + signal.SIGINT and time.time() - signalled[0] < 30
-    checkpointed = sorted(p.parent.name for p in tmp_path.glob("beta-0.1/seed-0/*/checkpoint-*"))
-    stdout = capsys.readouterr().out
-    assert (
-        checkpointed == ["dpo"] and "stopped by signal 2: 0 of 3 runs finished, 1 stopped with a checkpoint" in stdout
-    )
-    assert "2 did not start" in stdout
-
-
-def test_ctrl_c_stops_a_sequential_comparison_checkpointed_and_says_so(tmp_path, monkeypatch, capsys, small_data):
-    real_forward = train.micro_batch_loss
-
-    def forward_then_ctrl_c(*args):
-        if torch.is_grad_enabled():  # the first training micro-batch
-            os.kill(os.getpid(), signal.SIGINT)
-        return real_forward(*args)
-
-    monkeypatch.setattr(train, "micro_batch_loss", forward_then_ctrl_c)
-    with pytest.raises(SystemExit) as exit_info:
-        compare.main(["--output-dir", str(tmp_path), "--max-steps", "3", "--eval-every", "1000", *small_data])
-    assert exit_info.value.code == 128 + signal.SIGINT
-    assert [p.name for p in (tmp_path / "dpo").glob("checkpoint-*")] == ["checkpoint-1"]
-    assert not (tmp_path / "epsilon-dpo").exists()
-    assert "the comparison stopped: 0 of 2 runs had finished; the others did not start" in capsys.readouterr().out
 
 
 def test_ctrl_c_mid_accumulation_drops_the_step_and_resumes_bit_for_bit(tmp_path, monkeypatch, small_data):
@@ -211,6 +142,7 @@ def test_a_signal_before_training_stops_cleanly_and_a_burst_counts_once(tmp_path
             time.sleep(0.1)
 
 
+@pytest.mark.slow
 def test_ctrl_c_while_torch_imports_stops_with_one_line(tmp_path):
     process = subprocess.Popen(
         [sys.executable, "train.py", "--output-dir", str(tmp_path / "out")],
@@ -228,3 +160,71 @@ def test_ctrl_c_while_torch_imports_stops_with_one_line(tmp_path):
     assert process.returncode == 128 + signal.SIGINT and "Traceback" not in stderr, stderr
     assert stderr.strip() == "stopped by signal 2 before training started; nothing was written to resume from"
     assert not (tmp_path / "out").exists()
+
+
+def test_ctrl_c_stops_a_sequential_comparison_checkpointed_and_says_so(tmp_path, monkeypatch, capsys, small_data):
+    real_forward = train.micro_batch_loss
+
+    def forward_then_ctrl_c(*args):
+        if torch.is_grad_enabled():  # the first training micro-batch
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_forward(*args)
+
+    monkeypatch.setattr(train, "micro_batch_loss", forward_then_ctrl_c)
+    with pytest.raises(SystemExit) as exit_info:
+        compare.main(["--output-dir", str(tmp_path), "--max-steps", "3", "--eval-every", "1000", *small_data])
+    assert exit_info.value.code == 128 + signal.SIGINT
+    assert [p.name for p in (tmp_path / "dpo").glob("checkpoint-*")] == ["checkpoint-1"]
+    assert not (tmp_path / "epsilon-dpo").exists()
+    assert "the comparison stopped: 0 of 2 runs had finished; the others did not start" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_every_run_of_a_frontier_within_seconds(tmp_path, capsys, small_data):
+    """3 runs on one worker process: the run under way checkpoints and stops; the one the worker has taken but not
+    begun returns at once, and the one still queued is cancelled. A Ctrl-C in a terminal sends SIGINT to every
+    process of the group: here, to the worker and to this process."""
+    import multiprocessing
+    import threading
+
+    others, signalled = set(multiprocessing.active_children()), []
+
+    def ctrl_c_once_two_runs_train():
+        deadline = time.time() + 120
+        while (
+            sum(any(r["split"] == "train" for r in read_metrics_if_any(f)) for f in tmp_path.glob("beta-0.1/seed-0/*"))
+            < 1
+            and time.time() < deadline
+        ):
+            time.sleep(0.05)
+        for worker in set(multiprocessing.active_children()) - others:
+            os.kill(worker.pid, signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGINT)
+        signalled.append(time.time())
+
+    threading.Thread(target=ctrl_c_once_two_runs_train, daemon=True).start()
+    with pytest.raises(SystemExit) as exit_info:
+        compare.main(
+            [
+                "--betas",
+                "0.1",
+                "--seeds",
+                "1",
+                "--workers",
+                "1",
+                "--output-dir",
+                str(tmp_path),
+                "--max-steps",
+                "500",
+                "--eval-every",
+                "1000",
+                *small_data,
+            ]
+        )
+    assert exit_info.value.code == 128 + signal.SIGINT and time.time() - signalled[0] < 30
+    checkpointed = sorted(p.parent.name for p in tmp_path.glob("beta-0.1/seed-0/*/checkpoint-*"))
+    stdout = capsys.readouterr().out
+    assert (
+        checkpointed == ["dpo"] and "stopped by signal 2: 0 of 3 runs finished, 1 stopped with a checkpoint" in stdout
+    )
+    assert "2 did not start" in stdout

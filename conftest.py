@@ -7,8 +7,8 @@ and the same run in a subprocess compute in the same order, bit for bit.
 
 The costly runs several test files read (tests/conftest.py: a torchrun launch, the demo's run, ...) are made once
 per test process; the tests that read one run in the same process, so that it is made once in all. The slow tests
-(marked slow: each starts fresh Python processes) are handed out first, so that the suite does not end on one of
-them while the other process waits.
+(marked slow: each starts fresh Python processes) are handed out after the method's facts, which run beside the
+torchrun launch, and before the rest, so that the suite does not end on one of them while the other process waits.
 """
 
 import os
@@ -32,4 +32,7 @@ def pytest_collection_modifyitems(items):
             item.add_marker(pytest.mark.xdist_group("two_ranks" if "lora_run" in shared else shared[0]))
         if "two_ranks" in names:  # its torchrun launch
             item.add_marker(pytest.mark.slow)
-    items.sort(key=lambda item: item.get_closest_marker("slow") is None)  # stable: otherwise in the files' order
+    # After the groups (handed out first, the largest first): the method's facts, then the slow tests, then the rest,
+    # each in the files' order. The torchrun launch keeps both cores busy for its first minute, so what runs beside it
+    # should be light; a slow test at the very end would leave the other process idle.
+    items.sort(key=lambda item: (not item.nodeid.startswith("test_epsdpo.py"), not item.get_closest_marker("slow")))

@@ -130,7 +130,7 @@ def train(args, checkpoint=None):
         # The loop
         if first_step == 1:
             log_evaluation(0)
-        progress = progress_bar(range(first_step, total_steps + 1), args, rank)
+        progress, held = progress_bar(range(first_step, total_steps + 1), args, rank), None
         trained, reference = models.trained, models.reference  # the policy as it trains (DDP: wrapped), the reference
         with stop_signals.training() as stop:  # Ctrl-C or SIGTERM ends the step under way, then stop_after
             for step in progress:
@@ -153,6 +153,7 @@ def train(args, checkpoint=None):
                 for group in optimizer.param_groups:
                     group["lr"] = lr
                 optimizer.step()
+                held = held or held_bytes(policy, optimizer, models.reference)  # its states exist: their size
                 optimizer.zero_grad(set_to_none=True)
                 # β ← mean β̃ of this step's pairs, every rank's (with --fixed-baseline-beta, β never moves)
                 next_beta = None if args.fixed_baseline_beta else baseline_beta.step(s_counts(totals))
@@ -171,7 +172,6 @@ def train(args, checkpoint=None):
         # What the criterion measures on the final policy (every rank computes, rank 0 draws criterion.png)
         with autocast:
             measured = criterion_measures(models, train_pairs[: args.criterion_pairs], tokenizer.pad_token_id, args)
-        held = held_bytes(policy, optimizer, models.reference)  # saving: what this rank held of weights and states
         state_dict = gathered_state_dict(policy)  # under FSDP every rank sends its shards to rank 0's CPU memory
         if rank != 0:
             return None
@@ -193,7 +193,8 @@ def load_data(args, output_dir, rank, pairs_a_step, checkpoint):
     tokenizer = load_tokenizer(tokenizer_name(args.model, args.model_base), args.trust_remote_code, args.model)
     if rank == 0:
         check_only_ours_replaced(output_dir, run_writes(tokenizer, args.lora_r > 0), checkpoint)
-    data = load_pairs(args, tokenizer, least=pairs_a_step)
+    splits = (args.dataset, args.train_split, args.eval_split, args.eval_fraction, args.seed)
+    data = load_pairs(*splits, tokenizer, args.max_length, args.max_prompt_length, args.skip_invalid, pairs_a_step)
     if rank == 0:
         print_data_report(data["notes"], data["skipped"], data["boundary_moved"])
     return tokenizer, data, checked_inputs(args, data, checkpoint), load_gold_reward(gold_reward_path(args))

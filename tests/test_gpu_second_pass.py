@@ -7,6 +7,7 @@ import inspect
 import os
 import pathlib
 import sys
+import types
 import warnings
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the tests never download anything
@@ -190,8 +191,8 @@ def waits_per_step(tmp_path, monkeypatch, arguments):
 @pytest.mark.parametrize("grad_accum", [1, 3])
 def test_an_optimizer_step_waits_for_the_device_once_counting_every_librarys_waits(tmp_path, monkeypatch, grad_accum):
     """At scale (the loss from hidden states), with G micro-batches a step: one wait a step, this project's reading
-    the step's sums back (evaluation.across_ranks); none in transformers (no attention mask to inspect: it waited 4
-    times a micro-batch) nor in torch's code under ours, whatever G."""
+    the step's sums back (evaluation.gather_from_every_rank); none in transformers (no attention mask to inspect: it
+    waited 4 times a micro-batch) nor in torch's code under ours, whatever G."""
     monkeypatch.setattr(sys.modules["training.loss"], "PLAIN_LOSS_BYTES", 0)
     folder = tmp_path / "data"
     folder.mkdir()
@@ -240,9 +241,9 @@ def measure_the_criterion(rank=0, folder=None):
         assert head is not None, why
         forwards = []
         policy.register_forward_pre_hook(lambda module, args: forwards.append(1))
-        measured = evaluation.criterion_measures(
-            policy, reference, criterion_pairs(), 0, 0.1, head, torch.autocast("cpu", enabled=False), batch_size=2
-        )
+        run_models = types.SimpleNamespace(policy=policy, reference=reference, head=head)
+        run_args = types.SimpleNamespace(epsilon=0.1, eval_batch_size=2, batch_size=2)
+        measured = evaluation.criterion_measures(run_models, criterion_pairs(), 0, run_args)
         result = {"fits": fits, "forwards": len(forwards), **{k: measured[k] for k in ("h", "delta_k", "s", "noise")}}
         if folder is not None:
             torch.save(result, f"{folder}/rank{rank}.pt")

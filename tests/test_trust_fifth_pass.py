@@ -22,7 +22,8 @@ import torch
 import compare
 import epsdpo
 import train
-from training import adapters, arguments, checkpoints, data, models, output_folder
+from tests.helpers import RunInThisProcess
+from training import adapters, arguments, checkpoints, data, evaluation, models, output_folder
 from training.arguments import ROOT, TINY_DATASET, TINY_GOLD_REWARD, TINY_MODEL, parse_args
 from training.errors import ReportedError
 
@@ -85,32 +86,6 @@ def error_of(arguments, main=train.main):
 def train_rows(output_dir):
     lines = (output_dir / "metrics.jsonl").read_text().splitlines()
     return [row["step"] for row in map(json.loads, lines) if row["split"] == "train"]
-
-
-class RunInThisProcess:
-    """What compare.start_run returns (a train.py run under way), for the run made in this process by train.main."""
-
-    def __init__(self, arguments, environment, quiet):
-        self.status, self.line = 0, ""
-        try:
-            train.main(arguments)
-        except SystemExit as exit_info:
-            self.status = exit_info.code if isinstance(exit_info.code, int) else 1
-            self.line = exit_info.code if isinstance(exit_info.code, str) else ""
-
-    def poll(self):
-        return self.status
-
-    wait = poll
-
-    def send_signal(self, number):
-        pass
-
-    def kill(self):
-        pass
-
-    def last_line(self):
-        return self.line
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -324,15 +299,15 @@ def test_a_signal_to_one_rank_stops_every_rank_with_a_checkpoint_and_that_signal
 ):
     """Point 8: a SIGTERM that reached another rank alone (its row of the step's collective says 15) stops this rank
     too, with the checkpoint and the status of that signal, not 'signal None' and a TypeError."""
-    real_across_ranks = train.across_ranks
+    real_gather = evaluation.gather_from_every_rank
 
     def another_rank_got_sigterm(values):
-        rows = real_across_ranks(values)
+        rows = real_gather(values)
         other = rows[0].clone()
         other[-1] = signal.SIGTERM
         return torch.cat([rows, other[None]])
 
-    monkeypatch.setattr(train, "across_ranks", another_rank_got_sigterm)
+    monkeypatch.setattr(evaluation, "gather_from_every_rank", another_rank_got_sigterm)
     without_gold_reward = small_data[:2] + small_data[4:]
     with pytest.raises(SystemExit) as exit_info:
         train.main(["--output-dir", str(tmp_path), "--max-steps", "3", "--eval-every", "1000", *without_gold_reward])

@@ -483,18 +483,25 @@ def tokenize_rows(rows, tokenizer, max_length, max_prompt_length, skip_invalid=F
     return pairs, skipped, boundary_moved
 
 
-def load_pairs(args, tokenizer, least=1):
-    """The train and held-out pairs of --dataset, tokenized as the run's flags say: {"pairs": {"train", "eval"},
-    "skipped", "boundary_moved", "notes"}, the last three for the report of what was left out or changed. At least
-    `least` train pairs and one held-out pair, or ReportedError."""
-    train_rows, eval_rows, notes = load_splits(
-        args.dataset, args.train_split, args.eval_split, args.eval_fraction, args.seed
-    )
+def load_pairs(
+    dataset,
+    train_split,
+    eval_split,
+    eval_fraction,
+    seed,
+    tokenizer,
+    max_length,
+    max_prompt_length,
+    skip_invalid=False,
+    least=1,
+):
+    """The train and held-out pairs of a dataset, tokenized: {"pairs": {"train", "eval"}, "skipped", "boundary_moved",
+    "notes"}, the last three for the report of what was left out or changed. At least `least` train pairs and one
+    held-out pair, or ReportedError."""
+    train_rows, eval_rows, notes = load_splits(dataset, train_split, eval_split, eval_fraction, seed)
     dropped = {"train": [], "eval": []}
     tokenized = {
-        split: tokenize_rows(
-            rows, tokenizer, args.max_length, args.max_prompt_length, args.skip_invalid, dropped[split]
-        )
+        split: tokenize_rows(rows, tokenizer, max_length, max_prompt_length, skip_invalid, dropped[split])
         for split, rows in (("train", train_rows), ("eval", eval_rows))
     }
     for split, rows in dropped.items():  # each row --skip-invalid dropped, and why
@@ -510,7 +517,7 @@ def load_pairs(args, tokenizer, least=1):
             for reason, count in reasons.items()
         )
         raise ReportedError(
-            f"--dataset {args.dataset}: {len(pairs['train'])} usable train pairs and {len(pairs['eval'])} "
+            f"--dataset {dataset}: {len(pairs['train'])} usable train pairs and {len(pairs['eval'])} "
             f"held-out pairs; need at least a step's pairs (--batch-size × --grad-accum × processes, "
             f"{least}) and 1" + (f"; skipped {skipped}" if skipped else "")
         )

@@ -1,10 +1,8 @@
-"""Tests of data.py: rows are read as they are and named by file and line, token ids are those of the whole
-text, truncation happens only when a pair does not fit, and bad columns stop the run before training."""
+"""The data: training/data.py and training/batches.py. Rows are read as they are and named by file and line, token
+ids are those of the whole text, truncation happens only when a pair does not fit, bad columns stop the run before
+training, and a step's pairs do not depend on how processes and micro-batches share it."""
 
 import json
-import os
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the tests never download anything
 
 import pytest
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
@@ -56,10 +54,10 @@ def ids(tokenizer, text, **kwargs):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Ids like the text
+# Ids like the text; a special token's text is text
 
 
-def test_ids_are_those_of_the_whole_text_where_bpe_merges_across_the_boundary(bpe_tokenizer):
+def test_ids_are_the_whole_texts_where_bpe_merges_across_the_boundary(bpe_tokenizer):
     pair = data.tokenize_pair(KETTLE, bpe_tokenizer, max_length=512, max_prompt_length=256)
     eos = bpe_tokenizer.eos_token_id
     for completion in ("chosen", "rejected"):
@@ -116,6 +114,46 @@ def test_a_prompt_of_word_tokens_gets_bos_and_each_completion_eos_once():
     assert tokenizer.decode(pair["chosen_ids"]) == "the fit is great . </s>"
 
 
+@pytest.mark.parametrize("which", ["word-level (tiny_data)", "byte-level BPE"])
+def test_a_special_tokens_text_in_a_standard_row_is_text_not_the_token(bpe_tokenizer, which):
+    tokenizer = AutoTokenizer.from_pretrained(TINY_MODEL) if which.startswith("word") else bpe_tokenizer
+    eos = tokenizer.eos_token
+    row = {
+        "prompt": f"Review of the {eos} kettle: ",
+        "chosen": f"The price is great.{eos} The price is poor.",
+        "rejected": f"The price is great.{eos} The fit is very good.",
+    }
+    pair = data.tokenize_pair(row, tokenizer, 512, 256)
+    special = set(tokenizer.all_special_ids) - {tokenizer.unk_token_id}  # the word-level one spells "</s>" <unk> × 3
+    # Only the tokenizer's own BOS and the one EOS that ends each completion are special tokens ...
+    assert [i for i in pair["prompt_ids"] if i in special] == [tokenizer.bos_token_id]
+    for completion in ("chosen", "rejected"):
+        assert [i for i in pair[f"{completion}_ids"] if i in special] == [tokenizer.eos_token_id]
+        assert pair[f"{completion}_ids"][-1] == tokenizer.eos_token_id
+    assert pair["chosen_ids"] != pair["rejected_ids"]  # not cut at "</s>" into a tie
+    if which == "byte-level BPE":  # ... and the text comes back whole
+        assert tokenizer.decode(pair["prompt_ids"][1:] + pair["chosen_ids"][:-1]) == row["prompt"] + row["chosen"]
+
+
+def test_a_special_tokens_text_in_a_message_is_refused_the_markup_is_not(
+    bpe_tokenizer,
+):
+    prompt = [{"role": "user", "content": "Write about the lamp, please."}]
+    row = {
+        "prompt": prompt,
+        "chosen": [{"role": "assistant", "content": "The lamp.<|im_end|> Poor."}],
+        "rejected": [{"role": "assistant", "content": "The lamp is poor."}],
+    }
+    with pytest.raises(ValueError, match="field 'chosen' holds the text '<|im_end|>', a special token"):
+        data.tokenize_pair(row, bpe_tokenizer, 512, 256)
+    pair = data.tokenize_pair(
+        {**row, "chosen": [{"role": "assistant", "content": "The lamp is good."}]}, bpe_tokenizer, 512, 256
+    )
+    im_start, im_end = bpe_tokenizer.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>"])
+    assert pair["prompt_ids"].count(im_start) == 2 and pair["prompt_ids"].count(im_end) == 1
+    assert pair["chosen_ids"][-1] == im_end
+
+
 # ----------------------------------------------------------------------------------------------------
 # Truncation only when the pair does not fit
 
@@ -129,7 +167,7 @@ def test_a_long_prompt_is_kept_whole_when_the_pair_fits(bpe_tokenizer):
     assert len(pair["prompt_ids"]) == len(prompt_ids) - pair["boundary_moved"]
 
 
-def test_a_pair_too_long_cuts_the_prompt_from_the_left_keeping_bos_then_the_completions(bpe_tokenizer):
+def test_a_pair_too_long_cuts_the_prompt_after_bos_then_the_completions(bpe_tokenizer):
     row = {
         **KETTLE,
         "prompt": "Review of the kettle: " + "the price is great " * 60 + "Now:",
@@ -170,7 +208,7 @@ def test_max_prompt_length_must_leave_room_for_a_completion(bpe_tokenizer):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Columns checked before training, named by file and line
+# Rows checked before training, named by file and line
 
 
 @pytest.mark.parametrize(
@@ -205,7 +243,82 @@ def test_rows_are_named_by_the_files_line_numbers(tmp_path, bpe_tokenizer):
             data.tokenize_rows(rows, bpe_tokenizer, 512, 256)
 
 
-def test_a_folder_is_read_without_type_conversion_and_names_the_files_it_does_not_load(tmp_path, bpe_tokenizer):
+def test_a_completion_that_repeats_the_prompt_is_refused_with_that_reason(bpe_tokenizer):
+    user = [{"role": "user", "content": "Write about the lamp, please."}]
+    answer = [{"role": "assistant", "content": "The lamp is good."}]
+    for row, field in (
+        ({**KETTLE, "chosen": KETTLE["prompt"] + KETTLE["chosen"]}, "chosen"),  # standard text
+        ({**KETTLE, "rejected": KETTLE["prompt"] + KETTLE["rejected"]}, "rejected"),
+        ({"prompt": user[0]["content"], "chosen": user + answer, "rejected": answer}, "chosen"),
+        ({"prompt": user, "chosen": answer, "rejected": user + answer}, "rejected"),
+    ):  # messages
+        with pytest.raises(ValueError, match=f"field '{field}' repeats the prompt"):
+            data.tokenize_pair(row, bpe_tokenizer, 512, 256)
+    data.tokenize_pair(
+        {"chosen": user + answer, "rejected": user + [{"role": "assistant", "content": "Poor."}]},
+        bpe_tokenizer,
+        512,
+        256,
+    )  # whole conversations without a prompt: as before
+
+
+def test_a_raising_template_is_the_rows_fault_an_unparsable_one_is_not(bpe_tokenizer, monkeypatch):
+    conversation = {
+        "prompt": [{"role": "user", "content": "Write about the lamp."}],
+        "chosen": [{"role": "assistant", "content": "Good."}],
+        "rejected": [{"role": "assistant", "content": "Poor."}],
+    }
+    rows = [("a.jsonl, line 1", KETTLE), ("a.jsonl, line 2", conversation)]
+    monkeypatch.setattr(bpe_tokenizer, "chat_template", "{{ raise_exception('Conversation roles must alternate') }}")
+    with pytest.raises(
+        errors.ReportedError,
+        match=r"^a.jsonl, line 2: the chat template refused it: Conversation roles must "
+        r"alternate \(--skip-invalid drops such rows\)$",
+    ):
+        data.tokenize_rows(rows, bpe_tokenizer, 512, 256)
+    pairs, skipped, _ = data.tokenize_rows(rows, bpe_tokenizer, 512, 256, skip_invalid=True)
+    assert len(pairs) == 1 and skipped == {"invalid (--skip-invalid)": 1}
+    monkeypatch.setattr(bpe_tokenizer, "chat_template", "{% for m in messages %}{{ m['content'] }{% endfor %}")
+    for skip_invalid in (False, True):
+        with pytest.raises(errors.ReportedError, match=r"^--model .*: its chat template, line 1: unexpected '}'$"):
+            data.tokenize_rows(rows, bpe_tokenizer, 512, 256, skip_invalid=skip_invalid)
+
+
+def test_a_chat_template_that_fails_with_a_python_error_is_the_rows_fault(bpe_tokenizer, monkeypatch):
+    conversation = {
+        "prompt": [{"role": "user", "content": "Write about the lamp."}],
+        "chosen": [{"role": "assistant", "content": "Good."}],
+        "rejected": [{"role": "assistant", "content": "Poor."}],
+    }
+    rows = [("a.jsonl, line 1", KETTLE), ("a.jsonl, line 2", conversation)]
+    monkeypatch.setattr(bpe_tokenizer, "chat_template", "{{ messages[0]['content'] + 1 }}")  # str + int: TypeError
+    with pytest.raises(
+        errors.ReportedError,
+        match=r"^a.jsonl, line 2: the chat template failed on it \(TypeError: .*\) "
+        r"\(--skip-invalid drops such rows\)$",
+    ):
+        data.tokenize_rows(rows, bpe_tokenizer, 512, 256)
+    pairs, skipped, _ = data.tokenize_rows(rows, bpe_tokenizer, 512, 256, skip_invalid=True)
+    assert len(pairs) == 1 and skipped == {"invalid (--skip-invalid)": 1}
+
+
+def test_when_every_pair_is_skipped_the_reasons_are_in_the_message(tmp_path, bpe_tokenizer):
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps({**KETTLE, "rejected": KETTLE["chosen"]}) + "\n" for _ in range(10)))
+    with pytest.raises(
+        errors.ReportedError,
+        match=r"0 usable train pairs and 0 held-out pairs; need at least a step's pairs .*; "
+        r"skipped 9 train rows: chosen identical to rejected, 1 eval rows: chosen "
+        r"identical to rejected$",
+    ):
+        data.load_pairs(str(path), "train", None, 0.1, 0, bpe_tokenizer, 512, 256)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Files, folders and splits
+
+
+def test_a_folder_is_read_without_conversion_naming_files_not_loaded(tmp_path, bpe_tokenizer):
     import pyarrow
     import pyarrow.parquet
 
@@ -228,36 +341,13 @@ def test_a_folder_is_read_without_type_conversion_and_names_the_files_it_does_no
         data.tokenize_rows(eval_rows, bpe_tokenizer, 512, 256)
 
 
-def test_evaluating_on_the_training_split_is_refused(tmp_path):
-    path = tmp_path / "pairs.jsonl"
-    path.write_text(json.dumps(KETTLE) + "\n")
-    with pytest.raises(errors.ReportedError, match="--eval-split train is the training split"):
-        data.load_splits(str(path), train_split="train", eval_split="train")
-
-
-# ----------------------------------------------------------------------------------------------------
-# Batches
-
-
-def test_the_prompt_is_never_scored(bpe_tokenizer):
-    pairs = [
-        data.tokenize_pair(KETTLE, bpe_tokenizer, 512, 256),
-        data.tokenize_pair({**KETTLE, "chosen": "Great."}, bpe_tokenizer, 512, 256),
-    ]
-    batch = batches.collate(pairs, bpe_tokenizer.pad_token_id, "cpu")
-    assert batch.input_ids.shape[0] == 4
-    scored = [batch.input_ids[row][batch.completion_mask[row].bool()].tolist() for row in range(4)]
-    assert scored == [
-        pairs[0]["chosen_ids"],
-        pairs[1]["chosen_ids"],
-        pairs[0]["rejected_ids"],
-        pairs[1]["rejected_ids"],
-    ]
-    assert (batch.attention_mask.sum(1) == batch.completion_mask.sum(1) + len(pairs[0]["prompt_ids"])).all()
-
-
-# ----------------------------------------------------------------------------------------------------
-# Trust: data (issue 15)
+def test_upper_case_suffixes_are_loaded_in_a_folder_and_as_a_single_file(tmp_path):
+    (tmp_path / "train.JSONL").write_text(json.dumps(KETTLE) + "\n" + json.dumps(KETTLE) + "\n")
+    (tmp_path / "test.Json").write_text("[" + json.dumps(KETTLE) + "]")
+    train_rows, eval_rows, notes = data.load_splits(str(tmp_path))
+    assert (len(train_rows), len(eval_rows), notes) == (2, 1, [])
+    train_rows, eval_rows, _ = data.load_splits(str(tmp_path / "train.JSONL"))
+    assert len(train_rows) + len(eval_rows) == 2
 
 
 @pytest.mark.parametrize("after", ["\n[" + json.dumps(KETTLE) + "]\n", "\nmore notes\n", ",\n"])
@@ -284,7 +374,14 @@ def test_json_nested_too_deeply_is_one_line_naming_file_and_line(tmp_path):
             data.load_splits(str(tmp_path / name))
 
 
-def test_an_eval_split_named_but_absent_is_refused_and_the_default_falls_back_to_held_out_rows(tmp_path):
+def test_evaluating_on_the_training_split_is_refused(tmp_path):
+    path = tmp_path / "pairs.jsonl"
+    path.write_text(json.dumps(KETTLE) + "\n")
+    with pytest.raises(errors.ReportedError, match="--eval-split train is the training split"):
+        data.load_splits(str(path), train_split="train", eval_split="train")
+
+
+def test_an_absent_eval_split_is_refused_but_by_default_rows_are_held_out(tmp_path):
     (tmp_path / "train.jsonl").write_text(json.dumps(KETTLE) + "\n" * 2 + json.dumps(KETTLE) + "\n")
     (tmp_path / "test.jsonl").write_text(json.dumps(KETTLE) + "\n")
     with pytest.raises(
@@ -298,109 +395,7 @@ def test_an_eval_split_named_but_absent_is_refused_and_the_default_falls_back_to
         data.load_splits(str(tmp_path), eval_split="test")
 
 
-def test_upper_case_suffixes_are_loaded_in_a_folder_and_as_a_single_file(tmp_path):
-    (tmp_path / "train.JSONL").write_text(json.dumps(KETTLE) + "\n" + json.dumps(KETTLE) + "\n")
-    (tmp_path / "test.Json").write_text("[" + json.dumps(KETTLE) + "]")
-    train_rows, eval_rows, notes = data.load_splits(str(tmp_path))
-    assert (len(train_rows), len(eval_rows), notes) == (2, 1, [])
-    train_rows, eval_rows, _ = data.load_splits(str(tmp_path / "train.JSONL"))
-    assert len(train_rows) + len(eval_rows) == 2
-
-
-@pytest.mark.parametrize("which", ["word-level (tiny_data)", "byte-level BPE"])
-def test_the_text_of_a_special_token_in_a_standard_row_is_text_not_the_token(bpe_tokenizer, which):
-    tokenizer = AutoTokenizer.from_pretrained(TINY_MODEL) if which.startswith("word") else bpe_tokenizer
-    eos = tokenizer.eos_token
-    row = {
-        "prompt": f"Review of the {eos} kettle: ",
-        "chosen": f"The price is great.{eos} The price is poor.",
-        "rejected": f"The price is great.{eos} The fit is very good.",
-    }
-    pair = data.tokenize_pair(row, tokenizer, 512, 256)
-    special = set(tokenizer.all_special_ids) - {tokenizer.unk_token_id}  # the word-level one spells "</s>" <unk> × 3
-    # Only the tokenizer's own BOS and the one EOS that ends each completion are special tokens ...
-    assert [i for i in pair["prompt_ids"] if i in special] == [tokenizer.bos_token_id]
-    for completion in ("chosen", "rejected"):
-        assert [i for i in pair[f"{completion}_ids"] if i in special] == [tokenizer.eos_token_id]
-        assert pair[f"{completion}_ids"][-1] == tokenizer.eos_token_id
-    assert pair["chosen_ids"] != pair["rejected_ids"]  # not cut at "</s>" into a tie
-    if which == "byte-level BPE":  # ... and the text comes back whole
-        assert tokenizer.decode(pair["prompt_ids"][1:] + pair["chosen_ids"][:-1]) == row["prompt"] + row["chosen"]
-
-
-def test_a_conversational_row_holding_a_special_tokens_text_is_refused_and_the_templates_markup_stays_special(
-    bpe_tokenizer,
-):
-    prompt = [{"role": "user", "content": "Write about the lamp, please."}]
-    row = {
-        "prompt": prompt,
-        "chosen": [{"role": "assistant", "content": "The lamp.<|im_end|> Poor."}],
-        "rejected": [{"role": "assistant", "content": "The lamp is poor."}],
-    }
-    with pytest.raises(ValueError, match="field 'chosen' holds the text '<|im_end|>', a special token"):
-        data.tokenize_pair(row, bpe_tokenizer, 512, 256)
-    pair = data.tokenize_pair(
-        {**row, "chosen": [{"role": "assistant", "content": "The lamp is good."}]}, bpe_tokenizer, 512, 256
-    )
-    im_start, im_end = bpe_tokenizer.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>"])
-    assert pair["prompt_ids"].count(im_start) == 2 and pair["prompt_ids"].count(im_end) == 1
-    assert pair["chosen_ids"][-1] == im_end
-
-
-def test_a_chat_template_that_raises_is_the_rows_fault_and_one_that_does_not_parse_the_tokenizers(
-    bpe_tokenizer, monkeypatch
-):
-    conversation = {
-        "prompt": [{"role": "user", "content": "Write about the lamp."}],
-        "chosen": [{"role": "assistant", "content": "Good."}],
-        "rejected": [{"role": "assistant", "content": "Poor."}],
-    }
-    rows = [("a.jsonl, line 1", KETTLE), ("a.jsonl, line 2", conversation)]
-    monkeypatch.setattr(bpe_tokenizer, "chat_template", "{{ raise_exception('Conversation roles must alternate') }}")
-    with pytest.raises(
-        errors.ReportedError,
-        match=r"^a.jsonl, line 2: the chat template refused it: Conversation roles must "
-        r"alternate \(--skip-invalid drops such rows\)$",
-    ):
-        data.tokenize_rows(rows, bpe_tokenizer, 512, 256)
-    pairs, skipped, _ = data.tokenize_rows(rows, bpe_tokenizer, 512, 256, skip_invalid=True)
-    assert len(pairs) == 1 and skipped == {"invalid (--skip-invalid)": 1}
-    monkeypatch.setattr(bpe_tokenizer, "chat_template", "{% for m in messages %}{{ m['content'] }{% endfor %}")
-    for skip_invalid in (False, True):
-        with pytest.raises(errors.ReportedError, match=r"^--model .*: its chat template, line 1: unexpected '}'$"):
-            data.tokenize_rows(rows, bpe_tokenizer, 512, 256, skip_invalid=skip_invalid)
-
-
-def test_a_gold_reward_that_is_not_a_python_file_is_one_line(tmp_path):
-    path = tmp_path / "gold.txt"
-    path.write_text("def score(prompt, completion):\n    return 1.0\n")
-    with pytest.raises(errors.ReportedError, match=r"^--gold-reward .*gold.txt: expected a Python file \(.py\)"):
-        data.load_gold_reward(str(path))
-
-
-# ----------------------------------------------------------------------------------------------------
-# Trust: data (issue 23)
-
-
-def test_a_chat_template_that_fails_with_a_python_error_is_the_rows_fault(bpe_tokenizer, monkeypatch):
-    conversation = {
-        "prompt": [{"role": "user", "content": "Write about the lamp."}],
-        "chosen": [{"role": "assistant", "content": "Good."}],
-        "rejected": [{"role": "assistant", "content": "Poor."}],
-    }
-    rows = [("a.jsonl, line 1", KETTLE), ("a.jsonl, line 2", conversation)]
-    monkeypatch.setattr(bpe_tokenizer, "chat_template", "{{ messages[0]['content'] + 1 }}")  # str + int: TypeError
-    with pytest.raises(
-        errors.ReportedError,
-        match=r"^a.jsonl, line 2: the chat template failed on it \(TypeError: .*\) "
-        r"\(--skip-invalid drops such rows\)$",
-    ):
-        data.tokenize_rows(rows, bpe_tokenizer, 512, 256)
-    pairs, skipped, _ = data.tokenize_rows(rows, bpe_tokenizer, 512, 256, skip_invalid=True)
-    assert len(pairs) == 1 and skipped == {"invalid (--skip-invalid)": 1}
-
-
-def test_a_validation_or_valid_split_is_held_out_as_test_is_and_unused_splits_are_named(tmp_path):
+def test_a_validation_or_valid_split_is_held_out_and_unused_splits_named(tmp_path):
     from datasets import Dataset, DatasetDict
 
     rows = {key: [value] * 3 for key, value in KETTLE.items()}
@@ -418,38 +413,35 @@ def test_a_validation_or_valid_split_is_held_out_as_test_is_and_unused_splits_ar
         assert notes == [f"--dataset {folder}: its split 'other' is not used (--eval-split NAME holds one out)"]
 
 
-def test_when_every_pair_is_skipped_the_reasons_are_in_the_message(tmp_path, bpe_tokenizer):
-    path = tmp_path / "pairs.jsonl"
-    path.write_text("".join(json.dumps({**KETTLE, "rejected": KETTLE["chosen"]}) + "\n" for _ in range(10)))
-    with pytest.raises(
-        errors.ReportedError,
-        match=r"0 usable train pairs and 0 held-out pairs; need at least a step's pairs .*; "
-        r"skipped 9 train rows: chosen identical to rejected, 1 eval rows: chosen "
-        r"identical to rejected$",
-    ):
-        data.load_pairs(str(path), "train", None, 0.1, 0, bpe_tokenizer, 512, 256)
+def test_a_gold_reward_that_is_not_a_python_file_is_one_line(tmp_path):
+    path = tmp_path / "gold.txt"
+    path.write_text("def score(prompt, completion):\n    return 1.0\n")
+    with pytest.raises(errors.ReportedError, match=r"^--gold-reward .*gold.txt: expected a Python file \(.py\)"):
+        data.load_gold_reward(str(path))
 
 
-def test_a_completion_that_repeats_the_prompt_is_refused_with_that_reason(bpe_tokenizer):
-    user = [{"role": "user", "content": "Write about the lamp, please."}]
-    answer = [{"role": "assistant", "content": "The lamp is good."}]
-    for row, field in (
-        ({**KETTLE, "chosen": KETTLE["prompt"] + KETTLE["chosen"]}, "chosen"),  # standard text
-        ({**KETTLE, "rejected": KETTLE["prompt"] + KETTLE["rejected"]}, "rejected"),
-        ({"prompt": user[0]["content"], "chosen": user + answer, "rejected": answer}, "chosen"),
-        ({"prompt": user, "chosen": answer, "rejected": user + answer}, "rejected"),
-    ):  # messages
-        with pytest.raises(ValueError, match=f"field '{field}' repeats the prompt"):
-            data.tokenize_pair(row, bpe_tokenizer, 512, 256)
-    data.tokenize_pair(
-        {"chosen": user + answer, "rejected": user + [{"role": "assistant", "content": "Poor."}]},
-        bpe_tokenizer,
-        512,
-        256,
-    )  # whole conversations without a prompt: as before
+# ----------------------------------------------------------------------------------------------------
+# Batches
 
 
-def test_the_pairs_of_a_step_depend_on_its_size_alone_not_on_how_processes_and_micro_batches_share_it():
+def test_the_prompt_is_never_scored(bpe_tokenizer):
+    pairs = [
+        data.tokenize_pair(KETTLE, bpe_tokenizer, 512, 256),
+        data.tokenize_pair({**KETTLE, "chosen": "Great."}, bpe_tokenizer, 512, 256),
+    ]
+    batch = batches.collate(pairs, bpe_tokenizer.pad_token_id, "cpu")
+    assert batch.input_ids.shape[0] == 4
+    scored = [batch.input_ids[row][batch.completion_mask[row].bool()].tolist() for row in range(4)]
+    assert scored == [
+        pairs[0]["chosen_ids"],
+        pairs[1]["chosen_ids"],
+        pairs[0]["rejected_ids"],
+        pairs[1]["rejected_ids"],
+    ]
+    assert (batch.attention_mask.sum(1) == batch.completion_mask.sum(1) + len(pairs[0]["prompt_ids"])).all()
+
+
+def test_a_steps_pairs_depend_on_its_size_not_on_processes_micro_batches():
     """What lets a run resume on another number of processes: 8 pairs a step as 8 × 1 on 1 process, 4 × 2 on 1, 4 × 1
     on 2 or 1 × 2 on 4 are the same pairs, step after step and across epochs (20 pairs: 2 steps an epoch)."""
     pairs = list(range(20))

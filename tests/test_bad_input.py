@@ -1,0 +1,293 @@
+"""Bad input stops train.py before it trains, with one line that says what is wrong (no traceback), and runs
+nothing it should not: flags, rows, paths, models, gold rewards, a loss that is no longer finite."""
+
+import json
+import shutil
+
+import pytest
+import torch
+
+import epsdpo
+import train
+from tests.helpers import QUICK, good_rows, read_metrics, run_expecting_error, tiny_model_folder, write_jsonl
+from training import models
+from training.arguments import TINY_GOLD_REWARD, parse_args
+
+
+@pytest.mark.parametrize(
+    "flag, value, message",
+    [
+        ("--beta", "0", "beta must be in (0, 1e6)"),
+        ("--beta", "1.7e308", "beta must be in (0, 1e6)"),
+        ("--seed", "100000000000000000000000", "must be in [0, 2**32)"),
+        ("--epsilon", "1", "epsilon must be in [0, 1)"),
+        ("--epsilon", "-0.1", "epsilon must be in [0, 1)"),
+        ("--lr", "0", "the learning rate must be > 0"),
+        ("--batch-size", "0", "must be >= 1"),
+        ("--beta", "nan", "out of range"),
+        ("--lr", "fast", "is not a number"),
+        ("--lora-r", "-1", "must be >= 0"),
+        ("--lora-alpha", "32", "apply only with --lora-r > 0"),
+    ],
+)
+def test_bad_arguments_are_rejected_when_parsed(flag, value, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args([flag, value])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_paths_are_expanded_and_absolute_and_compare_py_flags_refused(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    (tmp_path / "data").mkdir()
+    args, _ = parse_args(
+        [
+            "--output-dir",
+            "~/runs/a",
+            "--dataset",
+            "data",
+            "--model",
+            "org/some-model",
+            "--resume",
+            "~/runs/a",
+            "--gold-reward",
+            "gold.py",
+            "--ref-model",
+            "~/nothing",
+        ]
+    )
+    assert (args.output_dir, args.resume) == (str(tmp_path / "home/runs/a"),) * 2  # never a folder named ~
+    assert (args.dataset, args.gold_reward) == (str(tmp_path / "data"), str(tmp_path / "gold.py"))
+    assert (args.model, args.ref_model) == ("org/some-model", str(tmp_path / "home/nothing"))  # a Hub id as it is
+    for flags in (["--betas", "0.1"], ["--seeds", "2"], ["--workers", "1"]):
+        with pytest.raises(SystemExit):
+            parse_args(flags)
+        assert f"unrecognized arguments: {' '.join(flags)}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "device bogus",
+        "device cuda",
+        "device mps",
+        "output-dir is a file",
+        "output-dir under a file",
+        "gold-reward missing",
+        "gold-reward syntax error",
+        "gold-reward without score",
+        "score raises",
+        "score returns text",
+        "score returns nan",
+        "ref-model of another vocabulary",
+        "ids beyond the vocabulary",
+        "tokenizer without eos",
+        "eval-split is train",
+        "lora-target not in the model",
+        "fsdp on one process",
+        "fsdp with lora",
+    ],
+)
+def test_bad_input_stops_the_run_with_one_line(tmp_path, case, small_data):
+    a_file = tmp_path / "a-file"
+    a_file.write_text("mine")
+    gold = tmp_path / "gold.py"
+    gold.write_text(
+        {
+            "gold-reward syntax error": "def score(:\n",
+            "gold-reward without score": "x = 1\n",
+            "score raises": "def score(prompt, completion):\n    raise KeyError('boom')\n",
+            "score returns text": "def score(prompt, completion):\n    return 'good'\n",
+            "score returns nan": "def score(prompt, completion):\n    return float('nan')\n",
+        }.get(case, "")
+    )
+    arguments, expected = {
+        "device bogus": (["--device", "bogus"], "--device bogus: not a device"),
+        "device cuda": (["--device", "cuda"], "--device cuda: no such device on this machine"),
+        "device mps": (["--device", "mps"], "--device mps: no such device on this machine"),
+        "output-dir is a file": (["--output-dir", str(a_file)], f"--output-dir {a_file} is a file, not a folder"),
+        "output-dir under a file": (
+            ["--output-dir", str(a_file / "out")],
+            f"--output-dir {a_file / 'out'}: cannot write there",
+        ),
+        "gold-reward missing": (
+            ["--gold-reward", str(tmp_path / "none.py")],
+            f"--gold-reward {tmp_path / 'none.py'}: no such file",
+        ),
+        "gold-reward syntax error": (["--gold-reward", str(gold)], f"--gold-reward {gold}, line 1: "),
+        "gold-reward without score": (
+            ["--gold-reward", str(gold)],
+            f"--gold-reward {gold}: it defines no function score(",
+        ),
+        "score raises": (["--gold-reward", str(gold)], "--gold-reward: score() raised KeyError: 'boom'"),
+        "score returns text": (["--gold-reward", str(gold)], "--gold-reward: score() returned 'good' for "),
+        "score returns nan": (["--gold-reward", str(gold)], "--gold-reward: score() returned nan for "),
+        "ref-model of another vocabulary": (
+            lambda: ["--ref-model", tiny_model_folder(tmp_path / "m", vocab_size=70)],
+            "its vocabulary has 70 words, the policy's 60",
+        ),
+        "ids beyond the vocabulary": (
+            lambda: ["--model", tiny_model_folder(tmp_path / "m", vocab_size=30)],
+            "but the model has only 30 words",
+        ),
+        "tokenizer without eos": (
+            lambda: ["--model", tiny_model_folder(tmp_path / "m", tokenizer_changes={"eos_token": None})],
+            "its tokenizer has no EOS token",
+        ),
+        "eval-split is train": (["--eval-split", "train"], "--eval-split train is the training split"),
+        "lora-target not in the model": (
+            ["--lora-r", "4", "--lora-target", "c_attn"],
+            "--lora-target c_attn: the model has no layer of that name (its linear layers: down_proj, gate_proj, "
+            "k_proj, lm_head, o_proj, q_proj, up_proj, v_proj)",
+        ),
+        "fsdp on one process": (["--fsdp"], "--fsdp shards the models across the processes torchrun starts"),
+        "fsdp with lora": (["--fsdp", "--lora-r", "4"], "--fsdp with --lora-r: not supported"),
+    }[case]
+    arguments = arguments() if callable(arguments) else arguments  # a model folder, made for its case
+    output_dir = tmp_path / "out" if "output-dir" not in case else None
+    error = run_expecting_error(
+        [*(["--output-dir", str(output_dir)] if output_dir else []), "--max-steps", "1", *small_data, *arguments]
+    )
+    assert error.startswith("error: ") and expected in error and "\n" not in error, error
+    assert a_file.read_text() == "mine"
+    assert output_dir is None or not output_dir.exists() or [p.name for p in output_dir.iterdir()] == [".train.lock"]
+
+
+def test_missing_paths_and_unusable_data_give_one_line_errors(tmp_path):
+    output = ["--output-dir", str(tmp_path / "out"), *QUICK]
+    assert "no such file or folder" in run_expecting_error(["--dataset", str(tmp_path / "nothing.jsonl"), *output])
+    assert run_expecting_error(["--model", str(tmp_path / "no-model"), *output]).startswith(
+        f"error: --model {tmp_path / 'no-model'}"
+    )
+    same = write_jsonl(tmp_path / "same.jsonl", [{"prompt": "Review:", "chosen": " Ok.", "rejected": " Ok."}] * 10)
+    assert "0 usable train pairs" in run_expecting_error(["--dataset", str(same), *output])
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text(json.dumps(good_rows(1)[0]) + "\n{not json\n")
+    assert run_expecting_error(["--dataset", str(broken), *output]).startswith(
+        f"error: {broken}, line 2: not valid JSON"
+    )
+
+
+@pytest.mark.parametrize(
+    "bad_row, message",
+    [
+        ({"prompt": "Review of the lamp:", "rejected": " Poor."}, "line 3: field 'chosen' is missing"),
+        (
+            {"prompt": "Review of the lamp:", "chosen": 5, "rejected": " Poor."},
+            "line 3: field 'chosen' must be a string or a list of messages, not int",
+        ),
+        ({"prompt": "Review of the lamp:", "chosen": " Great.", "rejected": "  "}, "line 3: field 'rejected' is empty"),
+        ({"chosen": " Great.", "rejected": " Poor."}, "line 3: field 'prompt' is missing"),
+        (
+            {"prompt": "Review of the lamp:", "chosen": " Great.", "rejected": " Poor.", "noisy": "yes"},
+            "line 3: field 'noisy' must be true, false or null, not str 'yes'",
+        ),
+    ],
+)
+def test_a_malformed_row_stops_the_run_at_once_naming_file_line_and_field(tmp_path, bad_row, message):
+    rows = good_rows()
+    rows.insert(2, bad_row)
+    dataset = write_jsonl(tmp_path / "pairs.jsonl", rows)
+    error = run_expecting_error(["--dataset", str(dataset), "--output-dir", str(tmp_path / "out"), *QUICK])
+    assert error.startswith(f"error: {dataset}, {message}") and "--skip-invalid" in error
+    assert [p.name for p in (tmp_path / "out").iterdir()] == [".train.lock"]  # stopped before writing anything
+
+
+def test_skip_invalid_drops_malformed_rows_and_reports_them(tmp_path, capsys):
+    rows = good_rows(20)
+    rows[4] = {"prompt": "Review of the lamp:", "chosen": None, "rejected": " Poor."}
+    rows[7] = {"prompt": "Review of the lamp:", "chosen": " Same.", "rejected": " Same."}
+    dataset = write_jsonl(tmp_path / "pairs.jsonl", rows)
+    output_dir = tmp_path / "out"
+    train.main(
+        [
+            "--dataset",
+            str(dataset),
+            "--output-dir",
+            str(output_dir),
+            "--skip-invalid",
+            "--max-steps",
+            "1",
+            "--eval-fraction",
+            "0.1",
+            *QUICK,
+        ]
+    )
+    summary = json.loads((output_dir / "summary.json").read_text())
+    skipped = {reason: count for split in summary["skipped"].values() for reason, count in split.items()}
+    assert skipped == {"invalid (--skip-invalid)": 1, "chosen identical to rejected": 1}
+    assert summary["train_pairs"] + summary["eval_pairs"] == 18
+    assert "skipped 1" in capsys.readouterr().out
+
+
+def test_a_mistyped_eval_split_stops_the_run_naming_the_splits_there_are(tmp_path, small_data):
+    error = run_expecting_error(["--output-dir", str(tmp_path / "out"), *small_data, "--eval-split", "tset"])
+    assert (
+        error == f"error: --dataset {small_data[1]} has no split 'tset' for --eval-split (it has ['test', 'train']); "
+        f"leave --eval-split out to hold out --eval-fraction of train"
+    )
+
+
+def test_pairs_past_the_models_positions_are_refused_naming_the_limit(tmp_path):
+    model = tiny_model_folder(tmp_path / "m", max_position_embeddings=24)
+    long_rows = good_rows(12)  # 18 tokens a pair, 6 a prompt
+    long_rows[3]["chosen"] = " The price is great." * 6  # 37 tokens with its prompt and EOS
+    dataset = write_jsonl(tmp_path / "pairs.jsonl", long_rows)
+    arguments = [
+        "--model",
+        model,
+        "--dataset",
+        str(dataset),
+        "--output-dir",
+        str(tmp_path / "out"),
+        "--max-steps",
+        "1",
+        *QUICK,
+    ]
+    assert (
+        run_expecting_error(arguments) == f"error: --model {model}: it takes at most 24 positions "
+        f"(max_position_embeddings), and a pair has 37 tokens; give --max-length 24 and --max-prompt-length 12 or less"
+    )
+    dataset = write_jsonl(tmp_path / "pairs.jsonl", good_rows(12))
+    error = run_expecting_error([*arguments, "--gold-reward", str(TINY_GOLD_REWARD), "--max-new-tokens", "20"])
+    assert (
+        error == f"error: --max-new-tokens 20: a prompt of 6 tokens and its sample would pass the 24 positions of "
+        f"--model {model}; give --max-new-tokens 18 or less, or a smaller --max-prompt-length"
+    )
+    assert [p.name for p in (tmp_path / "out").iterdir()] == [".train.lock"]
+
+
+def test_code_in_a_model_folder_runs_only_with_trust_remote_code(tmp_path, local_model, small_data):
+    folder = tmp_path / "with-code"
+    shutil.copytree(local_model, folder)
+    marker = tmp_path / "the model's code ran"
+    (folder / "custom_model.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
+    config = json.loads((folder / "config.json").read_text())
+    config["auto_map"] = {"AutoModelForCausalLM": "custom_model.CustomModel"}
+    (folder / "config.json").write_text(json.dumps(config))
+    train.main(["--model", str(folder), "--output-dir", str(tmp_path / "out"), "--max-steps", "1", *small_data])
+    assert not marker.exists()
+
+
+def test_a_non_finite_loss_stops_naming_its_step_and_keeps_the_checkpoint(tmp_path, monkeypatch, small_data):
+    calls, real_loss = [], epsdpo.epsilon_dpo_loss
+    monkeypatch.setattr(models, "FROM_HIDDEN_STATES", False)  # the loss from logits, which this wraps
+
+    def loss_that_breaks_at_the_third_step(*args):
+        out = real_loss(*args)
+        calls.append(torch.is_grad_enabled())  # True in training, False in evaluation
+        if sum(calls) == 3 and calls[-1]:  # the third training micro-batch: step 3
+            out.losses = out.losses * float("nan")
+            out.loss = out.losses.mean()
+        return out
+
+    monkeypatch.setattr(epsdpo, "epsilon_dpo_loss", loss_that_breaks_at_the_third_step)
+    output_dir = tmp_path / "out"
+    error = run_expecting_error(
+        ["--output-dir", str(output_dir), "--max-steps", "5", "--save-every", "2", "--eval-every", "100", *small_data]
+    )
+    assert error.startswith("error: step 3: the loss or the gradient is not finite") and "checkpoint-2" in error
+    state = torch.load(output_dir / "checkpoint-2/trainer_state.pt", weights_only=True)
+    assert state["step"] == 2
+    assert max(row["step"] for row in read_metrics(output_dir)) == 2  # nothing of the bad step

@@ -300,12 +300,13 @@ def epsilon_dpo_loss(policy_logits, ref_logits, input_ids, completion_mask, beta
 # Positions are split only where the hidden size asks for it (m × H × 4 ≤ B), then the vocabulary into as few slices
 # as both rules allow. So:
 #   - where H is small beside the vocabulary (H ≤ V / MAX_CHUNKS: 4,008 at V = 128,256), one chunk of every position
-#     and MAX_CHUNKS slices: 32 tiles, 991 torch operations per call (forward and backward, bf16 autocast) whatever
+#     and MAX_CHUNKS slices: 32 tiles, 978 torch operations per call (forward and backward, bf16 autocast) whatever
 #     B, T and V from 1 GiB of scored float32 logits on (4 pairs × 1,024 tokens at V = 128,256: 3 GiB), fewer below;
-#   - at larger H, more tiles (44 at H = 4,096, 96 at H = 8,192 for that batch: 1,315 and 2,639 operations), each
+#   - at larger H, more tiles (44 at H = 4,096, 96 at H = 8,192 for that batch: 1,476 and 3,008 operations), each
 #     product large enough (at least 2,048 × 4,008 × 8,192 there) that a GPU's time goes to it, not to launches;
-#   - memory: a few B at once; counted, 0.074, 0.064 and 0.072 × one float32 (2B, T, V) logits tensor at H = 256,
-#     4,096 and 8,192 for that batch, the gradients it returns aside (bench_counts.loss_costs).
+#   - memory: a few B at once; counted, 0.074, 0.065 and 0.072 × one float32 (2B, T, V) logits tensor at H = 256,
+#     4,096 and 8,192 for that batch, the gradients it returns aside (bench_counts.loss_costs); there the tiles gather
+#     their slices of the policy's weight, so that no view of the whole float32 weight lives beside its gradient.
 # Why slices of the vocabulary before chunks of positions: each product reads its slice of the weight once for all the
 # positions of its chunk, so few chunks keep the weight's reads (and its casts to bf16) to about one per pass, where
 # chunks of a few positions over the whole vocabulary would read all of it again for each.
@@ -334,6 +335,7 @@ class _HiddenPositions:
     num_positions: int  # P, the scored positions; P' = P rounded up to a multiple of chunk_size
     chunk_size: int  # m, positions per chunk
     slice_size: int  # v, words per slice (the last slice may hold fewer)
+    words: list  # each slice's words (v,), on the device, where the tiles gather their slices; else None each
     empty_rows: list  # the rows with no completion token
 
     def row_sums(self, token_values, num_rows, length):
@@ -387,6 +389,10 @@ def _hidden_positions(input_ids, completion_mask, vocab_size, width, device):
     hidden_index, token_index, rows = device_index[:3]
     local_targets, in_slice = device_index[3 : 3 + num_slices], device_index[3 + num_slices : 3 + 2 * num_slices]
     empty_rows = (~scored.any(-1)).nonzero().flatten().tolist()
+    # Where the weight is large beside the scored logits (H > P / 16), the tiles gather their slices of the policy's
+    # weight (_slice_t); where it is small, they take views of it, one operation fewer a tile.
+    gathered = num_slices > 1 and width * 16 > num_positions
+    words = torch.arange(vocab_size, device=device).split(slice_size) if gathered else [None] * num_slices
     return _HiddenPositions(
         hidden_index,
         token_index,
@@ -397,6 +403,7 @@ def _hidden_positions(input_ids, completion_mask, vocab_size, width, device):
         num_positions,
         chunk_size,
         slice_size,
+        words,
         empty_rows,
     )
 
@@ -417,12 +424,31 @@ def _softcapped(logits, logit_softcap):
     return logits if logit_softcap is None else torch.tanh(logits / logit_softcap) * logit_softcap
 
 
-def _forward_tile(hidden, ref_hidden, weight_t, ref_weight_t, local_targets, weaker, stronger, logit_softcap, dtype):
-    """One tile: m positions (hidden, ref_hidden (m, H), in the dtype of the products) × a slice of v words (weight_t,
-    ref_weight_t (H, v), slices of the weights transposed, in their own dtype: cast here, a slice at a time). Both
-    models' logits (m, v) in dtype (float32), and what the loss reads of them: log Σ_v exp f_v over the slice for π_θ,
-    π_ref, π̂_weaker, π̂_stronger, (m,) each; f at local_targets (m, 1) for π_θ and π_ref, (m, 1) each."""
-    policy = _softcapped(hidden @ weight_t.to(hidden.dtype), logit_softcap).to(dtype)  # (m, v)
+def _slice_t(weight, words, dtype):
+    """A slice of the policy's output weight, transposed, (H, v) in dtype: with words (v,), those rows of the whole
+    weight (V, H), gathered by index_select, which a compiled body fuses with the cast into one read of the slice;
+    without, weight is that slice already (a view). Gathered where the weight is large: then no view of the whole
+    float32 weight lives while its gradient, of the same size, fills, and a count of the storages alive (FakeTensors,
+    bench_counts.PeakBytes) sees that gradient as the one (V, H) buffer, which it is."""
+    return (weight if words is None else weight.index_select(0, words).T).to(dtype)
+
+
+def _policy_slices(weight, positions):
+    """(the weight, or its transposed slice, a view; words or None) for each slice, as _slice_t takes them. Inside the
+    autograd.Function nothing records a graph: the weight needs no detach (a view of it, like any other)."""
+    if positions.words[0] is None:
+        return [(weight_t, None) for weight_t in weight.T.split(positions.slice_size, dim=1)]
+    return [(weight, words) for words in positions.words]
+
+
+def _forward_tile(hidden, ref_hidden, weight, words, ref_weight_t, local_targets, weaker, stronger, cap, dtype):
+    """One tile: m positions (hidden, ref_hidden (m, H), in the dtype of the products) × a slice of v words (the
+    policy's weight and words, as _slice_t takes them; ref_weight_t (H, v), the reference's slice transposed, in its
+    own dtype: cast here, a slice at a time). Both models' logits (m, v) in dtype (float32), and what the loss reads of
+    them: log Σ_v exp f_v over the slice for π_θ, π_ref, π̂_weaker, π̂_stronger, (m,) each; f at local_targets (m, 1)
+    for π_θ and π_ref, (m, 1) each."""
+    logit_softcap = cap
+    policy = _softcapped(hidden @ _slice_t(weight, words, hidden.dtype), logit_softcap).to(dtype)  # (m, v)
     ref = _softcapped(ref_hidden @ ref_weight_t.to(ref_hidden.dtype), logit_softcap).to(dtype)
     return (
         policy.logsumexp(-1),
@@ -434,13 +460,13 @@ def _forward_tile(hidden, ref_hidden, weight_t, ref_weight_t, local_targets, wea
     )
 
 
-def _backward_tile(hidden, hidden_t, weight_t, log_normalizers, local_targets, minus_onehot, minus_grads, cap, dtype):
+def _backward_tile(hidden, hidden_t, weight, words, normalizers, local_targets, minus_onehot, minus_grads, cap, dtype):
     """One tile's (∂/∂hidden (m, H), ∂/∂W.T (H, v), None without hidden_t) of Σ_p g_p log softmax(f_p)[y_p], from
     minus_grads −g (m, 1), forward's log-normalizers (m, 1) over the whole vocabulary, and minus_onehot (m, 1), −1
     where the target lies in this slice (at local_targets), 0 elsewhere: the tile's logits again, then
         ∂/∂f = g (onehot(y) − softmax(f)) · (1 − tanh²(f / cap) with a soft-cap);  ∂/∂hidden = ∂/∂f @ W;
         ∂/∂W.T = hidden.T @ ∂/∂f          (each summed over the tiles by the caller)"""
-    weight_t = weight_t.to(hidden.dtype)  # (H, v)
+    log_normalizers, weight_t = normalizers, _slice_t(weight, words, hidden.dtype)  # (H, v)
     logits = hidden @ weight_t  # (m, v)
     tanh = None if cap is None else torch.tanh(logits / cap)
     logits = logits if tanh is None else tanh * cap
@@ -541,15 +567,18 @@ class _LogpsFromHidden(torch.autograd.Function):
             lambdas = (1 + epsilon, 1 - epsilon)
             # λ as 0-d tensors (filled on the device, no copy): a compiled body takes them as inputs, not constants.
             lambda_weights = [policy_hidden.new_full((), lam, dtype=dtype) for lam in lambdas]
-            weight_slices, ref_weight_slices = (
-                weight.detach().T.split(positions.slice_size, dim=1) for weight in (policy_weight, ref_weight)
-            )  # (H, v) views
+            weight_slices = _policy_slices(policy_weight, positions)
+            ref_weight_slices = ref_weight.detach().T.split(positions.slice_size, dim=1)  # (H, v) views
             log_normalizers, target_logits = [], []
             for index, target_slice, local_targets in positions.chunks([positions.local_targets]):
                 hidden, ref_chunk = _gather(policy_hidden, index, policy_dtype), _gather(ref_hidden, index, ref_dtype)
                 tiles = [
-                    forward_tile(hidden, ref_chunk, *slices, targets, *lambda_weights, logit_softcap, dtype)
-                    for *slices, targets in zip(weight_slices, ref_weight_slices, local_targets, strict=True)
+                    forward_tile(
+                        hidden, ref_chunk, *policy_slice, ref_slice, targets, *lambda_weights, logit_softcap, dtype
+                    )
+                    for policy_slice, ref_slice, targets in zip(
+                        weight_slices, ref_weight_slices, local_targets, strict=True
+                    )
                 ]
                 sums, targets = _combined(tiles, target_slice)
                 log_normalizers.append(sums)
@@ -580,7 +609,7 @@ class _LogpsFromHidden(torch.autograd.Function):
             # ∂/∂W in float32 (float64 inputs: float64), summed in place a slice at a time; the weight's gradient
             # itself when the weight is float32. None for a frozen head (LoRA).
             grad_weight = policy_weight.new_zeros(policy_weight.shape, dtype=dtype) if weight_grad else None
-            weight_slices = policy_weight.detach().T.split(positions.slice_size, dim=1)  # (H, v) views
+            weight_slices = _policy_slices(policy_weight, positions)
             grad_slices = (
                 grad_weight.T.split(positions.slice_size, dim=1) if weight_grad else [None] * len(weight_slices)
             )
@@ -594,13 +623,13 @@ class _LogpsFromHidden(torch.autograd.Function):
                 hidden = _gather(policy_hidden, index, ctx.policy_dtype)
                 hidden_t = hidden.T if weight_grad else None
                 grad_chunk = hidden.new_zeros(hidden.shape, dtype=dtype)  # ∂/∂hidden, summed over slices
-                for weight_t, grad_slice, targets, tile_minus_onehot in zip(
+                for policy_slice, grad_slice, targets, tile_minus_onehot in zip(
                     weight_slices, grad_slices, local_targets, minus_onehots, strict=True
                 ):
                     grad_part, grad_weight_part = backward_tile(
                         hidden,
                         hidden_t,
-                        weight_t,
+                        *policy_slice,
                         normalizers,
                         targets,
                         tile_minus_onehot,
@@ -684,8 +713,8 @@ def epsilon_dpo_loss_from_hidden(
     within float32 rounding, with gradients for policy_hidden and policy_weight. Only the scored positions are
     projected, in tiles of positions × words (above), in forward and again in backward; a float32 weight is cast to
     the products' dtype a slice at a time. Counted on FakeTensors at 4 pairs × 1,024 tokens (768 scored) and
-    V = 128,256 in bf16: 991 torch operations at H = 256, as many for longer sequences and larger vocabularies; an
-    extra peak (the returned gradients aside) of 0.074, 0.064 and 0.072 × one float32 (2B, T, V) logits tensor at
+    V = 128,256 in bf16: 978 torch operations at H = 256, as many for longer sequences and larger vocabularies; an
+    extra peak (the returned gradients aside) of 0.074, 0.065 and 0.072 × one float32 (2B, T, V) logits tensor at
     H = 256, 4,096 and 8,192. On CUDA each tile's body is compiled (eagerly run if that fails). The products run in
     the inputs' dtype (bf16 under a bf16 autocast, as the model's own head), the soft-cap too, the softmax,
     logsumexp and perturbation in float32, as in the logits path.

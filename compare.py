@@ -24,6 +24,7 @@ import sys
 import tempfile
 import threading
 import time
+from dataclasses import dataclass
 
 if __name__ == "__main__":  # before the imports below take seconds: Ctrl-C there is one line
     from training import signals
@@ -31,7 +32,7 @@ if __name__ == "__main__":  # before the imports below take seconds: Ctrl-C ther
     signals.stop_at_once_on_ctrl_c()
 
 from training import arguments
-from training.arguments import MAX_BETA, MIN_BETA, TINY_DATASET, number
+from training.arguments import TINY_DATASET
 from training.checkpoints import RESUMABLE, RUNS_CODE, as_command_line, run_is_saved
 from training.errors import ReportedError, note, run_command
 from training.output_folder import (
@@ -342,44 +343,28 @@ def _say_done(run, done, total, seconds):
 # The command line
 
 
-def parse_args(argv=None, report=False):
-    """train.py's arguments, and --betas, --seeds and --workers."""
-    beta = number(
-        float,
-        MIN_BETA,
-        low_open=False,
-        high=MAX_BETA,
-        what=f"beta must be in (0, 1e6), and at least {MIN_BETA} (the least the loss takes)",
+@dataclass
+class ComparisonConfig(arguments.RunConfig):
+    """train.py's settings, which every run of the comparison takes, and the comparison's own."""
+
+    betas: list[float] | None = arguments.flag(
+        None,
+        "the reward–KL frontier of DPO, ε-DPO and ε-DPO with a fixed baseline β over these β",
+        type=arguments.BETA,
+        nargs="+",
     )
-    extra = [
-        (
-            "--betas",
-            dict(
-                type=beta,
-                nargs="+",
-                default=None,
-                help="the reward–KL frontier of DPO, ε-DPO and ε-DPO with a fixed baseline β over these β",
-            ),
-        ),
-        (
-            "--seeds",
-            dict(
-                type=number(int, 1, low_open=False, what="must be >= 1"),
-                default=3,
-                help="with --betas: seeds per β (--seed, --seed + 1, ...)",
-            ),
-        ),
-        (
-            "--workers",
-            dict(
-                type=number(int, 1, low_open=False, what="must be >= 1"),
-                default=None,
-                help="runs that train at once, each a process of its own (0.5 GB of memory each on tiny_data); "
-                "None: with --betas on CPUs one per core, else 1",
-            ),
-        ),
-    ]
-    return arguments.parse_args(argv, report=report, extra=extra, description=__doc__)
+    seeds: int = arguments.flag(3, "with --betas: seeds per β (--seed, --seed + 1, ...)", type=arguments.COUNT)
+    workers: int | None = arguments.flag(
+        None,
+        "runs that train at once, each a process of its own (0.5 GB of memory each on tiny_data); None: with --betas "
+        "on CPUs one per core, else 1",
+        type=arguments.COUNT,
+    )
+
+
+def parse_args(argv=None, report=False):
+    """(a ComparisonConfig, the names of the flags given): train.py's flags, and --betas, --seeds and --workers."""
+    return arguments.parse_args(argv, report=report, config=ComparisonConfig, description=__doc__)
 
 
 def main(argv=None):

@@ -9,7 +9,6 @@
 bench.py (step times, operations and peaks of the losses) runs these; this module holds them.
 """
 
-import argparse
 import json
 import os
 import pathlib
@@ -234,7 +233,8 @@ def ddp_fsdp_table(gpus):
 
 
 def lora_args(rank, model_name="base"):
-    return argparse.Namespace(lora_r=rank, lora_alpha=16.0, lora_target=["all-linear"], model=model_name)
+    """The settings of a LoRA run of rank `rank` on model_name, as train.py's defaults give them."""
+    return arguments.RunConfig(lora_r=rank, model=model_name)
 
 
 def lora_computed(rank=16):

@@ -6,7 +6,6 @@ every rank's shards (torch.distributed.checkpoint). A resumed run reads what the
 ends where an uninterrupted run ends, bit for bit.
 """
 
-import argparse
 import json
 import os
 import pathlib
@@ -22,6 +21,7 @@ import torch.distributed as dist
 import epsdpo
 from training import dcp_files, sharding
 from training.adapters import sft_model_card
+from training.arguments import RunConfig
 from training.errors import ReportedError, note
 from training.evaluation import NOISE
 from training.fingerprints import READ_BY_LOADING
@@ -441,7 +441,7 @@ def resumed_args(args, given, parse):
                 f"the run had --{name.replace('_', '-')}; it runs code, so it applies only when given again with "
                 "--resume"
             )
-    resumed = argparse.Namespace(
+    resumed = RunConfig(
         **{
             **saved,
             **{name: getattr(args, name) for name in given & RESUMABLE | RUNS_CODE},

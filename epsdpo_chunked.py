@@ -17,6 +17,7 @@ it copies them to the GPU): the positions are found and checked there, and reach
 per call with them on the device. epsdpo.py waits once.
 """
 
+import math
 import numbers
 import warnings
 from dataclasses import dataclass
@@ -150,9 +151,10 @@ def _scored_positions(input_ids, completion_mask, logits):
     then send what the logits' device needs there, without waiting for it."""
     vocab_size, itemsize = logits.shape[-1], _compute_dtype(logits).itemsize
     next_tokens, scored = _on_host(input_ids, completion_mask, vocab_size)
-    token_position = torch.arange(scored.shape[1])
-    firsts = torch.where(scored, token_position, scored.shape[1]).amin(-1).tolist()  # (N,) T-1 for a row without any
-    lasts = torch.where(scored, token_position, -1).amax(-1).tolist()  # (N,) −1 for a row without any
+    # The span of scored positions of each row, (N,) each: first > last for a row without any (every row at T = 1).
+    token_position, (num_rows, scored_length) = torch.arange(scored.shape[1]), scored.shape
+    firsts = torch.where(scored, token_position, scored_length).amin(-1).tolist() if scored_length else [1] * num_rows
+    lasts = torch.where(scored, token_position, -1).amax(-1).tolist() if scored_length else [0] * num_rows
     longest = max(1, CHUNK_BYTES // (vocab_size * itemsize))
     chunks = [
         (row, start, min(start + longest, last + 1))
@@ -678,12 +680,10 @@ def _check_both_models(
             f"ref_weight {tuple(ref_weight.shape)} and policy_weight {tuple(policy_weight.shape)} must have "
             f"the same vocabulary"
         )
-    if logit_softcap is not None and (
-        isinstance(logit_softcap, bool)
-        or not isinstance(logit_softcap, numbers.Real)
-        or not 0 < logit_softcap < float("inf")
-    ):
-        raise ValueError(f"logit_softcap must be None or a finite number > 0, got {logit_softcap!r}")
+    # A cap past 1e30 is no cap a model uses (Gemma-2's is 30), and f / cap would round to 0 in float32.
+    real = isinstance(logit_softcap, numbers.Real) and not isinstance(logit_softcap, bool)
+    if logit_softcap is not None and not (real and 0 < logit_softcap <= 1e30):
+        raise ValueError(f"logit_softcap must be None or a number in (0, 1e30], got {logit_softcap!r}")
     return _hidden_positions(
         input_ids, completion_mask, policy_weight.shape[0], policy_hidden.shape[2], policy_hidden.device
     )
@@ -746,6 +746,8 @@ def completion_measures_from_hidden(
     positions = _check_both_models(
         policy_hidden, policy_weight, ref_hidden, ref_weight, input_ids, completion_mask, logit_softcap, pairs=False
     )
+    if not all(isinstance(lam, numbers.Real) and not isinstance(lam, bool) and math.isfinite(lam) for lam in lambdas):
+        raise ValueError(f"lambdas must be finite numbers, got {lambdas!r}"[:200])
     (policy_dtype, ref_dtype), dtype = _dtypes(policy_hidden, policy_weight, ref_hidden, ref_weight)
     with torch.autocast(policy_hidden.device.type, enabled=False):  # the dtypes are chosen
         weight_slices, ref_weight_slices = (

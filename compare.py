@@ -45,7 +45,7 @@ from training.output_folder import (
     write_atomically,
 )
 from training.reports import frontier_points, plot_curves, plot_frontier, print_frontier, print_summary
-from training.signals import stop_signals
+from training.signals import signal_name, stop_signals
 
 TRAIN = pathlib.Path(__file__).resolve().parent / "train.py"  # each run: python train.py ARGUMENTS
 PLAN = "comparison.json"  # the comparison's arguments, in its folder: what --resume plans its runs from
@@ -311,8 +311,8 @@ def run_all(runs, workers, quiet, output_dir):
             )
         if stop.signal is not None:
             print(
-                f"stopped by signal {stop.signal}: {_what_stopped(runs)}; python compare.py --resume {output_dir} "
-                "goes on"
+                f"stopped by {signal_name(stop.signal)}: {_what_stopped(runs)}; "
+                f"python compare.py --resume {output_dir} goes on"
             )
             sys.exit(128 + stop.signal)
 

@@ -74,7 +74,7 @@ from training.reports import (
     run_summary,
 )
 from training.sharding import clip_gradient_norm, gathered_state_dict
-from training.signals import stop_signals
+from training.signals import signal_name, stop_signals
 
 
 def learning_rate(step, args, total_steps):
@@ -215,7 +215,7 @@ def exit_stopped(number, step, output_dir, says):
     """Exit with the status of signal `number`, the run stopped after `step`; `says`: the process that prints it."""
     if says:
         resume = f"checkpoint written: {resume_command(output_dir)} continues the run"
-        print(f"stopped by signal {number} after step {step}; {resume if step else 'nothing to resume'}")
+        print(f"stopped by {signal_name(number)} after step {step}; {resume if step else 'nothing to resume'}")
     sys.exit(128 + number)
 
 

@@ -8,7 +8,7 @@ run_command     a script's body, with every refusal in one line, Ctrl-C and SIGT
 import os
 import sys
 
-from training.signals import StopNow, stop_signals
+from training.signals import StopNow, signal_name, stop_signals
 
 
 class ReportedError(Exception):
@@ -37,10 +37,8 @@ def run_command(function):
         sys.exit(f"error: {error}" if first_rank else 1)
     except StopNow as stopped:
         if first_rank:
-            print(
-                f"stopped by signal {stopped.signal} before training started; nothing was written to resume from",
-                file=sys.stderr,
-            )
+            why = f"stopped by {signal_name(stopped.signal)} before training started"
+            print(f"{why}; nothing was written to resume from", file=sys.stderr)
         sys.exit(128 + stopped.signal)
     except KeyboardInterrupt:
         sys.exit("error: stopped at once by a second signal; the last checkpoint is as it was")

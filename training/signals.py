@@ -7,6 +7,14 @@ import sys
 import time
 
 
+def signal_name(number):
+    """How a stop line names a signal: "signal 15 (SIGTERM)"."""
+    try:
+        return f"signal {number} ({signal.Signals(number).name})"
+    except ValueError:
+        return f"signal {number}"
+
+
 def stop_at_once_on_ctrl_c():
     """Before stop_signals takes over (while torch and transformers import, seconds): Ctrl-C exits with one line
     and the signal's status, not a KeyboardInterrupt's traceback from inside an import."""
@@ -14,7 +22,7 @@ def stop_at_once_on_ctrl_c():
     def stop(number, frame):
         if os.environ.get("RANK", "0") == "0":  # under torchrun, once in all
             print(
-                f"stopped by signal {number} before training started; nothing was written to resume from",
+                f"stopped by {signal_name(number)} before training started; nothing was written to resume from",
                 file=sys.stderr,
             )
         sys.exit(128 + number)

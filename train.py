@@ -70,6 +70,7 @@ from training.reports import (
     print_start,
     print_summary,
     progress_bar,
+    quiet_libraries,
     run_label,
     run_summary,
 )
@@ -190,6 +191,7 @@ def train(args, checkpoint=None):
 def load_data(args, output_dir, rank, pairs_a_step, checkpoint):
     """(tokenizer, the tokenized pairs, what the run reads fingerprinted, the gold reward's score or None): the data
     step of train(). Resuming, the fingerprints must be the checkpoint's, or ReportedError naming what changed."""
+    quiet_libraries()  # one progress bar, the training's
     tokenizer = load_tokenizer(tokenizer_name(args.model, args.model_base), args.trust_remote_code, args.model)
     if rank == 0:
         check_only_ours_replaced(output_dir, run_writes(tokenizer, args.lora_r > 0), checkpoint)

@@ -20,14 +20,19 @@ def run_label(args):
     return "DPO" if args.epsilon == 0 else "ε-DPO, fixed baseline β" if args.fixed_baseline_beta else "ε-DPO"
 
 
-def progress_bar(steps, args, rank):
-    """tqdm over the steps, shown by rank 0 alone, with the libraries' own bars (loading, mapping) off."""
+def quiet_libraries():
+    """The libraries' own progress bars (loading weights, mapping rows) off: a run shows one bar, its training's."""
     import datasets
     import transformers
-    from tqdm.auto import tqdm
 
     datasets.disable_progress_bars()
     transformers.utils.logging.disable_progress_bar()
+
+
+def progress_bar(steps, args, rank):
+    """tqdm over the steps, shown by rank 0 alone."""
+    from tqdm.auto import tqdm
+
     return tqdm(steps, desc=run_label(args), disable=None if rank == 0 else True)
 
 

@@ -1,7 +1,8 @@
-"""ε-DPO at 32k–256k-word vocabularies: the functions of epsdpo.py, computed in chunks.
+"""ε-DPO in chunks: the functions of epsdpo.py, for micro-batches whose float32 logits would pass 64 MiB.
 
 epsdpo.py is the method, on full logits with float32 copies of them: (2B, T, V) float32 tensors several times
-over, 4 GB each for 4 pairs × 1,024 tokens at V = 128,256. This module computes the same values, s and gradients
+over, 4 GB each for 4 pairs × 1,024 tokens at V = 128,256 (train.py switches past 64 MiB of them, 2B × T × V × 4
+bytes: 4 pairs of 256 tokens at V = 8,192). This module computes the same values, s and gradients
 (tested equal to epsdpo.py) with the same arguments and outputs, without those copies:
 
     sequence_logps, perturbed_logps, criterion, epsilon_dpo_loss     from the logits, a chunk of positions at a time:

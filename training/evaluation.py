@@ -245,8 +245,9 @@ def sequence_kl(policy_logits, ref_logits):
 
 @torch.no_grad()
 def completion_measures(policy, reference, batch, head, lambdas=(), rows=None, max_rows=None):
-    """What both models say along the completion of each sequence of batch (its first `rows`): (logps (K, N), kls (N,)),
-    log π̂_λ(y|x) at each of the K lambdas (1: the policy, 0: the reference) and Σ_t KL(π_θ‖π_ref) (sequence_kl).
+    """What both models say along the completion of each sequence of batch (its first `rows`): (logps (K, N),
+    kls (N,)), log π̂_λ(y|x) at each of the K lambdas (1: the policy, 0: the reference) and Σ_t KL(π_θ‖π_ref)
+    (sequence_kl).
 
     From the last hidden states, in the loss's tiles (epsdpo_chunked.completion_measures_from_hidden), when head is a
     LinearHead: never a (N, T, V) tensor, whatever the batch. Otherwise from the logits of at most max_rows sequences
@@ -294,9 +295,9 @@ def criterion_measures(models, pairs, pad_token_id, args):
     Called on every rank: each computes its share of the pairs (pairs[rank::ranks]), and every rank gets all of them
     back, in order, in one all_gather (under FSDP each forward pass is a collective, so a shorter share is padded with
     a pair counted nowhere). Each batch runs each model once: completion_measures gives, from the same hidden states
-    (or logits), log π̂_λ at λ = 1, 0, 1 + ε and 1 − ε (the policy, the reference and the criterion's two, which give
-    h and s as the loss computes them) and the KL along each completion; in batches of --eval-batch-size pairs, or,
-    where the head needs full logits (models.head None), of --batch-size pairs, as in training.
+    (or logits), log π̂_λ at λ = 1, 0, 1 + ε and 1 − ε (the policy, the reference and the criterion's two, which
+    give h and s as the loss computes them) and the KL along each completion; in batches of --eval-batch-size
+    pairs, or, where the head needs full logits (models.head None), of --batch-size pairs, as in training.
     """
     policy, reference, head, epsilon = models.policy, models.reference, models.head, args.epsilon
     if epsilon == 0 or not pairs:

@@ -31,18 +31,14 @@ import torch
 import epsdpo
 from training.adapters import tokenizer_name
 from training.arguments import MAX_BETA, parse_args
+from training.async_checkpoints import CheckpointSaver
 from training.batches import collate, micro_batches
-from training.checkpoints import (
-    restore_checkpoint,
-    resume_command,
-    resumed_args,
-    save_checkpoint,
-    save_pretrained_atomically,
-)
+from training.checkpoints import restore_checkpoint, resume_command, resumed_args, save_pretrained_atomically
 from training.data import gold_reward_path, load_gold_reward, load_pairs, load_tokenizer
 from training.errors import ReportedError, run_command
 from training.evaluation import (
     NOISE,
+    SIGNAL,
     SUMS,
     criterion_measures,
     evaluate,
@@ -124,8 +120,8 @@ def train(args, checkpoint=None):
         def stop_after(step, signal):  # Ctrl-C or SIGTERM on any rank: a checkpoint of the last whole step, then exit
             progress.close()
             optimizer.zero_grad(set_to_none=True)  # a half-accumulated step's gradients are dropped
-            if step >= 1:
-                save_checkpoint(output_dir, step, policy, optimizer, baseline_beta, s_by_noise, args, inputs)
+            if step >= 1:  # the checkpoint under way first: both appear whole
+                saver.save(step, policy, optimizer, baseline_beta, s_by_noise, wait=True)
             exit_stopped(signal, step, output_dir, rank == 0)
 
         # The loop
@@ -133,7 +129,8 @@ def train(args, checkpoint=None):
             log_evaluation(0)
         progress, held = progress_bar(range(first_step, total_steps + 1), args, rank), None
         trained, reference = models.trained, models.reference  # the policy as it trains (DDP: wrapped), the reference
-        with stop_signals.training() as stop:  # Ctrl-C or SIGTERM ends the step under way, then stop_after
+        # Ctrl-C or SIGTERM ends the step under way, then stop_after; saver writes the checkpoints (FSDP: in a thread)
+        with stop_signals.training() as stop, CheckpointSaver(output_dir, args, inputs) as saver:
             for step in progress:
                 beta = baseline_beta.value  # the β of every pair of this step
                 sums = torch.zeros(len(SUMS) + len(NOISE), dtype=torch.float64, device=device)
@@ -147,9 +144,9 @@ def train(args, checkpoint=None):
                         (out.loss / args.grad_accum).backward()
                     sums += pair_sums(out, batch.noise)  # on the device: no wait
                 grad_norm = clip_gradient_norm(trained_weights, args.max_grad_norm)  # under FSDP: over all shards
-                # One collective, one wait a step: every rank's sums (s counts among them), gradient norm, β, signal
-                ranks, totals, grad_norm = gather_step(sums, grad_norm, beta, stop.signal or 0)
-                check_finite(step, totals[SUMS.index("loss")].item(), grad_norm, output_dir)
+                # One collective, one wait a step: every rank's sums (s counts too), grad norm, β, write done, signal
+                ranks, totals, grad_norm = gather_step(sums, grad_norm, beta, saver.written(), stop.signal or 0)
+                check_finite(step, totals[SUMS.index("loss")].item(), grad_norm, saver)
                 lr = learning_rate(step, args, total_steps)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
@@ -165,10 +162,9 @@ def train(args, checkpoint=None):
                 progress.set_postfix(loss=round(row["loss"], 3), acc=row["rewards/accuracies"], beta=round(beta, 4))
                 if step % args.eval_every == 0 or step == total_steps:
                     log_evaluation(step)
-                if ranks[:, -1].any() and step < total_steps:  # every rank stops, with the signal one of them got
-                    stop_after(step, int(ranks[:, -1].max()))
-                if step % args.save_every == 0:
-                    save_checkpoint(output_dir, step, policy, optimizer, baseline_beta, s_by_noise, args, inputs)
+                if ranks[:, SIGNAL].any() and step < total_steps:  # every rank stops, with the signal one of them got
+                    stop_after(step, int(ranks[:, SIGNAL].max()))
+                saver.after_step(step, ranks, policy, optimizer, baseline_beta, s_by_noise)  # every --save-every steps
 
         # What the criterion measures on the final policy (every rank computes, rank 0 draws criterion.png)
         with autocast:
@@ -202,9 +198,12 @@ def load_data(args, output_dir, rank, pairs_a_step, checkpoint):
     return tokenizer, data, checked_inputs(args, data, checkpoint), load_gold_reward(gold_reward_path(args))
 
 
-def check_finite(step, loss, grad_norm, output_dir):
-    """Stop before applying a step whose loss or gradient is NaN or infinite, naming the checkpoint to go on from."""
+def check_finite(step, loss, grad_norm, saver):
+    """Stop before applying a step whose loss or gradient is NaN or infinite, naming the checkpoint to go on from
+    (saver: the run's CheckpointSaver; a checkpoint it writes in the background, of an earlier step, is finished)."""
     if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+        saver.finish()  # every rank is here: the step's totals are every rank's
+        output_dir = saver.output_dir
         latest = our_checkpoints(output_dir)[-1:]
         go_on = f"The last checkpoint, {latest[0]}, is intact: {resume_command(output_dir)} continues from it."
         raise ReportedError(

@@ -2,8 +2,8 @@
 
 A checkpoint is OUTPUT_DIR/checkpoint-STEP/: the policy (or its LoRA adapter) and trainer_state.pt (the optimizer's
 state, the baseline β with any pending counts, the s counts, the RNG states, the run's arguments), or under FSDP
-every rank's shards (torch.distributed.checkpoint). A resumed run reads what the run read, with its arguments, and
-ends where an uninterrupted run ends, bit for bit.
+every rank's shards (torch.distributed.checkpoint, written in the background: async_checkpoints.py). A resumed run
+reads what the run read, with its arguments, and ends where an uninterrupted run ends, bit for bit.
 """
 
 import json
@@ -125,19 +125,20 @@ def save_pretrained_atomically(output_dir, model, tokenizer, summary=None, state
 # Checkpoints
 
 
-def save_checkpoint(output_dir, step, policy, optimizer, baseline_beta, s_by_noise, args, inputs):
-    """checkpoint-STEP of a train.py run: what write_checkpoint writes, with the run's state (inputs: what it read,
-    as checked_inputs fingerprinted it; and its number of processes). Called on every rank."""
-    state = {
+def trainer_state(step, baseline_beta, s_by_noise, args, inputs):
+    """What trainer_state.pt keeps of a train.py run after optimizer step `step`, besides AdamW's state: the baseline
+    β with any pending counts, the s counts, the RNG states, the run's arguments, what it read (inputs, as
+    checked_inputs fingerprinted it) and its number of processes. Taken when the checkpoint is begun: a checkpoint
+    written in the background (async_checkpoints) holds the state of its step, not of the step when it appears."""
+    return {
         "step": step,
         "baseline_beta": baseline_beta.state_dict(),
-        "s_by_noise": s_by_noise,
-        "args": vars(args),
+        "s_by_noise": list(s_by_noise),
+        "args": dict(vars(args)),
         "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
         "inputs": inputs,
         "world_size": dist.get_world_size() if dist.is_initialized() else 1,
     }
-    write_checkpoint(output_dir, step, policy, optimizer, state, args.keep_checkpoints)
 
 
 def restore_checkpoint(checkpoint, policy, optimizer, baseline_beta):
@@ -155,61 +156,63 @@ def restore_checkpoint(checkpoint, policy, optimizer, baseline_beta):
 
 
 def write_checkpoint(output_dir, step, policy, optimizer, state, keep):
-    """OUTPUT_DIR/checkpoint-STEP/: the policy and AdamW's state, and trainer_state.pt; keeps the last `keep`.
-    Called on every rank.
+    """OUTPUT_DIR/checkpoint-STEP/ of one process or DDP: the policy (safetensors) and trainer_state.pt (`state`,
+    as trainer_state gives it, with AdamW's state); keeps the last `keep`. Called on every rank; rank 0 writes.
 
-    One process or DDP: rank 0 writes the policy (safetensors) and the optimizer's state into
-    trainer_state.pt. FSDP: every rank writes its own shard of both with torch.distributed.checkpoint
-    (__RANK_0.distcp, and .metadata from rank 0): no rank ever gathers the whole state.
-    The folder appears whole or not at all: written beside, then renamed by rank 0 once every rank has
-    written. A failed write (a full disk) leaves nothing behind and stops the run with a message; the
-    previous checkpoints stay as they were.
+    Synchronous: every rank waits until rank 0 has written it (docs/multi-gpu.md says why it is not written in the
+    background). A sharded run's checkpoints are, every rank its shards (async_checkpoints.CheckpointSaver).
+    The folder appears whole or not at all: written beside, then renamed (commit_checkpoint). A failed write (a full
+    disk) leaves nothing behind and stops the run with a message; the previous checkpoints stay as they were.
     """
-    output_dir, rank = pathlib.Path(output_dir), dist.get_rank() if dist.is_initialized() else 0
-    shards = sharding.sharded(policy)
-    if rank != 0 and not shards:
+    if sharding.sharded(policy):
+        raise ValueError("a sharded policy's checkpoints are written by async_checkpoints.CheckpointSaver")
+    output_dir = pathlib.Path(output_dir)
+    if dist.is_initialized() and dist.get_rank() != 0:
         return
-    temporary = [tempfile.mkdtemp(prefix=f".checkpoint-{step}-", dir=output_dir) if rank == 0 else None]
-    if shards:
-        dist.broadcast_object_list(temporary)  # one folder, rank 0's
-    temporary = pathlib.Path(temporary[0])
+    temporary = pathlib.Path(tempfile.mkdtemp(prefix=f".checkpoint-{step}-", dir=output_dir))
     try:
-        if shards:
-            import torch.distributed.checkpoint as dcp
-            from torch.distributed.checkpoint.state_dict import get_state_dict
+        save_model(policy, temporary)
+        # The proofs of the model's files: a file put in their place later makes the checkpoint one to pass over.
+        state = {**state, "optimizer": optimizer.state_dict(), "files": manifest(temporary)}
+        commit_checkpoint(output_dir, temporary, step, state)
+    except _write_errors() as error:
+        shutil.rmtree(temporary, ignore_errors=True)
+        raise write_failure(output_dir, step, error) from None
+    prune_checkpoints(output_dir, keep)
 
-            model_state, optimizer_state = get_state_dict(policy, optimizer)
-            # Returns on every rank once rank 0 has every rank's result and has written .metadata.
-            dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=temporary)
-        elif rank == 0:
-            save_model(policy, temporary)
-            # The proofs of the model's files: a file put in their place later makes the checkpoint one to pass over.
-            state = {**state, "optimizer": optimizer.state_dict(), "files": manifest(temporary)}
-        if rank == 0:
-            # A copy of the folder's record: a copy of the folder made without it (cp -r out/* new/) resumes.
-            torch.save({**state, "record": read_record(output_dir)}, temporary / "trainer_state.pt")
-            temporary.chmod(0o755)
-            final = output_dir / f"checkpoint-{step}"
-            if final in our_checkpoints(output_dir):
-                remove_checkpoint(final)
-            if os.path.lexists(final):  # a folder of yours, or one a file of yours kept
-                raise OSError(f"{final} holds files this project did not write; move them away")
-            record_checkpoint(output_dir, final.name, manifest(temporary))
-            os.replace(temporary, final)
-    except (*_write_errors(), *_checkpoint_errors()) as error:  # a rank's failed write reaches every rank
-        if rank == 0:
-            shutil.rmtree(temporary, ignore_errors=True)
-        previous = our_checkpoints(output_dir)[-1:]
-        error = _first_failure(error)
-        raise ReportedError(
-            f"could not write checkpoint-{step} ({_first_line(error)}); "
-            + (f"the last checkpoint, {previous[0]}, is intact" if previous else "no checkpoint was written")
-        ) from None
-    if rank == 0:
-        for old in our_checkpoints(output_dir)[:-keep]:
-            remove_checkpoint(old)
-    if shards:
-        dist.barrier()  # no rank goes on (or exits) before it is whole
+
+def commit_checkpoint(output_dir, temporary, step, state):
+    """On rank 0, once every file of the checkpoint is written in the folder `temporary` beside: trainer_state.pt
+    (state, with a copy of the folder's record), the proofs of its files in the record, then one rename to
+    checkpoint-STEP. So the folder appears whole or not at all, and only checkpoint-STEP folders holding a
+    trainer_state.pt are ever resumed from. Raises what a failed write raises (_write_errors)."""
+    # A copy of the folder's record: a copy of the folder made without it (cp -r out/* new/) resumes.
+    torch.save({**state, "record": read_record(output_dir)}, temporary / "trainer_state.pt")
+    temporary.chmod(0o755)
+    final = output_dir / f"checkpoint-{step}"
+    if final in our_checkpoints(output_dir):
+        remove_checkpoint(final)
+    if os.path.lexists(final):  # a folder of yours, or one a file of yours kept
+        raise OSError(f"{final} holds files this project did not write; move them away")
+    record_checkpoint(output_dir, final.name, manifest(temporary))
+    os.replace(temporary, final)
+
+
+def prune_checkpoints(output_dir, keep):
+    """Remove all but the last `keep` checkpoints of ours (crash-safe: output_folder.remove_checkpoint)."""
+    for old in our_checkpoints(output_dir)[:-keep]:
+        remove_checkpoint(old)
+
+
+def write_failure(output_dir, step, error):
+    """The ReportedError of checkpoint-STEP's failed write, in one line naming the checkpoint left intact:
+    could not write checkpoint-2 ([Errno 28] No space left on device); the last checkpoint, out/checkpoint-1, is
+    intact. error: what the write raised; a CheckpointException of a sharded write is said by its first rank's."""
+    previous = our_checkpoints(output_dir)[-1:]
+    return ReportedError(
+        f"could not write checkpoint-{step} ({_first_line(_first_failure(error))}); "
+        + (f"the last checkpoint, {previous[0]}, is intact" if previous else "no checkpoint was written")
+    )
 
 
 def load_checkpoint(folder, state, policy, optimizer):

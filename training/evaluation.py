@@ -102,19 +102,26 @@ def s_counts(totals):
     return weaker, pairs - weaker - stronger, stronger
 
 
-def gather_step(sums, grad_norm, beta, signal):
+# The last columns of gather_step's rows: a rank's gradient norm, the β it trained with, whether the background write
+# of its checkpoint has returned (async_checkpoints), the signal it got.
+GRAD_NORM, BETA, WRITTEN, SIGNAL = -4, -3, -2, -1
+
+
+def gather_step(sums, grad_norm, beta, written, signal):
     """What an optimizer step needs on the host, from every rank: (ranks, totals, gradient norm). ranks (world size,
-    K): each rank's sums of the step (as pair_sums), its gradient norm, the β it trained with and the number of the
-    signal it got (0: none), last; totals: their sums over the ranks. One collective and one wait for the device, the
-    step's only ones: the two numbers of the host reach the device without waiting for it."""
-    flags = to_device([torch.tensor([beta, signal], dtype=torch.float64)], sums.device)[0]
+    K): each rank's sums of the step (as pair_sums), its gradient norm, the β it trained with, 1 if the background
+    write of its checkpoint under way has returned (else 0) and the number of the signal it got (0: none), last;
+    totals: their sums over the ranks. One collective and one wait for the device, the step's only ones: the numbers
+    of the host reach the device without waiting for it."""
+    flags = to_device([torch.tensor([beta, written, signal], dtype=torch.float64)], sums.device)[0]
     ranks = gather_from_every_rank(torch.cat([sums, grad_norm.double().reshape(1), flags]))
-    return ranks, ranks.sum(0), ranks[0, -3].item()
+    return ranks, ranks.sum(0), ranks[0, GRAD_NORM].item()
 
 
 def train_row(step, beta, lr, ranks, grad_norm, next_beta):
     """The metrics.jsonl row of an optimizer step, from every rank's sums (ranks, as gather_from_every_rank gave
-    them, with the gradient norm, the β and the stop flag last); and the step's counts by (noise flag, s), as NOISE.
+    them, with the gradient norm, the β, the written flag and the signal last); and the step's counts by (noise flag,
+    s), as NOISE.
 
     next_beta: the baseline β after the step (the mean β̃ of its pairs), None when it does not move."""
     totals = ranks.sum(0)
@@ -132,7 +139,7 @@ def train_row(step, beta, lr, ranks, grad_norm, next_beta):
         }
     )
     if len(ranks) > 1:
-        row["beta/ranks"] = ranks[:, -2].tolist()  # the β each rank used: all the same
+        row["beta/ranks"] = ranks[:, BETA].tolist()  # the β each rank used: all the same
     return row, step_counts
 
 
@@ -238,8 +245,9 @@ def sequence_kl(policy_logits, ref_logits):
 
 @torch.no_grad()
 def completion_measures(policy, reference, batch, head, lambdas=(), rows=None, max_rows=None):
-    """What both models say along the completion of each sequence of batch (its first `rows`): (logps (K, N), kls (N,)),
-    log π̂_λ(y|x) at each of the K lambdas (1: the policy, 0: the reference) and Σ_t KL(π_θ‖π_ref) (sequence_kl).
+    """What both models say along the completion of each sequence of batch (its first `rows`): (logps (K, N),
+    kls (N,)), log π̂_λ(y|x) at each of the K lambdas (1: the policy, 0: the reference) and Σ_t KL(π_θ‖π_ref)
+    (sequence_kl).
 
     From the last hidden states, in the loss's tiles (epsdpo_chunked.completion_measures_from_hidden), when head is a
     LinearHead: never a (N, T, V) tensor, whatever the batch. Otherwise from the logits of at most max_rows sequences
@@ -287,9 +295,9 @@ def criterion_measures(models, pairs, pad_token_id, args):
     Called on every rank: each computes its share of the pairs (pairs[rank::ranks]), and every rank gets all of them
     back, in order, in one all_gather (under FSDP each forward pass is a collective, so a shorter share is padded with
     a pair counted nowhere). Each batch runs each model once: completion_measures gives, from the same hidden states
-    (or logits), log π̂_λ at λ = 1, 0, 1 + ε and 1 − ε (the policy, the reference and the criterion's two, which give
-    h and s as the loss computes them) and the KL along each completion; in batches of --eval-batch-size pairs, or,
-    where the head needs full logits (models.head None), of --batch-size pairs, as in training.
+    (or logits), log π̂_λ at λ = 1, 0, 1 + ε and 1 − ε (the policy, the reference and the criterion's two, which
+    give h and s as the loss computes them) and the KL along each completion; in batches of --eval-batch-size
+    pairs, or, where the head needs full logits (models.head None), of --batch-size pairs, as in training.
     """
     policy, reference, head, epsilon = models.policy, models.reference, models.head, args.epsilon
     if epsilon == 0 or not pairs:

@@ -5,7 +5,8 @@ Rafailov et al., "Direct Preference Optimization" (2023). For a pair (prompt x, 
 preference logit log π(y_w|x) − log π(y_l|x) under a model π:
 
     z_θ, γ    z of the policy and of the reference;  h = z_θ − γ, the margin;  DPO's loss is −log σ(β h)
-    z⁻, z⁺    z of the policies estimated for the penalties β/(1+ε) and β/(1−ε): f_ref + λ (f_θ − f_ref), λ = 1 ± ε
+    z⁻, z⁺    z of the policies estimated for the penalties β/(1+ε) and β/(1−ε), whose logits are
+              f_ref + λ (f_θ − f_ref), λ = 1 ± ε
     s         +1 if z⁻ > z_θ > z⁺ (z grows as β shrinks), −1 if z⁻ < z_θ < z⁺, 0 otherwise
     β̃         β/(1 + ε s), the pair's β: its loss is −log σ(β̃ h); after each optimizer step β ← mean β̃
 
@@ -78,8 +79,9 @@ def dpo_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
 
     Shapes: the four log-probabilities and what it returns (B,); beta a number or (B,), one β per pair.
 
-        h = (log π_θ(y_w) − log π_θ(y_l)) − (log π_ref(y_w) − log π_ref(y_l)) = z_θ − γ;   loss = −log σ(β h)
-        r_w = β (log π_θ(y_w) − log π_ref(y_w)),   r_l = β (log π_θ(y_l) − log π_ref(y_l))   (detached, to log)
+        h = (log π_θ(y_w) − log π_θ(y_l)) − (log π_ref(y_w) − log π_ref(y_l)) = z_θ − γ
+        loss = −log σ(β h)
+        r_w = β (log π_θ(y_w) − log π_ref(y_w)),   r_l = β (log π_θ(y_l) − log π_ref(y_l))   (detached)
     """
     names = ("chosen_logps", "rejected_logps", "ref_chosen_logps", "ref_rejected_logps")
     all_logps = (chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps)
@@ -110,9 +112,9 @@ def perturbed_logps(policy_logits, ref_logits, input_ids, completion_mask, epsil
     logits f_λ = f_ref + λ (f_θ − f_ref) at every position, λ = 1 + ε (weaker) and λ = 1 − ε (stronger).
 
     Shapes: policy_logits and ref_logits (2B, T, V); input_ids and completion_mask (2B, T). Returns
-    (weaker_logps, stronger_logps), each (2B,), without gradient. torch.lerp(f_ref, f_θ, λ) is exactly f_ref when
-    f_θ = f_ref, which λ f_θ + (1−λ) f_ref is not in floating point; in float32, since in bf16 ε (f_θ − f_ref) is
-    below the rounding step of the logits.
+    (weaker_logps, stronger_logps), each (2B,), without gradient. torch.lerp(f_ref, f_θ, λ) is exactly f_ref
+    when f_θ = f_ref, which λ f_θ + (1−λ) f_ref is not in floating point; in float32, since in bf16
+    ε (f_θ − f_ref) is below the rounding step of the logits.
     """
     _check_logits(policy_logits, ref_logits, input_ids, completion_mask)
     return _perturbed_logps(policy_logits, ref_logits, input_ids, completion_mask, _check_epsilon(epsilon))
@@ -177,8 +179,8 @@ def sequence_kl(policy_logits, ref_logits, input_ids, completion_mask):
 
 
 def betas_from_s(beta, s, epsilon):
-    """β̃ = β / (1 + ε s) per pair: β/(1+ε) for s = +1, β/(1−ε) for s = −1, β for s = 0. beta: the baseline β,
-    a number; s (B,) integers in {−1, 0, +1}. Returns (B,) float32."""
+    """β̃ = β / (1 + ε s) per pair: β/(1+ε) for s = +1, β/(1−ε) for s = −1, β for s = 0. beta: the baseline
+    β, a number; s (B,) integers in {−1, 0, +1}. Returns (B,) float32."""
     beta, epsilon = beta_and_epsilon(beta, epsilon)
     _check_tensor(s, "s", "of -1, 0 and +1", floats=False)
     if ((s < -1) | (s > 1)).any():
@@ -190,8 +192,9 @@ def betas_from_s(beta, s, epsilon):
 class BaselineBeta:
     """The baseline β, moved after every optimizer step to the mean β̃ of the pairs that made that step:
 
-        β ← mean_i β̃_i = β · mean_i 1 / (1 + ε s_i)     (the paper's Algorithm 1; the authors' trainer: β / (1 + ε
-                                                      mean_i s_i), never higher, at least 1 − ε² times it a step)
+        β ← mean_i β̃_i = β · mean_i 1 / (1 + ε s_i)     (the paper's Algorithm 1; the authors' trainer:
+                                                      β / (1 + ε mean_i s_i), never higher, at least 1 − ε²
+                                                      times it a step)
 
     No floor: if every pair gets s = +1, β falls as β/(1+ε)^t; min_beta and max_beta clamp it, within BETA_RANGE.
     .value before step() is the β the step trained with. observe(out.s) after every micro-batch of training, then
@@ -215,7 +218,7 @@ class BaselineBeta:
         self.counts = self.counts.to(s.device) + counts
 
     def step(self, counts=None):
-        """β ← the mean β̃ of the step's pairs; returns it. counts: (number of s = +1, 0, −1) over all of the step."""
+        """β ← the mean β̃ of the step's pairs; returns it. counts: (number of s = +1, 0, −1) over the step."""
         weaker, kept, stronger = self._counts_of_every_rank() if counts is None else _check_counts(counts, "counts")
         pairs = weaker + kept + stronger
         if pairs:  # no pair seen: β stays
@@ -296,7 +299,8 @@ def epsilon_dpo_loss(policy_logits, ref_logits, input_ids, completion_mask, beta
     with 0 ≤ epsilon < 1. Returns an EpsilonDPOOutput (out.loss to backward, out.h the margins). It changes nothing:
     a training loop calls observe(out.s) and logs baseline_beta.value before step(); evaluation calls neither.
 
-        s_i = criterion(...), from the logits alone;   β̃_i = β / (1 + ε s_i), a constant;   loss = mean −log σ(β̃_i h_i)
+        s_i = criterion(...), from the logits alone;   β̃_i = β / (1 + ε s_i), a constant
+        loss = mean_i −log σ(β̃_i h_i)
 
     At ε = 0 every s is 0: DPO's loss and gradient, bit for bit. One host sync (the input checks). NaN or infinite
     logits on the mask are not checked (another sync): they give a NaN loss, which the caller must stop on.

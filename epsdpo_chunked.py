@@ -9,7 +9,8 @@ bytes: 4 pairs of 256 tokens at V = 8,192). This module computes the same values
                                                                      never a float32 copy of the (2B, T, V) logits
     epsilon_dpo_loss_from_hidden                                     from the last hidden states and the output
                                                                      layer's weight: never the (2B, T, V) logits
-    completion_measures_from_hidden                                  what evaluation reads (log π̂_λ, KL), the same way
+    completion_measures_from_hidden                                  what evaluation reads (log π̂_λ, KL), the same
+                                                                     way
 
 Everything else (dpo_loss, betas_from_s, BaselineBeta, EpsilonDPOOutput) is epsdpo.py's: copy both files.
 
@@ -231,8 +232,9 @@ class _CompletionLogps(torch.autograd.Function):
 
 
 def perturbed_logps(policy_logits, ref_logits, input_ids, completion_mask, epsilon):
-    """epsdpo.perturbed_logps: (weaker_logps, stronger_logps), each (N,), of the policies estimated for β/(1+ε) and
-    β/(1−ε), f_λ = f_ref + λ (f_θ − f_ref) with λ = 1 ± ε, in float32, from the completion positions a row at a time.
+    """epsdpo.perturbed_logps: (weaker_logps, stronger_logps), each (N,), of the policies estimated for
+    β/(1+ε) and β/(1−ε), f_λ = f_ref + λ (f_θ − f_ref) with λ = 1 ± ε, in float32, from the completion
+    positions a row at a time.
     Shapes: policy_logits and ref_logits (N, T, V); input_ids and completion_mask (N, T)."""
     positions = _pair_positions(policy_logits, ref_logits, input_ids, completion_mask, every_pair=False)
     return _perturbed_logps(policy_logits, ref_logits, positions, beta_and_epsilon(1.0, epsilon)[1])
@@ -287,12 +289,12 @@ def epsilon_dpo_loss(policy_logits, ref_logits, input_ids, completion_mask, beta
 #
 # The logits are f = softcap(hidden @ W.T), read only at the completion positions. Those of all rows are gathered and
 # worked in tiles: a chunk of m positions × a slice of v words. Forward projects both models on a tile, (m, v) each,
-# and keeps what the loss reads of it: log Σ exp over the slice for π_θ, π_ref and π̂ at λ = 1 ± ε, and the logits of
-# the targets that fall in the slice; the slices' log Σ exp are then combined (log Σ_s exp), as flash attention
-# combines its blocks. Backward projects each tile again and rebuilds its softmax from forward's log-normalizers.
-# So never the (2B, T, V) logits (1 GB in bf16 at V = 128,256, 4 × 1,024), and never a whole (V, H) copy of the
-# weight: mixed precision's float32 output weight is cast to bf16 a slice at a time, inside the tile, and its gradient
-# is summed in place, a slice at a time, into the one float32 (V, H) buffer that becomes it.
+# and keeps what the loss reads of it: log Σ exp over the slice for π_θ, π_ref and π̂ at λ = 1 ± ε, and the
+# logits of the targets that fall in the slice; the slices' log Σ exp are then combined (log Σ_s exp), as flash
+# attention combines its blocks. Backward projects each tile again and rebuilds its softmax from forward's
+# log-normalizers. So never the (2B, T, V) logits (1 GB in bf16 at V = 128,256, 4 × 1,024), and never a whole (V, H)
+# copy of the weight: mixed precision's float32 output weight is cast to bf16 a slice at a time, inside the tile, and
+# its gradient is summed in place, a slice at a time, into the one float32 (V, H) buffer that becomes it.
 #
 # How large a tile. Every buffer the loss makes holds at most B bytes, B = max(CHUNK_FLOAT32_BYTES, 1/MAX_CHUNKS of
 # the scored positions' float32 logits):
@@ -447,9 +449,9 @@ def _policy_slices(weight, positions):
 def _forward_tile(hidden, ref_hidden, weight, words, ref_weight_t, local_targets, weaker, stronger, cap, dtype):
     """One tile: m positions (hidden, ref_hidden (m, H), in the dtype of the products) × a slice of v words (the
     policy's weight and words, as _slice_t takes them; ref_weight_t (H, v), the reference's slice transposed, in its
-    own dtype: cast here, a slice at a time). Both models' logits (m, v) in dtype (float32), and what the loss reads of
-    them: log Σ_v exp f_v over the slice for π_θ, π_ref, π̂_weaker, π̂_stronger, (m,) each; f at local_targets (m, 1)
-    for π_θ and π_ref, (m, 1) each."""
+    own dtype: cast here, a slice at a time). Both models' logits (m, v) in dtype (float32), and what the loss reads
+    of them: log Σ_v exp f_v over the slice for π_θ, π_ref, π̂_weaker, π̂_stronger, (m,) each; f at
+    local_targets (m, 1) for π_θ and π_ref, (m, 1) each."""
     logit_softcap = cap
     policy = _softcapped(hidden @ _slice_t(weight, words, hidden.dtype), logit_softcap).to(dtype)  # (m, v)
     ref = _softcapped(ref_hidden @ ref_weight_t.to(ref_hidden.dtype), logit_softcap).to(dtype)
@@ -464,10 +466,11 @@ def _forward_tile(hidden, ref_hidden, weight, words, ref_weight_t, local_targets
 
 
 def _backward_tile(hidden, hidden_t, weight, words, normalizers, local_targets, minus_onehot, minus_grads, cap, dtype):
-    """One tile's (∂/∂hidden (m, H), ∂/∂W.T (H, v), None without hidden_t) of Σ_p g_p log softmax(f_p)[y_p], from
-    minus_grads −g (m, 1), forward's log-normalizers (m, 1) over the whole vocabulary, and minus_onehot (m, 1), −1
-    where the target lies in this slice (at local_targets), 0 elsewhere: the tile's logits again, then
-        ∂/∂f = g (onehot(y) − softmax(f)) · (1 − tanh²(f / cap) with a soft-cap);  ∂/∂hidden = ∂/∂f @ W;
+    """One tile's (∂/∂hidden (m, H), ∂/∂W.T (H, v), None without hidden_t) of Σ_p g_p log softmax(f_p)[y_p],
+    from minus_grads −g (m, 1), forward's log-normalizers (m, 1) over the whole vocabulary, and minus_onehot
+    (m, 1), −1 where the target lies in this slice (at local_targets), 0 elsewhere: the tile's logits again, then
+        ∂/∂f = g (onehot(y) − softmax(f)) · (1 − tanh²(f / cap) with a soft-cap)
+        ∂/∂hidden = ∂/∂f @ W;
         ∂/∂W.T = hidden.T @ ∂/∂f          (each summed over the tiles by the caller)"""
     log_normalizers, weight_t = normalizers, _slice_t(weight, words, hidden.dtype)  # (H, v)
     logits = hidden @ weight_t  # (m, v)
@@ -548,8 +551,9 @@ def _dtypes(policy_hidden, policy_weight, ref_hidden, ref_weight):
 
 
 def _combined(tiles, target_slice):
-    """One chunk's tiles (S of them, each (log Σ exp ... (m,) × K, target logits (m, 1) × 2)) -> log Σ exp over the
-    whole vocabulary, (K, m), log Σ_s exp of the slices'; and the target logits, (2, m), from the slice each lies in."""
+    """One chunk's tiles (S of them, each (log Σ exp ... (m,) × K, target logits (m, 1) × 2)) -> log Σ exp over
+    the whole vocabulary, (K, m), log Σ_s exp of the slices'; and the target logits, (2, m), from the slice each
+    lies in."""
     num_slices, num_sums, size = len(tiles), len(tiles[0]) - 2, len(target_slice)
     sums = torch.stack([value for tile in tiles for value in tile[:num_sums]]).view(num_slices, num_sums, size)
     targets = torch.stack([value for tile in tiles for value in tile[num_sums:]]).view(num_slices, 2, size)
@@ -587,7 +591,7 @@ class _LogpsFromHidden(torch.autograd.Function):
                 log_normalizers.append(sums)
                 target_logits.append(targets)
             log_normalizers, (policy_targets, ref_targets) = torch.cat(log_normalizers, 1), torch.cat(target_logits, 1)
-            # log π̂(y_t) = f_λ[y_t] − log Σ_v exp f_λ,v at each position (4, P'): policy, reference, λ = 1 ± ε
+            # log π̂(y_t) = f_λ[y_t] − log Σ_v exp f_λ,v at each position (4, P'): π_θ, π_ref, λ = 1 ± ε
             token_logps = torch.stack(
                 [policy_targets, ref_targets, *(torch.lerp(ref_targets, policy_targets, lam) for lam in lambdas)]
             )
@@ -737,7 +741,7 @@ def completion_measures_from_hidden(
     policy_hidden, policy_weight, ref_hidden, ref_weight, input_ids, completion_mask, lambdas=(), logit_softcap=None
 ):
     """What evaluation reads along each sequence's completion, from hidden states in the loss's chunks (eager):
-        logps (K, N)   log π̂_λ(y|x) = Σ_t log softmax(f_ref + λ (f_θ − f_ref))[y_t] for each λ of lambdas (K of them):
+        logps (K, N)   log π̂_λ(y|x) = Σ_t log softmax(f_ref + λ (f_θ − f_ref))[y_t] for each λ of lambdas (K):
                        λ = 1 is the policy, λ = 0 the reference, 1 ± ε the policies of the criterion
         kls (N,)       Σ_t KL(π_θ(·|x, y<t) ‖ π_ref(·|x, y<t)) = Σ_t Σ_v p_v (log p_v − log q_v)
 
@@ -776,9 +780,9 @@ def completion_measures_from_hidden(
 
 
 def _measures_tile(hidden, ref_hidden, weight_t, ref_weight_t, local_targets, lambdas, logit_softcap, dtype):
-    """One tile of what evaluation reads, as _forward_tile: (log Σ exp over the slice of π_θ and π_ref, then of π̂_λ
-    for each λ, (m,) each; f at local_targets of π_θ and π_ref, (m, 1) each; Σ_v exp(f_θ,v − log Σ exp f_θ) (f_θ,v −
-    f_ref,v) over the slice, (m,))."""
+    """One tile of what evaluation reads, as _forward_tile: (log Σ exp over the slice of π_θ and π_ref, then of
+    π̂_λ for each λ, (m,) each; f at local_targets of π_θ and π_ref, (m, 1) each; over the slice,
+    Σ_v exp(f_θ,v − log Σ exp f_θ) (f_θ,v − f_ref,v), (m,))."""
     policy = _softcapped(hidden @ weight_t.to(hidden.dtype), logit_softcap).to(dtype)  # (m, v)
     ref = _softcapped(ref_hidden @ ref_weight_t.to(ref_hidden.dtype), logit_softcap).to(dtype)
     log_p = policy.logsumexp(-1)

@@ -11,8 +11,8 @@ A script that trains with TRL's DPOTrainer trains with ε-DPO by changing two na
 
 What changes from DPOTrainer, and nothing else (data, models, PEFT, accelerate, logging and saving are TRL's):
 
-    the loss      each pair's −log σ(β̃ h), β̃ = β / (1 + ε s), s from the criterion of epsdpo.py (Lee et al. 2025,
-                  arXiv 2502.13177); computed by epsdpo_chunked from both models' last hidden states where
+    the loss      each pair's −log σ(β̃ h), β̃ = β / (1 + ε s), s from the criterion of epsdpo.py (Lee et al.
+                  2025, arXiv 2502.13177); computed by epsdpo_chunked from both models' last hidden states where
                   the output layer is a plain linear map (never the (2B, T, V) logits), else from their logits
     β             one epsdpo.BaselineBeta: every micro-batch of an optimizer step trains with the β of the step's
                   start; after the optimizer step, β ← the mean β̃ of the step's pairs, over every micro-batch and
@@ -66,7 +66,7 @@ class EpsilonDPOConfig(DPOConfig):
 
     epsilon: float = field(
         default=0.01,
-        metadata={"help": "The perturbation ε of ε-DPO, in [0, 1): pairs train with β/(1+ε), β/(1−ε) or β; 0 is DPO."},
+        metadata={"help": "The perturbation ε of ε-DPO, in [0, 1): pairs train with β/(1±ε) or β; 0 is DPO."},
     )
     min_beta: float = field(
         default=0.0, metadata={"help": "A floor for the baseline β (BaselineBeta's min_beta); 0: none."}
@@ -94,7 +94,7 @@ REFUSED = {
     ),
     "loss_type": (
         lambda args: list(args.loss_type) != ["sigmoid"] or args.loss_weights not in (None, [1.0]),
-        "ε-DPO is defined for DPO's sigmoid loss alone, −log σ(β̃ h): set loss_type='sigmoid' and no loss_weights",
+        "ε-DPO is defined for DPO's sigmoid loss alone, −log σ(β̃ h): loss_type='sigmoid' and no loss_weights",
     ),
     "use_liger_kernel": (
         lambda args: args.use_liger_kernel,
@@ -218,7 +218,8 @@ class EpsilonDPOTrainer(DPOTrainer):
         right-padded (TRL's DataCollatorForPreference). model: the policy as the Trainer calls it (wrapped for
         DDP, FSDP or DeepSpeed); the reference is self.ref_model, or the policy with its adapters off (PEFT).
 
-            h = z_θ − γ;  s from z⁻, z_θ, z⁺ (epsdpo.criterion);  β̃ = β / (1 + ε s);  loss = mean −log σ(β̃ h)
+            h = z_θ − γ;  s from z⁻, z_θ, z⁺ (epsdpo.criterion);  β̃ = β / (1 + ε s)
+            loss = mean −log σ(β̃ h)
         """
         input_ids, completion_mask = inputs["input_ids"], inputs["completion_mask"]
         model_inputs = {"input_ids": input_ids, "attention_mask": inputs["attention_mask"], "use_cache": False}
@@ -313,9 +314,9 @@ class EpsilonDPOTrainer(DPOTrainer):
 
     def _record_pair_metrics(self, mode, out):
         """TRL's metrics of a batch, over every process's pairs (as DPOTrainer computes them, with each pair's β̃):
-        rewards/chosen β̃ (log π_θ(y_w) − log π_ref(y_w)), rewards/rejected, rewards/accuracies (chosen > rejected),
-        rewards/margins, logps/chosen log π_θ(y_w), logps/rejected; and h, the margin z_θ − γ (β-free: compare
-        runs by it). In evaluation also beta and the fractions of pairs with s = +1 and −1; in training those are
+        rewards/chosen β̃ (log π_θ(y_w) − log π_ref(y_w)), rewards/rejected, rewards/accuracies (chosen >
+        rejected), rewards/margins, logps/chosen log π_θ(y_w), logps/rejected; and h, the margin z_θ − γ (β-free:
+        compare runs by it). In evaluation also beta and the fractions of pairs with s = +1 and −1; in training those are
         counted over the whole optimizer step (_MoveBetaAfterEachStep)."""
         values = {
             "rewards/chosen": out.chosen_rewards,
@@ -336,7 +337,8 @@ class EpsilonDPOTrainer(DPOTrainer):
 
     def _end_optimizer_step(self):
         """After each optimizer step, on every process: record the β the step trained with and its s fractions,
-        then β ← the mean β̃ of the step's pairs. One all-reduce (the counts) and one wait for the device a step."""
+        then β ← the mean β̃ of the step's pairs. One all-reduce (the counts) and one wait for the device a
+        step."""
         counts = self.accelerator.reduce(self.baseline_beta.counts, reduction="sum")  # every process's micro-batches
         weaker, kept, stronger, other = counts.tolist()  # pairs with s = +1, 0, −1, anything else (none)
         pairs = weaker + kept + stronger

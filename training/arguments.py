@@ -187,8 +187,8 @@ class RunConfig:
     max_new_tokens: int = flag(32, "length of the completions sampled for the gold reward", type=COUNT)
     criterion_pairs: int = flag(
         1000,
-        "train pairs on which the final policy's s is compared with sign(h − ΔK) and sign(h), drawn in criterion.png; "
-        "0: none",
+        "train pairs on which the final policy's s is compared with sign(h − ΔK) and sign(h), drawn in "
+        "criterion.png; 0: none",
         type=number(int, 0, low_open=False, what="must be >= 0"),
     )
     # The run itself

@@ -99,7 +99,8 @@ def precision(name, device):
     matrix products run in TF32: inputs rounded to a 10-bit mantissa, products summed in float32 (A100: 156
     TFLOPS against float32's 19.5, by NVIDIA's figures; torch's default is full float32). ε-DPO's perturbation
     f_ref + λ (f_θ − f_ref) is elementwise, in float32, after the products: TF32 rounds the logits a little
-    (bf16 autocast, 8 times more), not the comparison of z⁻, z_θ, z⁺ made from them. NVIDIA_TF32_OVERRIDE=0: off."""
+    (bf16 autocast, 8 times more), not the comparison of z⁻, z_θ, z⁺ made from them. NVIDIA_TF32_OVERRIDE=0:
+    off."""
     if name == "auto":
         name = "bfloat16" if has_bf16_arithmetic(device) else "float32"
     if name == "float32":

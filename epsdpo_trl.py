@@ -316,8 +316,8 @@ class EpsilonDPOTrainer(DPOTrainer):
         """TRL's metrics of a batch, over every process's pairs (as DPOTrainer computes them, with each pair's β̃):
         rewards/chosen β̃ (log π_θ(y_w) − log π_ref(y_w)), rewards/rejected, rewards/accuracies (chosen >
         rejected), rewards/margins, logps/chosen log π_θ(y_w), logps/rejected; and h, the margin z_θ − γ (β-free:
-        compare runs by it). In evaluation also beta and the fractions of pairs with s = +1 and −1; in training those are
-        counted over the whole optimizer step (_MoveBetaAfterEachStep)."""
+        compare runs by it). In evaluation also beta and the fractions of pairs with s = +1 and −1; in training
+        those are counted over the whole optimizer step (_MoveBetaAfterEachStep)."""
         values = {
             "rewards/chosen": out.chosen_rewards,
             "rewards/rejected": out.rejected_rewards,

@@ -187,8 +187,8 @@ def plot_criterion(measured, epsilon, path):
     """criterion.png: what s measures on the final policy (evaluation.criterion_measures gave `measured`).
 
     Left: z(λ) − z(1) of a few train pairs over λ ∈ [0, 2]. Middle: the same, zoomed on [1 − 2ε, 1 + 2ε], with
-    the three points the criterion compares (z⁺ at 1 − ε, z_θ at 1, z⁻ at 1 + ε). Right: h against ΔK for every
-    pair."""
+    the three points the criterion compares (z⁺ at 1 − ε, z_θ at 1, z⁻ at 1 + ε). Right: h against ΔK for
+    every pair."""
     h, delta_k, s, noise = (measured[key] for key in ("h", "delta_k", "s", "noise"))
     curves, lambdas, agreement = measured["curves"], measured["lambdas"], measured["agreement"]
     plt = _pyplot()

@@ -203,8 +203,8 @@ def test_what_evaluation_reads_from_hidden_states_is_what_the_logits_give():
             "ref_weight (7, 4) and policy_weight (5, 4) must have the same vocabulary",
         ),
         (dict(ref_hidden=torch.zeros(4, 5, 4)), "input_ids (4, 6) and completion_mask (4, 6) must both have the shape"),
-        (dict(logit_softcap=0.0), "logit_softcap must be None or a finite number > 0"),
-        (dict(logit_softcap=True), "logit_softcap must be None or a finite number > 0"),
+        (dict(logit_softcap=0.0), "logit_softcap must be None or a number in (0, 1e30], got 0.0"),
+        (dict(logit_softcap=True), "logit_softcap must be None or a number in (0, 1e30], got True"),
         (dict(epsilon=1.0), "epsilon must be a number in [0, 1)"),
     ],
 )

@@ -171,8 +171,8 @@ def test_fsdp_stopped_by_sigterm_resumes_to_the_run_never_stopped(two_ranks):
     step = int(checkpoint.name.split("-")[1])
     assert 1 <= step < 15 and "second signal" not in stderr
     assert (
-        f"stopped by signal 15 after step {step}; checkpoint written: torchrun --nproc_per_node 2 train.py --resume "
-        f"{folder / 'fsdp'} continues the run" in stdout
+        f"stopped by signal 15 (SIGTERM) after step {step}; checkpoint written: torchrun --nproc_per_node 2 train.py "
+        f"--resume {folder / 'fsdp'} continues the run" in stdout
     )
     assert sorted(p.name for p in checkpoint.iterdir()) == [
         ".metadata",

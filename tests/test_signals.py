@@ -126,7 +126,7 @@ def test_a_signal_before_training_stops_cleanly_and_a_burst_counts_once(tmp_path
     with pytest.raises(SystemExit) as exit_info:
         train.main(["--output-dir", str(tmp_path / "out"), "--max-steps", "1", *QUICK])
     assert exit_info.value.code == 128 + signal.SIGINT
-    assert "stopped by signal 2 before training started; nothing was written" in capsys.readouterr().err
+    assert "stopped by signal 2 (SIGINT) before training started; nothing was written" in capsys.readouterr().err
     assert [p.name for p in (tmp_path / "out").iterdir()] == [".train.lock"]
 
     # torchrun delivers one Ctrl-C two or three times within milliseconds: one stop; a later signal stops at once.
@@ -158,7 +158,7 @@ def test_ctrl_c_while_torch_imports_stops_with_one_line(tmp_path):
     process.send_signal(signal.SIGINT)
     stdout, stderr = process.communicate(timeout=60)
     assert process.returncode == 128 + signal.SIGINT and "Traceback" not in stderr, stderr
-    assert stderr.strip() == "stopped by signal 2 before training started; nothing was written to resume from"
+    assert stderr.strip() == "stopped by signal 2 (SIGINT) before training started; nothing was written to resume from"
     assert not (tmp_path / "out").exists()
 
 
@@ -177,7 +177,7 @@ def test_ctrl_c_stops_a_sequential_comparison_checkpointed_and_says_so(tmp_path,
     assert exit_info.value.code == 128 + signal.SIGINT
     assert [p.name for p in (tmp_path / "dpo").glob("checkpoint-*")] == ["checkpoint-1"]
     assert not (tmp_path / "epsilon-dpo").exists()
-    assert "stopped by signal 2: 0 of 2 runs finished, 1 stopped with a checkpoint, 1 did not start" in (
+    assert "stopped by signal 2 (SIGINT): 0 of 2 runs finished, 1 stopped with a checkpoint, 1 did not start" in (
         capsys.readouterr().out
     )
 
@@ -228,6 +228,7 @@ def test_ctrl_c_stops_every_run_of_a_frontier_within_seconds(tmp_path, capsys, s
     checkpointed = sorted(p.parent.name for p in tmp_path.glob("beta-0.1/seed-0/*/checkpoint-*"))
     stdout = capsys.readouterr().out
     assert (
-        checkpointed == ["dpo"] and "stopped by signal 2: 0 of 3 runs finished, 1 stopped with a checkpoint" in stdout
+        checkpointed == ["dpo"]
+        and "stopped by signal 2 (SIGINT): 0 of 3 runs finished, 1 stopped with a checkpoint" in stdout
     )
     assert "2 did not start" in stdout

@@ -312,7 +312,7 @@ def test_a_signal_to_one_rank_stops_every_rank_with_a_checkpoint_and_that_signal
     with pytest.raises(SystemExit) as exit_info:
         train.main(["--output-dir", str(tmp_path), "--max-steps", "3", "--eval-every", "1000", *without_gold_reward])
     assert exit_info.value.code == 128 + signal.SIGTERM
-    assert "stopped by signal 15 after step 1; checkpoint written" in capsys.readouterr().out
+    assert "stopped by signal 15 (SIGTERM) after step 1; checkpoint written" in capsys.readouterr().out
     assert [p.name for p in tmp_path.glob("checkpoint-*")] == ["checkpoint-1"]
 
 

@@ -15,8 +15,15 @@ from safetensors.torch import load_file
 
 import compare
 import train
-from tests.helpers import QUICK, RunInThisProcess, read_metrics, read_metrics_if_any, run_expecting_error
-from training import signals
+from tests.helpers import (
+    QUICK,
+    RunInThisProcess,
+    read_metrics,
+    read_metrics_if_any,
+    run_expecting_error,
+    without_gold_reward,
+)
+from training import evaluation, signals
 from training.arguments import ROOT, TINY_GOLD_REWARD
 
 
@@ -113,6 +120,26 @@ def test_ctrl_c_mid_accumulation_drops_the_step_and_resumes_bit_for_bit(tmp_path
     assert read_metrics(interrupted) == read_metrics(tmp_path / "whole")
     whole, resumed = load_file(tmp_path / "whole/model.safetensors"), load_file(interrupted / "model.safetensors")
     assert all(torch.equal(whole[name], resumed[name]) for name in whole)
+
+
+def test_a_signal_to_one_rank_stops_every_rank_with_its_status(tmp_path, monkeypatch, capsys, small_data):
+    """A SIGTERM that reached another rank alone (its row of the step's collective says 15) stops this rank too, with
+    a checkpoint and the status of that signal, not 'signal None' and a TypeError."""
+    real_gather = evaluation.gather_from_every_rank
+
+    def another_rank_got_sigterm(values):
+        rows = real_gather(values)
+        other = rows[0].clone()
+        other[-1] = signal.SIGTERM
+        return torch.cat([rows, other[None]])
+
+    monkeypatch.setattr(evaluation, "gather_from_every_rank", another_rank_got_sigterm)
+    arguments = ["--output-dir", str(tmp_path), "--max-steps", "3", "--eval-every", "1000"]
+    with pytest.raises(SystemExit) as exit_info:
+        train.main([*arguments, *without_gold_reward(small_data)])
+    assert exit_info.value.code == 128 + signal.SIGTERM
+    assert "stopped by signal 15 (SIGTERM) after step 1; checkpoint written" in capsys.readouterr().out
+    assert [p.name for p in tmp_path.glob("checkpoint-*")] == ["checkpoint-1"]
 
 
 def test_a_signal_before_training_stops_cleanly_and_a_burst_counts_once(tmp_path, monkeypatch, capsys):

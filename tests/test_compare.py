@@ -23,7 +23,10 @@ from training import data, evaluation
 from training.arguments import TINY_MODEL
 
 
-def test_compare_trains_dpo_and_epsilon_dpo_side_by_side(tmp_path, capsys, small_data):
+def test_compare_trains_dpo_and_epsilon_dpo_side_by_side(tmp_path, capsys, small_data, monkeypatch):
+    """The runs made in this process (compare.start_run); python compare.py and its python train.py runs as a user
+    starts them: tests/test_signals.py's Ctrl-C of a frontier."""
+    monkeypatch.setattr(compare, "start_run", RunInThisProcess)
     compare.main(["--output-dir", str(tmp_path), "--max-steps", "2", "--epsilon", "0.3", *small_data])
     dpo = json.loads((tmp_path / "dpo/summary.json").read_text())
     epsilon_dpo = json.loads((tmp_path / "epsilon-dpo/summary.json").read_text())

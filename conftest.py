@@ -18,7 +18,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the tests never download anythin
 
 import pytest
 
-SHARED_FIXTURES = ("two_ranks", "lora_run", "tiny_run", "two_checkpoints")  # the two_ranks fixture takes lora_run's
+# The two_ranks fixture takes lora_run's.
+SHARED_FIXTURES = ("two_ranks", "lora_run", "tiny_run", "two_checkpoints", "stopped_run")
 
 
 @pytest.hookimpl(tryfirst=True)

@@ -8,7 +8,7 @@ import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import train
-from tests.helpers import QUICK, launch, tiny_data_cut
+from tests.helpers import QUICK, ctrl_c_at_training_micro_batch, launch, tiny_data_cut
 from training.arguments import TINY_GOLD_REWARD, TINY_MODEL
 
 
@@ -81,6 +81,22 @@ def two_checkpoints(tmp_path_factory, small_data):
         ]
     )
     return output_dir
+
+
+@pytest.fixture(scope="session")
+def stopped_run(tmp_path_factory, small_data):
+    """A run of 3 steps stopped by a Ctrl-C in its second: checkpoint-1 (--save-every 1) and checkpoint-2. Its
+    samples are scored by a copy of tiny_data's gold reward beside its folder (gold_reward.py), which a test edits."""
+    folder = tmp_path_factory.mktemp("stopped")
+    gold = shutil.copy(TINY_GOLD_REWARD, folder / "gold_reward.py")
+    at = small_data.index("--gold-reward")
+    arguments = [*small_data[:at], "--gold-reward", str(gold), *small_data[at + 2 :]]
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        ctrl_c_at_training_micro_batch(monkeypatch, 2)
+        with pytest.raises(SystemExit):
+            train.main(["--output-dir", str(folder / "out"), "--max-steps", "3", "--save-every", "1", *arguments])
+    assert sorted(p.name for p in (folder / "out").glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
+    return folder / "out"
 
 
 @pytest.fixture(scope="session")

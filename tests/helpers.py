@@ -63,18 +63,37 @@ def good_rows(num_pairs=12):
 
 
 def run_expecting_error(arguments, main=train.main):
-    """train.main's (or compare.main's) message when it stops on bad input (it exits with the message, no traceback)."""
+    """train.main's (or compare.main's) message when it stops on bad input: it exits with one line, no traceback."""
     with pytest.raises(SystemExit) as exit_info:
         main(arguments)
-    assert isinstance(exit_info.value.code, str), exit_info.value.code
+    assert isinstance(exit_info.value.code, str) and "\n" not in exit_info.value.code, exit_info.value.code
     return exit_info.value.code
 
 
-def copy_of(run, tmp_path):
-    """A copy of a finished run's output folder, tmp_path/out, that a test may resume or break."""
-    shutil.copytree(run, tmp_path / "out")
-    (tmp_path / "out/.train.lock").unlink()
+def copy_of(run, tmp_path, dot_files=True):
+    """A copy of a run's output folder, tmp_path/out, that a test may resume or break; without dot_files, as
+    `cp -r out/* new/` makes it (no .train.files)."""
+    shutil.copytree(run, tmp_path / "out", ignore=shutil.ignore_patterns(".train.lock", *([] if dot_files else [".*"])))
     return tmp_path / "out"
+
+
+def train_steps(output_dir):
+    """The steps of a run's training rows in metrics.jsonl."""
+    return [row["step"] for row in read_metrics(output_dir) if row["split"] == "train"]
+
+
+def ctrl_c_at_training_micro_batch(monkeypatch, number):
+    """A Ctrl-C during the number-th training micro-batch (from 1) of the runs made in this process."""
+    real_loss, seen = train.micro_batch_loss, []
+
+    def loss_then_ctrl_c(*args):
+        if torch.is_grad_enabled():
+            seen.append(1)
+            if len(seen) == number:
+                os.kill(os.getpid(), signal.SIGINT)
+        return real_loss(*args)
+
+    monkeypatch.setattr(train, "micro_batch_loss", loss_then_ctrl_c)
 
 
 def without_gold_reward(arguments):
@@ -103,6 +122,22 @@ def tiny_model_folder(folder, vocab_size=60, tokenizer_changes=None, kind="llama
         setattr(tokenizer, name, value)
     tokenizer.save_pretrained(folder)
     return str(folder)
+
+
+def tiny_llama(vocab=64, width=16, layers=1, seed=0):
+    """A small Llama of random weights (seeded), in eval mode, with 64 positions."""
+    torch.manual_seed(seed)
+    config = AutoConfig.for_model(
+        "llama",
+        vocab_size=vocab,
+        hidden_size=width,
+        intermediate_size=2 * width,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
+    return AutoModelForCausalLM.from_config(config).eval()
 
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]

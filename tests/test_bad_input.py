@@ -1,17 +1,20 @@
 """Bad input stops train.py before it trains, with one line that says what is wrong (no traceback), and runs
 nothing it should not: flags, rows, paths, models, gold rewards, a loss that is no longer finite."""
 
+import argparse
 import json
 import shutil
+import sys
 
 import pytest
 import torch
 
+import compare
 import epsdpo
 import train
 from tests.helpers import QUICK, good_rows, read_metrics, run_expecting_error, tiny_model_folder, write_jsonl
-from training import models
-from training.arguments import TINY_GOLD_REWARD, parse_args
+from training import data, errors, models
+from training.arguments import MAX_BETA, MIN_BETA, TINY_GOLD_REWARD, TINY_MODEL, parse_args
 
 
 @pytest.mark.parametrize(
@@ -258,6 +261,30 @@ def test_pairs_past_the_models_positions_are_refused_naming_the_limit(tmp_path):
     assert [p.name for p in (tmp_path / "out").iterdir()] == [".train.lock"]
 
 
+def test_samples_past_the_models_positions_are_refused_with_a_valid_hint(capsys):
+    """tiny_data's own gold reward (on without --gold-reward) samples too: a prompt and its sample past the model's
+    64 positions are refused when the models are loaded, not an IndexError (GPT-2) or a silent sample past them
+    (RoPE). A pair past them is refused with a hint that the parser takes; --min-beta above --beta is refused when
+    parsed; a resume's --max-length parses, and the resume says what is wrong with it."""
+    model = models.load_model(str(TINY_MODEL), torch.device("cpu"), False)
+    tokenizer = data.load_tokenizer(str(TINY_MODEL))
+    pairs = [{"prompt_ids": [1] * 6, "chosen_ids": [5, 2], "rejected_ids": [6, 2]}]
+    run = vars(parse_args(["--max-new-tokens", "60"])[0])
+    with pytest.raises(
+        errors.ReportedError, match="--max-new-tokens 60: a prompt of 6 tokens and its sample would pass the"
+    ):
+        models.check_models(model, model, tokenizer, pairs, argparse.Namespace(**run))
+    pairs[0]["chosen_ids"] = [5] * 80
+    with pytest.raises(errors.ReportedError) as refused:
+        models.check_models(model, model, tokenizer, pairs, argparse.Namespace(**{**run, "max_new_tokens": 8}))
+    assert str(refused.value).endswith("give --max-length 64 and --max-prompt-length 32 or less")
+    assert parse_args(["--max-length", "64", "--max-prompt-length", "32"])[0].max_length == 64
+    with pytest.raises(SystemExit):
+        parse_args(["--min-beta", "0.2", "--beta", "0.1"])
+    assert "the floor of the baseline β would be above its start" in capsys.readouterr().err
+    assert parse_args(["--resume", "out", "--max-length", "32"])[0].max_length == 32  # the resume says what is wrong
+
+
 def test_code_in_a_model_folder_runs_only_with_trust_remote_code(tmp_path, local_model, small_data):
     folder = tmp_path / "with-code"
     shutil.copytree(local_model, folder)
@@ -268,6 +295,52 @@ def test_code_in_a_model_folder_runs_only_with_trust_remote_code(tmp_path, local
     (folder / "config.json").write_text(json.dumps(config))
     train.main(["--model", str(folder), "--output-dir", str(tmp_path / "out"), "--max-steps", "1", *small_data])
     assert not marker.exists()
+
+
+def test_a_model_naming_code_of_its_own_says_it_loads_the_built_in_class(tmp_path, capsys):
+    """A config.json with an auto_map and a model_type transformers knows trained as the built-in class without a
+    word: now a note says so, once for both models."""
+    folder = shutil.copytree(TINY_MODEL, tmp_path / "model")
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "auto_map": {"AutoModelForCausalLM": "mine.Model"}}))
+    for _ in range(2):  # the policy and the reference: said once
+        models.load_model(str(folder), torch.device("cpu"), False)
+    assert capsys.readouterr().out == (
+        f"note: {folder}: its config.json names code of its own (auto_map), which runs only with --trust-remote-code; "
+        "it loads as transformers' LlamaForCausalLM\n"
+    )
+
+
+def test_a_gold_reward_that_exits_or_raises_ctrl_c_fails_in_one_line(tmp_path):
+    """sys.exit(0) in score() ended the run with status 0 and nothing written, and a KeyboardInterrupt of its own was
+    taken for a second signal: each is the gold reward's failure, in one line, when scoring or loading."""
+
+    def exits(prompt, completion):
+        sys.exit(0)
+
+    def interrupts(prompt, completion):
+        raise KeyboardInterrupt
+
+    with pytest.raises(errors.ReportedError, match="score\\(\\) raised SystemExit: 0"):
+        data.gold_score(exits, "p", "c")
+    with pytest.raises(errors.ReportedError, match="score\\(\\) raised KeyboardInterrupt"):
+        data.gold_score(interrupts, "p", "c")
+    (tmp_path / "gold.py").write_text("import sys\nsys.exit(0)\n")
+    with pytest.raises(errors.ReportedError, match="running it raised SystemExit: 0"):
+        data.load_gold_reward(str(tmp_path / "gold.py"))
+
+
+def test_a_beta_the_loss_cannot_take_is_refused_and_never_reached(capsys):
+    """--beta 1e-300 is refused by the parser (train.py's, and compare.py's --betas) at the library's least β; and
+    the baseline β of a run that falls every step stops there (a floor that always holds)."""
+    for parse, flags in ((parse_args, ["--beta", "1e-300"]), (compare.parse_args, ["--betas", "1e-300"])):
+        with pytest.raises(SystemExit):
+            parse(flags)
+        assert "1e-300 is out of range: beta must be in (0, 1e6), and at least 1.2e-38" in capsys.readouterr().err
+    assert parse_args(["--beta", "1.2e-38"])[0].beta == 1.2e-38 == MIN_BETA == epsdpo.BETA_RANGE[0]
+    beta = epsdpo.BaselineBeta(2e-38, 0.9, min_beta=0.0, max_beta=MAX_BETA)  # as train.py builds it
+    assert [beta.step((8, 0, 0)) for _ in range(3)] == [MIN_BETA] * 3
+    epsdpo.BaselineBeta(0.1, 0.9).load_state_dict(beta.state_dict())  # its checkpoint resumes
 
 
 def test_a_non_finite_loss_stops_naming_its_step_and_keeps_the_checkpoint(tmp_path, monkeypatch, small_data):

@@ -1,19 +1,21 @@
 """What a step costs at scale, counted on the CPU: torch operations per loss (each one a kernel launch on a GPU),
 host synchronizations and collectives per optimizer step; and bench.py --quick, which reports them."""
 
+import inspect
 import json
 import math
-import os
-import subprocess
+import pathlib
 import sys
 
 import pytest
 import torch
 
+import bench
 import epsdpo
 import epsdpo_chunked
 import train
-from training import batches, bench_counts, evaluation, loss
+from tests.helpers import tiny_data_cut
+from training import batches, bench_counts, evaluation, loss, models, output_folder, sharding
 from training.arguments import ROOT
 
 # ----------------------------------------------------------------------------------------------------
@@ -102,102 +104,148 @@ def test_the_hidden_state_loss_takes_under_1000_operations_at_any_size():
     assert operations(vocab=32_000, length=512, completion=256) < costs["operations"]
 
 
+@pytest.mark.parametrize("width", [4096, 8192])  # Llama-3-8B's, Llama-3-70B's
+def test_the_hidden_loss_adds_under_a_tenth_of_the_logits_at_real_widths(width):
+    """4 pairs × 1,024 tokens (768 scored) at V = 128,256, bf16 hidden states (the policy's with a gradient), the
+    policy's output weight in float32 (mixed precision's master copy) and the reference's in bf16, forward and backward
+    under a bf16 autocast, counted on FakeTensors: the storages alive at once beyond the inputs and the two gradients
+    the loss returns stay under 0.1 × one float32 (2B, T, V) logits tensor. So no (V, H) buffer besides the weight's
+    own gradient: a bf16 copy of the weight alone would be 0.25 × at H = 4,096 and 0.5 × at 8,192."""
+    costs = bench_counts.loss_costs("hidden", width=width)
+    assert costs["extra_peak"] <= 0.1 * costs["logits"], costs["extra_peak"] / costs["logits"]
+    # The weight's gradient is the one (V, H) buffer: with it and h's gradient counted, under 0.1 × more.
+    gradients = 128_256 * width * 4 + 8 * 1024 * width * 2
+    assert costs["extra_peak_with_gradients"] <= costs["extra_peak"] + gradients
+
+
 # ----------------------------------------------------------------------------------------------------
 # Host synchronizations and collectives per optimizer step
 
 
-def syncs_and_collectives_per_step(tmp_path, monkeypatch, arguments):
-    """Each optimizer step's host synchronizations and collectives in a real train.py run on one gloo rank, followed as
-    a GPU would run it (bench_counts.HostSyncs): the models' weights and every batch copied to the device are device
-    tensors. [(syncs, collectives)] per step: syncs as (what, where); evaluation left out (it runs every --eval-every
-    steps), and everything before the first training batch and after the last step (loading, saving)."""
+def patch_everywhere(monkeypatch, function, wrapper):
+    """Replace `function` by `wrapper` in every module of this project that holds it (scripts import names)."""
+    for module in list(sys.modules.values()):
+        path = getattr(module, "__file__", None) or ""
+        if str(ROOT) in path and getattr(module, function.__name__, None) is function:
+            monkeypatch.setattr(module, function.__name__, wrapper)
+
+
+class Waits(bench_counts.HostSyncs):
+    """HostSyncs that records which library waits: the first frame outside torch, by its file's name ("transformers"
+    for any of transformers' files)."""
+
+    def record(self, what):
+        if self.paused:
+            return
+        for frame in inspect.stack()[2:]:
+            if not bench_counts._in_torch(frame.filename) and frame.filename != bench_counts.__file__:
+                path = pathlib.Path(frame.filename)
+                library = "transformers" if "transformers" in path.parts else path.name
+                self.syncs.append((what, library))
+                return
+
+
+def waits_and_collectives_per_step(tmp_path, monkeypatch, arguments, in_a_group):
+    """Each optimizer step's waits for the device and collectives in a real train.py run, followed as a GPU runs it:
+    the models' weights and every batch copied to the device are device tensors (bench_counts.HostSyncs), and every
+    library's waits are recorded (transformers', torch's under this project's calls). in_a_group: the run is rank 0 of
+    a gloo process group of one, and makes the collectives of a multi-process run. [(waits, collectives)] per step,
+    waits as (what, where); evaluation, the criterion's figure and saving are left out, and so is everything before
+    the first training batch (loading)."""
     import torch.distributed as dist
-    from torch.utils._python_dispatch import _disable_current_modes as disable_current_modes
 
-    syncs, collectives, steps = bench_counts.HostSyncs(), [], []
-    syncs.paused = True  # until the first training batch
+    waits, collectives, steps, depth = Waits(), [], [], [0]
+    waits.paused = True  # until the first training batch
 
-    def wrap(module, name, before=None, pause=False):
-        real = getattr(module, name)
-
-        def wrapper(*args, **kwargs):
-            if before:
-                before(*args)
-            if not pause:
-                return real(*args, **kwargs)
-            paused, syncs.paused = syncs.paused, True
-            try:
-                with disable_current_modes():  # not followed: it runs at full speed
-                    return real(*args, **kwargs)
-            finally:
-                syncs.paused = paused
-
-        monkeypatch.setattr(module, name, wrapper)
-
-    def end_of_step(output_dir, row):
-        if row["split"] == "train":
-            steps.append((list(syncs.syncs), list(collectives)))
-            syncs.syncs.clear(), collectives.clear()
-
-    for name in (
-        "all_gather",
-        "all_reduce",
-        "all_gather_object",
-        "broadcast",
-        "broadcast_object_list",
-        "barrier",
-        "reduce_scatter",
-    ):
-        wrap(dist, name, before=lambda *_, name=name: None if syncs.paused else collectives.append(name))
-
-    def copy(tensors, device):  # to the device, not waiting
-        return syncs.mark([tensor.clone() for tensor in tensors])
-
-    monkeypatch.setattr(batches, "to_device", copy)
-    monkeypatch.setattr(evaluation, "to_device", copy)  # the step's flags, in evaluation.gather_step
-    real_setup = train.setup_models
-
-    def setup_on_the_device(*args):
-        built = real_setup(*args)
+    def mark_models(*args, **kwargs):
+        built = real_setup(*args, **kwargs)
         for model in (built.policy, built.reference):
-            syncs.mark([*model.parameters(), *model.buffers()])
+            waits.mark([*model.parameters(), *model.buffers()])
         return built
 
-    monkeypatch.setattr(train, "setup_models", setup_on_the_device)
-    wrap(train, "collate", before=lambda *_: setattr(syncs, "paused", False))  # the training loop's batches
-    wrap(train, "evaluate", pause=True)
-    wrap(train, "criterion_measures", pause=True)
-    wrap(train, "append_metrics", before=end_of_step)
-    wrap(train, "gathered_state_dict", before=lambda *_: setattr(syncs, "paused", True))  # saving, after the last step
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    def paused(function):
+        def run_paused(*args, **kwargs):
+            depth[0], waits.paused = depth[0] + 1, True
+            try:
+                return function(*args, **kwargs)
+            finally:
+                depth[0] -= 1
+
+        return run_paused
+
+    def collate(*args, **kwargs):
+        waits.paused = waits.paused if depth[0] else False  # a training batch: its step is followed
+        return real_collate(*args, **kwargs)
+
+    def append_metrics(output_dir, row):
+        if row["split"] == "train":
+            steps.append((list(waits.syncs), list(collectives)))
+            waits.syncs.clear(), collectives.clear()
+        return real_append(output_dir, row)
+
+    def counted(name):
+        real = getattr(dist, name)
+
+        def collective(*args, **kwargs):
+            if not waits.paused:
+                collectives.append(name)
+            return real(*args, **kwargs)
+
+        return collective
+
+    collective_names = ("all_gather", "all_reduce", "all_gather_object", "broadcast", "broadcast_object_list")
+    for name in (*collective_names, "barrier", "reduce_scatter"):
+        monkeypatch.setattr(dist, name, counted(name))
+    real_setup, real_collate, real_append = models.setup_models, batches.collate, output_folder.append_metrics
+    patch_everywhere(monkeypatch, models.setup_models, mark_models)
+    patch_everywhere(monkeypatch, batches.to_device, lambda tensors, device: waits.mark([t.clone() for t in tensors]))
+    patch_everywhere(monkeypatch, batches.collate, collate)
+    patch_everywhere(monkeypatch, output_folder.append_metrics, append_metrics)
+    for function in (evaluation.evaluate, evaluation.criterion_measures, sharding.gathered_state_dict):
+        patch_everywhere(monkeypatch, function, paused(function))
+    if in_a_group:
+        dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
     try:
-        with syncs:
-            train.main(
-                ["--output-dir", str(tmp_path / "out"), "--eval-every", "1000", *arguments]
-            )  # main ends the group
+        with waits:
+            train.main(["--output-dir", str(tmp_path / "out"), "--eval-every", "1000", *arguments])  # ends the group
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
-    assert not syncs.syncs and not collectives  # nothing after the last step's metrics
+    assert not waits.syncs and not collectives  # nothing after the last step's metrics
     return steps
 
 
-def test_an_optimizer_step_at_scale_makes_one_collective_and_one_host_sync(tmp_path, monkeypatch, small_data):
-    """At scale (loss.PLAIN_LOSS_BYTES = 0: the loss from hidden states), each optimizer step of 3 micro-batches
-    makes one collective, the all_gather of the step's sums, and one host synchronization of this project's, reading
-    them back: not one per micro-batch. The models' forward passes no longer wait in transformers' causal-mask builder:
-    right-padded rows are given no attention mask (batches.model_inputs)."""
+@pytest.mark.parametrize("grad_accum, in_a_group", [(1, False), (3, False), (3, True)])
+def test_a_step_at_scale_waits_once_and_makes_one_collective_whatever_g(tmp_path, monkeypatch, grad_accum, in_a_group):
+    """At scale (loss.PLAIN_LOSS_BYTES = 0: the loss from hidden states), an optimizer step of G micro-batches waits
+    for the device once, whatever G: this project's reading of the step's sums (evaluation.gather_from_every_rank's
+    .cpu()), not once per micro-batch; none in transformers (right-padded rows are given no attention mask, whose
+    causal-mask builder waited 4 times a micro-batch) nor in torch's code under this project's. In a process group
+    the step makes one collective, the all_gather of those sums; alone, none."""
     monkeypatch.setattr(loss, "PLAIN_LOSS_BYTES", 0)
-    grad_accum = 3
-    steps = syncs_and_collectives_per_step(
-        tmp_path, monkeypatch, ["--max-steps", "2", "--grad-accum", str(grad_accum), *small_data]
+    arguments = ["--dataset", str(tiny_data_cut(tmp_path / "data", 24, 4)), "--batch-size", "2", "--max-steps", "2"]
+    steps = waits_and_collectives_per_step(
+        tmp_path, monkeypatch, [*arguments, "--grad-accum", str(grad_accum), "--criterion-pairs", "0"], in_a_group
     )
-    assert len(steps) == 2
-    for syncs, collectives in steps:
-        assert collectives == ["all_gather"]
-        ours = [sync for sync in syncs if not sync[1].startswith("masking_utils.py")]
-        assert [where.split(":")[0] for _, where in ours] == ["evaluation.py"], ours  # gather_from_every_rank: .cpu()
-        assert [what for what, _ in syncs if (what, _) not in ours] == []  # no mask: transformers reads none
+    assert steps == [([("Tensor.cpu", "evaluation.py")], ["all_gather"] if in_a_group else [])] * 2
+
+
+def test_the_gpu_check_runs_every_loss_at_a_reduced_shape_waiting_once(capsys):
+    """bench.py --gpu's measurements, on the CPU at a reduced shape: every loss trains a step; a step waits once (its
+    one read of the loss) but for the method as written on full logits, whose input checks wait once more; nothing is
+    compiled on a CPU."""
+    from training import bench_gpu
+
+    results = bench_gpu.gpu_check(torch.device("cpu"), bench_gpu.REDUCED, warmup=0, repeats=1)
+    assert {name: figures["syncs"] for name, figures in results.items()} == {
+        "hidden": 1,
+        "chunked": 1,
+        "full": 2,
+        "dpo": 1,
+    }
+    assert all(figures["graphs"] == 0 and figures["median_s"] > 0 for figures in results.values())
+    printed = capsys.readouterr().out
+    assert "GPU check on CPU" in printed and all(label in printed for label in bench_gpu.LOSSES.values())
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -205,17 +253,12 @@ def test_an_optimizer_step_at_scale_makes_one_collective_and_one_host_sync(tmp_p
 
 
 @pytest.mark.slow
-def test_the_quick_benchmark_runs_and_reports_every_figure(tmp_path):
+def test_the_quick_benchmark_runs_and_reports_every_figure(tmp_path, monkeypatch, capsys):
+    """python bench.py --quick --device cpu --json PATH, run in this process: its variants run in processes forked
+    from it, as from bench.py's own (a fresh interpreter would add seconds of imports, and measure nothing more)."""
     report_path = tmp_path / "bench.json"
-    result = subprocess.run(
-        [sys.executable, "bench.py", "--quick", "--device", "cpu", "--json", str(report_path)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "HF_HUB_OFFLINE": "1"},
-    )
-    assert result.returncode == 0, result.stderr
+    monkeypatch.setattr(sys, "argv", ["bench.py", "--quick", "--device", "cpu", "--json", str(report_path)])
+    bench.main()
     report = json.loads(report_path.read_text())
     assert [run["shape"] for run in report["runs"]] == ["tiny_data", "realistic-small"]
     for run in report["runs"]:
@@ -234,7 +277,7 @@ def test_the_quick_benchmark_runs_and_reports_every_figure(tmp_path):
     assert realistic["naive"]["peak_mib"] > 1.5 * realistic["epsilon-dpo"]["peak_mib"]
     # And the loss from hidden states adds less to the step's peak than the loss from logits.
     assert realistic["hidden"]["peak_mib"] < realistic["epsilon-dpo"]["peak_mib"]
-    assert "extra_time_over_inherent_work" in result.stdout
+    assert "extra_time_over_inherent_work" in capsys.readouterr().out
     # Both losses at scale (4 pairs × 1,024 tokens, V = 128,256): operations and extra peak, counted on FakeTensors.
     (costs,) = report["loss_costs"].values()
     assert costs["hidden"]["operations"] <= 1000 and costs["hidden"]["extra_peak"] <= 0.1 * costs["hidden"]["logits"]

@@ -3,18 +3,30 @@
 import json
 import math
 import pathlib
+import signal
 import types
 
 import pytest
 from transformers import AutoModelForCausalLM
 
 import compare
-from tests.helpers import RunInThisProcess, read_metrics, tiny_data_cut
+from tests.helpers import (
+    RunInThisProcess,
+    ctrl_c_at_training_micro_batch,
+    read_metrics,
+    run_expecting_error,
+    tiny_data_cut,
+    train_steps,
+    without_gold_reward,
+)
 from training import data, evaluation
 from training.arguments import TINY_MODEL
 
 
-def test_compare_trains_dpo_and_epsilon_dpo_side_by_side(tmp_path, capsys, small_data):
+def test_compare_trains_dpo_and_epsilon_dpo_side_by_side(tmp_path, capsys, small_data, monkeypatch):
+    """The runs made in this process (compare.start_run); python compare.py and its python train.py runs as a user
+    starts them: tests/test_signals.py's Ctrl-C of a frontier."""
+    monkeypatch.setattr(compare, "start_run", RunInThisProcess)
     compare.main(["--output-dir", str(tmp_path), "--max-steps", "2", "--epsilon", "0.3", *small_data])
     dpo = json.loads((tmp_path / "dpo/summary.json").read_text())
     epsilon_dpo = json.loads((tmp_path / "epsilon-dpo/summary.json").read_text())
@@ -23,6 +35,60 @@ def test_compare_trains_dpo_and_epsilon_dpo_side_by_side(tmp_path, capsys, small
     assert (tmp_path / "compare.png").exists()
     printed = capsys.readouterr().out
     assert "DPO end" in printed and "ε-DPO end" in printed
+
+
+def test_a_comparison_resumes_each_run_and_redraws_a_finished_one(tmp_path, monkeypatch, capsys, small_data):
+    """compare.py --resume DIR goes on with a stopped comparison, each run with its own arguments (the comparison's
+    data and batch, not the defaults): the stopped one from its checkpoint, which stays, the one that never
+    started from the start; a flag a resumed comparison cannot change is refused in one line; on a finished
+    comparison it draws compare.png again and trains nothing. The runs are made in this process
+    (compare.start_run); in processes of their own: tests/test_signals.py's Ctrl-C of python compare.py."""
+    monkeypatch.setattr(compare, "start_run", RunInThisProcess, raising=False)
+    ctrl_c_at_training_micro_batch(monkeypatch, 1)
+    arguments = ["--output-dir", str(tmp_path), "--max-steps", "2", "--eval-every", "1000", "--seed", "3"]
+    with pytest.raises(SystemExit) as exit_info:
+        compare.main([*arguments, *without_gold_reward(small_data)])  # no samples to wait for
+    assert exit_info.value.code == 128 + signal.SIGINT
+    assert [p.name for p in (tmp_path / "dpo").glob("checkpoint-*")] == ["checkpoint-1"]
+    assert f"python compare.py --resume {tmp_path} goes on" in capsys.readouterr().out
+
+    assert run_expecting_error(["--resume", str(tmp_path), "--beta", "0.2"], compare.main).startswith(
+        f"error: --resume {tmp_path}: --beta given; a resumed comparison keeps its arguments"
+    )
+    compare.main(["--resume", str(tmp_path)])
+    printed = capsys.readouterr().out
+    assert f"resuming from {tmp_path / 'dpo/checkpoint-1'} at step 2" in printed
+    assert (tmp_path / "dpo/checkpoint-1").is_dir()  # nothing deleted a stopped run's checkpoint
+    for run in ("dpo", "epsilon-dpo"):
+        assert train_steps(tmp_path / run) == [1, 2]
+        saved = json.loads((tmp_path / run / "summary.json").read_text())["args"]
+        assert (saved["dataset"], saved["batch_size"], saved["seed"]) == (small_data[1], 4, 3)
+    assert "DPO end" in printed and "ε-DPO end" in printed
+
+    (tmp_path / "compare.png").unlink()
+
+    def no_run(*arguments):
+        raise AssertionError("a finished comparison trained a run")
+
+    monkeypatch.setattr(compare, "start_run", no_run)
+    compare.main(["--resume", str(tmp_path)])
+    assert (tmp_path / "compare.png").exists() and "side by side" in capsys.readouterr().out
+
+
+class FailedRun(RunInThisProcess):
+    """A run of train.py that failed at once, with its one line."""
+
+    def __init__(self, arguments, environment, quiet):
+        self.status, self.line = 1, "error: --dataset /d: no such file or folder"
+
+
+def test_a_comparison_whose_run_fails_stops_naming_it_and_how_to_go_on(tmp_path, monkeypatch):
+    """A run that fails stops the comparison (the others would be stopped with their checkpoints), in one line."""
+    monkeypatch.setattr(compare, "start_run", FailedRun)
+    assert run_expecting_error(["--output-dir", str(tmp_path), "--max-steps", "2"], compare.main) == (
+        f"error: the run in {tmp_path / 'dpo'} failed: --dataset /d: no such file or folder; 0 of 2 runs finished, 0 "
+        f"stopped with a checkpoint, 2 did not start: python compare.py --resume {tmp_path} goes on"
+    )
 
 
 def test_every_panel_compares_like_with_like(tiny_run, tmp_path, monkeypatch):

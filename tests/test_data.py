@@ -5,10 +5,12 @@ training, and a step's pairs do not depend on how processes and micro-batches sh
 import json
 
 import pytest
+import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
+from tests.helpers import tiny_llama
 from training import batches, data, errors
-from training.arguments import TINY_MODEL, parse_args
+from training.arguments import TINY_DATASET, TINY_MODEL, parse_args
 
 KETTLE = {"prompt": "Review of the kettle: ", "chosen": "The price is great.", "rejected": "The price is poor."}
 
@@ -314,6 +316,63 @@ def test_when_every_pair_is_skipped_the_reasons_are_in_the_message(tmp_path, bpe
         data.load_pairs(str(path), "train", None, 0.1, 0, bpe_tokenizer, 512, 256)
 
 
+@pytest.fixture(scope="module")
+def tiny_tokenizer():
+    """tiny_data's tokenizer, as train.py loads it."""
+    return data.load_tokenizer(str(TINY_MODEL))
+
+
+def tiny_row(line=0):
+    """A row of tiny_data (its tokenizer's words), without its extra fields."""
+    row = json.loads((TINY_DATASET / "train.jsonl").read_text().splitlines()[line])
+    return {field: row[field] for field in ("prompt", "chosen", "rejected")}
+
+
+def test_a_lone_surrogate_is_named_in_one_line_and_skip_invalid_drops_it(tmp_path, tiny_tokenizer):
+    """A lone surrogate ("\\ud800") is valid JSON but no text: it gave a tokenizers TypeError traceback, also with
+    --skip-invalid and through a chat template. It is one line naming the row and the field, and --skip-invalid drops
+    the row, saying why."""
+    good = tiny_row()
+    conversation = {
+        "prompt": [{"role": "user", "content": good["prompt"]}],
+        "chosen": [{"role": "assistant", "content": "fine \ud800"}],
+        "rejected": [{"role": "assistant", "content": "poor"}],
+    }
+    rows = [good, {**good, "chosen": " The \ud800 price"}, conversation, good]
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    (tmp_path / "test.jsonl").write_text(json.dumps(good) + "\n")
+    with pytest.raises(errors.ReportedError) as refused:
+        data.load_pairs(str(tmp_path), "train", None, 0.05, 0, tiny_tokenizer, 64, 32)
+    assert str(refused.value) == (
+        f"{tmp_path / 'train.jsonl'}, line 2: field 'chosen' holds a lone surrogate ('\\ud800', character 6), which "
+        "is not text (--skip-invalid drops such rows)"
+    )
+    loaded = data.load_pairs(str(tmp_path), "train", None, 0.05, 0, tiny_tokenizer, 64, 32, skip_invalid=True)
+    assert len(loaded["pairs"]["train"]) == 2
+    assert f"{tmp_path / 'train.jsonl'}, line 3: field 'chosen' holds a lone surrogate" in loaded["notes"][0]
+
+
+def test_non_utf8_is_named_and_skippable_a_bom_is_read_each_drop_says_why(tmp_path, tiny_tokenizer):
+    """A byte that is not UTF-8 is named with its line, and --skip-invalid drops that line as any malformed row; a
+    UTF-8 byte-order mark is read as the text it starts; the note of the rows dropped gives each one's reason, not
+    only 'invalid'."""
+    good = json.dumps(tiny_row()).encode()
+    (tmp_path / "test.jsonl").write_bytes(b"\xef\xbb\xbf" + good + b"\n")
+    (tmp_path / "train.jsonl").write_bytes(
+        b"\n".join([b"\xef\xbb\xbf" + good, good[:-2] + b'\xff"}', good, b'{"prompt": "x", "rejected": "y"}', good])
+    )
+    with pytest.raises(errors.ReportedError) as refused:
+        data.load_pairs(str(tmp_path), "train", None, 0.05, 0, tiny_tokenizer, 64, 32)
+    assert str(refused.value).startswith(f"{tmp_path / 'train.jsonl'}, line 2: not UTF-8 text (byte 0xff at column")
+    loaded = data.load_pairs(str(tmp_path), "train", None, 0.05, 0, tiny_tokenizer, 64, 32, skip_invalid=True)
+    assert len(loaded["pairs"]["train"]) == 3 and len(loaded["pairs"]["eval"]) == 1
+    assert loaded["skipped"]["train"] == {"invalid (--skip-invalid)": 2}
+    assert loaded["notes"] == [
+        f"--skip-invalid dropped 2 train rows: {tmp_path / 'train.jsonl'}, line 2: not UTF-8 text (byte 0xff at "
+        f"column {len(good) - 1}); {tmp_path / 'train.jsonl'}, line 4: field 'chosen' is missing"
+    ]
+
+
 # ----------------------------------------------------------------------------------------------------
 # Files, folders and splits
 
@@ -457,3 +516,20 @@ def test_a_steps_pairs_depend_on_its_size_not_on_processes_micro_batches():
     assert all(len(set(step)) == 8 for step in one) and one[0] != one[2]  # epoch 2: a fresh order
     assert steps(4, 2, 1) == steps(4, 1, 2) == steps(1, 2, 4) == one
     assert steps(4, 1, 2, first_step=4, count=2) == one[3:5]  # resumed at step 4
+
+
+def test_right_padded_rows_give_the_same_logits_without_an_attention_mask():
+    """Causal attention and padding only after each row's tokens: every position that is not padding sees the same
+    tokens with or without the mask, so its logits are the same; only the padding's own differ (nothing reads them)."""
+    model = tiny_llama()
+    pairs = [
+        {"prompt_ids": [5, 6, 7], "chosen_ids": [8, 9, 10, 11, 12], "rejected_ids": [13, 14]},
+        {"prompt_ids": [3] * 9, "chosen_ids": [4], "rejected_ids": [20, 21, 22]},
+    ]
+    batch = batches.collate(pairs, 0, torch.device("cpu"))
+    with torch.no_grad():
+        masked = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+        unmasked = model(**batches.model_inputs(batch.input_ids)).logits
+    tokens = batch.attention_mask.bool()
+    assert (~tokens).any()  # there is padding to ignore
+    torch.testing.assert_close(unmasked[tokens], masked[tokens], rtol=1e-5, atol=1e-6)

@@ -24,7 +24,7 @@ from tests.helpers import (
     without_gold_reward,
     write_jsonl,
 )
-from training import data, evaluation, models
+from training import batches, data, evaluation, models
 from training.arguments import TINY_MODEL, parse_args
 
 # ----------------------------------------------------------------------------------------------------
@@ -387,3 +387,39 @@ def test_evaluation_samples_the_policy_ignoring_its_generation_config(tmp_path, 
     )
     assert len(rewards) == len(kls) == 3 and len(built) == 2 and built == [[], []]  # no processor and no warper
     assert policy.generation_config.to_diff_dict() == GenerationConfig.from_pretrained(folder).to_diff_dict()
+
+
+# ----------------------------------------------------------------------------------------------------
+# The README's conventions, on the tiny model
+
+
+def test_dropout_makes_s_measure_noise_and_eval_mode_makes_it_zero():
+    # README, "The conventions": at the start (policy = reference) s is 0 for every pair, unless dropout draws a new
+    # mask for each model's forward pass. The shipped model has no dropout: set attention_dropout = 0.1 to see it.
+    args, _ = parse_args([])
+    tokenizer = data.load_tokenizer(str(TINY_MODEL))
+    loaded = data.load_pairs(
+        args.dataset,
+        args.train_split,
+        args.eval_split,
+        args.eval_fraction,
+        args.seed,
+        tokenizer,
+        args.max_length,
+        args.max_prompt_length,
+    )
+    pairs = loaded["pairs"]["train"][:256]
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(TINY_MODEL, attention_dropout=0.1)
+    fractions = {}
+    for mode in ("train", "eval"):
+        model.train(mode == "train")
+        s = []
+        with torch.no_grad():
+            for start in range(0, len(pairs), 64):
+                batch = batches.collate(pairs[start : start + 64], tokenizer.pad_token_id, torch.device("cpu"))
+                inputs = dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+                policy_logits, ref_logits = model(**inputs).logits, model(**inputs).logits
+                s.append(epsdpo.criterion(policy_logits, ref_logits, batch.input_ids, batch.completion_mask, 0.01))
+        fractions[mode] = (torch.cat(s) != 0).double().mean().item()
+    assert fractions["eval"] == 0 and fractions["train"] > 0.9, fractions

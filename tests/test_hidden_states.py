@@ -3,6 +3,7 @@ epsdpo_chunked's functions against their logits, in chunks and compiled; then tr
 families, whose output layer is a plain linear map (or falls back to the logits path)."""
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -160,6 +161,44 @@ def test_compiled_chunks_are_one_graph_each_and_give_the_eager_results(monkeypat
     assert len(graphs) == 2
 
 
+def test_tiles_that_fail_to_compile_run_eagerly_and_say_so_once(monkeypatch):
+    """A backend that fails (as inductor without Triton does): the loss gives the eager values and gradients, and one
+    warning for the whole process, however many calls and bodies."""
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(40, 8, generator=generator).requires_grad_()
+    ref_weight = weight.detach() + 0.1 * torch.randn(40, 8, generator=generator)
+    input_ids = torch.randint(0, 40, (4, 10), generator=generator)
+    completion_mask = torch.zeros(4, 10, dtype=torch.long)
+    completion_mask[:, 4:] = 1
+    hidden, ref_hidden = torch.randn(2, 4, 10, 8, generator=generator)
+    hidden.requires_grad_()
+
+    def loss_and_gradients():
+        out = epsdpo_chunked.epsilon_dpo_loss_from_hidden(
+            hidden, weight, ref_hidden, ref_weight, input_ids, completion_mask, 0.5, 0.3
+        )
+        return out.losses, out.s, *torch.autograd.grad(out.loss, (hidden, weight))
+
+    eager = loss_and_gradients()
+    attempts = []
+
+    def failing_backend(graph, example_inputs):
+        attempts.append(graph)
+        raise RuntimeError("Cannot find a working triton installation (forced by the test)")
+
+    monkeypatch.setattr(epsdpo_chunked, "COMPILE_BACKENDS", {"cpu": failing_backend})
+    monkeypatch.setattr(epsdpo_chunked, "_compiled", {})
+    torch._dynamo.reset()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(2):
+            for value, expected in zip(loss_and_gradients(), eager, strict=True):
+                torch.testing.assert_close(value, expected, rtol=0, atol=0)
+    said = [str(w.message) for w in caught if "epsdpo_chunked" in str(w.message)]
+    assert len(said) == 1 and "run eagerly" in said[0] and "Cannot find a working triton" in said[0], said
+    assert len(attempts) == 1  # after the first failure nothing is compiled again
+
+
 def test_what_evaluation_reads_from_hidden_states_is_what_the_logits_give():
     """completion_measures_from_hidden: log π̂_λ(y|x) at any λ (1: the policy, 0: the reference) and the summed
     KL(π_θ‖π_ref) along each completion, equal to a float64 loop over the positions of the full logits; in chunks
@@ -203,8 +242,8 @@ def test_what_evaluation_reads_from_hidden_states_is_what_the_logits_give():
             "ref_weight (7, 4) and policy_weight (5, 4) must have the same vocabulary",
         ),
         (dict(ref_hidden=torch.zeros(4, 5, 4)), "input_ids (4, 6) and completion_mask (4, 6) must both have the shape"),
-        (dict(logit_softcap=0.0), "logit_softcap must be None or a finite number > 0"),
-        (dict(logit_softcap=True), "logit_softcap must be None or a finite number > 0"),
+        (dict(logit_softcap=0.0), "logit_softcap must be None or a number in (0, 1e30], got 0.0"),
+        (dict(logit_softcap=True), "logit_softcap must be None or a number in (0, 1e30], got True"),
         (dict(epsilon=1.0), "epsilon must be a number in [0, 1)"),
     ],
 )

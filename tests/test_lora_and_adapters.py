@@ -3,6 +3,7 @@ saved adapter says what to load it onto, a LoRA run resumes bit for bit, flags t
 
 import json
 import math
+import random
 import shutil
 
 import pytest
@@ -10,6 +11,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+import epsdpo
 import train
 from tests.helpers import copy_of, read_metrics, run_expecting_error, tiny_model_folder, without_gold_reward
 from training import adapters, batches, checkpoints, data, errors, loss, models
@@ -174,6 +176,49 @@ def test_a_lora_checkpoint_of_another_adapter_is_refused_naming_it(lora_run, tmp
     assert error == f"error: {checkpoint}: its optimizer state is for another model than {adapter}"
 
 
+def test_a_checkpoint_holding_an_adapter_it_did_not_write_is_passed_over(tmp_path, capsys):
+    """An adapter of rank 8, or on q_proj and v_proj alone, put under a rank-4 all-linear checkpoint's
+    adapter_config.json (a RuntimeError traceback, or 10 of 14 adapters silently zero) makes it a checkpoint to
+    pass over with a note, as a torn one: the proofs of its files are in its trainer_state.pt, and each adapter's
+    rank is checked against its config. So does a file that came after it was written (modeling_mine.py, which
+    --trust-remote-code would run)."""
+    from peft import LoraConfig, get_peft_model
+
+    def adapter(rank, targets):
+        model = AutoModelForCausalLM.from_pretrained(TINY_MODEL)
+        return get_peft_model(model, LoraConfig(r=rank, lora_alpha=16, target_modules=targets, lora_dropout=0.0))
+
+    policy, output_dir = adapter(4, "all-linear"), tmp_path / "out"
+    output_dir.mkdir()
+    optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad])
+    for step in (1, 2):
+        state = {
+            "step": step,
+            "baseline_beta": epsdpo.BaselineBeta(0.1, 0.01).state_dict(),
+            "s_by_noise": [0] * 9,
+            "args": {"lora_r": 4},
+            "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
+        }
+        checkpoints.write_checkpoint(output_dir, step, policy, optimizer, state, keep=2)
+    written = (output_dir / "checkpoint-2/adapter_model.safetensors").read_bytes()
+    for rank, targets, why in (
+        (8, "all-linear", "has rank 8, its adapter_config.json r = 4"),
+        (4, ["q_proj", "v_proj"], "is not the file this checkpoint wrote"),
+    ):
+        adapter(rank, targets).save_pretrained(tmp_path / f"r{rank}", save_embedding_layers=False)
+        shutil.copy(tmp_path / f"r{rank}/adapter_model.safetensors", output_dir / "checkpoint-2")
+        assert checkpoints.latest_checkpoint(output_dir)[0] == output_dir / "checkpoint-1"
+        assert (
+            f"note: {output_dir / 'checkpoint-2'} cannot be resumed from (ValueError: adapter_model.safetensors {why}"
+            in capsys.readouterr().out
+        )
+    (output_dir / "checkpoint-2/adapter_model.safetensors").write_bytes(written)
+    assert checkpoints.latest_checkpoint(output_dir)[0] == output_dir / "checkpoint-2"
+    (output_dir / "checkpoint-2/modeling_mine.py").write_text("import os")  # what --trust-remote-code would run
+    assert checkpoints.latest_checkpoint(output_dir)[0] == output_dir / "checkpoint-1"
+    assert "(ValueError: modeling_mine.py came after the checkpoint was written)" in capsys.readouterr().out
+
+
 # ----------------------------------------------------------------------------------------------------
 # SFT adapters as --model
 
@@ -259,6 +304,28 @@ def test_an_sft_adapter_with_a_relative_base_keeps_that_base_on_resume(tmp_path,
     assert adapters.adapter_base(str(there / "sft")) == str(there / "sft/base")  # what a fresh resolution would take
     train.main(["--resume", str(output_dir), "--max-steps", "2"])  # the fingerprints match: the same base
     assert json.loads((output_dir / "summary.json").read_text())["args"]["model_base"] == str(there / "base")
+
+
+def test_a_card_names_no_bare_base_and_an_adapter_on_an_adapter_is_refused(tmp_path):
+    """The model card of a LoRA run on an SFT adapter: peft's front matter named the bare base (base_model, a
+    base_model:adapter tag), another model than the one trained on; the card says to merge instead. An adapter
+    whose base is an adapter itself gave a tokenizer error: one line now."""
+    from peft import LoraConfig, get_peft_model
+
+    policy = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(TINY_MODEL), LoraConfig(r=2, target_modules=["q_proj"])
+    )
+    policy.peft_config["default"].base_model_name_or_path = adapters.SFT_BASE.format(adapter="/sft", base="/base")
+    checkpoints.save_model(policy, tmp_path / "adapter")
+    card = (tmp_path / "adapter/README.md").read_text()
+    front = card.split("\n---\n")[0]
+    assert "base_model" not in front and "library_name: peft" in front
+    assert "merge_and_unload" in card
+    for folder, base in (("first", str(TINY_MODEL)), ("second", str(tmp_path / "first"))):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": base}))
+    with pytest.raises(errors.ReportedError, match=f"its base {tmp_path / 'first'} is an adapter itself; merge"):
+        adapters.adapter_base(str(tmp_path / "second"))
 
 
 # ----------------------------------------------------------------------------------------------------

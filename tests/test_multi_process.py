@@ -5,6 +5,7 @@ import json
 import math
 import shutil
 import signal
+import types
 
 import pytest
 import torch
@@ -13,8 +14,8 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 import epsdpo
 import train
-from tests.helpers import copy_of, read_metrics, tiny_model_folder
-from training import checkpoints, errors, loss, models, output_folder
+from tests.helpers import copy_of, read_metrics, tiny_llama, tiny_model_folder
+from training import checkpoints, errors, evaluation, loss, models, output_folder, sharding
 from training.arguments import TINY_MODEL, parse_args
 
 # ----------------------------------------------------------------------------------------------------
@@ -171,8 +172,8 @@ def test_fsdp_stopped_by_sigterm_resumes_to_the_run_never_stopped(two_ranks):
     step = int(checkpoint.name.split("-")[1])
     assert 1 <= step < 15 and "second signal" not in stderr
     assert (
-        f"stopped by signal 15 after step {step}; checkpoint written: torchrun --nproc_per_node 2 train.py --resume "
-        f"{folder / 'fsdp'} continues the run" in stdout
+        f"stopped by signal 15 (SIGTERM) after step {step}; checkpoint written: torchrun --nproc_per_node 2 train.py "
+        f"--resume {folder / 'fsdp'} continues the run" in stdout
     )
     assert sorted(p.name for p in checkpoint.iterdir()) == [
         ".metadata",
@@ -290,6 +291,72 @@ def test_an_empty_model_takes_its_shards_and_refuses_another_models(tmp_path):
             sharding.load_sharded_weights(policy, tmp_path / "checkpoint-2")
     finally:
         dist.destroy_process_group()
+
+
+def criterion_pairs():
+    """Five pairs of random ids, every other one marked noisy."""
+    generator = torch.Generator().manual_seed(3)
+
+    def ids(length):
+        return torch.randint(1, 64, (length,), generator=generator).tolist()
+
+    return [
+        {
+            "prompt_ids": ids(3 + i % 3),
+            "chosen_ids": ids(4 + i % 4),
+            "rejected_ids": ids(2 + i % 5),
+            "noisy": i % 2 == 0,
+        }
+        for i in range(5)
+    ]
+
+
+def measure_the_criterion(rank=0, folder=None):
+    """criterion_measures on two tiny models (the loss from hidden states), counting the policy's forward passes; on
+    rank `rank` of a 2-process gloo group when folder is given, where rank 1 alone finds no room to keep units
+    gathered (sharding's answer for this rank, replaced here)."""
+    import torch.distributed as dist
+
+    if folder is not None:
+        dist.init_process_group("gloo", init_method=f"file://{folder}/rendezvous", rank=rank, world_size=2)
+        sharding._fits_on_this_rank = lambda model, device: rank == 0  # this child process's own module
+    try:
+        fits = sharding.gathered_fits(torch.nn.Linear(1, 1), torch.device("cpu"))
+        policy, reference = tiny_llama(seed=1), tiny_llama(seed=0)
+        head, why = models.linear_head(policy, torch.tensor([[1, 2, 3]]))
+        assert head is not None, why
+        forwards = []
+        policy.register_forward_pre_hook(lambda module, args: forwards.append(1))
+        run_models = types.SimpleNamespace(policy=policy, reference=reference, head=head)
+        run_args = types.SimpleNamespace(epsilon=0.1, eval_batch_size=2, batch_size=2)
+        measured = evaluation.criterion_measures(run_models, criterion_pairs(), 0, run_args)
+        result = {"fits": fits, "forwards": len(forwards), **{k: measured[k] for k in ("h", "delta_k", "s", "noise")}}
+        if folder is not None:
+            torch.save(result, f"{folder}/rank{rank}.pt")
+        return result
+    finally:
+        if folder is not None:
+            dist.destroy_process_group()
+
+
+def test_ranks_decide_as_one_and_share_the_criterions_pairs(tmp_path):
+    """Two gloo ranks: rank 1 alone has no room to keep units gathered, and both then answer no (one decision, else
+    their all-gathers would not match). The criterion's measures of 5 pairs: each rank computes its share (3 and
+    2, padded to 3: 2 batches of 2, then the curves' batch), and both get all 5 back in order, as one process
+    computes them (4 batches with the curves'), each batch running the policy once (twice before: the loss, then
+    the KL)."""
+    import torch.multiprocessing
+
+    alone = measure_the_criterion()
+    assert alone["fits"] and alone["forwards"] == 3 + 1
+    torch.multiprocessing.start_processes(measure_the_criterion, (tmp_path,), nprocs=2, start_method="fork")
+    for rank in (0, 1):
+        shared = torch.load(tmp_path / f"rank{rank}.pt")
+        assert shared["fits"] is False and shared["forwards"] == 2 + 1
+        assert shared["noise"].tolist() == alone["noise"].tolist() == [2.0, 1.0, 2.0, 1.0, 2.0]
+        assert shared["s"].tolist() == alone["s"].tolist() and alone["s"].abs().sum() > 0
+        for name in ("h", "delta_k"):
+            torch.testing.assert_close(shared[name], alone[name], rtol=1e-5, atol=1e-6)
 
 
 # ----------------------------------------------------------------------------------------------------

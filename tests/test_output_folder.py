@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import compare
 import train
-from tests.helpers import read_metrics, run_expecting_error
+from tests.helpers import QUICK, copy_of, read_metrics, run_expecting_error, train_steps
 from training import checkpoints, errors, output_folder
 from training.arguments import TINY_MODEL
 
@@ -182,6 +182,125 @@ def test_checkpoints_keep_the_last_few(tmp_path, small_data):
         "summary.json",
         *(p.name for p in output_dir.iterdir() if not p.name.startswith((".", "checkpoint-"))),
     }
+
+
+# ----------------------------------------------------------------------------------------------------
+# The record of the project's files (.train.files): stale, missing or odd; a checkpoint half removed
+
+
+def test_a_stale_record_never_hands_over_a_users_files(tmp_path, small_data):
+    """After rm -rf out/* (which leaves .train.files), a model or a README.md of the user's copied into out/ under the
+    names the record lists is refused by --overwrite in one line and left as it was."""
+    output_dir = tmp_path / "out"
+    output_dir.mkdir()
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "README.md", "metrics.jsonl"):
+        output_folder.write_atomically(output_dir / name, f"the project's {name}")  # as a run writes them
+    for path in output_dir.iterdir():  # rm -rf out/*
+        if not path.name.startswith("."):
+            path.unlink()
+    theirs = {"config.json": "{}", "model.safetensors": "my weights", "tokenizer.json": "{}"}
+    for name, text in theirs.items():
+        (output_dir / name).write_text(text)
+    arguments = ["--output-dir", str(output_dir), "--overwrite", "--max-steps", "1", "--eval-every", "1000"]
+    error = run_expecting_error([*arguments, *small_data])
+    assert error.startswith(f"error: --output-dir {output_dir} holds config.json, which this project did not write")
+    for name in theirs:
+        (output_dir / name).unlink()
+    (output_dir / "README.md").write_text("my notes")
+    (output_dir / "metrics.jsonl").write_text('{"step": 0}\n')
+    error = run_expecting_error([*arguments, "--lora-r", "4", *small_data])
+    assert error.startswith(f"error: --output-dir {output_dir} holds README.md, which this project did not write")
+    assert (output_dir / "README.md").read_text() == "my notes"
+    (output_dir / "README.md").unlink()
+    assert run_expecting_error([*arguments, *small_data]).startswith(
+        f"error: --output-dir {output_dir} holds metrics.jsonl"
+    )
+    assert (output_dir / "metrics.jsonl").read_text() == '{"step": 0}\n'
+
+
+def test_a_copy_without_the_record_resumes_or_is_refused_naming_it(stopped_run, tmp_path, capsys):
+    """cp -r out/* new/ leaves .train.files behind: the copy of a stopped run resumes (its checkpoint keeps a copy of
+    the record, which proves metrics.jsonl), saying what another --max-new-tokens changes, and the record is written
+    again. A finished run's copy, whose model no checkpoint proves, is refused by --overwrite with a line that says
+    the record is missing and what to do."""
+    output_dir = copy_of(stopped_run, tmp_path, dot_files=False)
+    train.main(["--resume", str(output_dir), "--max-new-tokens", "4"])
+    printed = capsys.readouterr().out
+    assert "note: --max-new-tokens 4, the run's 8: the gold reward and KL of samples from now on" in printed
+    assert train_steps(output_dir) == [1, 2, 3] and (output_dir / ".train.files").is_file()
+    (output_dir / ".train.files").unlink()
+    error = run_expecting_error(["--output-dir", str(output_dir), "--overwrite", "--max-steps", "1", *QUICK])
+    assert (
+        "holds config.json, but the record of the files this project wrote there (.train.files) is missing, so "
+        "config.json cannot be told from a file of yours; nothing was touched. Copy .train.files back" in error
+    )
+
+
+def test_a_checkpoint_half_removed_by_a_kill_is_finished_off_not_refused(stopped_run, tmp_path):
+    """A kill -9 while a checkpoint was removed, after its trainer_state.pt went, left a folder that made resumes and
+    overwrites refuse: the record's proofs of its files show it is the run's, and it is removed. A removal renames
+    first: killed after the rename, what is left is a temporary the next run removes, as the record's own temporary."""
+    output_dir = copy_of(stopped_run, tmp_path)
+    (output_dir / "checkpoint-1/trainer_state.pt").unlink()  # where rmtree was killed
+    train.main(["--resume", str(output_dir)])
+    assert train_steps(output_dir) == [1, 2, 3] and not (output_dir / "checkpoint-1").exists()
+
+    def killed(path, *args, **kwargs):
+        raise KeyboardInterrupt  # the kill, after the rename
+
+    with pytest.MonkeyPatch.context() as monkeypatch, pytest.raises(KeyboardInterrupt):
+        monkeypatch.setattr(output_folder.shutil, "rmtree", killed)
+        output_folder.remove_checkpoint(output_dir / "checkpoint-2")
+    assert [p.name[:14] for p in output_dir.glob("*checkpoint-2*")] == [".checkpoint-2-"]
+    (output_dir / ".train.files.k1ll3d00").write_text("{")  # the record's own temporary, as a kill leaves it
+    output_folder.prepare_output_dir(output_dir, 3)
+    assert not list(output_dir.glob("*checkpoint-2*")) and not (output_dir / ".train.files.k1ll3d00").exists()
+
+
+def test_an_odd_record_is_never_followed_and_a_users_checkpoint_file_stays(stopped_run, tmp_path, small_data):
+    """A .train.files that is a link to a dataset file, or a folder, is refused in one line and never written through,
+    and so is a .train.lock that is a link; a record of names alone (an older train.py's) proves nothing; a folder's
+    name in the record is not removed (no errno line); a file of the user's inside checkpoint-N/ stays, with the
+    folder, when --overwrite removes the run."""
+    output_dir, dataset = tmp_path / "out", tmp_path / "pairs.jsonl"
+    output_dir.mkdir()
+    dataset.write_text("the user's data\n")
+    (output_dir / ".train.files").symlink_to(dataset)
+    arguments = ["--output-dir", str(output_dir), "--overwrite", "--max-steps", "1", *small_data]
+    assert run_expecting_error(arguments) == (
+        f"error: {output_dir / '.train.files'} is a link, not the record of the files this project wrote there (a "
+        "file); nothing was touched. Move it away, or choose another --output-dir"
+    )
+    assert dataset.read_text() == "the user's data\n"
+    (output_dir / ".train.files").unlink()
+    (output_dir / ".train.files").mkdir()
+    assert "is a folder, not the record" in run_expecting_error(arguments)
+    (output_dir / ".train.files").rmdir()
+    (output_dir / ".train.lock").unlink()
+    (output_dir / ".train.lock").symlink_to(dataset)
+    assert run_expecting_error(arguments) == (
+        f"error: --output-dir {output_dir}: its .train.lock is a link, which is never followed; move it away"
+    )
+    (output_dir / ".train.lock").unlink()
+    (output_dir / ".train.files").write_text("config.json\n")  # an older train.py's record: names alone
+    (output_dir / "config.json").write_text("{}")
+    with pytest.raises(
+        errors.ReportedError, match="lists names alone .an older train.py wrote it., which does not prove"
+    ):
+        output_folder.check_only_ours_replaced(output_dir, lambda name: True)
+
+    run = copy_of(stopped_run, tmp_path / "copy")
+    (run / "checkpoint-2/notes.txt").write_text("mine")
+    (run / "plots").mkdir()
+    record = json.loads((run / ".train.files").read_text())
+    record["files"]["plots"] = [[0, "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"]]
+    (run / ".train.files").write_text(json.dumps(record))
+    output_folder.prepare_output_dir(run, None)  # what --overwrite does once the run is known to be good
+    assert sorted(p.relative_to(run).as_posix() for p in run.rglob("*")) == [
+        "checkpoint-2",
+        "checkpoint-2/notes.txt",
+        "plots",
+    ]
 
 
 # ----------------------------------------------------------------------------------------------------

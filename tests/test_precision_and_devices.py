@@ -1,6 +1,7 @@
 """The GPU path, as far as a CPU shows it: bf16 mixed precision, TF32, gradient checkpointing, the reference in
 bf16, a GPU per process, batches copied without waiting, sampled units gathered only where they fit."""
 
+import os
 import types
 
 import pytest
@@ -10,7 +11,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import epsdpo
 import train
-from tests.helpers import read_metrics
+from tests.helpers import read_metrics, tiny_llama
 from training import batches, errors, models
 from training.arguments import TINY_MODEL, parse_args
 
@@ -139,6 +140,19 @@ def test_the_reference_is_cast_before_moving_and_ddp_broadcasts_no_buffers(monke
     assert wrapped == [{"device_ids": None, "broadcast_buffers": False}]
 
 
+def test_weights_are_read_in_their_stored_dtype_and_upcast_exactly(tmp_path):
+    """A model saved in bf16 (as Llama-3's weights are): read_weights, process 0's one read, keeps bf16 (half the
+    memory of a float32 read), and their upcast is exactly what a float32 read gives, as each process casts its
+    float32 shards."""
+    tiny_llama().to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
+    stored = models.read_weights(str(tmp_path / "bf16"), False)
+    float32 = models.load_model(str(tmp_path / "bf16"), torch.device("cpu"), False).state_dict()
+    assert {value.dtype for value in stored.values() if value.is_floating_point()} == {torch.bfloat16}
+    assert stored.keys() == float32.keys()
+    for name, value in stored.items():
+        assert torch.equal(value.float(), float32[name]) and float32[name].dtype == torch.float32, name
+
+
 # ----------------------------------------------------------------------------------------------------
 # Devices
 
@@ -239,3 +253,31 @@ def test_fsdp_sampling_keeps_units_gathered_only_in_half_the_free_memory(monkeyp
     model.gathered_dtype = torch.float32  # 4 MB
     assert not sharding.gathered_fits(model, torch.device("cuda", 0))
     assert sharding.gathered_fits(model, torch.device("cpu"))
+
+
+def test_gpu_runs_get_dist_timeout_expandable_segments_and_fused_adamw(monkeypatch):
+    """For long runs on real clusters: the process group times out after --dist-timeout minutes (30 unless given;
+    torch's own is 10), CUDA's allocator grows expandable segments unless the user set PYTORCH_CUDA_ALLOC_CONF,
+    and AdamW is fused on a GPU (foreach on the CPU, as before)."""
+    import datetime
+
+    import torch.distributed as dist
+
+    joined = []
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", lambda backend, **kwargs: joined.append((backend, kwargs)))
+    monkeypatch.setattr(dist, "get_rank", lambda: 0)
+    args, _ = parse_args(["--dist-timeout", "45"])
+    assert models.init_distributed("cpu", args.dist_timeout) == (0, 2, torch.device("cpu"))
+    assert joined == [("gloo", {"timeout": datetime.timedelta(minutes=45)})]
+    assert parse_args([])[0].dist_timeout == models.DIST_TIMEOUT_MINUTES == 30  # torch's own: 10 minutes
+    assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "max_split_size_mb:512")  # a user's own setting stays
+    models.init_distributed("cpu")
+    assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "max_split_size_mb:512"
+    weights, args = [torch.nn.Parameter(torch.zeros(3))], parse_args([])[0]
+    assert models.make_optimizer(weights, args, torch.device("cuda")).defaults["fused"] is True
+    assert not models.make_optimizer(weights, args, torch.device("cpu")).defaults["fused"]  # foreach, as before

@@ -2,6 +2,8 @@
 code a checkpoint names; from anywhere, and on another number of processes."""
 
 import json
+import os
+import pickle
 import re
 import shutil
 
@@ -198,6 +200,36 @@ def test_resuming_on_n_processes_keeps_a_steps_pairs_or_says_how_to_resume(
         resumed()
 
 
+def test_a_resume_with_another_gold_reward_or_the_runs_edited_is_refused(stopped_run, tmp_path):
+    """The gold reward is an input of the run like its data: another file, or the run's own edited in place, would put
+    two scorers' numbers in one summary."""
+    output_dir, gold = copy_of(stopped_run, tmp_path), stopped_run.parent / "gold_reward.py"
+    other = tmp_path / "other.py"
+    other.write_text(gold.read_text() + "\nBONUS = 100\n")
+    error = run_expecting_error(["--resume", str(output_dir), "--gold-reward", str(other)])
+    assert error == (
+        f"error: --resume {output_dir}: the run scored its samples with --gold-reward {gold}, not {other}: its gold "
+        f"reward before and after would be two scorers'. Give --gold-reward {gold}, or leave it out to score nothing "
+        "from now on"
+    )
+    text = gold.read_text()
+    try:
+        gold.write_text(text + "\n# edited\n")
+        error = run_expecting_error(["--resume", str(output_dir), "--gold-reward", str(gold)])
+        assert error.startswith(f"error: --resume {output_dir}: --gold-reward {gold} changed since the run")
+    finally:
+        gold.write_text(text)
+
+
+def test_a_resume_given_a_flag_it_cannot_change_says_so_not_a_usage_error(stopped_run, tmp_path):
+    """--max-length 32 on resume is the resume's refusal (the run's 512 stays), not --max-prompt-length's usage
+    error."""
+    output_dir = copy_of(stopped_run, tmp_path)
+    assert run_expecting_error(["--resume", str(output_dir), "--max-length", "32"]).startswith(
+        f"error: --resume {output_dir}: --max-length 32 differs from the run's 512; a resumed run keeps its arguments"
+    )
+
+
 # ----------------------------------------------------------------------------------------------------
 # A broken checkpoint: named, and the one before it resumed
 
@@ -309,3 +341,45 @@ def test_resume_completes_a_run_killed_while_saving_removing_temporaries(two_che
     assert run_expecting_error(["--resume", str(output_dir)]).endswith(
         "checkpoint-2 is at or past --max-steps 2; give a larger --max-steps to train on"
     )
+
+
+class Payload:
+    """A pickle that runs a command when it is loaded, as a hostile .metadata or shard item would hold."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_checkpoint_runs_no_code_from_its_shard_metadata_or_items(tmp_path, capsys):
+    """A checkpoint-STEP whose .metadata is a pickle calling os.system is passed over and the command never runs;
+    torch.distributed.checkpoint's own files still load, and an item of a shard that is such a pickle is refused, not
+    run."""
+    marker = tmp_path / "ran"
+    folder = tmp_path / "out/checkpoint-1"
+    folder.mkdir(parents=True)
+    torch.save({"step": 1, "args": {}}, folder / "trainer_state.pt")  # a sharded run's state: no optimizer in it
+    (folder / ".metadata").write_bytes(pickle.dumps(Payload(marker)))
+    with pytest.raises(
+        errors.ReportedError, match="no checkpoint-STEP folder of a train.py run that can be resumed from"
+    ):
+        checkpoints.latest_checkpoint(tmp_path / "out")
+    assert not marker.exists()
+    assert "is not what torch.distributed.checkpoint writes" in capsys.readouterr().out
+
+    import torch.distributed.checkpoint as dcp
+
+    from training import dcp_files
+
+    weights = {"model": {"w": torch.arange(6.0).reshape(2, 3)}, "optimizer": {"lr": 0.5, "betas": (0.9, 0.99)}}
+    dcp.save(weights, checkpoint_id=tmp_path / "whole")
+    loaded = {"model": {"w": torch.zeros(2, 3)}, "optimizer": {"lr": 0.0, "betas": (0.0, 0.0)}}
+    dcp_files.load(loaded, tmp_path / "whole")
+    assert torch.equal(loaded["model"]["w"], weights["model"]["w"]) and loaded["optimizer"]["lr"] == 0.5
+    dcp.save({"item": Payload(marker)}, checkpoint_id=tmp_path / "hostile")  # a non-tensor item: pickled
+    with pytest.raises(BaseException) as refused:  # a CheckpointException is one
+        dcp_files.load({"item": None}, tmp_path / "hostile")
+    assert "unsupported GLOBAL posix.system" in str(checkpoints._first_failure(refused.value))
+    assert not marker.exists()

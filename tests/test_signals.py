@@ -15,8 +15,15 @@ from safetensors.torch import load_file
 
 import compare
 import train
-from tests.helpers import QUICK, RunInThisProcess, read_metrics, read_metrics_if_any, run_expecting_error
-from training import signals
+from tests.helpers import (
+    QUICK,
+    RunInThisProcess,
+    read_metrics,
+    read_metrics_if_any,
+    run_expecting_error,
+    without_gold_reward,
+)
+from training import evaluation, signals
 from training.arguments import ROOT, TINY_GOLD_REWARD
 
 
@@ -115,6 +122,26 @@ def test_ctrl_c_mid_accumulation_drops_the_step_and_resumes_bit_for_bit(tmp_path
     assert all(torch.equal(whole[name], resumed[name]) for name in whole)
 
 
+def test_a_signal_to_one_rank_stops_every_rank_with_its_status(tmp_path, monkeypatch, capsys, small_data):
+    """A SIGTERM that reached another rank alone (its row of the step's collective says 15) stops this rank too, with
+    a checkpoint and the status of that signal, not 'signal None' and a TypeError."""
+    real_gather = evaluation.gather_from_every_rank
+
+    def another_rank_got_sigterm(values):
+        rows = real_gather(values)
+        other = rows[0].clone()
+        other[-1] = signal.SIGTERM
+        return torch.cat([rows, other[None]])
+
+    monkeypatch.setattr(evaluation, "gather_from_every_rank", another_rank_got_sigterm)
+    arguments = ["--output-dir", str(tmp_path), "--max-steps", "3", "--eval-every", "1000"]
+    with pytest.raises(SystemExit) as exit_info:
+        train.main([*arguments, *without_gold_reward(small_data)])
+    assert exit_info.value.code == 128 + signal.SIGTERM
+    assert "stopped by signal 15 (SIGTERM) after step 1; checkpoint written" in capsys.readouterr().out
+    assert [p.name for p in tmp_path.glob("checkpoint-*")] == ["checkpoint-1"]
+
+
 def test_a_signal_before_training_stops_cleanly_and_a_burst_counts_once(tmp_path, monkeypatch, capsys):
     real_load_tokenizer = train.load_tokenizer
 
@@ -126,7 +153,7 @@ def test_a_signal_before_training_stops_cleanly_and_a_burst_counts_once(tmp_path
     with pytest.raises(SystemExit) as exit_info:
         train.main(["--output-dir", str(tmp_path / "out"), "--max-steps", "1", *QUICK])
     assert exit_info.value.code == 128 + signal.SIGINT
-    assert "stopped by signal 2 before training started; nothing was written" in capsys.readouterr().err
+    assert "stopped by signal 2 (SIGINT) before training started; nothing was written" in capsys.readouterr().err
     assert [p.name for p in (tmp_path / "out").iterdir()] == [".train.lock"]
 
     # torchrun delivers one Ctrl-C two or three times within milliseconds: one stop; a later signal stops at once.
@@ -158,7 +185,7 @@ def test_ctrl_c_while_torch_imports_stops_with_one_line(tmp_path):
     process.send_signal(signal.SIGINT)
     stdout, stderr = process.communicate(timeout=60)
     assert process.returncode == 128 + signal.SIGINT and "Traceback" not in stderr, stderr
-    assert stderr.strip() == "stopped by signal 2 before training started; nothing was written to resume from"
+    assert stderr.strip() == "stopped by signal 2 (SIGINT) before training started; nothing was written to resume from"
     assert not (tmp_path / "out").exists()
 
 
@@ -177,57 +204,40 @@ def test_ctrl_c_stops_a_sequential_comparison_checkpointed_and_says_so(tmp_path,
     assert exit_info.value.code == 128 + signal.SIGINT
     assert [p.name for p in (tmp_path / "dpo").glob("checkpoint-*")] == ["checkpoint-1"]
     assert not (tmp_path / "epsilon-dpo").exists()
-    assert "stopped by signal 2: 0 of 2 runs finished, 1 stopped with a checkpoint, 1 did not start" in (
+    assert "stopped by signal 2 (SIGINT): 0 of 2 runs finished, 1 stopped with a checkpoint, 1 did not start" in (
         capsys.readouterr().out
     )
 
 
 @pytest.mark.slow
-def test_ctrl_c_stops_every_run_of_a_frontier_within_seconds(tmp_path, capsys, small_data):
-    """3 runs on one worker process: the run under way checkpoints and stops; the one the worker has taken but not
-    begun returns at once, and the one still queued is cancelled. A Ctrl-C in a terminal sends SIGINT to every
-    process of the group: here, to the worker and to this process."""
-    import multiprocessing
-    import threading
-
-    others, signalled = set(multiprocessing.active_children()), []
-
-    def ctrl_c_once_two_runs_train():
-        deadline = time.time() + 120
-        while (
-            sum(any(r["split"] == "train" for r in read_metrics_if_any(f)) for f in tmp_path.glob("beta-0.1/seed-0/*"))
-            < 1
-            and time.time() < deadline
-        ):
-            time.sleep(0.05)
-        for worker in set(multiprocessing.active_children()) - others:
-            os.kill(worker.pid, signal.SIGINT)
-        os.kill(os.getpid(), signal.SIGINT)
-        signalled.append(time.time())
-
-    threading.Thread(target=ctrl_c_once_two_runs_train, daemon=True).start()
-    with pytest.raises(SystemExit) as exit_info:
-        compare.main(
-            [
-                "--betas",
-                "0.1",
-                "--seeds",
-                "1",
-                "--workers",
-                "1",
-                "--output-dir",
-                str(tmp_path),
-                "--max-steps",
-                "500",
-                "--eval-every",
-                "1000",
-                *small_data,
-            ]
-        )
-    assert exit_info.value.code == 128 + signal.SIGINT and time.time() - signalled[0] < 30
+def test_ctrl_c_stops_every_run_of_a_frontier_within_seconds(tmp_path, small_data):
+    """python compare.py as a user types it, its 3 runs one at a time (python train.py each), stopped by a Ctrl-C in
+    its terminal: SIGINT to every process of the group, compare.py's and its run's. The run under way checkpoints and
+    stops, the two others never start, and compare.py says so and exits with the signal's status, within seconds."""
+    arguments = ["--betas", "0.1", "--seeds", "1", "--workers", "1", "--output-dir", str(tmp_path)]
+    process = subprocess.Popen(
+        [sys.executable, "compare.py", *arguments, "--max-steps", "500", "--eval-every", "1000", *small_data],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        start_new_session=True,  # a process group of its own, as a terminal gives a command
+    )
+    deadline = time.time() + 120
+    while (
+        not any(any(r["split"] == "train" for r in read_metrics_if_any(f)) for f in tmp_path.glob("beta-0.1/seed-0/*"))
+        and time.time() < deadline
+    ):
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGINT)
+    signalled = time.time()
+    stdout, stderr = process.communicate(timeout=60)
+    assert process.returncode == 128 + signal.SIGINT and time.time() - signalled < 30, stderr
+    assert "Traceback" not in stderr, stderr
     checkpointed = sorted(p.parent.name for p in tmp_path.glob("beta-0.1/seed-0/*/checkpoint-*"))
-    stdout = capsys.readouterr().out
     assert (
-        checkpointed == ["dpo"] and "stopped by signal 2: 0 of 3 runs finished, 1 stopped with a checkpoint" in stdout
+        checkpointed == ["dpo"]
+        and "stopped by signal 2 (SIGINT): 0 of 3 runs finished, 1 stopped with a checkpoint" in stdout
     )
     assert "2 did not start" in stdout

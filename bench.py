@@ -44,6 +44,7 @@ loss from hidden states at Llama-3-8B's and Llama-3-70B's hidden sizes (4,096 an
 import argparse
 import contextlib
 import copy
+import gc
 import json
 import multiprocessing
 import os
@@ -60,7 +61,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Llama
 import epsdpo
 import epsdpo_chunked
 from training import arguments, batches, bench_counts, bench_gpu, bench_memory, data, models
-from training.bench_counts import cpu_memory_kib, glibc_malloc_option
+from training.bench_counts import cpu_memory_kib, glibc_malloc_option, glibc_release_free_memory
 
 transformers.utils.logging.disable_progress_bar()
 
@@ -257,6 +258,8 @@ def measure_step_memory(shape, variant, device):
         before = torch.cuda.memory_allocated()
         step()
         return (torch.cuda.max_memory_allocated() - before) / 2**20
+    gc.collect()
+    glibc_release_free_memory()
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset the peak (VmHWM) to the current RSS
     before = cpu_memory_kib("VmRSS")

@@ -265,8 +265,9 @@ def test_a_signal_while_a_checkpoint_is_written_ends_with_both_checkpoints_whole
     said = results["signalled"][1][1]
     assert said.index("SIGTERM at step 3") < said.index("write 2 returns"), said
     assert (
-        f"stopped by signal 15 after step 4; checkpoint written: torchrun --nproc_per_node 2 train.py --resume "
-        f"{output_dir} continues the run" in (folder / "signalled-0.out").read_text()
+        "stopped by signal 15 (SIGTERM) after step 4; checkpoint written: "
+        f"torchrun --nproc_per_node 2 train.py --resume {output_dir} continues the run"
+        in (folder / "signalled-0.out").read_text()
     )
     assert sorted(p.name for p in output_dir.iterdir() if "checkpoint" in p.name) == ["checkpoint-2", "checkpoint-4"]
     assert [whole(output_dir / f"checkpoint-{step}")["step"] for step in (2, 4)] == [2, 4]

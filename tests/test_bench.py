@@ -282,3 +282,14 @@ def test_the_quick_benchmark_runs_and_reports_every_figure(tmp_path, monkeypatch
     (costs,) = report["loss_costs"].values()
     assert costs["hidden"]["operations"] <= 1000 and costs["hidden"]["extra_peak"] <= 0.1 * costs["hidden"]["logits"]
     assert costs["logits"]["operations"] > 0 and costs["logits"]["extra_peak"] > costs["hidden"]["extra_peak"]
+
+
+def test_a_cpu_step_peak_counts_memory_freed_before_the_fork():
+    """bench.py measures each variant in a process forked from its own; forked from one whose heap holds freed
+    memory (a pytest worker after other tests), a step reused it unseen and its peak read 0 MiB."""
+    blocks = [bytearray(3000) for _ in range(100_000)]  # 300 MB of small blocks in malloc's heap,
+    kept = blocks[::100]  # one in a hundred kept, so that the freed ones stay in the heap between them
+    del blocks
+    shape = bench.QUICK_SHAPES["tiny_data"]
+    assert bench._in_own_process(bench.measure_step_memory, shape, "dpo", torch.device("cpu")) > 1
+    del kept

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import epsdpo
+import epsdpo_chunked
 from test_epsdpo import IMPLEMENTATIONS, _pairs
 
 
@@ -187,3 +188,26 @@ def test_a_bool_s_is_refused_by_betas_from_s_as_by_observe():
     for call in (lambda s: epsdpo.betas_from_s(0.1, s, 0.1), epsdpo.BaselineBeta(0.1, 0.1).observe):
         with pytest.raises(ValueError, match=r"s must be an integer tensor of -1, 0 and \+1, got torch.bool"):
             call(torch.tensor([True, False]))
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+def test_one_position_a_row_is_a_pair_without_completion_refused_in_one_line(impl):
+    logits, input_ids, completion_mask = torch.randn(2, 1, 5), torch.zeros(2, 1, dtype=torch.long), torch.zeros(2, 1)
+    with pytest.raises(ValueError, match=r"^pair 0: its chosen sequence \(row 0 of input_ids\) has no completion"):
+        impl.epsilon_dpo_loss(logits, logits, input_ids, completion_mask, 0.1, 0.01)
+
+
+def test_hidden_state_measures_refuse_lambdas_and_soft_caps_they_cannot_use():
+    hidden, weight = torch.randn(2, 4, 4), torch.randn(5, 4)
+    input_ids, completion_mask = torch.randint(0, 5, (2, 4)), torch.tensor([[0, 1, 1, 1]] * 2)
+    with pytest.raises(ValueError, match=r"^lambdas must be finite numbers, got 'ab'"):
+        epsdpo_chunked.completion_measures_from_hidden(hidden, weight, hidden, weight, input_ids, completion_mask, "ab")
+    for cap in (1e308, float("inf"), 0.0, True):  # 1e308 is infinite in float32: the loss was NaN
+        with pytest.raises(ValueError, match=r"^logit_softcap must be None or a number in \(0, 1e30\]"):
+            epsdpo_chunked.epsilon_dpo_loss_from_hidden(
+                hidden, weight, hidden, weight, input_ids, completion_mask, 0.1, 0.01, cap
+            )
+    out = epsdpo_chunked.epsilon_dpo_loss_from_hidden(
+        hidden, weight, hidden, weight, input_ids, completion_mask, 0.1, 0.01, 1e30
+    )
+    assert torch.isfinite(out.loss)

@@ -205,6 +205,16 @@ def glibc_malloc_option(option, value):
         pass
 
 
+def glibc_release_free_memory():
+    """Return the pages malloc holds free to the system (malloc_trim; no-op where there is no glibc), so that
+    what a step then allocates shows in resident memory even where it reuses freed space, as in a process forked
+    from one that has run much before it."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
+
+
 # ----------------------------------------------------------------------------------------------------
 # The two ε-DPO losses at scale, as train.py runs them on a GPU in bf16 mixed precision
 

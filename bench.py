@@ -44,7 +44,6 @@ loss from hidden states at Llama-3-8B's and Llama-3-70B's hidden sizes (4,096 an
 import argparse
 import contextlib
 import copy
-import gc
 import json
 import multiprocessing
 import os
@@ -258,7 +257,6 @@ def measure_step_memory(shape, variant, device):
         before = torch.cuda.memory_allocated()
         step()
         return (torch.cuda.max_memory_allocated() - before) / 2**20
-    gc.collect()
     glibc_release_free_memory()
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset the peak (VmHWM) to the current RSS

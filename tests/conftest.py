@@ -1,6 +1,7 @@
 """The runs several test files read, each made once per test session (conftest.py at the top keeps the tests
 that read one in the same test process)."""
 
+import contextlib
 import shutil
 import time
 
@@ -8,8 +9,31 @@ import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import train
-from tests.helpers import QUICK, ctrl_c_at_training_micro_batch, launch, tiny_data_cut
+from tests.helpers import QUICK, ctrl_c_at_training_micro_batch, launch, save_laid_out, tiny_data_cut
+from training import reports
 from training.arguments import TINY_GOLD_REWARD, TINY_MODEL
+
+DRAW_FIGURE = reports._save_figure
+
+
+@pytest.fixture(scope="session", autouse=True)
+def figures_laid_out_not_drawn():
+    """The runs made in the test processes lay their figures out and write them, but do not draw them
+    (helpers.save_laid_out), as do the torchrun launch's. The demo's run (tiny_run, below) and the runs of python
+    train.py and compare.py in processes of their own draw theirs."""
+    reports._save_figure = save_laid_out
+    yield
+    reports._save_figure = DRAW_FIGURE
+
+
+@contextlib.contextmanager
+def figures_drawn():
+    """Figures drawn as a user's run draws them, within figures_laid_out_not_drawn."""
+    laid_out, reports._save_figure = reports._save_figure, DRAW_FIGURE
+    try:
+        yield
+    finally:
+        reports._save_figure = laid_out
 
 
 @pytest.fixture(scope="session")
@@ -39,25 +63,26 @@ def local_model(tmp_path_factory):
 def tiny_run(tmp_path_factory):
     """Three steps of ε-DPO on tiny_data with two micro-batches per step and a large ε, so β moves."""
     output_dir = tmp_path_factory.mktemp("tiny")
-    train.main(
-        [
-            "--output-dir",
-            str(output_dir),
-            "--max-steps",
-            "3",
-            "--eval-every",
-            "2",
-            "--grad-accum",
-            "2",
-            "--epsilon",
-            "0.3",
-            "--lr",
-            "1e-3",
-            *QUICK,
-            "--criterion-pairs",
-            "64",
-        ]
-    )
+    with figures_drawn():
+        train.main(
+            [
+                "--output-dir",
+                str(output_dir),
+                "--max-steps",
+                "3",
+                "--eval-every",
+                "2",
+                "--grad-accum",
+                "2",
+                "--epsilon",
+                "0.3",
+                "--lr",
+                "1e-3",
+                *QUICK,
+                "--criterion-pairs",
+                "64",
+            ]
+        )
     return output_dir
 
 

@@ -1,6 +1,7 @@
 """What the tests of tests/ share: data and model folders made for a test, reading a run's metrics, running
 train.py to its one-line error, and the one torchrun launch of the multi-process runs."""
 
+import io
 import json
 import os
 import pathlib
@@ -12,11 +13,32 @@ import time
 
 import pytest
 import torch
+from PIL import Image
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 import train
-from training import evaluation, loss, models
+from training import evaluation, loss, models, reports
 from training.arguments import ROOT, TINY_DATASET, TINY_MODEL
+from training.output_folder import write_atomically
+
+
+def _one_pixel_png():
+    image = io.BytesIO()
+    Image.new("RGB", (1, 1), "white").save(image, format="PNG")
+    return image.getvalue()
+
+
+ONE_PIXEL_PNG = _one_pixel_png()
+
+
+def save_laid_out(figure, path):
+    """reports._save_figure in the test processes (tests/conftest.py's figures_laid_out_not_drawn) and the torchrun
+    launch's: the figure, laid out whole by reports.plot_curves or plot_criterion (every panel, line, label and
+    title), written atomically as a PNG of one pixel rather than drawn. Drawing the panels into pixels took 0.5 s
+    of a 1 s run on tiny_data, a sixth of the suite's CPU time."""
+    write_atomically(pathlib.Path(path), ONE_PIXEL_PNG)
+    reports._pyplot().close(figure)
+
 
 # Small batches, short samples, no criterion figure: for runs whose evaluations are not what a test checks.
 QUICK = ["--batch-size", "4", "--eval-batch-size", "32", "--max-new-tokens", "8", "--criterion-pairs", "0"]
@@ -151,7 +173,7 @@ def one_launch(runs, rendezvous):
     often that loss ran, the all-gathers of each generate() call, the models it read whole (models.load_model) and
     how often the loss left a sharded reference's root gathered, to RENDEZVOUS-I-RANK.json; and its process id
     to RENDEZVOUS-RANK.pid. A run with "stop" is stopped by a signal (train.main exits with its status, counted too):
-    the next one follows."""
+    the next one follows. The figures are laid out, not drawn (save_laid_out)."""
     import torch.distributed as dist
     from torch.distributed.tensor import DTensor
     from transformers import GenerationMixin
@@ -194,6 +216,7 @@ def one_launch(runs, rendezvous):
         loss_from_hidden,
     )
     models.load_model, train.micro_batch_loss, evaluation.micro_batch_loss = load_model, forward, forward
+    reports._save_figure = save_laid_out
     pathlib.Path(f"{rendezvous}-{os.environ['RANK']}.pid").write_text(str(os.getpid()))
     for i, run in enumerate(json.loads(runs)):
         counts.update(

@@ -9,6 +9,7 @@ import shutil
 
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -123,8 +124,9 @@ def test_the_demo_writes_a_summary_a_figure_and_a_model_that_reloads(tiny_run):
     assert set(summary["s_by_noise"]) == {"clean", "noisy"}
     assert sum(group["pairs"] for group in summary["s_by_noise"].values()) == 3 * 2 * 4
     assert summary["final"]["step"] == 3 and "gold_reward" in summary["final"]
-    for figure in ("curves.png", "criterion.png"):
-        assert (tiny_run / figure).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for figure, inches in (("curves.png", (16, 6.5)), ("criterion.png", (17, 5))):  # drawn at 110 dots an inch
+        with Image.open(tiny_run / figure) as image:
+            assert image.format == "PNG" and image.size == tuple(round(110 * side) for side in inches)
     # s on the final policy against sign(h − ΔK) and sign(h): the fractions a slow float64 count of its own gives
     assert summary["criterion"] == pytest.approx(
         criterion_agreement_slowly(tiny_run, pairs=64, epsilon=0.3), abs=1 / 64

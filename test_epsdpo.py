@@ -161,7 +161,8 @@ def test_sequence_kl_is_the_kl_summed_over_each_completion(batch):
 @pytest.mark.parametrize("impl", IMPLEMENTATIONS)
 @given(batches(), st.sampled_from([1e-5, 1e-4, 1e-3]))
 def test_for_small_epsilon_s_is_the_sign_of_h_minus_the_kl_difference(impl, batch, epsilon):
-    # README, "What s measures": dz/dλ at λ = 1 is h − (K_w − K_l), so z(1 ± ε) − z(1) = ± ε (h − ΔK) + O(ε²).
+    # README, "What s measures": dz/dλ at λ = 1 is h − (K_w − K_l),
+    # so z(1 ± ε) − z(1) = ± ε (h − ΔK) + O(ε²).
     policy_logits, ref_logits, input_ids, completion_mask = batch
     half = policy_logits.shape[0] // 2
     logps, ref_logps = (

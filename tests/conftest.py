@@ -168,7 +168,7 @@ def two_ranks(tmp_path_factory, lora_run):
         "--eval-batch-size",
         "16",
         "--max-steps",
-        "15",
+        "10",
         "--eval-every",
         "1000",
         "--save-every",
@@ -184,7 +184,7 @@ def two_ranks(tmp_path_factory, lora_run):
     ddp, fsdp = [*arguments, "--batch-size", "4"], [*arguments, "--fsdp", "--batch-size", "2", "--grad-accum", "2"]
     lora_arguments, _ = lora_run
     shutil.copytree(
-        folder / "one", folder / "one-on-two", ignore=shutil.ignore_patterns(".train.lock", "checkpoint-15")
+        folder / "one", folder / "one-on-two", ignore=shutil.ignore_patterns(".train.lock", "checkpoint-10")
     )
     runs = {
         "ddp-whole": dict(argv=["--output-dir", str(folder / "ddp-whole"), *ddp], from_hidden=True),

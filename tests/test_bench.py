@@ -267,8 +267,8 @@ def test_the_quick_benchmark_runs_and_reports_every_figure(tmp_path, monkeypatch
             assert figures["median_s"] > 0 and math.isfinite(figures["peak_mib"]) and len(figures["times_s"]) >= 3
         assert len(run["extra_times_s"]) == 3  # --quick: three rounds
         assert run["inherent"]["median_s"] > 0 and all(math.isfinite(value) for value in run["ratios"].values())
-    # The reference's logits, (2B, T, V) float32 at realistic-small's 1 pair × 128 tokens and V = 8,000, and what ε-DPO
-    # adds to a DPO step's peak: under half of them (the README: no more memory than DPO)
+    # The reference's logits, (2B, T, V) float32 at realistic-small's 1 pair × 128 tokens and V = 8,000, and what
+    # ε-DPO adds to a DPO step's peak: under half of them (the README: no more memory than DPO)
     inherent, ratios = report["runs"][1]["inherent"], report["runs"][1]["ratios"]
     assert inherent["ref_logits_mib"] == 2 * 1 * 128 * 8000 * 4 / 2**20 and inherent["vocab"] == 8000
     assert ratios["extra_memory_over_ref_logits"] < 0.5, ratios

@@ -93,7 +93,8 @@ def test_a_comparison_whose_run_fails_stops_naming_it_and_how_to_go_on(tmp_path,
 
 def test_every_panel_compares_like_with_like(tiny_run, tmp_path, monkeypatch):
     """compare.png has no loss (it moves with β) and leaves DPO, whose s is 0 throughout, out of the s panels;
-    criterion.png zooms on [1 − 2ε, 1 + 2ε], where z(1 − ε), z(1), z(1 + ε) of each pair are the dots s compares."""
+    criterion.png zooms on [1 − 2ε, 1 + 2ε], where z(1 − ε), z(1), z(1 + ε) of each pair are the dots s
+    compares."""
 
     from training import reports
 

@@ -74,7 +74,8 @@ def test_the_demo_writes_every_metric_finite_for_every_step(tiny_run):
 def criterion_agreement_slowly(output_dir, pairs, epsilon):
     """summary.json's "criterion", counted apart from evaluation.py: the first `pairs` train pairs, one sequence at a
     time in float64 through the saved policy and the reference; z(λ) from the logits f_ref + λ (f_θ − f_ref) and s
-    from z(1 − ε), z(1), z(1 + ε) by the README's rule; h = z(1) − z(0); ΔK from the KL at each completion position."""
+    from z(1 − ε), z(1), z(1 + ε) by the README's rule; h = z(1) − z(0); ΔK from the KL at each completion
+    position."""
     args, _ = parse_args(["--output-dir", str(output_dir)])
     tokenizer = data.load_tokenizer(TINY_MODEL)
     train_pairs = data.load_pairs(
@@ -160,8 +161,8 @@ def test_beta_in_the_metrics_follows_method_section_5(tiny_run):
 
 
 def test_beta_stays_within_min_beta_and_the_bound_of_beta_whatever_epsilon(tmp_path, monkeypatch, small_data, capsys):
-    """ε close to 1 multiplies β by 1/(1 − ε) at a step where every pair gets s = −1: β stops at 1e6, --beta's own
-    bound, never 1e10 before the loss breaks; --min-beta is a floor for the other way."""
+    """ε close to 1 multiplies β by 1/(1 − ε) at a step where every pair gets s = −1: β stops at 1e6, --beta's
+    own bound, never 1e10 before the loss breaks; --min-beta is a floor for the other way."""
     counts = iter([(8, 0, 0)] + [(0, 0, 8)] * 4)  # all s = +1, then all s = −1
     monkeypatch.setattr(train, "s_counts", lambda totals: next(counts))
     train.main(

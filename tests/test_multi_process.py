@@ -143,7 +143,7 @@ def test_under_fsdp_process_0_alone_reads_the_weights_once(two_ranks):
     for run in ("fsdp-whole", "fsdp-hidden", "fsdp-bf16", "fsdp-resumed"):
         assert [process["models_read"] for process in counted[run]] == [[model], []], run
     assert [process["models_read"] for process in counted["ddp-whole"]] == [[model, model]] * 2
-    checkpoint = two_ranks[0] / "one-on-two/checkpoint-10"
+    checkpoint = two_ranks[0] / "one-on-two/checkpoint-5"
     assert [process["models_read"] for process in counted["one-on-two"]] == [[str(checkpoint), model]] * 2
 
 
@@ -170,7 +170,7 @@ def test_fsdp_stopped_by_sigterm_resumes_to_the_run_never_stopped(two_ranks):
     assert [process["exit_status"] for process in counted["fsdp"]] == [128 + signal.SIGTERM] * 2
     (checkpoint,) = (folder / "fsdp").glob("checkpoint-*")
     step = int(checkpoint.name.split("-")[1])
-    assert 1 <= step < 15 and "second signal" not in stderr
+    assert 1 <= step < 10 and "second signal" not in stderr
     assert (
         f"stopped by signal 15 (SIGTERM) after step {step}; checkpoint written: torchrun --nproc_per_node 2 train.py "
         f"--resume {folder / 'fsdp'} continues the run" in stdout
@@ -207,9 +207,9 @@ def test_under_fsdp_each_rank_holds_half_of_the_state_and_checkpoint(two_ranks):
     assert computed["fsdp"]["policy"] == pytest.approx(
         fsdp["parameters"] + fsdp["gradients"] + fsdp["optimizer"], abs=100
     )
-    shards = [(folder / "fsdp-whole/checkpoint-15" / f"__{rank}_0.distcp").stat().st_size for rank in (0, 1)]
+    shards = [(folder / "fsdp-whole/checkpoint-10" / f"__{rank}_0.distcp").stat().st_size for rank in (0, 1)]
     assert all(0.45 < shard / sum(shards) < 0.55 for shard in shards)
-    assert sorted(p.name for p in (folder / "fsdp-whole").glob("checkpoint-*")) == ["checkpoint-10", "checkpoint-15"]
+    assert sorted(p.name for p in (folder / "fsdp-whole").glob("checkpoint-*")) == ["checkpoint-10", "checkpoint-5"]
 
 
 def test_fsdp_in_bf16_with_gradient_checkpointing_starts_at_the_reference(two_ranks):
@@ -229,12 +229,12 @@ def test_fsdp_in_bf16_with_gradient_checkpointing_starts_at_the_reference(two_ra
 
 def test_a_cut_shard_resumes_the_sharded_checkpoint_before_it(two_ranks, tmp_path, capsys):
     output_dir = copy_of(two_ranks[0] / "fsdp-whole", tmp_path)
-    shard = output_dir / "checkpoint-15/__1_0.distcp"
+    shard = output_dir / "checkpoint-10/__1_0.distcp"
     shard.write_bytes(shard.read_bytes()[:1000])
     folder, state = checkpoints.latest_checkpoint(output_dir)
-    assert (folder, state["step"]) == (output_dir / "checkpoint-10", 10)
+    assert (folder, state["step"]) == (output_dir / "checkpoint-5", 5)
     assert (
-        f"note: {output_dir / 'checkpoint-15'} cannot be resumed from (ValueError: __1_0.distcp is cut short)"
+        f"note: {output_dir / 'checkpoint-10'} cannot be resumed from (ValueError: __1_0.distcp is cut short)"
         in capsys.readouterr().out
     )
 

@@ -71,14 +71,12 @@ def test_the_demo_writes_every_metric_finite_for_every_step(tiny_run):
     assert rows[0]["kl"] == 0.0 and rows[0]["rewards/accuracies"] == 0.5  # the policy starts as the reference
 
 
-def criterion_agreement_slowly(output_dir, pairs, epsilon):
-    """summary.json's "criterion", counted apart from evaluation.py: the first `pairs` train pairs, one sequence at a
-    time in float64 through the saved policy and the reference; z(λ) from the logits f_ref + λ (f_θ − f_ref) and s
-    from z(1 − ε), z(1), z(1 + ε) by the README's rule; h = z(1) − z(0); ΔK from the KL at each completion
-    position."""
-    args, _ = parse_args(["--output-dir", str(output_dir)])
-    tokenizer = data.load_tokenizer(TINY_MODEL)
-    train_pairs = data.load_pairs(
+def the_demos_train_pairs(count):
+    """(tokenizer, the first `count` train pairs of the demo's run): tiny_data read and tokenized with train.py's
+    defaults, as the run reads it."""
+    args, _ = parse_args([])
+    tokenizer = data.load_tokenizer(str(TINY_MODEL))
+    loaded = data.load_pairs(
         args.dataset,
         args.train_split,
         args.eval_split,
@@ -87,7 +85,16 @@ def criterion_agreement_slowly(output_dir, pairs, epsilon):
         tokenizer,
         args.max_length,
         args.max_prompt_length,
-    )["pairs"]["train"][:pairs]
+    )
+    return tokenizer, loaded["pairs"]["train"][:count]
+
+
+def criterion_agreement_slowly(output_dir, pairs, epsilon):
+    """summary.json's "criterion", counted apart from evaluation.py: the first `pairs` train pairs, one sequence at a
+    time in float64 through the saved policy and the reference; z(λ) from the logits f_ref + λ (f_θ − f_ref) and s
+    from z(1 − ε), z(1), z(1 + ε) by the README's rule; h = z(1) − z(0); ΔK from the KL at each completion
+    position."""
+    _, train_pairs = the_demos_train_pairs(pairs)
     policy, reference = (
         AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float64).eval() for folder in (output_dir, TINY_MODEL)
     )
@@ -399,19 +406,7 @@ def test_evaluation_samples_the_policy_ignoring_its_generation_config(tmp_path, 
 def test_dropout_makes_s_measure_noise_and_eval_mode_makes_it_zero():
     # README, "The conventions": at the start (policy = reference) s is 0 for every pair, unless dropout draws a new
     # mask for each model's forward pass. The shipped model has no dropout: set attention_dropout = 0.1 to see it.
-    args, _ = parse_args([])
-    tokenizer = data.load_tokenizer(str(TINY_MODEL))
-    loaded = data.load_pairs(
-        args.dataset,
-        args.train_split,
-        args.eval_split,
-        args.eval_fraction,
-        args.seed,
-        tokenizer,
-        args.max_length,
-        args.max_prompt_length,
-    )
-    pairs = loaded["pairs"]["train"][:256]
+    tokenizer, pairs = the_demos_train_pairs(256)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(TINY_MODEL, attention_dropout=0.1)
     fractions = {}

@@ -206,7 +206,7 @@ def whole(checkpoint):
     return state
 
 
-def test_a_sharded_checkpoint_is_written_while_training_goes_on_and_appears_only_whole(runs):
+def test_a_checkpoint_is_written_while_training_goes_on_and_appears_whole(runs):
     """checkpoint-2's write is held until the main thread has finished step 3: saved in the background, step 3 runs
     meanwhile and the write returns after it, with no checkpoint-2 in the folder until then. Saved synchronously, the
     held write would wait HOLD seconds for a step that cannot come, and return before step 3. A kill -9 while
@@ -226,7 +226,7 @@ def test_a_sharded_checkpoint_is_written_while_training_goes_on_and_appears_only
     assert whole(killed / "checkpoint-2")["step"] == 2
 
 
-def test_a_run_resumed_from_a_checkpoint_written_in_the_background_is_bit_for_bit_the_run(runs):
+def test_a_resume_from_a_background_checkpoint_is_bit_for_bit_the_run(runs):
     """The killed run's step 3 changed the weights and AdamW's state while checkpoint-2 was being written; its write
     holds them as they were after step 2 (they were copied into CPU memory before step 3): resumed from it, steps 3
     and 4 give the killed run's metrics bit for bit. The resumed run takes checkpoint-2, not the half-written
@@ -239,7 +239,7 @@ def test_a_run_resumed_from_a_checkpoint_written_in_the_background_is_bit_for_bi
     assert not list((folder / "held").glob(".checkpoint-*"))
 
 
-def test_a_failed_background_write_stops_the_run_in_one_line_and_leaves_the_last_checkpoint(runs):
+def test_a_failed_background_write_stops_in_one_line_keeping_the_last(runs):
     """Rank 1's write of checkpoint-3 fails (a full disk) while step 4 runs: every rank stops at the end of step 4,
     before another checkpoint; rank 0 says it in one line naming the checkpoint; checkpoint-2 is whole and the one to
     resume from, and nothing of checkpoint-3 is left."""
@@ -257,7 +257,7 @@ def test_a_failed_background_write_stops_the_run_in_one_line_and_leaves_the_last
     assert checkpoints.latest_checkpoint(output_dir)[0] == output_dir / "checkpoint-2"
 
 
-def test_a_signal_while_a_checkpoint_is_written_ends_with_both_checkpoints_whole(runs):
+def test_a_signal_while_a_checkpoint_is_written_leaves_both_whole(runs):
     """A SIGTERM to rank 1 at step 3, while checkpoint-2 is still being written: every rank ends after step 4 with the
     status of the signal, once checkpoint-2 is finished and the stop's checkpoint-4 written; both are whole."""
     folder, results = runs

@@ -27,7 +27,7 @@ def imported_modules(path):
     return names
 
 
-def test_the_top_level_holds_the_method_the_scripts_and_the_methods_tests_alone():
+def test_the_top_level_holds_the_method_its_scripts_and_its_tests_alone():
     top = {path.name for path in tracked_python_files() if path.parent == ROOT}
     assert top <= FACE and len(top) <= 8, sorted(top - FACE)
     packages = {path.parent.name for path in tracked_python_files() if path.name == "__init__.py"}

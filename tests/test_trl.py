@@ -278,7 +278,7 @@ def assert_equals_epsdpo_on_full_logits(trainer, reference, tolerance=1e-6):
     assert {1, -1} <= signs
 
 
-def test_loss_and_s_equal_epsdpo_on_full_logits_from_hidden_states_and_from_logits(epsilon_run):
+def test_loss_and_s_equal_epsdpo_on_full_logits_from_hidden_and_logits(epsilon_run):
     from epsdpo_trl import LossPath
 
     assert epsilon_run.loss_path.from_hidden

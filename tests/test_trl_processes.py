@@ -104,7 +104,7 @@ def test_two_processes_give_the_beta_and_weights_of_one_process(tmp_path, monkey
 # train.py against EpsilonDPOTrainer
 
 
-def test_train_py_and_the_trainer_log_the_same_losses_s_and_beta_for_three_steps(tmp_path):
+def test_train_py_and_the_trainer_log_the_same_losses_s_and_beta(tmp_path):
     """The same 6 pairs in the same order, 2 micro-batches of 1 pair a step, lr 1e-3 decaying linearly to 0 over
     3 steps without warmup, AdamW, gradients clipped to norm 1, β = 0.1, ε = 0.1. Tokenization agrees (both tokenize
     prompt + completion as one text, EOS once at the end); the losses differ by float32 rounding (train.py: epsdpo.py

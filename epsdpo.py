@@ -113,8 +113,8 @@ def perturbed_logps(policy_logits, ref_logits, input_ids, completion_mask, epsil
 
     Shapes: policy_logits and ref_logits (2B, T, V); input_ids and completion_mask (2B, T). Returns
     (weaker_logps, stronger_logps), each (2B,), without gradient. torch.lerp(f_ref, f_θ, λ) is exactly f_ref
-    when f_θ = f_ref, which λ f_θ + (1−λ) f_ref is not in floating point; in float32, since in bf16
-    ε (f_θ − f_ref) is below the rounding step of the logits.
+    when f_θ = f_ref (λ f_θ + (1−λ) f_ref is not, in floating point). The work is in float32: in bf16,
+    ε (f_θ − f_ref) falls below the rounding step of the logits.
     """
     _check_logits(policy_logits, ref_logits, input_ids, completion_mask)
     return _perturbed_logps(policy_logits, ref_logits, input_ids, completion_mask, _check_epsilon(epsilon))
@@ -192,9 +192,9 @@ def betas_from_s(beta, s, epsilon):
 class BaselineBeta:
     """The baseline β, moved after every optimizer step to the mean β̃ of the pairs that made that step:
 
-        β ← mean_i β̃_i = β · mean_i 1 / (1 + ε s_i)     (the paper's Algorithm 1; the authors' trainer:
-                                                      β / (1 + ε mean_i s_i), never higher, at least 1 − ε²
-                                                      times it a step)
+        β ← mean_i β̃_i = β · mean_i 1 / (1 + ε s_i)     (the paper's Algorithm 1; the authors' trainer moves β
+                                                      to β / (1 + ε mean_i s_i), which is never higher and at
+                                                      least (1 − ε²) times it, a step)
 
     No floor: if every pair gets s = +1, β falls as β/(1+ε)^t; min_beta and max_beta clamp it, within BETA_RANGE.
     .value before step() is the β the step trained with. observe(out.s) after every micro-batch of training, then

@@ -636,6 +636,18 @@ def test_beta_update_is_the_mean_pair_beta_of_every_micro_batch(beta, epsilon, o
         assert baseline.value > 0
 
 
+@given(betas, epsilons, micro_batches)
+def test_beta_update_is_within_1_minus_eps_squared_of_the_authors_rule(beta, epsilon, steps_s):
+    # README, "How β moves": β/(1 + ε mean s) ≤ β mean 1/(1 + ε s) ≤ β/((1 + ε mean s)(1 − ε²)):
+    # the authors' trainer on the left, Algorithm 1's mean of β̃ (what step() computes) in the middle.
+    baseline = epsdpo.BaselineBeta(beta, epsilon)
+    for s in steps_s:
+        baseline.observe(torch.tensor(s))
+    every_s = [value for s in steps_s for value in s]
+    authors = beta / (1 + epsilon * math.fsum(every_s) / len(every_s))
+    assert authors * (1 - 1e-12) <= baseline.step() <= authors / (1 - epsilon**2) * (1 + 1e-12)
+
+
 @given(betas, micro_batches)
 def test_beta_update_leaves_beta_unchanged_at_epsilon_zero(beta, micro_batches_of_step):
     baseline = epsdpo.BaselineBeta(beta, 0.0)

@@ -95,33 +95,10 @@ def test_overwrite_never_replaces_a_users_file_named_as_a_mode_writes(tmp_path, 
         (output_dir / error.split(" holds ")[1].split(",")[0]).rename(tmp_path / "moved")
         (tmp_path / "moved").unlink()
     if mode == "lora":  # the run's own files, README.md among them, are replaced by the next run
-        train.main(
-            [
-                "--output-dir",
-                str(output_dir),
-                "--overwrite",
-                "--max-steps",
-                "1",
-                "--eval-every",
-                "1000",
-                *flags,
-                *small_data,
-            ]
-        )
+        overwrite = ["--output-dir", str(output_dir), "--overwrite", "--max-steps", "1", "--eval-every", "1000"]
+        train.main([*overwrite, *flags, *small_data])
         (output_dir / "notes.txt").write_text("mine")
-        train.main(
-            [
-                "--output-dir",
-                str(output_dir),
-                "--overwrite",
-                "--max-steps",
-                "1",
-                "--eval-every",
-                "1000",
-                *flags,
-                *small_data,
-            ]
-        )
+        train.main([*overwrite, *flags, *small_data])
         assert (output_dir / "README.md").exists() and (output_dir / "notes.txt").read_text() == "mine"
     assert sorted(p.name for p in output_dir.iterdir() if p.name in theirs and p.read_bytes().startswith(b"my ")) == []
 
